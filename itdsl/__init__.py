@@ -1,0 +1,16 @@
+"""itdsl: a compiler for integral operators  out(x) = ∫ K(x, y) f(y) dμ(y).
+
+    prog = itdsl.compile_file("examples/gauss.it", target="reference")
+    op = prog["gauss_smooth"]          # a torch.nn.Module holding the params
+    u = op(X=x, Y=y, b=b)
+"""
+
+from .api import Program, compile_file, compile_source
+from .errors import (AnalysisError, CheckError, InputError, ItdslError, ItdslErrors,
+                     LoweringError, ParseError)
+
+__version__ = "0.1.0"
+
+__all__ = ["compile_file", "compile_source", "Program", "ItdslError", "ItdslErrors",
+           "ParseError", "CheckError", "AnalysisError", "LoweringError", "InputError",
+           "__version__"]

@@ -1,0 +1,86 @@
+"""The public API: compile `.it` text into operators.
+
+The pipeline is one linear function (`compile_source`): parse -> check ->
+(symbolic analysis, lowering: later stages) -> runtime modules. torch is imported
+only when operators are built, so `itdsl check` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ItdslError, LoweringError
+from .frontend import check, ir, parse, parse_file
+from .frontend.printer import format_ir_operator
+
+TARGETS = ("reference", "cpu", "cuda")
+STRATEGIES = ("attention", "convolution", "recurrence", "lowrank", "matmul", "dense")
+
+
+class Program:
+    """The operators of one `.it` file, built for one target."""
+
+    def __init__(self, checked: ir.Program, target: str, strategy: str | None):
+        self.ir = checked
+        self.target = target
+        self.strategy = strategy
+        self._ops: dict[str, object] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.ir.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _op_ir(self, name: str) -> ir.Operator:
+        try:
+            return self.ir[name]
+        except KeyError:
+            from .errors import did_you_mean
+            raise ItdslError(f"no operator named `{name}`; this program has "
+                             f"{', '.join(f'`{n}`' for n in self.names)}",
+                             hint=did_you_mean(name, self.names)) from None
+
+    def __getitem__(self, name: str):
+        """A fresh `torch.nn.Module` for operator `name` (it holds its own params)."""
+        op = self._op_ir(name)
+        if self.target == "reference":
+            from .runtime.reference import ReferenceOperator
+            return ReferenceOperator(op, strategy=None)
+        raise LoweringError(f"target `{self.target}` is not available yet: TVM lowering is not "
+                            "implemented in this version", hint="use target=\"reference\"")
+
+    def explain(self, name: str) -> str:
+        """What the compiler made of operator `name`."""
+        op = self._op_ir(name)
+        return (format_ir_operator(op) +
+                "strategy: not analysed yet (the symbolic layer is not implemented)\n")
+
+    def source(self, name: str, target: str = "cuda") -> str:
+        self._op_ir(name)
+        raise LoweringError(f"no {target} source: TVM lowering is not implemented in this version")
+
+
+def _check_options(target: str, strategy: str | None) -> None:
+    if target not in TARGETS:
+        raise ItdslError(f"unknown target `{target}`; choose one of {', '.join(TARGETS)}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ItdslError(f"unknown strategy `{strategy}`; choose one of {', '.join(STRATEGIES)}")
+
+
+def compile_source(source: str, target: str = "reference", strategy: str | None = None,
+                   filename: str = "<string>") -> Program:
+    """Compile `.it` text. `target` is "reference", "cpu" or "cuda"; `strategy` forces one."""
+    _check_options(target, strategy)
+    return Program(check(parse(source, filename)), target, strategy)
+
+
+def compile_file(path: str | Path, target: str = "reference",
+                 strategy: str | None = None) -> Program:
+    """Compile a `.it` file; see `compile_source`."""
+    _check_options(target, strategy)
+    return Program(check(parse_file(path)), target, strategy)

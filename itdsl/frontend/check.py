@@ -1,0 +1,498 @@
+"""AST -> checked IR.
+
+The checker resolves names (declared before use, one namespace per operator),
+the domain of every point variable, the width of every expression, the
+quadrature of every integral, and inlines kernel calls. It collects all the
+errors it finds and raises them together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import CheckError, ItdslError, Span, did_you_mean, raise_all
+from . import ast, ir
+from .ast import DomainKind, ParamKind
+
+MAX_EXPONENT = 64  # a constant exponent beyond this is surely a typo, and blows up algebra
+MAX_GAUSS_NODES = 1024
+MAX_SAMPLES = 1 << 24
+
+REDUCE_FNS = {f.value: f for f in ir.RFn}
+BUILTINS = ({"pi"} | set(ir.UNARY_FNS) | set(ir.BINARY_FNS) | set(REDUCE_FNS))
+QUAD_DOMAINS = {
+    ir.QuadRule.SUM: None, ir.QuadRule.MEAN: None, ir.QuadRule.WEIGHTS: None,
+    ir.QuadRule.RIEMANN: {DomainKind.GRID}, ir.QuadRule.TRAPEZOID: {DomainKind.GRID},
+    ir.QuadRule.SIMPSON: {DomainKind.GRID}, ir.QuadRule.GAUSS: {DomainKind.GRID},
+    ir.QuadRule.MONTECARLO: {DomainKind.POINTS, DomainKind.INDEX},
+}
+DEFAULT_QUAD = {DomainKind.INDEX: ir.QuadRule.SUM, DomainKind.POINTS: ir.QuadRule.MEAN,
+                DomainKind.GRID: ir.QuadRule.TRAPEZOID}
+
+
+class _Bad(Exception):
+    """An expression failed to check; its error is already recorded."""
+
+
+def _wname(w: int | None) -> str:
+    return "R" if w is None else f"R^{w}"
+
+
+@dataclass
+class _Scope:
+    vars: dict[str, str]  # point variable -> its domain
+    in_output: bool
+    integral_var: str | None = None
+
+
+class Checker:
+    def __init__(self):
+        self.errors: list[ItdslError] = []
+
+    def error(self, message: str, span: Span, hint: str | None = None) -> None:
+        self.errors.append(CheckError(message, span, hint))
+
+    def program(self, prog: ast.Program) -> ir.Program:
+        ops = []
+        seen: dict[str, ast.Operator] = {}
+        for op in prog.operators:
+            if op.name in seen:
+                self.error(f"operator `{op.name}` is defined twice", op.name_span,
+                           f"the first definition is at line {seen[op.name].name_span.line}")
+                continue
+            seen[op.name] = op
+            checked = _OperatorChecker(self, op).run()
+            if checked is not None:
+                ops.append(checked)
+        raise_all(self.errors)
+        return ir.Program(operators=tuple(ops))
+
+
+class _OperatorChecker:
+    def __init__(self, parent: Checker, op: ast.Operator):
+        self.parent = parent
+        self.op = op
+        self.domains: dict[str, ir.Domain] = {}
+        self.inputs: dict[str, ir.Input] = {}
+        self.params: dict[str, ir.Param] = {}
+        self.kernels: dict[str, ir.Kernel] = {}
+        self.output: ir.Output | None = None
+        self.decl_of: dict[str, ast.Decl] = {}
+
+    def error(self, message: str, span: Span, hint: str | None = None) -> None:
+        self.parent.error(message, span, hint)
+
+    # ---- declarations ------------------------------------------------------------
+    def run(self) -> ir.Operator | None:
+        n_errors = len(self.parent.errors)
+        for d in self.op.decls:
+            if not self.declare(d):
+                continue
+            getattr(self, "decl_" + type(d).__name__)(d)
+        if self.output is None:
+            if len(self.parent.errors) == n_errors:
+                self.error(f"operator `{self.op.name}` has no `output`", self.op.name_span,
+                           "add one: `output g(x: X) = integral(y: Y) k(x, y) * f(y)`")
+            return None
+        if len(self.parent.errors) != n_errors:
+            return None
+        return ir.Operator(name=self.op.name, domains=tuple(self.domains.values()),
+                           inputs=tuple(self.inputs.values()), params=tuple(self.params.values()),
+                           kernels=tuple(self.kernels.values()), output=self.output,
+                           span=self.op.span)
+
+    def declare(self, d: ast.Decl) -> bool:
+        if d.name in BUILTINS:
+            self.error(f"`{d.name}` is a built-in and cannot be redefined", d.name_span,
+                       "choose another name")
+            return False
+        if d.name in self.decl_of:
+            first = self.decl_of[d.name]
+            self.error(f"`{d.name}` is already declared (line {first.name_span.line})", d.name_span,
+                       "every name in an operator is declared once")
+            return False
+        if isinstance(d, ast.OutputDecl) and self.output is not None:
+            self.error("an operator has exactly one `output`", d.name_span,
+                       "put each output in an operator of its own")
+            return False
+        self.decl_of[d.name] = d
+        return True
+
+    def decl_DomainDecl(self, d: ast.DomainDecl) -> None:
+        self.domains[d.name] = ir.Domain(name=d.name, kind=d.kind, dim=d.dim, lo=d.lo, hi=d.hi,
+                                         span=d.span)
+
+    def lookup_domain(self, name: str, span: Span) -> ir.Domain | None:
+        dom = self.domains.get(name)
+        if dom is None:
+            if name in self.decl_of:
+                self.error(f"`{name}` is not a domain", span,
+                           f"it is declared as a {self._what(name)}")
+            else:
+                self.error(f"unknown domain `{name}`", span,
+                           did_you_mean(name, self.domains) or
+                           f"declare it first: `domain {name} = points(D)`, `grid(a, b)` or `index`")
+        return dom
+
+    def decl_InputDecl(self, d: ast.InputDecl) -> None:
+        if self.lookup_domain(d.domain, d.domain_span) is not None:
+            self.inputs[d.name] = ir.Input(name=d.name, domain=d.domain, width=d.width, span=d.span)
+
+    def decl_ParamDecl(self, d: ast.ParamDecl) -> None:
+        self.params[d.name] = ir.Param(name=d.name, kind=d.kind, width=d.width, sizes=d.sizes,
+                                       act=d.act, init=d.init, span=d.span)
+
+    def binders(self, binders, what: str) -> dict[str, str] | None:
+        scope: dict[str, str] = {}
+        ok = True
+        for b in binders:
+            if self.lookup_domain(b.domain, b.span) is None:
+                ok = False
+            elif b.name in self.decl_of or b.name in BUILTINS:
+                self.error(f"point variable `{b.name}` of {what} hides the {self._what(b.name)} "
+                           f"`{b.name}`", b.span, "give the point another name")
+                ok = False
+            elif b.name in scope:
+                self.error(f"`{b.name}` names both points of {what}", b.span,
+                           "give each point its own name, e.g. `(x: X, y: Y)`")
+                ok = False
+            else:
+                scope[b.name] = b.domain
+        return scope if ok else None
+
+    def decl_KernelDecl(self, d: ast.KernelDecl) -> None:
+        scope = self.binders(d.params, f"kernel `{d.name}`")
+        if scope is None:
+            return
+        try:
+            body = self.expr(d.body, _Scope(vars=scope, in_output=False))
+        except _Bad:
+            return
+        (x, y) = d.params
+        self.kernels[d.name] = ir.Kernel(name=d.name, x=x.name, x_domain=x.domain, y=y.name,
+                                         y_domain=y.domain, body=body, span=d.span)
+
+    def decl_OutputDecl(self, d: ast.OutputDecl) -> None:
+        scope = self.binders([d.var], f"output `{d.name}`")
+        if scope is None:
+            return
+        try:
+            body = self.expr(d.body, _Scope(vars=scope, in_output=True))
+        except _Bad:
+            return
+        self.output = ir.Output(name=d.name, var=d.var.name, domain=d.var.domain, body=body,
+                                span=d.span)
+
+    def _what(self, name: str) -> str:
+        if name in BUILTINS:
+            return "built-in"
+        d = self.decl_of.get(name)
+        return {ast.DomainDecl: "domain", ast.InputDecl: "input", ast.ParamDecl: "param",
+                ast.KernelDecl: "kernel", ast.OutputDecl: "output"}.get(type(d), "name")
+
+    # ---- expressions -----------------------------------------------------------------
+    def fail(self, message: str, span: Span, hint: str | None = None):
+        self.error(message, span, hint)
+        raise _Bad
+
+    def expr(self, e: ast.Expr, scope: _Scope) -> ir.Expr:
+        method = getattr(self, "e_" + type(e).__name__)
+        return method(e, scope)
+
+    def e_Number(self, e: ast.Number, scope: _Scope) -> ir.Expr:
+        return ir.Const(value=e.value, width=None, span=e.span)
+
+    def e_Name(self, e: ast.Name, scope: _Scope) -> ir.Expr:
+        if e.id in scope.vars:
+            dom = self.domains[scope.vars[e.id]]
+            return ir.Coord(var=e.id, domain=dom.name, width=dom.coord_width, span=e.span)
+        if e.id == "pi":
+            return ir.Const(value=math.pi, width=None, span=e.span)
+        p = self.params.get(e.id)
+        if p is not None and p.kind is ParamKind.REAL:
+            return ir.ParamRef(param=e.id, width=p.width, span=e.span)
+        what = self._what(e.id)
+        if e.id in self.inputs:
+            var = next(iter(scope.vars), "x")
+            self.fail(f"`{e.id}` is a field: evaluate it at a point", e.span,
+                      f"write `{e.id}({var})`")
+        if p is not None or e.id in self.kernels or e.id in ir.UNARY_FNS or e.id in REDUCE_FNS:
+            self.fail(f"`{e.id}` is a {'param' if p else what} that must be called", e.span,
+                      f"write `{e.id}(...)`")
+        if e.id in self.decl_of:
+            if what == "output":
+                self.fail(f"the output `{e.id}` cannot be used in an expression", e.span)
+            if what == "kernel":
+                self.fail(f"the kernel `{e.id}` is used before its declaration is complete", e.span)
+            self.fail(f"`{e.id}` is a {what}, not a value", e.span,
+                      "a point variable names a point of a domain: `(x: X)`" if what == "domain"
+                      else None)
+        names = set(scope.vars) | set(self.decl_of) | {"pi"}
+        hint = did_you_mean(e.id, names)
+        if hint is None and scope.in_output and scope.integral_var is None:
+            hint = "inside an output, integrate over a domain with `integral(y: Y) ...`"
+        self.fail(f"unknown name `{e.id}`", e.span, hint)
+
+    def e_Neg(self, e: ast.Neg, scope: _Scope) -> ir.Expr:
+        a = self.expr(e.operand, scope)
+        if isinstance(a, ir.Const):
+            return ir.Const(value=-a.value, width=None, span=e.span)
+        return ir.Op(fn=ir.Fn.NEG, args=(a,), width=a.width, span=e.span)
+
+    def elementwise(self, fn: ir.Fn, args: list[ir.Expr], span: Span) -> ir.Expr:
+        widths = {a.width for a in args if a.width is not None}
+        if len(widths) > 1:
+            shown = " and ".join(_wname(a.width) for a in args)
+            self.fail(f"`{fn.value}` of values of different widths: {shown}", span,
+                      "vectors combine elementwise only with vectors of the same width, "
+                      "or with scalars")
+        width = widths.pop() if widths else None
+        return ir.Op(fn=fn, args=tuple(args), width=width, span=span)
+
+    def e_Binary(self, e: ast.Binary, scope: _Scope) -> ir.Expr:
+        fn = ir.Fn(e.op.value)
+        left = self.expr(e.left, scope)
+        right = self.expr(e.right, scope)
+        if fn is ir.Fn.POW and isinstance(right, ir.Const) and abs(right.value) > MAX_EXPONENT:
+            self.fail(f"exponent {right.value:g} is too large (the limit is {MAX_EXPONENT})",
+                      e.right.span)
+        return self.elementwise(fn, [left, right], e.span)
+
+    def e_Compare(self, e: ast.Compare, scope: _Scope) -> ir.Expr:
+        self.fail("a comparison is a condition, which is only allowed inside an Iverson bracket",
+                  e.span, "write `[a < b]` for 1 where a < b holds, else 0")
+
+    def e_Logic(self, e: ast.Logic, scope: _Scope) -> ir.Expr:
+        self.fail(f"`{e.op.value}` combines conditions, which are only allowed inside an Iverson "
+                  "bracket", e.span, "write `[a < b and c < d]`")
+
+    def e_Bracket(self, e: ast.Bracket, scope: _Scope) -> ir.Expr:
+        return replace(self.condition(e.cond, scope), span=e.span)
+
+    def condition(self, e: ast.Expr, scope: _Scope) -> ir.Expr:
+        """A condition (comparisons joined by and/or) as a 0/1 expression."""
+        if isinstance(e, ast.Compare):
+            operands = [self.expr(o, scope) for o in e.operands]
+            parts = [self.elementwise(ir.Fn(op.value), [a, b], e.span)
+                     for op, a, b in zip(e.ops, operands, operands[1:])]
+            out = parts[0]
+            for p in parts[1:]:
+                out = self.elementwise(ir.Fn.AND, [out, p], e.span)
+            return out
+        if isinstance(e, ast.Logic):
+            return self.elementwise(ir.Fn(e.op.value), [self.condition(e.left, scope),
+                                                        self.condition(e.right, scope)], e.span)
+        self.fail("an Iverson bracket holds a condition", e.span,
+                  "compare something: `[abs(t - s) <= 0.2]`, `[s <= t and t < s + 8]`")
+
+    def e_Component(self, e: ast.Component, scope: _Scope) -> ir.Expr:
+        base = self.expr(e.base, scope)
+        if base.width is None:
+            self.fail("only a vector has components, but this is a scalar (R)", e.base.span)
+        if e.index >= base.width:
+            self.fail(f"component {e.index} is out of range for a vector of width {base.width}",
+                      e.span, f"components are numbered 0 to {base.width - 1}")
+        return ir.Component(arg=base, index=e.index, width=None, span=e.span)
+
+    def e_Integral(self, e: ast.Integral, scope: _Scope) -> ir.Expr:
+        if not scope.in_output:
+            self.fail("an integral may only appear in an `output`", e.span,
+                      "a kernel is a function of two points; integrate it in the output")
+        if scope.integral_var is not None:
+            self.fail("integrals cannot be nested", e.span,
+                      "write the inner integral as an operator of its own")
+        b = e.var
+        dom = self.lookup_domain(b.domain, b.span)
+        if dom is None:
+            raise _Bad
+        if b.name in scope.vars:
+            self.fail(f"the integration variable `{b.name}` is already the output's point",
+                      b.span, "give it another name, e.g. `integral(y: Y)`")
+        if b.name in self.decl_of or b.name in BUILTINS:
+            self.fail(f"the integration variable `{b.name}` hides the {self._what(b.name)} "
+                      f"`{b.name}`", b.span, "give it another name")
+        inner = _Scope(vars={**scope.vars, b.name: dom.name}, in_output=True, integral_var=b.name)
+        body = self.expr(e.body, inner)
+        quad = self.quadrature(e.quad, dom, b.name, body, e.span)
+        return ir.Integral(var=b.name, domain=dom.name, body=body, quad=quad, width=body.width,
+                           span=e.span)
+
+    def quadrature(self, q: ast.Quadrature | None, dom: ir.Domain, var: str, body: ir.Expr,
+                   span: Span) -> ir.Quad:
+        if q is None:
+            return ir.Quad(rule=DEFAULT_QUAD[dom.kind], span=span)
+        try:
+            rule = ir.QuadRule(q.rule)
+        except ValueError:
+            self.fail(f"unknown quadrature `{q.rule}`", q.span,
+                      did_you_mean(q.rule, [r.value for r in ir.QuadRule]) or
+                      "one of: " + ", ".join(r.value for r in ir.QuadRule))
+        allowed = QUAD_DOMAINS[rule]
+        if allowed is not None and dom.kind not in allowed:
+            kinds = " or ".join(f"`{k.value}`" for k in sorted(allowed, key=lambda k: k.value))
+            self.fail(f"quadrature `{rule.value}` needs a {kinds} domain, but `{dom.name}` is "
+                      f"`{dom.kind.value}`", q.span,
+                      f"on `{dom.kind.value}` use " + ", ".join(
+                          f"`{r.value}`" for r, a in QUAD_DOMAINS.items()
+                          if a is None or dom.kind in a))
+        args = q.args or ()
+        positional = [a for a in args if a.key is None]
+        keywords = {a.key: a for a in args if a.key is not None}
+        takes = {ir.QuadRule.WEIGHTS: (1, ()), ir.QuadRule.GAUSS: (1, ()),
+                 ir.QuadRule.MONTECARLO: (1, ("importance",))}.get(rule, (0, ()))
+        n_pos, kw_ok = takes
+        usage = {ir.QuadRule.WEIGHTS: "weights(w)", ir.QuadRule.GAUSS: "gauss(n)",
+                 ir.QuadRule.MONTECARLO: "montecarlo(S) or montecarlo(S, importance = EXPR)"}
+        if len(positional) != n_pos or any(k not in kw_ok for k in keywords) or (
+                q.args is not None and not args):
+            self.fail(f"wrong arguments for quadrature `{rule.value}`", q.span,
+                      f"write `{usage.get(rule, rule.value)}`")
+        kw = dict(rule=rule, explicit=True, span=q.span)
+        if rule is ir.QuadRule.WEIGHTS:
+            w = positional[0].value
+            f = self.inputs.get(w.id) if isinstance(w, ast.Name) else None
+            if f is None:
+                self.fail("`weights(w)` needs the name of an input field", w.span,
+                          f"declare `input w : {dom.name} -> R` and write `weights(w)`")
+            if f.domain != dom.name or f.width is not None:
+                self.fail(f"the weights `{f.name}` must be a scalar field on `{dom.name}`, "
+                          f"but it is {_wname(f.width)} on `{f.domain}`", w.span,
+                          f"declare `input {f.name} : {dom.name} -> R`")
+            return ir.Quad(weights=f.name, **kw)
+        if rule is ir.QuadRule.GAUSS:
+            n = self.count(positional[0].value, "the number of Gauss nodes", MAX_GAUSS_NODES)
+            for node in ir.walk(body):
+                if isinstance(node, ir.FieldAt) and node.var == var:
+                    self.fail(f"`gauss` evaluates the integrand between the points of "
+                              f"`{dom.name}`, but the field `{node.field}` is only known at them",
+                              node.span, "use `trapezoid` or `simpson` to integrate sampled fields")
+            return ir.Quad(n=n, **kw)
+        if rule is ir.QuadRule.MONTECARLO:
+            s = self.count(positional[0].value, "the number of samples", MAX_SAMPLES)
+            imp = None
+            if "importance" in keywords:
+                a = keywords["importance"]
+                imp = self.expr(a.value, _Scope(vars={var: dom.name}, in_output=False))
+                if imp.width is not None:
+                    self.fail(f"the importance must be a scalar, but it is {_wname(imp.width)}",
+                              a.value.span)
+            return ir.Quad(samples=s, importance=imp, **kw)
+        return ir.Quad(**kw)
+
+    def count(self, e: ast.Expr, what: str, limit: int) -> int:
+        if not isinstance(e, ast.Number) or e.value != int(e.value) or not 1 <= e.value <= limit:
+            self.fail(f"{what} must be an integer in [1, {limit}]", e.span)
+        return int(e.value)
+
+    def e_Call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        f = e.func
+        if f in scope.vars:
+            self.fail(f"`{f}` is a point, not a function", e.func_span)
+        if f in self.inputs:
+            return self.field_at(e, scope)
+        if f in self.kernels:
+            return self.kernel_call(e, scope)
+        if f in self.params:
+            return self.param_call(e, scope)
+        args = [self.expr(a, scope) for a in e.args]
+        if f in ir.UNARY_FNS:
+            self.arity(e, 1)
+            return ir.Op(fn=ir.UNARY_FNS[f], args=tuple(args), width=args[0].width, span=e.span)
+        if f in ir.BINARY_FNS:
+            self.arity(e, 2)
+            return self.elementwise(ir.BINARY_FNS[f], args, e.span)
+        if f in REDUCE_FNS:
+            rfn = REDUCE_FNS[f]
+            self.arity(e, 2 if rfn is ir.RFn.DOT else 1)
+            if rfn is ir.RFn.DOT and args[0].width != args[1].width:
+                self.fail(f"`dot` of values of different widths: {_wname(args[0].width)} and "
+                          f"{_wname(args[1].width)}", e.span)
+            return ir.Reduce(fn=rfn, args=tuple(args), width=None, span=e.span)
+        if f in self.decl_of:
+            self.fail(f"`{f}` is a {self._what(f)} and cannot be called", e.func_span)
+        known = set(BUILTINS) | set(self.inputs) | set(self.kernels) | set(self.params)
+        self.fail(f"unknown function `{f}`", e.func_span,
+                  did_you_mean(f, known - {"pi"}) or
+                  "built-ins: " + ", ".join(sorted(known - {"pi"} - set(self.decl_of))))
+
+    def arity(self, e: ast.Call, n: int) -> None:
+        if len(e.args) != n:
+            self.fail(f"`{e.func}` takes {n} argument{'s' if n != 1 else ''}, got {len(e.args)}",
+                      e.span)
+
+    def point_arg(self, a: ast.Expr, scope: _Scope, who: str) -> tuple[str, str]:
+        if not isinstance(a, ast.Name) or a.id not in scope.vars:
+            names = ", ".join(f"`{v}`" for v in scope.vars)
+            self.fail(f"{who} must be evaluated at a point variable ({names})", a.span,
+                      "fields and kernels are known only at the points of their domains")
+        return a.id, scope.vars[a.id]
+
+    def field_at(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        field = self.inputs[e.func]
+        self.arity(e, 1)
+        var, dom = self.point_arg(e.args[0], scope, f"the field `{field.name}`")
+        if dom != field.domain:
+            self.fail(f"`{field.name}` lives on {field.domain} but `{var}` is a point of {dom}",
+                      e.span, self._point_hint(scope, field.domain))
+        return ir.FieldAt(field=field.name, var=var, width=field.width, span=e.span)
+
+    def _point_hint(self, scope: _Scope, domain: str) -> str | None:
+        same = [v for v, d in scope.vars.items() if d == domain]
+        if same:
+            return f"evaluate it at `{same[0]}`"
+        return f"integrate over its domain: `integral(y: {domain}) ...`"
+
+    def kernel_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        k = self.kernels[e.func]
+        self.arity(e, 2)
+        renames = {}
+        for a, (param, dom) in zip(e.args, ((k.x, k.x_domain), (k.y, k.y_domain))):
+            var, vdom = self.point_arg(a, scope, f"the kernel `{k.name}`")
+            if vdom != dom:
+                self.fail(f"kernel `{k.name}` takes a point of {dom} here, but `{var}` is a point "
+                          f"of {vdom}", a.span, self._point_hint(scope, dom))
+            renames[param] = var
+        return _rename(k.body, renames)
+
+    def param_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        p = self.params[e.func]
+        if p.kind is ParamKind.REAL:
+            self.fail(f"the param `{p.name}` is a value, not a function", e.func_span,
+                      f"write `{p.name}` without arguments")
+        args = [self.expr(a, scope) for a in e.args]
+        if p.kind is ParamKind.MLP:
+            total = sum(1 if a.width is None else a.width for a in args)
+            if total != p.sizes[0]:
+                shown = " + ".join(str(1 if a.width is None else a.width) for a in args) or "0"
+                self.fail(f"the mlp `{p.name}` takes {p.sizes[0]} inputs, but its arguments have "
+                          f"{shown} = {total}", e.span,
+                          "the arguments are concatenated; their widths must add up to the "
+                          "mlp's input width")
+            out = p.sizes[-1]
+            return ir.MlpCall(param=p.name, args=tuple(args), width=None if out == 1 else out,
+                              span=e.span)
+        if len(args) != len(p.sizes):
+            self.fail(f"the spline `{p.name}` is a function of {len(p.sizes)} variable"
+                      f"{'s' if len(p.sizes) > 1 else ''}, got {len(args)} arguments", e.span)
+        for a in args:
+            if a.width is not None:
+                self.fail(f"a spline argument must be a scalar in [0, 1], but this is "
+                          f"{_wname(a.width)}", a.span)
+        return ir.SplineCall(param=p.name, args=tuple(args), width=None, span=e.span)
+
+
+def _rename(e: ir.Expr, renames: dict[str, str]) -> ir.Expr:
+    """`e` with its point variables renamed (kernel inlining)."""
+    if isinstance(e, ir.Coord | ir.FieldAt):
+        return replace(e, var=renames.get(e.var, e.var))
+    if isinstance(e, ir.Op | ir.Reduce | ir.MlpCall | ir.SplineCall):
+        return replace(e, args=tuple(_rename(a, renames) for a in e.args))
+    if isinstance(e, ir.Component):
+        return replace(e, arg=_rename(e.arg, renames))
+    return e
+
+
+def check(prog: ast.Program) -> ir.Program:
+    """Check a parsed program; raise `CheckError` (or several together) if it is invalid."""
+    return Checker().program(prog)

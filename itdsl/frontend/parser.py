@@ -1,0 +1,545 @@
+"""Text -> AST: lark parses with positions on, then `_Builder` makes the AST.
+
+Lark's own exceptions never leave this module: they are relabelled into
+`ParseError`s that say what was expected in words and point at the file.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import lark
+from lark import Token, Tree
+
+from ..errors import ItdslError, ParseError, Span, did_you_mean, raise_all
+from . import ast
+
+MAX_SOURCE_BYTES = 1 << 20  # 1 MiB of .it text is far beyond any real operator
+MAX_DEPTH = 128  # nesting of the syntax tree (parentheses, chains of operators)
+
+DOMAIN_KINDS = {k.value: k for k in ast.DomainKind}
+PARAM_CTORS = ("mlp", "spline")
+INIT_KINDS = {"normal": 1, "uniform": 2}
+DECL_WORDS = ("domain", "input", "param", "kernel", "output")
+RESERVED = ("operator", *DECL_WORDS, "integral", "with", "and", "or")
+
+
+@lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    return lark.Lark.open(str(Path(__file__).with_name("grammar.lark")), parser="lalr",
+                          propagate_positions=True, maybe_placeholders=True)
+
+
+def parse(source: str, filename: str = "<string>") -> ast.Program:
+    """Parse `.it` text into an AST; raise `ParseError` (or several) on bad input."""
+    if not isinstance(source, str):
+        raise ParseError(f"expected the program text as a str, got {type(source).__name__}")
+    if len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+        raise ParseError(f"{filename}: file is larger than {MAX_SOURCE_BYTES} bytes",
+                         hint="an .it file holds operator definitions, not data")
+    if "\x00" in source:
+        pos = source.index("\x00")
+        line = source.count("\n", 0, pos) + 1
+        col = pos - (source.rfind("\n", 0, pos) + 1) + 1
+        raise ParseError("the file contains a NUL byte (is it a binary file?)",
+                         Span(file=filename, line=line, col=col, end_line=line, end_col=col + 1,
+                              source=source))
+    try:
+        tree = _lark().parse(source)
+    except lark.exceptions.UnexpectedInput as e:
+        raise _relabel(e, source, filename) from None
+    _check_depth(tree, source, filename)
+    return _Builder(source, filename).program(tree)
+
+
+def parse_file(path: str | Path) -> ast.Program:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SOURCE_BYTES:
+            raise ParseError(f"{path}: file is larger than {MAX_SOURCE_BYTES} bytes",
+                             hint="an .it file holds operator definitions, not data")
+        text = path.read_text(encoding="utf-8")
+    except ItdslError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ParseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ParseError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse(text, str(path))
+
+
+# ---- relabelling lark errors -------------------------------------------------
+
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "CIRCUMFLEX"}
+
+
+def _describe_token(tok: Token) -> str:
+    return "end of file" if tok.type == "$END" else f"`{tok.value}`"
+
+
+def _literal(term: str) -> str:
+    try:
+        pat = _lark().get_terminal(term).pattern
+    except KeyError:
+        return term.lower()
+    if isinstance(pat, lark.lexer.PatternStr):
+        return f"`{pat.value}`"
+    return {"NAME": "a name", "NUMBER": "a number"}.get(term, term.lower())
+
+
+def _describe_expected(expected: set[str]) -> str:
+    """Say in words what the parser would have accepted."""
+    expected = {t for t in expected if not t.startswith("$")}
+    parts: list[str] = []
+    if "NUMBER" in expected and "NAME" in expected:
+        parts.append("an expression")
+        expected -= {"NUMBER", "NAME", "LPAR", "MINUS", "LSQB", "INTEGRAL"}
+    if expected & _OPERATORS:
+        parts.append("an operator (`+ - * / ^`)")
+        expected -= _OPERATORS | {"LSQB", "LPAR"}
+    if "CMP" in expected:
+        parts.append("a comparison (`<`, `<=`, `==`, ...)")
+        expected -= {"CMP"}
+    decls = {t for t in expected if t.lower() in DECL_WORDS}
+    if decls and "RBRACE" in expected:
+        parts.append("a declaration (`domain`, `input`, `param`, `kernel`, `output`) or `}`")
+        expected -= decls | {"RBRACE"}
+    parts.extend(sorted(_literal(t) for t in expected))
+    if not parts:
+        return "nothing more"
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _span_at(source: str, filename: str, line: int, col: int, width: int = 1) -> Span:
+    return Span(file=filename, line=line, col=col, end_line=line, end_col=col + max(1, width),
+                source=source)
+
+
+def _relabel(e: lark.exceptions.UnexpectedInput, source: str, filename: str) -> ParseError:
+    line, col = max(1, e.line or 1), max(1, e.column or 1)
+    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+        ch = source[e.pos_in_stream] if e.pos_in_stream < len(source) else ""
+        two = source[e.pos_in_stream:e.pos_in_stream + 2]
+        hint = {"&&": "write `and`", "||": "write `or`", "**": "write powers with `^`"}.get(two)
+        if hint is None and ch == "!":
+            hint = "write `!=` for 'not equal'; there is no `not`"
+        if hint is None and ch in "'\"":
+            hint = "the language has no strings"
+        if hint is None and ch == ";":
+            hint = "declarations need no separator; put each on its own line"
+        shown = repr(ch)[1:-1] if not ch.isprintable() or ch.isspace() else ch
+        return ParseError(f"unexpected character `{shown}`", _span_at(source, filename, line, col),
+                          hint)
+    if isinstance(e, lark.exceptions.UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            lines = source.splitlines() or [""]
+            line, col = len(lines), len(lines[-1]) + 1
+            span = _span_at(source, filename, line, col)
+        else:
+            span = _span_at(source, filename, line, col, len(str(tok.value)))
+        expected = set(e.expected)
+        try:  # LALR's table over-approximates; ask the parser what it really accepts here
+            expected = set(e.interactive_parser.accepts()) or expected
+        except Exception:  # noqa: BLE001 - any failure just keeps the table's answer
+            pass
+        return _token_error(tok, expected, span, source)
+    return ParseError("unexpected end of file", _span_at(source, filename, line, col))
+
+
+def _token_error(tok: Token, expected: set[str], span: Span, source: str) -> ParseError:
+    want = _describe_expected(expected)
+    value = str(tok.value)
+    if tok.type == "$END":
+        hint = "an `operator` block is missing its closing `}`" if "RBRACE" in expected else None
+        return ParseError(f"unexpected end of file; expected {want}", span, hint)
+    if value in RESERVED and "NAME" in expected:
+        return ParseError(f"`{value}` is a reserved word and cannot be used as a name", span,
+                          "choose another name")
+    hint = None
+    offset = span_offset(source, span)
+    if tok.type == "STAR" and source[offset - 1:offset] == "*":
+        hint = "write powers with `^`"
+    elif tok.type == "EQUAL" and "CMP" in expected:
+        hint = "compare with `==`"
+    elif tok.type == "NAME" and "LBRACE" in expected:
+        hint = "an operator name is one word"
+    elif tok.type == "NAME" and "RBRACE" in expected and "DOMAIN" in expected:
+        hint = did_you_mean(value, DECL_WORDS)
+        if hint is None and ("STAR" in expected or "PLUS" in expected):
+            hint = "write multiplication explicitly with `*`"
+        if hint is None:
+            hint = "declarations are `domain`, `input`, `param`, `kernel` and `output`"
+    elif tok.type in ("NAME", "NUMBER", "LPAR") and ("STAR" in expected or "PLUS" in expected):
+        hint = "write multiplication explicitly with `*`"
+    elif tok.type == "WITH":
+        hint = "`with` follows an integral: `integral(y: Y) k(x, y) * f(y) with mean`"
+    elif tok.type == "OPERATOR" and "RBRACE" in expected:
+        hint = "the previous `operator` block is missing its closing `}`"
+    return ParseError(f"unexpected {_describe_token(tok)}; expected {want}", span, hint)
+
+
+def span_offset(source: str, span: Span) -> int:
+    """The character offset of a span's start in `source`."""
+    off = 0
+    for _ in range(span.line - 1):
+        nl = source.find("\n", off)
+        if nl < 0:
+            break
+        off = nl + 1
+    return off + span.col - 1
+
+
+def _check_depth(tree: Tree, source: str, filename: str) -> None:
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            meta = node.meta
+            span = _span_at(source, filename, getattr(meta, "line", 1), getattr(meta, "column", 1))
+            raise ParseError(f"expression nested more than {MAX_DEPTH} levels deep", span,
+                             "split it into several kernels")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+
+
+# ---- parse tree -> AST -------------------------------------------------------------
+
+
+class _Builder:
+    """Builds the AST from lark's tree, collecting every error it finds."""
+
+    def __init__(self, source: str, filename: str):
+        self.source = source
+        self.filename = filename
+        self.errors: list[ItdslError] = []
+
+    # spans -----------------------------------------------------------------
+    def span(self, node: Tree | Token) -> Span:
+        if isinstance(node, Token):
+            return Span(file=self.filename, line=node.line, col=node.column,
+                        end_line=node.end_line, end_col=node.end_column, source=self.source)
+        m = node.meta
+        if getattr(m, "empty", True):
+            return Span(file=self.filename, source=self.source)
+        return Span(file=self.filename, line=m.line, col=m.column, end_line=m.end_line,
+                    end_col=m.end_column, source=self.source)
+
+    def error(self, message: str, where: Tree | Token | Span, hint: str | None = None) -> None:
+        span = where if isinstance(where, Span) else self.span(where)
+        self.errors.append(ParseError(message, span, hint))
+
+    # program -------------------------------------------------------------------
+    def program(self, tree: Tree) -> ast.Program:
+        ops = tuple(self.operator(t) for t in tree.children)
+        raise_all(self.errors)
+        return ast.Program(operators=ops, span=self.span(tree))
+
+    def operator(self, t: Tree) -> ast.Operator:
+        name, *decls = t.children
+        built = tuple(d for d in (self.decl(d) for d in decls) if d is not None)
+        return ast.Operator(name=str(name), decls=built, span=self.span(t),
+                            name_span=self.span(name))
+
+    def decl(self, t: Tree) -> ast.Decl | None:
+        return getattr(self, t.data)(t)
+
+    def domain_decl(self, t: Tree) -> ast.Decl | None:
+        name, kind, args = t.children
+        common = dict(name=str(name), span=self.span(t), name_span=self.span(name))
+        k = DOMAIN_KINDS.get(str(kind))
+        if k is None:
+            self.error(f"unknown domain kind `{kind}`", kind,
+                       did_you_mean(str(kind), DOMAIN_KINDS) or
+                       "a domain is `points(D)`, `grid(a, b)` or `index`")
+            return None
+        argv = [] if args is None else list(args.children)
+        want = {ast.DomainKind.POINTS: 1, ast.DomainKind.GRID: 2, ast.DomainKind.INDEX: 0}[k]
+        usage = {ast.DomainKind.POINTS: "points(D)", ast.DomainKind.GRID: "grid(a, b)",
+                 ast.DomainKind.INDEX: "index"}[k]
+        if len(argv) != want or (k is ast.DomainKind.INDEX and args is not None):
+            self.error(f"`{kind}` takes {want} argument{'s' if want != 1 else ''}, got {len(argv)}",
+                       kind, f"write `{usage}`")
+            return None
+        vals = [self.constant(a) for a in argv]
+        if any(v is None for v in vals):
+            return None
+        if k is ast.DomainKind.POINTS:
+            dim = self.positive_int(vals[0], argv[0], "the dimension of `points`", 64)
+            return None if dim is None else ast.DomainDecl(kind=k, dim=dim, **common)
+        if k is ast.DomainKind.GRID:
+            lo, hi = vals
+            if not lo < hi:
+                self.error(f"a grid needs a < b, got grid({_fmt(lo)}, {_fmt(hi)})", args)
+                return None
+            return ast.DomainDecl(kind=k, lo=lo, hi=hi, **common)
+        return ast.DomainDecl(kind=k, **common)
+
+    def input_decl(self, t: Tree) -> ast.Decl | None:
+        name, domain, vtype = t.children
+        width = self.value_type(vtype)
+        if width is False:
+            return None
+        return ast.InputDecl(name=str(name), domain=str(domain), width=width, span=self.span(t),
+                             name_span=self.span(name), domain_span=self.span(domain))
+
+    def value_type(self, t: Tree) -> int | None | bool:
+        """`R` -> None, `R^C` -> C; False after reporting an error."""
+        base, exp = t.children
+        if str(base) != "R":
+            self.error(f"unknown value type `{base}`", base, "a value is `R` or `R^C`")
+            return False
+        if exp is None:
+            return None
+        width = self.positive_int(_number(exp), exp, "a vector width", 1 << 16)
+        return False if width is None else width
+
+    def param_decl(self, t: Tree) -> ast.Decl | None:
+        name, ptype, init = t.children
+        common = dict(name=str(name), span=self.span(t), name_span=self.span(name))
+        init_v = None if init is None else self.init(init)
+        if ptype.data == "param_real":
+            width = self.value_type(ptype)
+            if width is False:
+                return None
+            if init_v is not None and init_v.kind == "uniform" and init_v.args[0] >= init_v.args[1]:
+                self.error("uniform(a, b) needs a < b", init)
+            return ast.ParamDecl(kind=ast.ParamKind.REAL, width=width, init=init_v, **common)
+        ctor, args = ptype.children
+        ctor_s = str(ctor)
+        if ctor_s not in PARAM_CTORS:
+            self.error(f"unknown param type `{ctor_s}`", ctor,
+                       did_you_mean(ctor_s, PARAM_CTORS) or
+                       "a param is `R`, `R^C`, `mlp(I -> H -> O, act = gelu)` or `spline(n1, n2)`")
+            return None
+        sizes_args = [a for a in args.children if a.data == "ptype_sizes"]
+        options = [a for a in args.children if a.data == "ptype_option"]
+        if init_v is not None and init_v.kind == "const":
+            self.error(f"a `{ctor_s}` param takes a random initialiser, not a constant", init,
+                       "write `= normal(0.02)` or `= uniform(-0.1, 0.1)`, or leave it out")
+        if ctor_s == "mlp":
+            if len(sizes_args) != 1 or len(sizes_args[0].children) < 2:
+                self.error("an mlp needs its layer widths as `I -> H -> ... -> O`", ptype,
+                           "e.g. `mlp(68 -> 64 -> 32, act = gelu)`")
+                return None
+            sizes = [self.positive_int(_number(n), n, "a layer width", 1 << 14)
+                     for n in sizes_args[0].children]
+            act = "gelu"
+            for opt in options:
+                key, val = (str(c) for c in opt.children)
+                if key != "act":
+                    self.error(f"unknown mlp option `{key}`", opt.children[0], "the option is `act`")
+                elif val not in ACTIVATIONS:
+                    self.error(f"unknown activation `{val}`", opt.children[1],
+                               did_you_mean(val, ACTIVATIONS) or
+                               "one of: " + ", ".join(sorted(ACTIVATIONS)))
+                else:
+                    act = val
+            if any(s is None for s in sizes):
+                return None
+            return ast.ParamDecl(kind=ast.ParamKind.MLP, sizes=tuple(sizes), act=act,
+                                 init=init_v, **common)
+        # spline(n1) or spline(n1, n2)
+        if options or not 1 <= len(sizes_args) <= 2 or any(len(a.children) != 1
+                                                             for a in sizes_args):
+            self.error("a spline is `spline(n)` or `spline(n1, n2)`", ptype)
+            return None
+        sizes = [self.positive_int(_number(a.children[0]), a, "a spline size", 4096, minimum=2)
+                 for a in sizes_args]
+        if any(s is None for s in sizes):
+            return None
+        return ast.ParamDecl(kind=ast.ParamKind.SPLINE, sizes=tuple(sizes), init=init_v, **common)
+
+    def init(self, t: Tree) -> ast.Init | None:
+        span = self.span(t)
+        if isinstance(t, Tree) and t.data == "call":
+            fname, args = t.children
+            argv = [] if args is None else list(args.children)
+            fn = str(fname)
+            if fn not in INIT_KINDS:
+                self.error(f"unknown initialiser `{fn}`", fname,
+                           did_you_mean(fn, INIT_KINDS) or
+                           "an initial value is a number, `normal(std)` or `uniform(a, b)`")
+                return None
+            if len(argv) != INIT_KINDS[fn]:
+                self.error(f"`{fn}` takes {INIT_KINDS[fn]} argument(s), got {len(argv)}", t)
+                return None
+            vals = [self.constant(a) for a in argv]
+            if any(v is None for v in vals):
+                return None
+            if fn == "normal" and vals[0] < 0:
+                self.error("the standard deviation of `normal` must be >= 0", argv[0])
+                return None
+            return ast.Init(kind=fn, args=tuple(vals), span=span)
+        value = self.constant(t)
+        return None if value is None else ast.Init(kind="const", args=(value,), span=span)
+
+    def kernel_decl(self, t: Tree) -> ast.Decl:
+        name, b1, b2, body = t.children
+        return ast.KernelDecl(name=str(name), params=(self.binder(b1), self.binder(b2)),
+                              body=self.expr(body), span=self.span(t), name_span=self.span(name))
+
+    def output_decl(self, t: Tree) -> ast.Decl:
+        name, b, body = t.children
+        return ast.OutputDecl(name=str(name), var=self.binder(b), body=self.expr(body),
+                              span=self.span(t), name_span=self.span(name))
+
+    def binder(self, t: Tree) -> ast.Binder:
+        name, domain = t.children
+        return ast.Binder(name=str(name), domain=str(domain), span=self.span(t))
+
+    # constants -------------------------------------------------------------------
+    def constant(self, t: Tree | Token) -> float | None:
+        """Fold a constant expression (numbers, + - * / ^, `pi`); report and return None if not one."""
+        try:
+            return _fold(self.expr(t))
+        except _NotConstant as e:
+            self.error("expected a constant number here", e.span or self.span(t),
+                       "only numbers, `pi` and + - * / ^ are allowed")
+            return None
+
+    def positive_int(self, value: float | None, where, what: str, limit: int,
+                     minimum: int = 1) -> int | None:
+        if value is None:
+            return None
+        if value != int(value) or not minimum <= value <= limit:
+            self.error(f"{what} must be an integer in [{minimum}, {limit}], got {_fmt(value)}", where)
+            return None
+        return int(value)
+
+    # expressions -------------------------------------------------------------------
+    def expr(self, t: Tree | Token) -> ast.Expr:
+        if isinstance(t, Token):  # an inlined NUMBER inside ptype args etc.
+            return ast.Number(value=_number(t), span=self.span(t))
+        return getattr(self, "e_" + t.data.rstrip("_"))(t)
+
+    def _binary(self, op: ast.BinOp, t: Tree) -> ast.Expr:
+        left, right = t.children
+        return ast.Binary(op=op, left=self.expr(left), right=self.expr(right), span=self.span(t))
+
+    def e_add(self, t): return self._binary(ast.BinOp.ADD, t)
+    def e_sub(self, t): return self._binary(ast.BinOp.SUB, t)
+    def e_mul(self, t): return self._binary(ast.BinOp.MUL, t)
+    def e_div(self, t): return self._binary(ast.BinOp.DIV, t)
+    def e_pow(self, t): return self._binary(ast.BinOp.POW, t)
+
+    def e_neg(self, t):
+        return ast.Neg(operand=self.expr(t.children[0]), span=self.span(t))
+
+    def e_number(self, t):
+        tok = t.children[0]
+        value = _number(tok)
+        if not math.isfinite(value):
+            self.error(f"number `{tok}` is out of range", tok)
+            value = 0.0
+        return ast.Number(value=value, span=self.span(t))
+
+    def e_name(self, t):
+        return ast.Name(id=str(t.children[0]), span=self.span(t))
+
+    def e_call(self, t):
+        fname, args = t.children
+        argv = () if args is None else tuple(self.expr(a) for a in args.children)
+        return ast.Call(func=str(fname), args=argv, span=self.span(t), func_span=self.span(fname))
+
+    def e_component(self, t):
+        base, idx = t.children
+        index = self.positive_int(_number(idx), idx, "a component index", 1 << 16, minimum=0)
+        return ast.Component(base=self.expr(base), index=index or 0, span=self.span(t))
+
+    def e_bracket(self, t):
+        return ast.Bracket(cond=self.expr(t.children[0]), span=self.span(t))
+
+    def e_or(self, t):
+        left, right = t.children
+        return ast.Logic(op=ast.BoolOp.OR, left=self.expr(left), right=self.expr(right),
+                         span=self.span(t))
+
+    def e_and(self, t):
+        left, right = t.children
+        return ast.Logic(op=ast.BoolOp.AND, left=self.expr(left), right=self.expr(right),
+                         span=self.span(t))
+
+    def e_compare(self, t):
+        kids = t.children
+        operands = tuple(self.expr(k) for k in kids[0::2])
+        ops = tuple(ast.CmpOp(str(k)) for k in kids[1::2])
+        return ast.Compare(ops=ops, operands=operands, span=self.span(t))
+
+    def e_open_integral(self, t):
+        binder, integrand = t.children
+        return ast.Integral(var=self.binder(binder), body=self.integrand(integrand), quad=None,
+                            span=self.span(t))
+
+    def e_closed_integral(self, t):
+        binder, integrand, quad = t.children
+        return ast.Integral(var=self.binder(binder), body=self.integrand(integrand),
+                            quad=self.quadrature(quad), span=self.span(t))
+
+    def integrand(self, t: Tree) -> ast.Expr:
+        factors = [self.expr(c) for c in t.children]
+        out = factors[0]
+        for f in factors[1:]:
+            out = ast.Binary(op=ast.BinOp.MUL, left=out, right=f, span=out.span.to(f.span))
+        return out
+
+    def quadrature(self, t: Tree) -> ast.Quadrature:
+        name, qargs = t.children
+        args = None
+        if qargs is not None:
+            args = []
+            for a in qargs.children:
+                if isinstance(a, Tree) and a.data == "kwarg":
+                    key, value = a.children
+                    args.append(ast.QuadArg(key=str(key), value=self.expr(value), span=self.span(a)))
+                else:
+                    e = self.expr(a)
+                    args.append(ast.QuadArg(key=None, value=e, span=e.span))
+            args = tuple(args)
+        return ast.Quadrature(rule=str(name), args=args, span=self.span(t))
+
+
+ACTIVATIONS = ("gelu", "relu", "tanh", "sigmoid", "softplus", "silu", "identity")
+
+
+class _NotConstant(Exception):
+    def __init__(self, span: Span | None):
+        self.span = span
+
+
+def _fold(e: ast.Expr) -> float:
+    """Evaluate a constant expression without `eval`."""
+    if isinstance(e, ast.Number):
+        return e.value
+    if isinstance(e, ast.Name) and e.id == "pi":
+        return math.pi
+    if isinstance(e, ast.Neg):
+        return -_fold(e.operand)
+    if isinstance(e, ast.Binary):
+        a, b = _fold(e.left), _fold(e.right)
+        try:
+            v = {ast.BinOp.ADD: lambda: a + b, ast.BinOp.SUB: lambda: a - b,
+                 ast.BinOp.MUL: lambda: a * b, ast.BinOp.DIV: lambda: a / b,
+                 ast.BinOp.POW: lambda: float(a) ** b if abs(b) <= 64 else math.inf}[e.op]()
+        except (ZeroDivisionError, OverflowError, ValueError):
+            raise _NotConstant(e.span) from None
+        if isinstance(v, complex) or not math.isfinite(v):
+            raise _NotConstant(e.span)
+        return float(v)
+    raise _NotConstant(e.span)
+
+
+def _number(tok: Token) -> float:
+    text = str(tok)
+    try:
+        return float(text)
+    except ValueError:  # pragma: no cover - the lexer only yields valid numbers
+        return math.nan
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)

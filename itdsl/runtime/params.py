@@ -1,0 +1,108 @@
+"""Learnable params of an operator as torch objects, and the spline they may hold.
+
+`R` and `R^C` params are `nn.Parameter`s (shape `()` and `(C,)`), an `mlp` is an
+`nn.Sequential` of `nn.Linear` and activation modules, a `spline(n1, n2)` is an
+`nn.Parameter` of its `n1 x n2` coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import CheckError
+from ..frontend import ir
+from ..frontend.ast import ParamKind
+
+ACTIVATION_MODULES = {
+    "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus, "silu": nn.SiLU, "identity": nn.Identity,
+}
+CUBIC_A = -0.75  # the cubic-convolution parameter (Keys 1981), as in INN and OpenCV
+
+
+def _fill(t: torch.Tensor, init, default) -> torch.Tensor:
+    kind, args = (init.kind, init.args) if init is not None else default
+    with torch.no_grad():
+        if kind == "const":
+            t.fill_(args[0])
+        elif kind == "normal":
+            t.normal_(0.0, args[0])
+        elif kind == "uniform":
+            t.uniform_(args[0], args[1])
+    return t
+
+
+def make_param(p: ir.Param) -> nn.Module | nn.Parameter:
+    """A fresh torch object for one `.it` param, initialised as declared."""
+    if p.kind is ParamKind.REAL:
+        shape = () if p.width is None else (p.width,)
+        return nn.Parameter(_fill(torch.empty(shape), p.init, ("const", (0.0,))))
+    if p.kind is ParamKind.MLP:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(p.sizes, p.sizes[1:])):
+            lin = nn.Linear(a, b)
+            if p.init is not None:
+                _fill(lin.weight, p.init, None)
+                with torch.no_grad():
+                    lin.bias.zero_()
+            layers.append(lin)
+            if i < len(p.sizes) - 2:
+                layers.append(ACTIVATION_MODULES[p.act]())
+        return nn.Sequential(*layers)
+    bound = 1.0 / math.sqrt(p.sizes[-1])  # like nn.Linear's default, fan-in = last axis
+    return nn.Parameter(_fill(torch.empty(p.sizes), p.init, ("uniform", (-bound, bound))))
+
+
+def register_params(module: nn.Module, op: ir.Operator) -> None:
+    """Attach every param of `op` to `module` under its `.it` name."""
+    for p in op.params:
+        if hasattr(module, p.name):
+            raise CheckError(f"the param name `{p.name}` collides with an attribute of "
+                             "torch.nn.Module", p.span, "rename the param")
+        value = make_param(p)
+        if isinstance(value, nn.Parameter):
+            module.register_parameter(p.name, value)
+        else:
+            module.add_module(p.name, value)
+
+
+def cubic_weights(frac: torch.Tensor) -> list[torch.Tensor]:
+    """Cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for a fraction in [0, 1]."""
+    a = CUBIC_A
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return [far(1 + frac), near(frac), near(1 - frac), far(2 - frac)]
+
+
+def spline_taps(u: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Indices and weights of the four taps of node grid `k/(n-1)` at positions `u`.
+
+    `u` is clamped to [0, 1]; taps beyond the edge are clamped to it.
+    """
+    t = u.clamp(0.0, 1.0) * (n - 1)
+    base = torch.floor(t).clamp(max=n - 1)
+    frac = t - base
+    base = base.long()
+    idx = [(base + off).clamp(0, n - 1) for off in (-1, 0, 1, 2)]
+    return idx, cubic_weights(frac)
+
+
+def spline_eval(coef: torch.Tensor, args: list[torch.Tensor]) -> torch.Tensor:
+    """Evaluate a 1-D or 2-D cubic-convolution spline with coefficients `coef` at `args`."""
+    if coef.dim() == 1:
+        idx, w = spline_taps(args[0], coef.shape[0])
+        return sum(wi * coef[ii] for ii, wi in zip(idx, w))
+    (iu, wu), (iv, wv) = (spline_taps(a, n) for a, n in zip(args, coef.shape))
+    out = 0
+    for ia, wa in zip(iu, wu):
+        row = sum(wb * coef[ia, ib] for ib, wb in zip(iv, wv))
+        out = out + wa * row
+    return out
