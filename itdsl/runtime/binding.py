@@ -106,9 +106,10 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         if d.kind is DomainKind.POINTS and d.name in need_coords and d.name not in coords:
             raise InputError(f"operator `{op.name}` needs the coordinates of `{d.name}`: pass "
                              f"`{d.name}=` a tensor [..., n, {d.dim}]")
-    # Every domain the output or an integral ranges over needs a size.
+    # Every domain the output or an integral ranges over needs a size (gauss has its nodes).
     ranged = {op.output.domain} | {n.domain for n in ir.walk(op.output.body)
-                                   if isinstance(n, ir.Integral)}
+                                   if isinstance(n, ir.Integral)
+                                   and n.quad.rule is not ir.QuadRule.GAUSS}
     for name in sorted(ranged):
         if name not in sizes:
             d = op.domain(name)

@@ -281,8 +281,10 @@ def _weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
 
 
 def _montecarlo_weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
-    """Weights `count_j / (S p_j)` of S indices drawn with replacement (shared by every
-    integral of the call over the same domain and rule, so ratios are self-normalised)."""
+    """Weights `mu_j count_j / (S p_j)` of S indices drawn with replacement, `mu` the measure of
+    the domain (1/m on `points`, whose default rule is `mean`; 1 on `index`): an unbiased
+    estimate of what the default rule computes. The draws are shared by every integral of
+    the call over the same domain and rule, so a ratio of two is self-normalised."""
     q, m = e.quad, var.n
     key = (e.domain, q.samples, q.importance)
     if key in ctx.draws:
@@ -292,7 +294,7 @@ def _montecarlo_weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
     if q.importance is None:
         idx = torch.randint(m, (S,), generator=ctx.generator, device=dev)
         counts = torch.bincount(idx, minlength=m).to(dt)
-        w = (counts * (m / S)).reshape(-1, 1)
+        w = (counts * (m / S)).reshape(-1, 1)  # count_j / (S p_j) with p_j = 1/m
     else:
         with torch.no_grad():
             imp = _eval(q.importance, ctx)  # [*B, 1, m, 1] (batch dims if it reads fields)
@@ -311,6 +313,8 @@ def _montecarlo_weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
             w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(dt).tiny)),
                             torch.zeros_like(p))
             w = w.reshape(*lead, 1, m, 1)
+    if var.domain.kind is DomainKind.POINTS:
+        w = w / m  # the measure of `points` is the mean (its default rule); of `index`, the sum
     ctx.draws[key] = w
     return w
 

@@ -1,0 +1,91 @@
+"""Calling an operator wrongly gives an itdsl error naming the input, expected and actual."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import itdsl
+from itdsl.errors import InputError, ItdslError
+from util import EXAMPLES, ROOT
+
+
+@pytest.fixture(scope="module")
+def gauss():
+    return itdsl.compile_file(EXAMPLES / "gauss.it")["gauss_smooth"]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3)), "missing the input `b`"),
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.rand(4, 8)),
+     "input `b` should have shape [..., n, 16]"),
+    (dict(X=torch.rand(5, 2), Y=torch.rand(4, 3), b=torch.rand(4, 16)),
+     "`X` should have shape [..., n, 3]"),
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.rand(6, 16)),
+     "input `b` has 6 points of `Y`, but `Y` has 4"),
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.rand(4, 16, dtype=torch.float64)),
+     "`b` has dtype torch.float64 but `X` has torch.float32"),
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.ones(4, 16, dtype=torch.int64)),
+     "`b` has dtype torch.int64"),
+    (dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.rand(4, 16), c=1),
+     "unexpected argument `c`"),
+    (dict(Y=torch.rand(4, 3), b=torch.rand(4, 16)), "needs the coordinates of `X`"),
+    (dict(X=torch.rand(2, 5, 3), Y=torch.rand(4, 3), b=torch.rand(3, 4, 16)),
+     "batch) dimensions do not broadcast"),
+    (dict(X=[[0.0, 0.0, 0.0]], Y=torch.rand(4, 3), b=torch.rand(4, 16)), "got list"),
+])
+def test_bad_calls(gauss, kwargs, needle):
+    with pytest.raises(InputError) as e:
+        gauss(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_output_only_domain_needs_its_size():
+    op = itdsl.compile_file(EXAMPLES / "inn_linear.it")["integral_linear"]
+    with pytest.raises(InputError, match="number of points of `U` is unknown.*`U=24`"):
+        op(f=torch.rand(8))
+    with pytest.raises(InputError, match="pass its number of points as an int"):
+        op(f=torch.rand(8), U=torch.rand(3))
+    with pytest.raises(InputError, match="at least 2 points"):
+        op(f=torch.rand(8), U=1)
+
+
+def test_unknown_operator_and_target():
+    prog = itdsl.compile_file(EXAMPLES / "gauss.it")
+    with pytest.raises(ItdslError, match="no operator named `gaus`.*"):
+        prog["gaus"]
+    with pytest.raises(ItdslError, match="unknown target `tpu`"):
+        itdsl.compile_file(EXAMPLES / "gauss.it", target="tpu")
+    with pytest.raises(ItdslError, match="unknown strategy"):
+        itdsl.compile_file(EXAMPLES / "gauss.it", strategy="fft")
+
+
+def test_missing_file_is_an_itdsl_error(tmp_path):
+    with pytest.raises(ItdslError, match="cannot read"):
+        itdsl.compile_file(tmp_path / "nope.it")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "itdsl", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_check_explain_and_emit():
+    r = run_cli("check", *sorted(str(p) for p in EXAMPLES.glob("*.it")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(": ok (") == 7
+    r = run_cli("explain", str(EXAMPLES / "attention.it"), "--op", "causal_attention")
+    assert r.returncode == 0 and "operator causal_attention" in r.stdout
+    assert "strategy:" in r.stdout
+    r = run_cli("compile", str(EXAMPLES / "ema.it"), "--emit", "ir")
+    assert r.returncode == 0 and "output g(t: T) : R^16 =" in r.stdout
+    r = run_cli("compile", str(EXAMPLES / "ema.it"), "--emit", "it")
+    assert r.returncode == 0 and r.stdout.startswith("operator ema {")
+    r = run_cli("compile", str(EXAMPLES / "ema.it"), "--emit", "ast")
+    assert r.returncode == 0 and "KernelDecl @" in r.stdout
+    r = run_cli("explain", str(EXAMPLES / "attention.it"), "--op", "nope")
+    assert r.returncode == 1 and "no operator named `nope`" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,39 @@
+"""Helpers shared by the tests (one copy only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def gradcheck_op(op: torch.nn.Module, inputs: dict, params: bool = True, **kw) -> bool:
+    """`torch.autograd.gradcheck` of `op(**inputs)` with respect to every floating input
+    tensor and (if `params`) every parameter of `op`. Everything must be float64."""
+    tensor_names = [k for k, v in inputs.items()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    rest = {k: v for k, v in inputs.items() if k not in tensor_names}
+    pnames = [n for n, _ in op.named_parameters()] if params else []
+    ptensors = [p.detach().clone().requires_grad_(True) for _, p in op.named_parameters()]
+    ptensors = ptensors if params else []
+    leaves = [inputs[k].detach().clone().requires_grad_(True) for k in tensor_names] + ptensors
+
+    def f(*ts):
+        kwargs = dict(zip(tensor_names, ts[:len(tensor_names)]), **rest)
+        if not pnames:
+            return op(**kwargs)
+        return functional_call(op, dict(zip(pnames, ts[len(tensor_names):])), kwargs=kwargs)
+
+    return torch.autograd.gradcheck(f, leaves, **kw)
+
+
+def grads(fn, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of `sum(fn() * fixed random cotangent)` with respect to `leaves`."""
+    out = fn()
+    g = torch.Generator().manual_seed(1234)
+    cot = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return list(torch.autograd.grad((out * cot).sum(), leaves, allow_unused=True))
