@@ -31,6 +31,7 @@ class Bound:
     batch: torch.Size
     dtype: torch.dtype
     device: torch.device
+    shapes: dict[str, torch.Size]  # every tensor argument's shape as given
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -142,4 +143,5 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         shown = ", ".join(f"`{n}` {list(b)}" for n, b in batches)
         raise InputError(f"the leading (batch) dimensions do not broadcast: {shown}") from None
     return Bound(sizes={k: v[0] for k, v in sizes.items()}, coords=coords, fields=fields,
-                 batch=batch, dtype=dtype, device=device)
+                 batch=batch, dtype=dtype, device=device,
+                 shapes={name: t.shape for name, t in tensors})

@@ -69,40 +69,85 @@ def register_params(module: nn.Module, op: ir.Operator) -> None:
             module.add_module(p.name, value)
 
 
-def cubic_weights(frac: torch.Tensor) -> list[torch.Tensor]:
-    """Cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for a fraction in [0, 1]."""
+def cubic_weights(frac: torch.Tensor, deriv: int = 0) -> list[torch.Tensor]:
+    """Cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for a fraction in [0, 1]
+    (`deriv=1`: their derivatives with respect to the fraction)."""
     a = CUBIC_A
+    if deriv == 0:
+        def near(d):  # |d| <= 1
+            return ((a + 2) * d - (a + 3)) * d * d + 1
 
-    def near(d):  # |d| <= 1
-        return ((a + 2) * d - (a + 3)) * d * d + 1
+        def far(d):  # 1 < |d| < 2
+            return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
 
-    def far(d):  # 1 < |d| < 2
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return [far(1 + frac), near(frac), near(1 - frac), far(2 - frac)]
 
-    return [far(1 + frac), near(frac), near(1 - frac), far(2 - frac)]
+    def dnear(d):
+        return (3 * (a + 2) * d - 2 * (a + 3)) * d
+
+    def dfar(d):
+        return (3 * a * d - 10 * a) * d + 8 * a
+
+    return [dfar(1 + frac), dnear(frac), -dnear(1 - frac), -dfar(2 - frac)]
 
 
-def spline_taps(u: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def spline_taps(u: torch.Tensor, n: int, deriv: int = 0
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Indices and weights of the four taps of node grid `k/(n-1)` at positions `u`.
 
-    `u` is clamped to [0, 1]; taps beyond the edge are clamped to it.
+    `u` is clamped to [0, 1]; taps beyond the edge are clamped to it. With `deriv=1` the
+    weights are d/du of the interpolation weights (0 outside [0, 1], where u is clamped).
     """
     t = u.clamp(0.0, 1.0) * (n - 1)
     base = torch.floor(t).clamp(max=n - 1)
     frac = t - base
     base = base.long()
     idx = [(base + off).clamp(0, n - 1) for off in (-1, 0, 1, 2)]
-    return idx, cubic_weights(frac)
+    w = cubic_weights(frac, deriv)
+    if deriv:
+        inside = ((u >= 0) & (u <= 1)).to(u.dtype) * (n - 1)
+        w = [wi * inside for wi in w]
+    return idx, w
 
 
-def spline_eval(coef: torch.Tensor, args: list[torch.Tensor]) -> torch.Tensor:
-    """Evaluate a 1-D or 2-D cubic-convolution spline with coefficients `coef` at `args`."""
+def spline_eval(coef: torch.Tensor, args: list[torch.Tensor],
+                deriv: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Evaluate a 1-D or 2-D cubic-convolution spline with coefficients `coef` at `args`
+    (or the partial derivative given by `deriv`, one order per argument)."""
+    deriv = deriv or (0,) * len(args)
     if coef.dim() == 1:
-        idx, w = spline_taps(args[0], coef.shape[0])
+        idx, w = spline_taps(args[0], coef.shape[0], deriv[0])
         return sum(wi * coef[ii] for ii, wi in zip(idx, w))
-    (iu, wu), (iv, wv) = (spline_taps(a, n) for a, n in zip(args, coef.shape))
+    (iu, wu), (iv, wv) = (spline_taps(a, n, d) for a, n, d in zip(args, coef.shape, deriv))
     out = 0
     for ia, wa in zip(iu, wu):
         row = sum(wb * coef[ia, ib] for ib, wb in zip(iv, wv))
         out = out + wa * row
     return out
+
+
+def spline_adjoint(c: torch.Tensor, args: list[torch.Tensor], shape: tuple[int, ...],
+                   deriv: tuple[int, ...], groups: int, group: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The coefficient gradient of `spline_eval`: `c` scattered onto the taps.
+
+    All tensors broadcast together; `group` (same broadcast shape, values < `groups`) says
+    which of `groups` separate accumulators each entry goes to. Returns [groups, *shape].
+    """
+    taps = [spline_taps(a, n, d) for a, n, d in zip(args, shape, deriv)]
+    size = math.prod(shape)
+    out = c.new_zeros(groups * size)
+    if len(shape) == 1:
+        combos = [([i], [w]) for i, w in zip(*taps[0])]
+    else:
+        combos = [([ia, ib], [wa, wb]) for ia, wa in zip(*taps[0]) for ib, wb in zip(*taps[1])]
+    for idx, ws in combos:
+        flat = idx[0] if len(idx) == 1 else idx[0] * shape[1] + idx[1]
+        val = c
+        for w in ws:
+            val = val * w
+        g = 0 if group is None else group
+        target = flat + g * size
+        val, target = torch.broadcast_tensors(val, target)
+        out.index_add_(0, target.reshape(-1), val.reshape(-1))
+    return out.reshape(groups, *shape)

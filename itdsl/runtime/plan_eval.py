@@ -1,0 +1,406 @@
+"""A small evaluator of Plans in PyTorch: the Plans are tested with it before (and
+besides) any compiled code.
+
+Every value is laid out `[*batch, X, Y, *shape]` (a scalar has shape `(1,)`): X runs
+over a chunk of the output's points, Y over an integral's points; a value that does
+not depend on one has size 1 there. Pair steps are evaluated one chunk of x at a time
+and reduced at once, so no N x M tensor of the whole problem is ever formed: the
+structure the compiled code will have, checked in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..frontend import ir
+from ..frontend.ast import DomainKind
+from ..symbolic.pexpr import Node, toposort
+from ..symbolic.plan import Plan, Program, Step
+from .binding import Bound
+from .params import spline_adjoint, spline_eval
+from .reference import gauss_legendre, grid_points, grid_weights
+
+_UNARY = {"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+          "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
+          "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": F.gelu, "softplus": F.softplus,
+          "sign": torch.sign, "erf": torch.erf}
+_BINARY = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow,
+           "min": torch.minimum, "max": torch.maximum}
+_CMP = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq,
+        "!=": torch.ne}
+
+
+def _ts(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape if shape else (1,)
+
+
+class _Side:
+    """The points of one side: coordinates `[*B?, n, D]`, weights `[*B?, n]`, count."""
+
+    def __init__(self, n: int, coords: torch.Tensor | None, weights: torch.Tensor | None):
+        self.n, self.coords, self.weights = n, coords, weights
+
+
+class PlanEvaluator:
+    def __init__(self, plan: Plan, module: torch.nn.Module, bound: Bound,
+                 generator: torch.Generator | None = None, chunk: int = 64):
+        self.plan, self.module, self.bound = plan, module, bound
+        self.dtype, self.device = bound.dtype, bound.device
+        self.chunk = chunk
+        self.env: dict[str, torch.Tensor] = {}
+        self.special: set[str] = set()  # steps stored as [n, *shape], batch summed
+        self.sides: dict[str, _Side] = {}
+        draws: dict[tuple, torch.Tensor] = {}
+        for side, sp in plan.spaces.items():
+            self.sides[side] = self._side(sp, draws, generator)
+
+    # ---- the points of each side ---------------------------------------------------------
+    def _t(self, x) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=self.dtype, device=self.device)
+
+    def _side(self, sp, draws, generator) -> _Side:
+        d = self.plan.op.domain(sp.domain)
+        q = sp.quad
+        if q is not None and q.rule is ir.QuadRule.GAUSS:
+            nodes, w = gauss_legendre(q.n, d.lo, d.hi)
+            return _Side(q.n, self._t(nodes).reshape(-1, 1), self._t(w))
+        n = self.bound.sizes[d.name]
+        if d.kind is DomainKind.POINTS:
+            coords = self.bound.coords.get(d.name)
+            coords = None if coords is None else coords.to(self.dtype)
+        elif d.kind is DomainKind.GRID:
+            coords = self._t(grid_points(d, n)).reshape(-1, 1)
+        else:
+            coords = torch.arange(n, dtype=self.dtype, device=self.device).reshape(-1, 1)
+        side = _Side(n, coords, None)
+        if q is None:
+            return side
+        if q.rule is ir.QuadRule.SUM:
+            w = torch.ones(n, dtype=self.dtype, device=self.device)
+        elif q.rule is ir.QuadRule.MEAN:
+            w = torch.full((n,), 1.0 / n, dtype=self.dtype, device=self.device)
+        elif q.rule is ir.QuadRule.WEIGHTS:
+            w = self.bound.fields[q.weights][..., 0]
+        elif q.rule is ir.QuadRule.MONTECARLO:
+            key = (d.name, q.samples, sp.importance)
+            if key not in draws:
+                draws[key] = self._draw(sp, side, d, generator)
+            w = draws[key]
+        else:
+            w = self._t(grid_weights(q.rule, d.lo, d.hi, n))
+        side.weights = w
+        return side
+
+    def _draw(self, sp, side: _Side, d: ir.Domain, generator) -> torch.Tensor:
+        """Montecarlo weights `mu_j count_j / (S p_j)` (see docs/language.md)."""
+        S, m = sp.quad.samples, side.n
+        if sp.importance is None:
+            idx = torch.randint(m, (S,), generator=generator, device=self.device)
+            w = torch.bincount(idx, minlength=m).to(self.dtype) * (m / S)
+        else:
+            self.sides[sp.side] = side
+            with torch.no_grad():
+                imp = self.eval_level(sp.importance, sp.side)  # [*B?, 1, m, 1]
+            lead = imp.shape[:-3]
+            p = imp.expand(*lead, 1, m, 1).reshape(-1, m)
+            if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+                raise InputError(f"the importance of an integral over `{d.name}` must be "
+                                 "finite and >= 0 at every point", sp.quad.span)
+            total = p.sum(-1, keepdim=True)
+            if bool((total <= 0).any()):
+                raise InputError(f"the importance of an integral over `{d.name}` is 0 at every "
+                                 "point: nothing can be sampled", sp.quad.span)
+            p = p / total
+            idx = torch.multinomial(p, S, replacement=True, generator=generator)
+            counts = torch.zeros_like(p).scatter_add_(-1, idx, torch.ones_like(idx,
+                                                                               dtype=self.dtype))
+            w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(self.dtype).tiny)),
+                            torch.zeros_like(p)).reshape(*lead, m)
+        if d.kind is DomainKind.POINTS:
+            w = w / m
+        return w
+
+    # ---- leaves -----------------------------------------------------------------------------
+    def _place(self, t: torch.Tensor, side: str | None, shape, rows: slice | None) -> torch.Tensor:
+        """A compact tensor `[*B, n, *ts]` of `side` placed into the pair layout."""
+        nts = len(_ts(shape))
+        if side is None:
+            return t
+        if side == "x":
+            if rows is not None:
+                t = t.narrow(t.dim() - nts - 1, rows.start, rows.stop - rows.start)
+            return t.unsqueeze(-nts - 1)
+        return t.unsqueeze(-nts - 2)
+
+    def _leaf(self, n: Node, rows: slice | None) -> torch.Tensor:
+        op = n.op
+        if op == "const":
+            return self._t([n.attrs[0]])
+        if op == "zeros":
+            return torch.zeros(_ts(n.shape), dtype=self.dtype, device=self.device)
+        if op == "param":
+            p = self.module.get_parameter(n.attrs[0]).to(self.dtype)
+            return p.reshape(_ts(n.shape))
+        if op in ("ref", "cot"):
+            name, side = n.attrs
+            return self._place(self.env[name], side, n.shape, rows)
+        side = n.attrs[-1]
+        s = self.sides[side]
+        if op == "coord":
+            if s.coords is None:
+                raise InputError(f"the coordinates of `{self.plan.spaces[side].domain}` are "
+                                 "needed")
+            return self._place(s.coords, side, n.shape, rows)
+        if op == "field":
+            return self._place(self.bound.fields[n.attrs[0]], side, n.shape, rows)
+        if op == "weight":
+            return self._place(s.weights.unsqueeze(-1), side, n.shape, rows)
+        raise TypeError(op)  # pragma: no cover
+
+    # ---- expressions --------------------------------------------------------------------------
+    def eval_nodes(self, roots: list[Node], rows: slice | None) -> dict[Node, torch.Tensor]:
+        vals: dict[Node, torch.Tensor] = {}
+        for n in toposort(roots):
+            if n.op != "ref" and self._special(n):
+                continue  # outer products, spline adjoints: only inside reductions (`_matrix`)
+            vals[n] = self._node(n, [vals.get(a) for a in n.args], rows)
+        return vals
+
+    def _node(self, n: Node, a: list, rows) -> torch.Tensor:
+        op = n.op
+        if not n.args or op == "zeros":
+            return self._leaf(n, rows)
+        if op in _UNARY:
+            return _UNARY[op](a[0])
+        if op in _BINARY:
+            return _BINARY[op](a[0], a[1])
+        if op in _CMP:
+            return _CMP[op](a[0], a[1]).to(self.dtype)
+        if op == "and":
+            return a[0] * a[1]
+        if op == "or":
+            return torch.maximum(a[0], a[1])
+        if op == "where":
+            return torch.where(a[0] != 0, a[1], a[2])
+        if op == "dot":
+            return (a[0] * a[1]).sum(-1, keepdim=True)
+        if op == "sum":
+            return a[0].sum(-1, keepdim=True)
+        if op == "bcast":
+            return a[0].expand(*a[0].shape[:-1], n.shape[0])
+        if op == "component":
+            i = n.attrs[0]
+            return a[0][..., i:i + 1]
+        if op == "onehot":
+            i, w = n.attrs
+            return F.pad(a[0], (i, w - i - 1))
+        if op == "slice":
+            lo, hi = n.attrs
+            return a[0][..., lo:hi]
+        if op == "concat":
+            lead = torch.broadcast_shapes(*(t.shape[:-1] for t in a))
+            return torch.cat([t.expand(*lead, t.shape[-1]) for t in a], dim=-1)
+        if op == "linear":
+            col, k, tr = n.attrs
+            W = a[0][:, col:col + k]
+            return a[1] @ W if tr else a[1] @ W.T
+        if op == "spline":
+            C, *us = a
+            lead = torch.broadcast_shapes(*(u.shape for u in us))
+            return spline_eval(C, [u.expand(lead) for u in us], n.attrs[0])
+        raise TypeError(f"cannot evaluate {op}")  # pragma: no cover
+
+    def eval_level(self, expr: Node, side: str | None) -> torch.Tensor:
+        """`expr` at one side's points (or per call): `[*B, X, Y, *ts]` with one axis of size 1
+        (per call: just `[*ts]`)."""
+        v = self.eval_nodes([expr], None)[expr]
+        if side is not None:
+            while v.dim() < len(_ts(expr.shape)) + 2:
+                v = v.unsqueeze(0)
+        return v
+
+    # ---- reductions ---------------------------------------------------------------------------------
+    def _chunks(self):
+        n = self.sides["x"].n
+        for lo in range(0, n, self.chunk):
+            yield slice(lo, min(n, lo + self.chunk))
+
+    def _matrix(self, expr: Node, vals, keep: str | None, X: int, Y: int) -> torch.Tensor:
+        """Sum of a matrix-valued expression (outer products, spline adjoints, their sums)
+        over every axis but `keep` ("x", "y" or None), as `[K, *shape]`; the pair layout
+        has X x Y points."""
+        if expr.op == "+":
+            return (self._matrix(expr.args[0], vals, keep, X, Y)
+                    + self._matrix(expr.args[1], vals, keep, X, Y))
+        if expr.op == "ref":
+            t = self._place(self.env[expr.attrs[0]], expr.attrs[1], expr.shape, None)
+            return self._keep(t, keep, len(_ts(expr.shape)), X, Y)
+        if expr.op == "outer":
+            col, cols = expr.attrs
+            u, v = vals[expr.args[0]], vals[expr.args[1]]
+            lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
+            u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
+            m = self._keep(torch.einsum("...a,...b->...ab", u, v), keep, 2, X, Y)
+            return F.pad(m, (col, cols - col - v.shape[-1]))
+        if expr.op == "spline_adj":
+            shape, deriv = expr.attrs
+            c, *us = (vals[a] for a in expr.args)
+            lead = torch.broadcast_shapes(c.shape, *(u.shape for u in us))
+            lead = (*lead[:-3], X, Y, 1)
+            c, us = c.expand(lead), [u.expand(lead) for u in us]
+            ax = {"x": len(lead) - 3, "y": len(lead) - 2}.get(keep)
+            if ax is None:
+                return spline_adjoint(c, us, shape, deriv, 1, None)
+            group = torch.arange(lead[ax], device=self.device).reshape(
+                [-1 if i == ax else 1 for i in range(len(lead))])
+            return spline_adjoint(c, us, shape, deriv, lead[ax], group)
+        raise TypeError(f"cannot reduce {expr.op}")  # pragma: no cover
+
+    def _keep(self, t: torch.Tensor, keep: str | None, nts: int, X: int, Y: int) -> torch.Tensor:
+        """Sum `[*B, X, Y, *ts]` over everything but the `keep` axis: `[K, *ts]`."""
+        t = t.expand(*t.shape[:-nts - 2], X, Y, *t.shape[-nts:])
+        if keep is None:
+            return t.sum(dim=tuple(range(t.dim() - nts))).unsqueeze(0)
+        t = t.sum(dim=-nts - 1 if keep == "x" else -nts - 2)  # [*B, K, *ts]
+        return t.reshape(-1, *t.shape[-nts - 1:]).sum(0)
+
+    def _special(self, e: Node) -> bool:
+        """Outer products and spline adjoints (and sums of them) are reduced by `_matrix`."""
+        if e.op in ("outer", "spline_adj"):
+            return True
+        if e.op == "+":
+            return all(self._special(a) for a in e.args)
+        return e.op == "ref" and e.attrs[0] in self.special
+
+    def run_step(self, st: Step) -> torch.Tensor:
+        if st.kind in ("point", "const"):
+            v = self.eval_level(st.expr, st.side)
+            if st.side is None:
+                return v.reshape(_ts(st.shape)) if v.dim() <= len(_ts(st.shape)) else v
+            nts = len(_ts(st.shape))
+            v = v.squeeze(-nts - 1) if st.side == "x" else v.squeeze(-nts - 2)
+            return self._full(v, st.side, nts)
+        if st.kind == "total":
+            if self._special(st.expr):
+                return self._matrix_total(st)
+            v = self.eval_level(st.expr, st.over)
+            nts = len(_ts(st.shape))
+            v = v.expand(*v.shape[:-nts - 2], *self._pt(st.over, v, nts), *_ts(st.shape))
+            return v.sum(dim=tuple(range(v.dim() - nts))).reshape(_ts(st.shape))
+        if st.kind == "max":
+            parts = []
+            for rows in self._chunks():
+                vals = self.eval_nodes([st.expr, st.mask], rows)
+                s, mask = vals[st.expr], vals[st.mask]
+                s, mask = torch.broadcast_tensors(s, mask)
+                s = torch.where(mask != 0, s, torch.full_like(s, -math.inf))
+                s = s.expand(*s.shape[:-3], rows.stop - rows.start, self.sides[st.over].n, 1)
+                parts.append(s.amax(dim=-2))
+            m = torch.cat(parts, dim=-2)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            return self._full(m, "x", 1)
+        return self._pair_sum(st)
+
+    def _pt(self, side: str, v: torch.Tensor, nts: int) -> tuple[int, int]:
+        n = self.sides[side].n
+        return (n, 1) if side == "x" else (1, n)
+
+    def _full(self, v: torch.Tensor, side: str, nts: int) -> torch.Tensor:
+        """Expand a compact `[*B?, n?, *ts]` to `[*batch, n, *ts]`."""
+        n = self.sides[side].n
+        ts = v.shape[-nts:]
+        lead = torch.broadcast_shapes(v.shape[:-nts - 1], self.bound.batch)
+        return v.expand(*lead, n, *ts)
+
+    def _matrix_total(self, st: Step) -> torch.Tensor:
+        vals = self.eval_nodes([st.expr], None)
+        n = self.sides[st.over].n
+        X, Y = (n, 1) if st.over == "x" else (1, n)
+        return self._matrix(st.expr, vals, None, X, Y)[0]
+
+    def _pair_sum(self, st: Step) -> torch.Tensor:
+        ts = _ts(st.shape)
+        nts = len(ts)
+        matrix = self._special(st.expr)
+        if matrix:
+            self.special.add(st.name)
+        over_y = st.side == "x"
+        ny = self.sides[st.over if over_y else st.side].n
+        acc = None
+        parts = []
+        for rows in self._chunks():
+            vals = self.eval_nodes([st.expr], rows)
+            if matrix:
+                m = self._matrix(st.expr, vals, "x" if over_y else "y", rows.stop - rows.start,
+                                 ny)
+                if over_y:
+                    parts.append(m)
+                else:
+                    acc = m if acc is None else acc + m
+                continue
+            v = vals[st.expr]
+            v = v.expand(*v.shape[:-nts - 2], rows.stop - rows.start, ny, *ts)
+            if over_y:
+                parts.append(v.sum(dim=-nts - 1))
+            else:
+                s = v.sum(dim=-nts - 2)
+                acc = s if acc is None else acc + s
+        if matrix:
+            out = torch.cat(parts, dim=0) if over_y else acc
+            return out
+        out = torch.cat(parts, dim=-nts - 1) if over_y else acc
+        return self._full(out, st.side, nts)
+
+    def run(self, prog: Program) -> None:
+        for st in prog.steps:
+            self.env[st.name] = self.run_step(st)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient to the shape of the input it belongs to."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    for i, (a, b) in enumerate(zip(t.shape, shape)):
+        if a != b and b == 1:
+            t = t.sum(i, keepdim=True)
+    return t
+
+
+def evaluate_plan(plan: Plan, module: torch.nn.Module, bound: Bound, generator=None,
+                  chunk: int = 64) -> tuple[torch.Tensor, PlanEvaluator]:
+    """Run the forward program; return the output and the evaluator (for the backward)."""
+    ev = PlanEvaluator(plan, module, bound, generator, chunk)
+    ev.run(plan.forward)
+    out = ev.env["out"]
+    if plan.out_shape == ():
+        out = out[..., 0]
+    return out, ev
+
+
+def evaluate_backward(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the backward program for cotangent `dout`; gradients by key ("input:b", ...)."""
+    if plan.out_shape == ():
+        dout = dout.unsqueeze(-1)
+    ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
+    ev.run(plan.backward)
+    grads = {}
+    for key, names in plan.backward.outputs.items():
+        total = None
+        for name in names:
+            t = ev.env[name]
+            total = t if total is None else total + t
+        kind, name = key.split(":", 1)
+        if kind == "param":
+            total = total.reshape(ev.module.get_parameter(name).shape)
+        else:
+            shape = ev.bound.shapes[name]
+            if kind == "input" and plan.op.input(name).width is None:
+                total = total[..., 0]
+            total = _sum_to(total, shape)
+        grads[key] = total
+    return grads

@@ -1,0 +1,437 @@
+"""Plan expressions: the small tensor-expression language of Plans.
+
+A `Node` is immutable and hash-consed (built through `node()`, so two equal
+expressions are the same object): sharing is structural, which is common-
+subexpression elimination for free, and equality/hashing cost O(1).
+
+Every node has a `shape` (`()` scalar, `(C,)` vector, `(R, C)` matrix) and the
+set `deps` of the sides it depends on: "x" (the output's points), "y0", "y1", ...
+(the points of an integral's space) — this labelling is what hoisting reads.
+
+ops (attrs in brackets):
+    const [value]                         a number
+    coord [side]                          the coordinate of the side's point
+    field [name, side]                    an input field at the side's point
+    weight [side]                         the quadrature weight of the side's point
+    param [name]                          a learnable tensor (R, R^C, mlp weights, spline coefficients)
+    ref [name, side]                      the result of an earlier step of the program
+    cot [name, side]                      a cotangent fed to a backward program
+    <Fn>                                  elementwise (scalars broadcast): the ir.Fn names plus
+                                          sign, erf, where(cond, a, b)
+    dot(a, b), sum(a)                     channel reductions -> scalar
+    component(a) [i]                      a[i]
+    onehot(s) [i, width]                  the vector with s at i, 0 elsewhere
+    concat(a, b, ...), slice(a) [lo, hi]
+    linear(W, a) [col, transpose]         W[:, col:col+len(a)] @ a   (transpose: W[:, col:...].T @ a)
+    outer(a, b) [col, cols]               a (x) b placed at columns col.. of a matrix with `cols` columns
+    spline(C, u, ...) [deriv]             cubic-convolution spline of coefficients C (or a partial)
+    spline_adj(c, u, ...) [shape, deriv]  the adjoint: c scattered onto the taps of a spline grid
+    bcast(s) / zeros                      a scalar broadcast to the node's shape / a zero tensor
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Iterable
+
+ELEMENTWISE = {
+    "neg", "+", "-", "*", "/", "^", "exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid",
+    "relu", "gelu", "softplus", "min", "max", "<", "<=", ">", ">=", "==", "!=", "and", "or",
+    "sign", "erf", "where",
+}
+LEAVES = {"const", "coord", "field", "weight", "param", "ref", "cot"}
+
+
+class Node:
+    __slots__ = ("op", "args", "attrs", "shape", "deps", "_hash", "__weakref__")
+
+    op: str
+    args: tuple["Node", ...]
+    attrs: tuple
+    shape: tuple[int, ...]
+    deps: frozenset[str]
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Node) and self._hash == other._hash
+                                 and self.op == other.op and self.attrs == other.attrs
+                                 and self.shape == other.shape and self.args == other.args)
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self):
+        from .show import show
+        return f"<{show(self)} : {self.shape}>"
+
+    # conveniences for building expressions in Python
+    def __add__(self, o): return add(self, _lift(o))
+    def __radd__(self, o): return add(_lift(o), self)
+    def __sub__(self, o): return sub(self, _lift(o))
+    def __rsub__(self, o): return sub(_lift(o), self)
+    def __mul__(self, o): return mul(self, _lift(o))
+    def __rmul__(self, o): return mul(_lift(o), self)
+    def __truediv__(self, o): return div(self, _lift(o))
+    def __rtruediv__(self, o): return div(_lift(o), self)
+    def __neg__(self): return neg(self)
+
+    @property
+    def is_const(self) -> bool:
+        return self.op == "const"
+
+    @property
+    def value(self) -> float:
+        return self.attrs[0]
+
+
+_INTERN: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+
+
+def node(op: str, args: Iterable[Node] = (), attrs: tuple = (), shape: tuple[int, ...] = (),
+         deps: frozenset[str] | None = None) -> Node:
+    """The one constructor: returns the existing node if an equal one is alive."""
+    args = tuple(args)
+    if deps is None:
+        deps = frozenset().union(*(a.deps for a in args)) if args else frozenset()
+    key = (op, args, attrs, shape)
+    found = _INTERN.get(key)
+    if found is not None:
+        return found
+    n = Node.__new__(Node)
+    n.op, n.args, n.attrs, n.shape, n.deps = op, args, attrs, shape, deps
+    n._hash = hash(key)
+    _INTERN[key] = n
+    return n
+
+
+# ---- leaves ------------------------------------------------------------------------------
+
+
+def const(v: float) -> Node:
+    v = float(v)
+    if v == 0.0:
+        v = 0.0  # one zero, not two
+    return node("const", attrs=(v,))
+
+
+ZERO, ONE = const(0.0), const(1.0)
+
+
+def _lift(v) -> Node:
+    return v if isinstance(v, Node) else const(v)
+
+
+def coord(side: str, shape: tuple[int, ...]) -> Node:
+    return node("coord", attrs=(side,), shape=shape, deps=frozenset({side}))
+
+
+def field(name: str, side: str, shape: tuple[int, ...]) -> Node:
+    return node("field", attrs=(name, side), shape=shape, deps=frozenset({side}))
+
+
+def weight(side: str) -> Node:
+    return node("weight", attrs=(side,), deps=frozenset({side}))
+
+
+def param(name: str, shape: tuple[int, ...]) -> Node:
+    return node("param", attrs=(name,), shape=shape)
+
+
+def ref(name: str, side: str | None, shape: tuple[int, ...]) -> Node:
+    return node("ref", attrs=(name, side), shape=shape,
+                deps=frozenset() if side is None else frozenset({side}))
+
+
+def cot(name: str, side: str | None, shape: tuple[int, ...]) -> Node:
+    return node("cot", attrs=(name, side), shape=shape,
+                deps=frozenset() if side is None else frozenset({side}))
+
+
+# ---- elementwise, with light algebraic folding ----------------------------------------------
+
+
+def _bshape(*args: Node) -> tuple[int, ...]:
+    shapes = {a.shape for a in args if a.shape != ()}
+    if len(shapes) > 1:
+        raise ValueError(f"shapes do not broadcast: {[a.shape for a in args]}")
+    return shapes.pop() if shapes else ()
+
+
+_FOLD = {
+    "neg": lambda a: -a, "+": lambda a, b: a + b, "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b, "exp": math.exp, "sqrt": math.sqrt, "abs": abs,
+}
+
+
+def ew(op: str, *args: Node) -> Node:
+    """An elementwise node (constants folded where exact and safe)."""
+    assert op in ELEMENTWISE, op
+    if all(a.is_const for a in args) and op in _FOLD:
+        try:
+            return const(_FOLD[op](*(a.value for a in args)))
+        except (ValueError, OverflowError):
+            pass
+    return node(op, args, shape=_bshape(*args))
+
+
+def add(a: Node, b: Node) -> Node:
+    shape = _bshape(a, b)
+    if is_zero(a) and b.shape == shape:
+        return b
+    if is_zero(b) and a.shape == shape:
+        return a
+    if a is b:
+        return mul(const(2.0), a)
+    return ew("+", a, b)
+
+
+def sub(a: Node, b: Node) -> Node:
+    if is_zero(b) and a.shape == _bshape(a, b):
+        return a
+    if is_zero(a) and b.shape == _bshape(a, b):
+        return neg(b)
+    return ew("-", a, b)
+
+
+def neg(a: Node) -> Node:
+    if a.op == "neg":
+        return a.args[0]
+    return ew("neg", a)
+
+
+def mul(a: Node, b: Node) -> Node:
+    shape = _bshape(a, b)
+    if is_zero(a) or is_zero(b):
+        return zeros(shape)
+    if a is ONE and b.shape == shape:
+        return b
+    if b is ONE and a.shape == shape:
+        return a
+    if a.is_const and a.value == -1.0 and b.shape == shape:
+        return neg(b)
+    if b.is_const and b.value == -1.0 and a.shape == shape:
+        return neg(a)
+    return ew("*", a, b)
+
+
+def div(a: Node, b: Node) -> Node:
+    if b is ONE and a.shape == _bshape(a, b):
+        return a
+    if is_zero(a) and a.shape == _bshape(a, b):
+        return a
+    return ew("/", a, b)
+
+
+def zeros(shape: tuple[int, ...]) -> Node:
+    """A zero of the given shape (a broadcast scalar zero for vectors)."""
+    return ZERO if shape == () else node("zeros", attrs=(), shape=shape)
+
+
+def is_zero(a: Node) -> bool:
+    return a is ZERO or a.op == "zeros"
+
+
+def where(cond: Node, a: Node, b: Node) -> Node:
+    return node("where", (cond, a, b), shape=_bshape(cond, a, b))
+
+
+# ---- structure ----------------------------------------------------------------------------------
+
+
+def _scalar_factor(a: Node) -> tuple[Node, Node] | None:
+    """(s, v) if `a` is s * v with s a scalar and v a vector."""
+    if a.op == "*" and a.shape != ():
+        u, v = a.args
+        if u.shape == () and v.shape == a.shape:
+            return u, v
+        if v.shape == () and u.shape == a.shape:
+            return v, u
+    return None
+
+
+def dot(a: Node, b: Node) -> Node:
+    if a.shape != b.shape:
+        raise ValueError(f"dot of shapes {a.shape} and {b.shape}")
+    if a.shape == ():
+        return mul(a, b)
+    if is_zero(a) or is_zero(b):
+        return ZERO
+    for x, y in ((a, b), (b, a)):  # (s u).v = s (u.v): a scalar leaves the channel loop
+        sv = _scalar_factor(x)
+        if sv is not None:
+            return mul(sv[0], dot(sv[1], y))
+    if a.op == "bcast":
+        return mul(a.args[0], vsum(b))
+    if b.op == "bcast":
+        return mul(b.args[0], vsum(a))
+    return node("dot", (a, b))
+
+
+def vsum(a: Node) -> Node:
+    if a.shape == ():
+        return a
+    if is_zero(a):
+        return ZERO
+    sv = _scalar_factor(a)
+    if sv is not None:  # sum(s v) = s sum(v)
+        return mul(sv[0], vsum(sv[1]))
+    if a.op == "*" and a.args[0].shape == a.args[1].shape:  # sum(u v) = u.v
+        return dot(*a.args)
+    if a.op == "bcast":
+        return mul(const(float(a.shape[0])), a.args[0])
+    return node("sum", (a,))
+
+
+def component(a: Node, i: int) -> Node:
+    if a.op == "onehot":
+        return a.args[0] if a.attrs[0] == i else ZERO
+    if is_zero(a):
+        return ZERO
+    return node("component", (a,), attrs=(i,))
+
+
+def onehot(s: Node, i: int, width: int) -> Node:
+    if s is ZERO:
+        return zeros((width,))
+    return node("onehot", (s,), attrs=(i, width), shape=(width,))
+
+
+def concat(parts: list[Node]) -> Node:
+    if len(parts) == 1:
+        return parts[0] if parts[0].shape != () else node("concat", tuple(parts), shape=(1,))
+    width = sum(p.shape[0] if p.shape else 1 for p in parts)
+    return node("concat", tuple(parts), shape=(width,))
+
+
+def vslice(a: Node, lo: int, hi: int) -> Node:
+    """a[lo:hi] (a scalar if the slice has one element and `a` was built from scalars)."""
+    if a.op == "concat":
+        off = 0
+        for p in a.args:
+            w = p.shape[0] if p.shape else 1
+            if off == lo and off + w == hi:
+                return p
+            off += w
+    if is_zero(a):
+        return zeros((hi - lo,))
+    return node("slice", (a,), attrs=(lo, hi), shape=(hi - lo,))
+
+
+def linear(W: Node, a: Node, col: int = 0, k: int | None = None, transpose: bool = False) -> Node:
+    """W[:, col:col+k] @ a, or with `transpose` W[:, col:col+k].T @ a (then `k` is required)."""
+    if not transpose:
+        k = a.shape[0] if a.shape else 1
+    out = k if transpose else W.shape[0]
+    if is_zero(a):
+        return zeros((out,))
+    return node("linear", (W, a), attrs=(col, k, transpose), shape=(out,))
+
+
+def outer(a: Node, b: Node, col: int, cols: int) -> Node:
+    rows = a.shape[0] if a.shape else 1
+    return node("outer", (a, b), attrs=(col, cols), shape=(rows, cols))
+
+
+def spline(C: Node, args: list[Node], deriv: tuple[int, ...] | None = None) -> Node:
+    deriv = deriv or (0,) * len(args)
+    return node("spline", (C, *args), attrs=(deriv,))
+
+
+def spline_adj(c: Node, args: list[Node], shape: tuple[int, ...],
+               deriv: tuple[int, ...] | None = None) -> Node:
+    """Cotangent `c` of `spline(C, args)[deriv]` scattered onto the coefficients of C."""
+    deriv = deriv or (0,) * len(args)
+    return node("spline_adj", (c, *args), attrs=(shape, deriv), shape=shape)
+
+
+# ---- traversal -----------------------------------------------------------------------------------
+
+
+def toposort(roots: Iterable[Node]) -> list[Node]:
+    """Every node reachable from `roots`, children before parents (iterative)."""
+    out: list[Node] = []
+    seen: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(r, False) for r in roots]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            out.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        stack.extend((a, False) for a in reversed(n.args) if id(a) not in seen)
+    return out
+
+
+def substitute(roots: list[Node], mapping: dict[Node, Node]) -> list[Node]:
+    """`roots` with every node in `mapping` replaced (bottom-up rebuild)."""
+    memo: dict[Node, Node] = {}
+    for n in toposort(roots):
+        if n in mapping:
+            memo[n] = mapping[n]
+        elif n.args:
+            new_args = tuple(memo[a] for a in n.args)
+            memo[n] = n if all(x is y for x, y in zip(new_args, n.args)) else rebuild(n, new_args)
+        else:
+            memo[n] = n
+    return [memo[r] for r in roots]
+
+
+def rebuild(n: Node, args: tuple[Node, ...]) -> Node:
+    """A node like `n` over new children (re-running the folding rules)."""
+    op = n.op
+    if op in ("+",):
+        return add(*args)
+    if op == "-":
+        return sub(*args)
+    if op == "*":
+        return mul(*args)
+    if op == "/":
+        return div(*args)
+    if op == "neg":
+        return neg(*args)
+    if op == "dot":
+        return dot(*args)
+    if op == "sum":
+        return vsum(*args)
+    if op == "component":
+        return component(args[0], n.attrs[0])
+    if op in ELEMENTWISE:
+        return ew(op, *args)
+    return node(op, args, attrs=n.attrs, shape=n.shape)
+
+
+# ---- cost -------------------------------------------------------------------------------------
+
+
+def _width(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def node_cost(n: Node) -> int:
+    """Arithmetic operations to compute `n` from its children, once."""
+    if n.op in LEAVES or n.op in ("zeros", "concat", "slice", "component", "onehot"):
+        return 0
+    if n.op in ELEMENTWISE:
+        return _width(n.shape)
+    if n.op == "dot":
+        return 2 * _width(n.args[0].shape) - 1
+    if n.op == "sum":
+        return _width(n.args[0].shape) - 1
+    if n.op == "linear":
+        W, a = n.args
+        k = _width(a.shape)
+        return 2 * k * _width(n.shape)
+    if n.op == "outer":
+        return _width(n.shape)
+    if n.op in ("spline", "spline_adj"):
+        return 16 * 3 if len(n.args) == 3 else 4 * 3
+    return 1
+
+
+def cost(roots: Iterable[Node], where=lambda n: True) -> int:
+    """Operations to compute `roots` once, shared subexpressions counted once, restricted to
+    nodes for which `where(node)` holds (e.g. those that depend on both sides)."""
+    return sum(node_cost(n) for n in toposort(roots) if where(n))

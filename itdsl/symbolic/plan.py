@@ -1,0 +1,93 @@
+"""Plans: what lowering consumes.
+
+A `Program` is a list of steps, each computing one named tensor from plan
+expressions (`pexpr`), evaluated in order:
+
+    point  side=s:  t[p]    = expr(p)                     once per point p of side s
+    const:          t       = expr                         once per call (params only)
+    max    side=x over y:  t[i] = max_j {expr(i,j) : mask(i,j) != 0}
+    sum    side=x over y:  t[i] = sum_j expr(i,j)          a pair reduction (an integral)
+           side=y over x:  t[j] = sum_i expr(i,j)          a transposed one (backward)
+    total  over s:  t       = sum_p expr(p)                 (param gradients)
+
+Nothing is N x M: pair expressions are reduced as they are produced. A `Plan`
+holds the forward program and the backward program (every gradient, as more
+steps of these kinds), the spaces the sides range over, and what the analysis
+found (strategy, hoisting, operation counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..frontend import ir
+from .pexpr import Node
+
+
+@dataclass(frozen=True)
+class Space:
+    """The points a side ranges over: the output's (x) or an integral's (y0, y1, ...)."""
+
+    side: str
+    domain: str
+    var: str
+    quad: ir.Quad | None  # None for the output side
+    importance: Node | None = None  # montecarlo(S, importance = ...), over this side
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "const" | "point" | "max" | "sum" | "total"
+    name: str
+    side: str | None  # where the result lives (None: const/total)
+    expr: Node
+    over: str | None = None  # max/sum: the side summed over; total: the side summed
+    mask: Node | None = None  # max: only where mask != 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.expr.shape
+
+
+@dataclass
+class Program:
+    steps: list[Step] = field(default_factory=list)
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # result -> steps to add up
+
+    def add(self, step: Step) -> Node:
+        from .pexpr import ref
+        self.steps.append(step)
+        return ref(step.name, step.side, step.shape)
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+
+@dataclass
+class Hoisted:
+    side: str
+    name: str
+    text: str
+    cost: int
+
+
+@dataclass
+class Plan:
+    op: ir.Operator
+    strategy: str
+    verdict: object  # recognize.Verdict
+    spaces: dict[str, Space]
+    forward: Program
+    backward: Program
+    out_shape: tuple[int, ...]
+    hoisted: list[Hoisted] = field(default_factory=list)
+    pair_ops_before: dict[str, int] = field(default_factory=dict)  # step -> ops per pair
+    pair_ops_after: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def x(self) -> Space:
+        return self.spaces["x"]
+
+    def y_spaces(self) -> list[Space]:
+        return [s for k, s in self.spaces.items() if k != "x"]

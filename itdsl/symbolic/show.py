@@ -1,0 +1,112 @@
+"""Readable text for plan expressions and programs (for `explain` and debugging)."""
+
+from __future__ import annotations
+
+from .pexpr import ELEMENTWISE, Node, toposort
+from .plan import Program
+
+_INFIX = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4, "<": 0, "<=": 0, ">": 0, ">=": 0, "==": 0,
+          "!=": 0, "and": 0, "or": 0}
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.6g}"
+
+
+def show(n: Node, names: dict[Node, str] | None = None) -> str:
+    return _show(n, names or {}, 0)
+
+
+def _show(n: Node, names: dict[Node, str], level: int) -> str:
+    if n in names:
+        return names[n]
+    op, a = n.op, n.args
+    if op == "const":
+        v = n.attrs[0]
+        return _num(v) if v >= 0 else f"({_num(v)})"
+    if op == "coord":
+        return n.attrs[0]
+    if op == "field":
+        return f"{n.attrs[0]}({n.attrs[1]})"
+    if op == "weight":
+        return f"w({n.attrs[0]})"
+    if op == "param":
+        return n.attrs[0]
+    if op in ("ref", "cot"):
+        name, side = n.attrs
+        return name if side is None else f"{name}[{side}]"
+    if op == "zeros":
+        return "0"
+    if op in _INFIX:
+        lv = _INFIX[op]
+        text = f"{_show(a[0], names, lv)} {op} {_show(a[1], names, lv + 1)}"
+        if op in ("<", "<=", ">", ">=", "==", "!=", "and", "or"):
+            return f"[{text}]"
+        return f"({text})" if lv < level else text
+    if op == "neg":
+        return "-" + _show(a[0], names, 3)
+    if op == "component":
+        return f"{_show(a[0], names, 5)}[{n.attrs[0]}]"
+    if op == "linear":
+        col, k, tr = n.attrs
+        W = _show(a[0], names, 5)
+        sl = "" if (col == 0 and k == a[0].shape[1]) else f"[:, {col}:{col + k}]"
+        return f"{W}{sl}{'ᵀ' if tr else ''}·{_show(a[1], names, 5)}"
+    if op == "outer":
+        return f"outer({_show(a[0], names, 0)}, {_show(a[1], names, 0)})"
+    if op == "spline":
+        d = n.attrs[0]
+        mark = "" if not any(d) else "_d" + "".join(map(str, d))
+        return f"{_show(a[0], names, 5)}{mark}(" + ", ".join(_show(x, names, 0) for x in a[1:]) + ")"
+    if op == "spline_adj":
+        return f"spline_adjoint({', '.join(_show(x, names, 0) for x in a)})"
+    if op == "onehot":
+        return f"e{n.attrs[0]}·{_show(a[0], names, 5)}"
+    if op == "slice":
+        return f"{_show(a[0], names, 5)}[{n.attrs[0]}:{n.attrs[1]}]"
+    if op == "bcast":
+        return _show(a[0], names, level)
+    if op in ELEMENTWISE or op in ("dot", "sum", "concat", "where"):
+        return f"{op}(" + ", ".join(_show(x, names, 0) for x in a) + ")"
+    return f"{op}(" + ", ".join(_show(x, names, 0) for x in a) + ")"
+
+
+def show_shared(roots: list[Node], min_uses: int = 2) -> tuple[list[str], list[str]]:
+    """Lines `tK = ...` for subexpressions used more than once, then the roots using them."""
+    uses: dict[Node, int] = {}
+    order = toposort(roots)
+    for n in order:
+        for c in n.args:
+            uses[c] = uses.get(c, 0) + 1
+    names: dict[Node, str] = {}
+    lets = []
+    for n in order:
+        if uses.get(n, 0) >= min_uses and n.args and n.op not in ("bcast",):
+            text = _show(n, names, 0)
+            if len(text) > 12:
+                name = f"t{len(names)}"
+                lets.append(f"{name} = {text}")
+                names[n] = name
+    return lets, [_show(r, names, 0) for r in roots]
+
+
+def show_program(prog: Program, indent: str = "  ") -> str:
+    lines = []
+    for st in prog.steps:
+        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
+        lets, texts = show_shared(roots)
+        for let in lets:
+            lines.append(f"{indent}  {let}")
+        body = texts[0]
+        if st.kind == "point":
+            lines.append(f"{indent}{st.name}[{st.side}] = {body}")
+        elif st.kind == "const":
+            lines.append(f"{indent}{st.name} = {body}")
+        elif st.kind == "max":
+            lines.append(f"{indent}{st.name}[{st.side}] = max over {st.over} of {body} "
+                         f"where {texts[1]}")
+        elif st.kind == "sum":
+            lines.append(f"{indent}{st.name}[{st.side}] = sum over {st.over} of {body}")
+        else:
+            lines.append(f"{indent}{st.name} = sum over {st.over} of {body}")
+    return "\n".join(lines)
