@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .errors import ItdslError, LoweringError
 from .frontend import check, ir, parse, parse_file
-from .frontend.printer import format_ir_operator
 
 TARGETS = ("reference", "cpu", "cuda")
 STRATEGIES = ("attention", "convolution", "recurrence", "lowrank", "matmul", "dense")
@@ -24,7 +23,7 @@ class Program:
         self.ir = checked
         self.target = target
         self.strategy = strategy
-        self._ops: dict[str, object] = {}
+        self._plans: dict[str, object] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -45,20 +44,28 @@ class Program:
                              f"{', '.join(f'`{n}`' for n in self.names)}",
                              hint=did_you_mean(name, self.names)) from None
 
+    def plan(self, name: str):
+        """The Plan of operator `name` (analysed once, on first use)."""
+        op = self._op_ir(name)
+        if name not in self._plans:
+            from .symbolic import analyse
+            self._plans[name] = analyse(op, self.strategy)
+        return self._plans[name]
+
     def __getitem__(self, name: str):
         """A fresh `torch.nn.Module` for operator `name` (it holds its own params)."""
         op = self._op_ir(name)
         if self.target == "reference":
             from .runtime.reference import ReferenceOperator
-            return ReferenceOperator(op, strategy=None)
+            return ReferenceOperator(op, strategy=lambda: self.plan(name).strategy)
         raise LoweringError(f"target `{self.target}` is not available yet: TVM lowering is not "
                             "implemented in this version", hint="use target=\"reference\"")
 
     def explain(self, name: str) -> str:
-        """What the compiler made of operator `name`."""
-        op = self._op_ir(name)
-        return (format_ir_operator(op) +
-                "strategy: not analysed yet (the symbolic layer is not implemented)\n")
+        """What the compiler made of operator `name`: strategy, hoisting, gradients."""
+        from .symbolic.explain import explain
+        plan = self.plan(name)
+        return explain(plan, plan.seconds)
 
     def source(self, name: str, target: str = "cuda") -> str:
         self._op_ir(name)

@@ -69,56 +69,39 @@ def register_params(module: nn.Module, op: ir.Operator) -> None:
             module.add_module(p.name, value)
 
 
-def cubic_weights(frac: torch.Tensor, deriv: int = 0) -> list[torch.Tensor]:
-    """Cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for a fraction in [0, 1]
-    (`deriv=1`: their derivatives with respect to the fraction)."""
+def cubic_weights(frac: torch.Tensor) -> list[torch.Tensor]:
+    """Cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for a fraction in [0, 1]."""
     a = CUBIC_A
-    if deriv == 0:
-        def near(d):  # |d| <= 1
-            return ((a + 2) * d - (a + 3)) * d * d + 1
 
-        def far(d):  # 1 < |d| < 2
-            return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
 
-        return [far(1 + frac), near(frac), near(1 - frac), far(2 - frac)]
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
 
-    def dnear(d):
-        return (3 * (a + 2) * d - 2 * (a + 3)) * d
-
-    def dfar(d):
-        return (3 * a * d - 10 * a) * d + 8 * a
-
-    return [dfar(1 + frac), dnear(frac), -dnear(1 - frac), -dfar(2 - frac)]
+    return [far(1 + frac), near(frac), near(1 - frac), far(2 - frac)]
 
 
-def spline_taps(u: torch.Tensor, n: int, deriv: int = 0
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def spline_taps(u: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Indices and weights of the four taps of node grid `k/(n-1)` at positions `u`.
 
-    `u` is clamped to [0, 1]; taps beyond the edge are clamped to it. With `deriv=1` the
-    weights are d/du of the interpolation weights (0 outside [0, 1], where u is clamped).
+    `u` is clamped to [0, 1]; taps beyond the edge are clamped to it.
     """
     t = u.clamp(0.0, 1.0) * (n - 1)
     base = torch.floor(t).clamp(max=n - 1)
     frac = t - base
     base = base.long()
     idx = [(base + off).clamp(0, n - 1) for off in (-1, 0, 1, 2)]
-    w = cubic_weights(frac, deriv)
-    if deriv:
-        inside = ((u >= 0) & (u <= 1)).to(u.dtype) * (n - 1)
-        w = [wi * inside for wi in w]
-    return idx, w
+    return idx, cubic_weights(frac)
 
 
-def spline_eval(coef: torch.Tensor, args: list[torch.Tensor],
-                deriv: tuple[int, ...] | None = None) -> torch.Tensor:
+def spline_eval(coef: torch.Tensor, args: list[torch.Tensor]) -> torch.Tensor:
     """Evaluate a 1-D or 2-D cubic-convolution spline with coefficients `coef` at `args`
-    (or the partial derivative given by `deriv`, one order per argument)."""
-    deriv = deriv or (0,) * len(args)
+    from its four taps per axis (the reference's way; autograd differentiates it)."""
     if coef.dim() == 1:
-        idx, w = spline_taps(args[0], coef.shape[0], deriv[0])
+        idx, w = spline_taps(args[0], coef.shape[0])
         return sum(wi * coef[ii] for ii, wi in zip(idx, w))
-    (iu, wu), (iv, wv) = (spline_taps(a, n, d) for a, n, d in zip(args, coef.shape, deriv))
+    (iu, wu), (iv, wv) = (spline_taps(a, n) for a, n in zip(args, coef.shape))
     out = 0
     for ia, wa in zip(iu, wu):
         row = sum(wb * coef[ia, ib] for ib, wb in zip(iv, wv))
@@ -126,28 +109,33 @@ def spline_eval(coef: torch.Tensor, args: list[torch.Tensor],
     return out
 
 
-def spline_adjoint(c: torch.Tensor, args: list[torch.Tensor], shape: tuple[int, ...],
-                   deriv: tuple[int, ...], groups: int, group: torch.Tensor | None
-                   ) -> torch.Tensor:
-    """The coefficient gradient of `spline_eval`: `c` scattered onto the taps.
+def keys_basis(u: torch.Tensor, n: int, deriv: int = 0) -> torch.Tensor:
+    """The weights of all n nodes at `u` (`[..., 1]` -> `[..., n]`), in closed form: node p
+    gets W(t - p), and the edge nodes also collect the taps clamped onto them:
+    W(t + 1) for node 0 and W(t - n) for node n - 1, with t = clamp(u, 0, 1) (n - 1).
+    With `deriv=1`, d/du of those weights (0 where u is clamped)."""
+    a = CUBIC_A
+    t = u.clamp(0.0, 1.0) * (n - 1)
+    p = torch.arange(n, dtype=u.dtype, device=u.device)
+    d = t - p
+    extra = torch.zeros_like(d)
+    if n > 0:
+        first = (p == 0).to(u.dtype)
+        last = (p == n - 1).to(u.dtype)
+        extra = first * _keys(t + 1, a, deriv) + last * _keys(t - n, a, deriv)
+    w = _keys(d, a, deriv) + extra
+    if deriv:
+        w = w * (((u >= 0) & (u <= 1)).to(u.dtype) * (n - 1))
+    return w
 
-    All tensors broadcast together; `group` (same broadcast shape, values < `groups`) says
-    which of `groups` separate accumulators each entry goes to. Returns [groups, *shape].
-    """
-    taps = [spline_taps(a, n, d) for a, n, d in zip(args, shape, deriv)]
-    size = math.prod(shape)
-    out = c.new_zeros(groups * size)
-    if len(shape) == 1:
-        combos = [([i], [w]) for i, w in zip(*taps[0])]
+
+def _keys(d: torch.Tensor, a: float, deriv: int) -> torch.Tensor:
+    """The cubic-convolution kernel W(d) (or W'(d)), zero for |d| >= 2."""
+    x = d.abs()
+    if deriv == 0:
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
     else:
-        combos = [([ia, ib], [wa, wb]) for ia, wa in zip(*taps[0]) for ib, wb in zip(*taps[1])]
-    for idx, ws in combos:
-        flat = idx[0] if len(idx) == 1 else idx[0] * shape[1] + idx[1]
-        val = c
-        for w in ws:
-            val = val * w
-        g = 0 if group is None else group
-        target = flat + g * size
-        val, target = torch.broadcast_tensors(val, target)
-        out.index_add_(0, target.reshape(-1), val.reshape(-1))
-    return out.reshape(groups, *shape)
+        near = torch.sign(d) * (3 * (a + 2) * x - 2 * (a + 3)) * x
+        far = torch.sign(d) * ((3 * a * x - 10 * a) * x + 8 * a)
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))

@@ -22,7 +22,7 @@ from ..frontend.ast import DomainKind
 from ..symbolic.pexpr import Node, toposort
 from ..symbolic.plan import Plan, Program, Step
 from .binding import Bound
-from .params import spline_adjoint, spline_eval
+from .params import keys_basis
 from .reference import gauss_legendre, grid_points, grid_weights
 
 _UNARY = {"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
@@ -167,7 +167,7 @@ class PlanEvaluator:
         vals: dict[Node, torch.Tensor] = {}
         for n in toposort(roots):
             if n.op != "ref" and self._special(n):
-                continue  # outer products, spline adjoints: only inside reductions (`_matrix`)
+                continue  # outer products: only inside reductions (`_matrix`)
             vals[n] = self._node(n, [vals.get(a) for a in n.args], rows)
         return vals
 
@@ -209,10 +209,9 @@ class PlanEvaluator:
             col, k, tr = n.attrs
             W = a[0][:, col:col + k]
             return a[1] @ W if tr else a[1] @ W.T
-        if op == "spline":
-            C, *us = a
-            lead = torch.broadcast_shapes(*(u.shape for u in us))
-            return spline_eval(C, [u.expand(lead) for u in us], n.attrs[0])
+        if op == "basis":
+            n_nodes, deriv = n.attrs
+            return keys_basis(a[0], n_nodes, deriv)
         raise TypeError(f"cannot evaluate {op}")  # pragma: no cover
 
     def eval_level(self, expr: Node, side: str | None) -> torch.Tensor:
@@ -231,7 +230,7 @@ class PlanEvaluator:
             yield slice(lo, min(n, lo + self.chunk))
 
     def _matrix(self, expr: Node, vals, keep: str | None, X: int, Y: int) -> torch.Tensor:
-        """Sum of a matrix-valued expression (outer products, spline adjoints, their sums)
+        """Sum of a matrix-valued expression (outer products and their sums)
         over every axis but `keep` ("x", "y" or None), as `[K, *shape]`; the pair layout
         has X x Y points."""
         if expr.op == "+":
@@ -247,18 +246,6 @@ class PlanEvaluator:
             u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
             m = self._keep(torch.einsum("...a,...b->...ab", u, v), keep, 2, X, Y)
             return F.pad(m, (col, cols - col - v.shape[-1]))
-        if expr.op == "spline_adj":
-            shape, deriv = expr.attrs
-            c, *us = (vals[a] for a in expr.args)
-            lead = torch.broadcast_shapes(c.shape, *(u.shape for u in us))
-            lead = (*lead[:-3], X, Y, 1)
-            c, us = c.expand(lead), [u.expand(lead) for u in us]
-            ax = {"x": len(lead) - 3, "y": len(lead) - 2}.get(keep)
-            if ax is None:
-                return spline_adjoint(c, us, shape, deriv, 1, None)
-            group = torch.arange(lead[ax], device=self.device).reshape(
-                [-1 if i == ax else 1 for i in range(len(lead))])
-            return spline_adjoint(c, us, shape, deriv, lead[ax], group)
         raise TypeError(f"cannot reduce {expr.op}")  # pragma: no cover
 
     def _keep(self, t: torch.Tensor, keep: str | None, nts: int, X: int, Y: int) -> torch.Tensor:
@@ -270,8 +257,8 @@ class PlanEvaluator:
         return t.reshape(-1, *t.shape[-nts - 1:]).sum(0)
 
     def _special(self, e: Node) -> bool:
-        """Outer products and spline adjoints (and sums of them) are reduced by `_matrix`."""
-        if e.op in ("outer", "spline_adj"):
+        """Outer products (and sums of them) are reduced by `_matrix`."""
+        if e.op == "outer":
             return True
         if e.op == "+":
             return all(self._special(a) for a in e.args)

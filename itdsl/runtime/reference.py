@@ -100,15 +100,23 @@ class ReferenceOperator(nn.Module):
 
     target = "reference"
 
-    def __init__(self, op: ir.Operator, strategy: str | None = None):
+    def __init__(self, op: ir.Operator, strategy=None):
         super().__init__()
         self.ir = op
-        self.strategy = strategy
+        self._strategy = strategy  # a str, or a callable that analyses on first use
         for name in RESERVED_KEYWORDS:
             if any(d.name == name for d in op.domains) or any(i.name == name for i in op.inputs):
                 raise InputError(f"`{name}` is reserved for the call's random generator; rename "
                                  f"that domain or input of `{op.name}`")
         register_params(self, op)
+
+    @property
+    def strategy(self) -> str | None:
+        """The strategy the symbolic layer recognised (the reference computes by definition
+        whatever it is)."""
+        if callable(self._strategy):
+            self._strategy = self._strategy()
+        return self._strategy
 
     def extra_repr(self) -> str:
         return f"operator={self.ir.name}, target={self.target}"
@@ -161,14 +169,14 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if ctx.overrides and e in ctx.overrides:
         return ctx.overrides[e]
     if isinstance(e, ir.Const):
-        return _const([e.value], ctx)
+        return _const([e.value], ctx).reshape(1, 1, 1)
     if isinstance(e, ir.Coord):
         return _coord(ctx.vars[e.var], ctx)
     if isinstance(e, ir.FieldAt):
         return _place(ctx.bound.fields[e.field], ctx.vars[e.var].axis)
     if isinstance(e, ir.ParamRef):
         p = getattr(ctx.module, e.param)
-        return p.to(ctx.bound.dtype).reshape(-1)
+        return p.to(ctx.bound.dtype).reshape(1, 1, -1)
     if isinstance(e, ir.Op):
         if e.fn is ir.Fn.DIV and all(isinstance(a, ir.Integral) for a in e.args):
             return _ratio(e.args[0], e.args[1], ctx)

@@ -3,7 +3,7 @@
 `vjp` walks the expression DAG from its roots down, accumulating for every node
 the expression of its cotangent. Elementwise partial derivatives come from
 `derivatives` (sympy); the rules below are the tensor structure: dot products,
-components, concatenation, MLP layers, splines. The result is more plan
+components, concatenation, MLP layers, spline bases. The result is more plan
 expressions, sharing subexpressions with the forward ones (hash-consing), so a
 backward pass recomputes what it needs instead of storing pair tensors.
 """
@@ -75,15 +75,11 @@ def _local(n: Node, c: Node) -> list[tuple[Node, Node]]:
                     (W, P.outer(c, _as_vector(a), col, cols))]
         # out = W[:, col:col+k].T @ a
         return [(a, P.linear(W, c, col)), (W, P.outer(a, c, col, cols))]
-    if op == "spline":
-        C, *us = args
-        deriv = n.attrs[0]
-        out = [(C, P.spline_adj(c, us, C.shape, deriv))]
-        for k, u in enumerate(us):
-            d = tuple(v + (1 if i == k else 0) for i, v in enumerate(deriv))
-            out.append((u, P.mul(c, P.spline(C, us, d))))
-        return out
-    return []  # leaves, zeros, outer, spline_adj: not differentiated further
+    if op == "basis":
+        (u,) = args
+        n_nodes, deriv = n.attrs
+        return [(u, P.dot(c, P.basis(u, n_nodes, deriv + 1)))]
+    return []  # leaves, zeros, outer: not differentiated further
 
 
 def _as_vector(a: Node) -> Node:

@@ -104,8 +104,16 @@ class _Lower:
         return P.component(self(e.arg), e.index)
 
     def e_SplineCall(self, e):
+        """A spline as basis weights against its coefficients: basis(u).C in 1-D and
+        basis(u).(C basis(v)) in 2-D: dot products and a matrix-vector product, which
+        hoist, differentiate and lower like everything else."""
         p = self.op.param(e.param)
-        return P.spline(P.param(p.name, tuple(p.sizes)), [self(a) for a in e.args])
+        C = P.param(p.name, tuple(p.sizes))
+        args = [self(a) for a in e.args]
+        bu = P.basis(args[0], p.sizes[0])
+        if len(args) == 1:
+            return P.dot(bu, C)
+        return P.dot(bu, P.linear(C, P.basis(args[1], p.sizes[1])))
 
     def e_MlpCall(self, e):
         p = self.op.param(e.param)

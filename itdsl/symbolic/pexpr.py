@@ -24,8 +24,9 @@ ops (attrs in brackets):
     concat(a, b, ...), slice(a) [lo, hi]
     linear(W, a) [col, transpose]         W[:, col:col+len(a)] @ a   (transpose: W[:, col:...].T @ a)
     outer(a, b) [col, cols]               a (x) b placed at columns col.. of a matrix with `cols` columns
-    spline(C, u, ...) [deriv]             cubic-convolution spline of coefficients C (or a partial)
-    spline_adj(c, u, ...) [shape, deriv]  the adjoint: c scattered onto the taps of a spline grid
+    basis(u) [n, deriv]                   the n cubic-convolution weights of the nodes k/(n-1) at u
+                                          (their derivatives in u if deriv=1): a spline with
+                                          coefficients C is basis(u).C, or basis(u).(C basis(v))
     bcast(s) / zeros                      a scalar broadcast to the node's shape / a zero tensor
 """
 
@@ -332,16 +333,9 @@ def outer(a: Node, b: Node, col: int, cols: int) -> Node:
     return node("outer", (a, b), attrs=(col, cols), shape=(rows, cols))
 
 
-def spline(C: Node, args: list[Node], deriv: tuple[int, ...] | None = None) -> Node:
-    deriv = deriv or (0,) * len(args)
-    return node("spline", (C, *args), attrs=(deriv,))
-
-
-def spline_adj(c: Node, args: list[Node], shape: tuple[int, ...],
-               deriv: tuple[int, ...] | None = None) -> Node:
-    """Cotangent `c` of `spline(C, args)[deriv]` scattered onto the coefficients of C."""
-    deriv = deriv or (0,) * len(args)
-    return node("spline_adj", (c, *args), attrs=(shape, deriv), shape=shape)
+def basis(u: Node, n: int, deriv: int = 0) -> Node:
+    """The interpolation weights of the n spline nodes at scalar u (see docs/language.md)."""
+    return node("basis", (u,), attrs=(n, deriv), shape=(n,))
 
 
 # ---- traversal -----------------------------------------------------------------------------------
@@ -426,8 +420,8 @@ def node_cost(n: Node) -> int:
         return 2 * k * _width(n.shape)
     if n.op == "outer":
         return _width(n.shape)
-    if n.op in ("spline", "spline_adj"):
-        return 16 * 3 if len(n.args) == 3 else 4 * 3
+    if n.op == "basis":
+        return 12 * n.shape[0]
     return 1
 
 

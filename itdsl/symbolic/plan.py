@@ -84,6 +84,7 @@ class Plan:
     pair_ops_before: dict[str, int] = field(default_factory=dict)  # step -> ops per pair
     pair_ops_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # time the analysis took
 
     @property
     def x(self) -> Space:

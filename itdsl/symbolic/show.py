@@ -54,12 +54,9 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
         return f"{W}{sl}{'ᵀ' if tr else ''}·{_show(a[1], names, 5)}"
     if op == "outer":
         return f"outer({_show(a[0], names, 0)}, {_show(a[1], names, 0)})"
-    if op == "spline":
-        d = n.attrs[0]
-        mark = "" if not any(d) else "_d" + "".join(map(str, d))
-        return f"{_show(a[0], names, 5)}{mark}(" + ", ".join(_show(x, names, 0) for x in a[1:]) + ")"
-    if op == "spline_adj":
-        return f"spline_adjoint({', '.join(_show(x, names, 0) for x in a)})"
+    if op == "basis":
+        n_nodes, d = n.attrs
+        return f"basis{n_nodes}{chr(39) * d}({_show(a[0], names, 0)})"
     if op == "onehot":
         return f"e{n.attrs[0]}·{_show(a[0], names, 5)}"
     if op == "slice":

@@ -1,0 +1,110 @@
+"""`explain`: what the compiler made of an operator, for a person to read."""
+
+from __future__ import annotations
+
+from ..frontend.printer import format_ir_expr
+from .plan import Plan
+from .show import show_program
+
+ALGORITHMS = {
+    "attention": ("tiled online softmax: a running max and sum per x, causal tiles skipped; the "
+                  "backward recomputes the scores (flash attention)",
+                  "O(n·m·d) time, O(n·d) extra memory"),
+    "convolution": ("direct sum over the kernel's support (compact), or FFT (global); "
+                    "quadrature weights modulate f",
+                    "O(n·w·C) direct (w points in the support), O(n log n·C) by FFT"),
+    "recurrence": ("chunked linear scan: parallel inside a chunk, recurrent across chunks; the "
+                   "step is built from exp(-a·Δ)",
+                   "O(n·S·C) time for S states, O(S·C) state"),
+    "lowrank": ("two passes: Σ_y ψ(y) f(y)ᵀ once, then φ(x)·(that) per x",
+                "O((n+m)·r·C) time for rank r"),
+    "matmul": ("the kernel sampled once into an n×m matrix per param version and sizes, then a "
+               "GEMM (an Integral Neural Network layer)", "O(n·m·C) time, O(n·m) for the matrix"),
+    "dense": ("tiled, fused pair reduction: each tile of x sweeps the points of y, the kernel is "
+              "evaluated in registers and reduced at once", "O(n·m·p) time for p operations per "
+              "pair, O((n+m)·C) extra memory"),
+}
+
+
+def _gradient_lines(plan: Plan) -> list[str]:
+    by_name = {st.name: st for st in plan.backward.steps}
+    lines = []
+    for key, names in plan.backward.outputs.items():
+        kind, name = key.split(":", 1)
+        what = {"input": f"input `{name}`", "param": f"param `{name}`",
+                "coords": f"coordinates of `{name}`"}[kind]
+        passes = set()
+        for n in names:
+            for dep in _deps(by_name, n):
+                st = by_name[dep]
+                if st.kind == "sum":
+                    passes.add(f"Σ over {st.over} per {st.side}")
+        how = "; ".join(sorted(passes)) or "per point, no pair reduction"
+        lines.append(f"    ∂/∂ {what}: {', '.join(names)}   [{how}]")
+    return lines
+
+
+def _deps(by_name, name: str) -> set[str]:
+    """The backward steps a result is built from (transitively)."""
+    from .pexpr import toposort
+    out, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n in out or n not in by_name:
+            continue
+        out.add(n)
+        st = by_name[n]
+        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
+        todo.extend(x.attrs[0] for x in toposort(roots) if x.op == "ref")
+    return out
+
+
+def explain(plan: Plan, seconds: float | None = None) -> str:
+    op, v = plan.op, plan.verdict
+    lines = [f"operator {op.name}"]
+    lines.append(f"  output {op.output.name}({op.output.var}: {op.output.domain}) = "
+                 f"{format_ir_expr(op.output.body)}")
+    forced = v is not None and v.strategy != plan.strategy
+    lines.append(f"  strategy: {plan.strategy}" + ("  (forced; the analysis found "
+                                                    f"{v.strategy})" if forced else ""))
+    if v is not None:
+        lines.append(f"    rule:  {v.rule}")
+        lines.append(f"    form:  {v.form}")
+        lines.append(f"    why:   {v.reason}")
+        if v.details:
+            lines.append("    facts: " + ", ".join(f"{k}={val}" for k, val in v.details.items()))
+        for rule, why in v.rejected:
+            lines.append(f"    not {rule}: {why}")
+    alg, cx = ALGORITHMS[plan.strategy]
+    lines.append(f"  algorithm: {alg}")
+    lines.append(f"    complexity: {cx}")
+    lines.append("    (this version runs every strategy through its dense Plan; the fast "
+                 "algorithms come with the lowering)")
+    fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
+    fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
+    bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
+    bwd_a = sum(c for k, c in plan.pair_ops_after.items() if not _is_forward(plan, k))
+    lines.append(f"  operations per pair (x, y): forward {fwd_b} -> {fwd_a}, backward "
+                 f"{bwd_b} -> {bwd_a}  (naive -> planned: hoisting and rewrites)")
+    if plan.hoisted:
+        lines.append("  hoisted out of the pair loop (computed once per point or per call):")
+        seen = set()
+        for h in plan.hoisted:
+            if (h.side, h.text) in seen:
+                continue
+            seen.add((h.side, h.text))
+            where = "per call" if h.side == "const" else f"per point of {h.side}"
+            lines.append(f"    {h.text}   [{where}, {h.cost} ops]")
+    lines.append("  gradients (each a program of pair reductions; nothing is n×m):")
+    lines += _gradient_lines(plan)
+    lines.append("  forward program:")
+    lines.append(show_program(plan.forward, "    "))
+    lines.append("  backward program:")
+    lines.append(show_program(plan.backward, "    "))
+    if seconds is not None:
+        lines.append(f"  (analysed in {seconds * 1000:.0f} ms)")
+    return "\n".join(lines) + "\n"
+
+
+def _is_forward(plan: Plan, step: str) -> bool:
+    return step.startswith(("I", "m")) and step[1:].isdigit()
