@@ -1,0 +1,404 @@
+"""A group of pair steps of a Plan -> one TVM tensor-expression function.
+
+A *pair kernel* computes, for every point i of its row side (the side the results
+live on) and every batch entry b,
+
+    O[b, i, c] = reduce_j  summand_c(b, i, j)        (sum, or max under a mask)
+
+where j runs over the points of the other side (the columns) and c over the
+concatenated channels of the group's steps. Leaves of the summand become arrays:
+
+    row leaves      R_k[b, i, w]       (AoS: a row's channels are contiguous)
+    column leaves   C_k[b, w, j]       (SoA: consecutive j are contiguous, so j vectorises)
+    params          P_k[...]           their own shape (scalars as (1,))
+    per-call values K_k[...]           likewise
+
+Sizes are symbolic: rows = nt*TI and columns = mt*TJ for scalar tile counts nt, mt
+passed explicitly (TVM 0.27 miscompiles tiled schedules over free symbolic extents;
+see docs/ARCHITECTURE.md), the caller pads, and columns beyond `m_valid` are masked
+out. Channel reductions inside the summand (dot products, MLP layers) become their
+own stages, computed per tile of columns by the schedule, so no buffer is N x M.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import te, tirx
+
+from ..errors import LoweringError
+from ..symbolic import pexpr as P
+from ..symbolic.pexpr import Node
+from ..symbolic.plan import Step
+
+CUBIC_A = -0.75
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+@dataclass
+class LeafSpec:
+    """One array argument of a pair kernel and the plan leaf it holds."""
+
+    role: str  # "row" | "col" | "param" | "const"
+    node: Node
+    width: int  # channels (rows/cols); for params/consts the flat size
+    shape: tuple[int, ...]  # params/consts: the array shape
+
+
+@dataclass
+class PairSpec:
+    """What the runtime needs to call a pair kernel."""
+
+    kind: str  # "sum" | "max"
+    row_side: str
+    col_side: str
+    steps: list[Step]
+    widths: list[int]  # channels of each step in the output
+    leaves: list[LeafSpec] = field(default_factory=list)
+    tile_rows: int = 4
+    tile_cols: int = 64
+
+    @property
+    def out_width(self) -> int:
+        return sum(self.widths)
+
+
+def _flat(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+class PairBuilder:
+    """Builds the TE of one pair kernel (see the module docstring)."""
+
+    def __init__(self, spec: PairSpec, dtype: str, fast_exp: bool):
+        self.spec, self.dtype, self.fast_exp = spec, dtype, fast_exp
+        self.B = te.var("B")
+        self.nt, self.mt = te.var("nt"), te.var("mt")
+        self.m_valid = te.var("m_valid")
+        self.NP = self.nt * spec.tile_rows
+        self.MP = self.mt * spec.tile_cols
+        self.arrays: dict[Node, te.Tensor] = {}
+        self.stages: list[te.Tensor] = []  # in creation (topological) order
+        self.stage_of: dict[Node, te.Tensor] = {}
+        roots = [st.expr for st in spec.steps] + [st.mask for st in spec.steps
+                                                  if st.mask is not None]
+        self.uses = _uses(roots)
+        self._collect_leaves(roots)
+
+    # ---- leaves -------------------------------------------------------------------------
+    def _collect_leaves(self, roots):
+        spec = self.spec
+        for n in P.toposort(roots):
+            if n.op not in P.LEAVES or n.op == "const" or n in self.arrays:
+                continue
+            if n.deps == {spec.row_side}:
+                role, shape = "row", (self.B, self.NP, _flat(n.shape))
+            elif n.deps == {spec.col_side}:
+                role, shape = "col", (self.B, _flat(n.shape), self.MP)
+            elif not n.deps:
+                role, shape = ("param" if n.op == "param" else "const"), (n.shape or (1,))
+            else:  # pragma: no cover - leaves depend on one side at most
+                raise LoweringError(f"leaf {n.op} depends on {sorted(n.deps)}")
+            name = f"{role}{len(spec.leaves)}"
+            self.arrays[n] = te.placeholder(shape, self.dtype, name=name)
+            spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape)))
+
+    # ---- constants and elementwise math -------------------------------------------------------
+    def c(self, v: float) -> tirx.PrimExpr:
+        return tirx.const(v, self.dtype)
+
+    def exp(self, x):
+        if not self.fast_exp:
+            return te.exp(x)
+        # Cody-Waite range reduction and a degree-6 polynomial (TVM's fast_exp), which
+        # vectorises, unlike calls to expf.
+        f = self.dtype
+        x = te.max(te.min(x, self.c(88.3762626647949)), self.c(-88.3762626647949))
+        n = te.floor(x * self.c(LOG2E) + self.c(0.5))
+        r = x - n * self.c(LN2)
+        p = self.c(1.9875691500e-4)
+        for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                  5.0000001201e-1):
+            p = p * r + self.c(k)
+        p = p * r * r + r + self.c(1.0)
+        two_n = tirx.reinterpret(f, (n + self.c(127.0)).astype("int32") << 23)
+        return two_n * p
+
+    def ew(self, op: str, a: list):
+        c = self.c
+        if op == "neg":
+            return -a[0]
+        if op in ("+", "-", "*", "/"):
+            x, y = a
+            return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
+        if op == "^":
+            return te.power(a[0], a[1])
+        if op == "exp":
+            return self.exp(a[0])
+        if op == "log":
+            return te.log(a[0])
+        if op == "sqrt":
+            return te.sqrt(a[0])
+        if op == "abs":
+            return te.abs(a[0])
+        if op == "sin":
+            return te.sin(a[0])
+        if op == "cos":
+            return te.cos(a[0])
+        if op == "tanh":
+            return te.tanh(a[0])
+        if op == "sigmoid":
+            return c(1.0) / (c(1.0) + self.exp(-a[0]))
+        if op == "relu":
+            return te.max(a[0], c(0.0))
+        if op == "erf":
+            return te.erf(a[0])
+        if op == "gelu":
+            return c(0.5) * a[0] * (c(1.0) + te.erf(a[0] * c(1 / math.sqrt(2.0))))
+        if op == "softplus":  # torch's: x beyond 20 is x itself
+            x = a[0]
+            return tirx.Select(x > c(20.0), x, tirx.log1p(self.exp(te.min(x, c(20.0)))))
+        if op == "sign":
+            return tirx.Select(a[0] > c(0.0), c(1.0), tirx.Select(a[0] < c(0.0), c(-1.0), c(0.0)))
+        if op == "min":
+            return te.min(a[0], a[1])
+        if op == "max":
+            return te.max(a[0], a[1])
+        if op in ("<", "<=", ">", ">=", "==", "!="):
+            x, y = a
+            cond = {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y, "==": x == y,
+                    "!=": x != y}[op]
+            return tirx.Select(cond, c(1.0), c(0.0))
+        if op == "and":
+            return a[0] * a[1]
+        if op == "or":
+            return te.max(a[0], a[1])
+        if op == "where":
+            return tirx.Select(a[0] != c(0.0), a[1], a[2])
+        raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
+
+    # ---- values ----------------------------------------------------------------------------------
+    # `val(n)(b, i, j, ch)` is node n's value at batch b, row i, column j and channel
+    # indices ch (one per axis of its shape).
+
+    def val(self, n: Node):
+        if n in self.stage_of:
+            T = self.stage_of[n]
+            return lambda b, i, j, ch: T[(b, i, j, *ch)]
+        op = n.op
+        if op == "const":
+            v = n.attrs[0]
+            return lambda b, i, j, ch: self.c(v)
+        if op == "zeros":
+            return lambda b, i, j, ch: self.c(0.0)
+        if op in P.LEAVES:
+            return self._leaf_val(n)
+        args = [self.val(a) for a in n.args]
+        if op in P.ELEMENTWISE:
+            shapes = [a.shape for a in n.args]
+
+            def f(b, i, j, ch, args=args, shapes=shapes):
+                return self.ew(op, [g(b, i, j, ch if s else ()) for g, s in zip(args, shapes)])
+            return f
+        if op == "bcast":
+            return lambda b, i, j, ch: args[0](b, i, j, ())
+        if op == "component":
+            k = n.attrs[0]
+            return lambda b, i, j, ch: args[0](b, i, j, (k,))
+        if op == "onehot":
+            k, _ = n.attrs
+            return lambda b, i, j, ch: tirx.Select(ch[0] == k, args[0](b, i, j, ()),
+                                                   self.c(0.0))
+        if op == "slice":
+            lo, _ = n.attrs
+            return lambda b, i, j, ch: args[0](b, i, j, (ch[0] + lo,))
+        if op == "concat":
+            return self._concat(n, args)
+        if op == "basis":
+            return self._basis(n, args[0])
+        if op == "outer":
+            col, _ = n.attrs
+            w = _flat(n.args[1].shape)
+            return lambda b, i, j, ch: tirx.Select(
+                tirx.all(ch[1] >= col, ch[1] < col + w),
+                args[0](b, i, j, (ch[0],)) * args[1](b, i, j, (ch[1] - col,)), self.c(0.0))
+        if op in ("dot", "sum", "linear"):
+            return self.val(self._stage(n))
+        raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
+
+    def _leaf_val(self, n: Node):
+        A = self.arrays[n]
+        spec = self.spec
+        if n.deps == {spec.row_side}:
+            return lambda b, i, j, ch: A[b, i, ch[0] if ch else 0]
+        if n.deps == {spec.col_side}:
+            return lambda b, i, j, ch: A[b, ch[0] if ch else 0, j]
+        return lambda b, i, j, ch: A[ch if ch else (0,)]
+
+    def _concat(self, n: Node, args):
+        widths = [_flat(a.shape) for a in n.args]
+        shaped = [bool(a.shape) for a in n.args]
+
+        def f(b, i, j, ch):
+            out = None
+            lo = sum(widths)
+            for g, w, s in reversed(list(zip(args, widths, shaped))):
+                lo -= w
+                v = g(b, i, j, (ch[0] - lo,) if s else ())
+                out = v if out is None else tirx.Select(ch[0] < lo + w, v, out)
+            return out
+        return f
+
+    def _basis(self, n: Node, u):
+        """Weight of spline node p at u (closed form; see runtime/params.keys_basis)."""
+        nodes, deriv = n.attrs
+        c, a = self.c, CUBIC_A
+
+        def keys(d):
+            x = te.abs(d)
+            if deriv == 0:
+                near = ((c(a + 2) * x - c(a + 3)) * x) * x + c(1.0)
+                far = ((c(a) * x - c(5 * a)) * x + c(8 * a)) * x - c(4 * a)
+            else:
+                sgn = tirx.Select(d > c(0.0), c(1.0), tirx.Select(d < c(0.0), c(-1.0), c(0.0)))
+                near = sgn * (c(3 * (a + 2)) * x - c(2 * (a + 3))) * x
+                far = sgn * ((c(3 * a) * x - c(10 * a)) * x + c(8 * a))
+            return tirx.Select(x <= c(1.0), near, tirx.Select(x < c(2.0), far, c(0.0)))
+
+        def f(b, i, j, ch):
+            uu = u(b, i, j, ())
+            t = te.min(te.max(uu, c(0.0)), c(1.0)) * c(nodes - 1)
+            p = ch[0].astype(self.dtype)
+            w = keys(t - p)
+            w = w + tirx.Select(ch[0] == 0, keys(t + c(1.0)), c(0.0))
+            w = w + tirx.Select(ch[0] == nodes - 1, keys(t - c(float(nodes))), c(0.0))
+            if deriv:
+                inside = tirx.Select(tirx.all(uu >= c(0.0), uu <= c(1.0)), c(nodes - 1.0), c(0.0))
+                w = w * inside
+            return w
+        return f
+
+    def _stage(self, n: Node) -> Node:
+        """Materialise `n` (a channel reduction) as a stage over (b, i, j[, channel])."""
+        if n in self.stage_of:
+            return n
+        op = n.op
+        if op == "linear":
+            W, a = n.args
+            col, k, tr = n.attrs
+            if a.shape and a.op not in P.LEAVES and a.op != "bcast":
+                self._materialise(a)  # read `out` times by the reduction: compute it once
+            av = self.val(a)
+            Wv = self.arrays[W]
+            r = te.reduce_axis((0, k if not tr else W.shape[0]), name="r")
+            if not tr:
+                body = lambda b, i, j, o: te.sum(Wv[o, col + r] * av(b, i, j, (r,) if a.shape  # noqa: E731
+                                                                      else ()), axis=r)
+            else:
+                body = lambda b, i, j, o: te.sum(Wv[r, col + o] * av(b, i, j, (r,)), axis=r)  # noqa: E731
+            T = te.compute((self.B, self.NP, self.MP, n.shape[0]), body,
+                           name=f"s{len(self.stages)}")
+        else:
+            a = n.args[0]
+            w = a.shape[0]
+            av = self.val(a)
+            bv = self.val(n.args[1]) if op == "dot" else None
+            r = te.reduce_axis((0, w), name="r")
+            if op == "dot":
+                body = lambda b, i, j: te.sum(av(b, i, j, (r,)) * bv(b, i, j, (r,)), axis=r)  # noqa: E731
+            else:
+                body = lambda b, i, j: te.sum(av(b, i, j, (r,)), axis=r)  # noqa: E731
+            T = te.compute((self.B, self.NP, self.MP), body, name=f"s{len(self.stages)}")
+        self.stages.append(T)
+        self.stage_of[n] = T
+        return n
+
+    def _materialise(self, n: Node) -> None:
+        """Compute an elementwise pair value once per (b, i, j[, channel]) in a stage."""
+        if n in self.stage_of:
+            return
+        v = self.val(n)
+        if n.shape:
+            T = te.compute((self.B, self.NP, self.MP, n.shape[0]),
+                           lambda b, i, j, c: v(b, i, j, (c,)), name=f"s{len(self.stages)}")
+        else:
+            T = te.compute((self.B, self.NP, self.MP), lambda b, i, j: v(b, i, j, ()),
+                           name=f"s{len(self.stages)}")
+        self.stages.append(T)
+        self.stage_of[n] = T
+
+    # ---- the whole kernel ---------------------------------------------------------------------------
+    def build(self) -> list:
+        spec = self.spec
+        # expensive scalar pair values that vector consumers would recompute per channel
+        for st in spec.steps:
+            for n in P.toposort([st.expr]):
+                if (len(n.deps) == 2 and not n.shape and n.op in P.ELEMENTWISE
+                        and self.uses.get(n, 0) > 0 and P.cost([n]) > 2
+                        and any(p.shape for p in self.uses_by.get(n, ()))):
+                    self._materialise(n)
+        offs, vals = [], []
+        off = 0
+        for st, w in zip(spec.steps, spec.widths):
+            offs.append(off)
+            vals.append((self.val(st.expr), st.expr.shape,
+                         self.val(st.mask) if st.mask is not None else None))
+            off += w
+        width = off
+        j = te.reduce_axis((0, self.MP), name="j")
+        zero = self.c(0.0)
+
+        def summand(b, i, c):
+            out = None
+            for (f, shape, mask), lo, w in reversed(list(zip(vals, offs, spec.widths))):
+                if len(shape) == 2:
+                    ch = (te.indexdiv(c - lo, shape[1]), te.indexmod(c - lo, shape[1]))
+                else:
+                    ch = (c - lo,) if shape else ()
+                v = f(b, i, j, ch)
+                if mask is not None:
+                    v = tirx.Select(mask(b, i, j, ()) != zero, v, te.min_value(self.dtype))
+                out = v if out is None else tirx.Select(c < lo + w, v, out)
+            return out
+
+        if spec.kind == "sum":
+            O = te.compute((self.B, self.NP, width), lambda b, i, c: te.sum(
+                tirx.Select(j < self.m_valid, summand(b, i, c), zero), axis=j), name="O")
+        else:
+            O = te.compute((self.B, self.NP, width), lambda b, i, c: te.max(
+                tirx.Select(j < self.m_valid, summand(b, i, c), te.min_value(self.dtype)),
+                axis=j), name="O")
+        self.out = O
+        return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
+
+    @property
+    def uses_by(self) -> dict[Node, list[Node]]:
+        if not hasattr(self, "_uses_by"):
+            ub: dict[Node, list[Node]] = {}
+            roots = [st.expr for st in self.spec.steps]
+            for n in P.toposort(roots):
+                for a in n.args:
+                    ub.setdefault(a, []).append(n)
+            self._uses_by = ub
+        return self._uses_by
+
+
+def _uses(roots: list[Node]) -> dict[Node, int]:
+    out: dict[Node, int] = {}
+    for n in P.toposort(roots):
+        for a in n.args:
+            out[a] = out.get(a, 0) + 1
+    return out
+
+
+def build_pair_func(spec: PairSpec, dtype: str, fast_exp: bool = True):
+    """The TE of a pair kernel as a PrimFunc, plus the names of its stages."""
+    b = PairBuilder(spec, dtype, fast_exp and dtype == "float32")
+    args = b.build()
+    func = te.create_prim_func(args)
+    return func, [t.op.name for t in b.stages]
+
+
+__all__ = ["PairSpec", "LeafSpec", "build_pair_func", "tvm"]

@@ -1,0 +1,92 @@
+"""Running a Plan with compiled pair kernels.
+
+The pair steps (sums and maxima over pairs of points: all the O(n·m) work) run as
+TVM kernels, grouped as `lowering.pair_groups` says; per-point, per-call and total
+steps run in torch through the Plan evaluator they share with the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..symbolic.plan import Plan, Program
+from .plan_eval import PlanEvaluator, _ts
+
+
+class KernelSet:
+    """The compiled kernels of one Plan for one target and dtype: (spec, function) per group,
+    for the forward and the backward program."""
+
+    def __init__(self, plan: Plan, dtype: torch.dtype, target: str, loader):
+        from ..lowering import pair_groups, spec_of
+        self.plan, self.dtype, self.target = plan, dtype, target
+        self.groups: dict[str, list] = {}
+        for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
+            entries = []
+            for g in pair_groups(prog):
+                spec = spec_of(g, target)
+                entries.append((spec, loader(spec, str(dtype).replace("torch.", ""))))
+            self.groups[phase] = entries
+
+
+class CompiledEvaluator(PlanEvaluator):
+    """A Plan evaluator whose pair steps call compiled kernels."""
+
+    def __init__(self, plan: Plan, module, bound, kernels: KernelSet, generator=None):
+        super().__init__(plan, module, bound, generator)
+        self.kernels = kernels
+
+    def run_program(self, prog: Program, phase: str) -> None:
+        first = {spec.steps[0].name: (spec, fn) for spec, fn in self.kernels.groups[phase]}
+        for st in prog.steps:
+            if st.name in first:
+                self._run_kernel(*first[st.name])
+            elif st.kind not in ("sum", "max"):
+                self.env[st.name] = self.run_step(st)
+
+    def side_value(self, node, side: str) -> torch.Tensor:
+        """A leaf at every point of `side`: `[Bf, n, W]` for the full (flattened) batch."""
+        v = self.eval_level(node, side)
+        nts = len(_ts(node.shape))
+        v = v.squeeze(-nts - 1) if side == "x" else v.squeeze(-nts - 2)  # [*B?, n, *ts]
+        n = self.sides[side].n
+        v = v.expand(*torch.broadcast_shapes(v.shape[:-nts - 1], self.bound.batch), n,
+                     *v.shape[-nts:])
+        return v.reshape(-1, n, math.prod(_ts(node.shape)))
+
+    def _run_kernel(self, spec, fn) -> None:
+        TI, TJ = spec.tile_rows, spec.tile_cols
+        n, m = self.sides[spec.row_side].n, self.sides[spec.col_side].n
+        nt, mt = -(-n // TI), -(-m // TJ)
+        args = []
+        bf = max(1, math.prod(self.bound.batch))
+        for leaf in spec.leaves:
+            if leaf.role == "row":
+                v = self.side_value(leaf.node, spec.row_side)
+                v = torch.nn.functional.pad(v, (0, 0, 0, nt * TI - n))
+            elif leaf.role == "col":
+                v = self.side_value(leaf.node, spec.col_side)
+                v = torch.nn.functional.pad(v, (0, 0, 0, mt * TJ - m)).transpose(1, 2)
+            else:
+                v = self.eval_level(leaf.node, None).reshape(leaf.shape or (1,))
+            if v.dim() == 3 and v.shape[0] != bf:
+                v = v.expand(bf, *v.shape[1:])
+            args.append(v.to(self.dtype).contiguous())
+        out = torch.empty(bf, nt * TI, spec.out_width, dtype=self.dtype, device=self.device)
+        fn(*args, out, nt, mt, m)
+        out = out[:, :n]
+        lo = 0
+        for st, w in zip(spec.steps, spec.widths):
+            part = out[..., lo:lo + w]
+            lo += w
+            if len(st.shape) == 2:  # per-point matrices (a param gradient): batch summed
+                self.special.add(st.name)
+                self.env[st.name] = part.sum(0).reshape(n, *st.shape)
+                continue
+            ts = _ts(st.shape)
+            part = part.reshape(*self.bound.batch, n, *ts)
+            if st.kind == "max":
+                part = torch.where(torch.isfinite(part), part, torch.zeros_like(part))
+            self.env[st.name] = part
