@@ -58,8 +58,8 @@ class Program:
         if self.target == "reference":
             from .runtime.reference import ReferenceOperator
             return ReferenceOperator(op, strategy=lambda: self.plan(name).strategy)
-        raise LoweringError(f"target `{self.target}` is not available yet: TVM lowering is not "
-                            "implemented in this version", hint="use target=\"reference\"")
+        from .runtime.module import CompiledOperator
+        return CompiledOperator(self.plan(name), self.target)
 
     def explain(self, name: str) -> str:
         """What the compiler made of operator `name`: strategy, hoisting, gradients."""

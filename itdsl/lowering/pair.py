@@ -23,50 +23,16 @@ own stages, computed per tile of columns by the schedule, so no buffer is N x M.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import tvm
 from tvm import te, tirx
 
 from ..errors import LoweringError
 from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node
-from ..symbolic.plan import Step
+from .spec import PairSpec, _flat
 
 CUBIC_A = -0.75
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
-
-
-@dataclass
-class LeafSpec:
-    """One array argument of a pair kernel and the plan leaf it holds."""
-
-    role: str  # "row" | "col" | "param" | "const"
-    node: Node
-    width: int  # channels (rows/cols); for params/consts the flat size
-    shape: tuple[int, ...]  # params/consts: the array shape
-
-
-@dataclass
-class PairSpec:
-    """What the runtime needs to call a pair kernel."""
-
-    kind: str  # "sum" | "max"
-    row_side: str
-    col_side: str
-    steps: list[Step]
-    widths: list[int]  # channels of each step in the output
-    leaves: list[LeafSpec] = field(default_factory=list)
-    tile_rows: int = 4
-    tile_cols: int = 64
-
-    @property
-    def out_width(self) -> int:
-        return sum(self.widths)
-
-
-def _flat(shape: tuple[int, ...]) -> int:
-    return math.prod(shape) if shape else 1
 
 
 class PairBuilder:
@@ -85,25 +51,10 @@ class PairBuilder:
         roots = [st.expr for st in spec.steps] + [st.mask for st in spec.steps
                                                   if st.mask is not None]
         self.uses = _uses(roots)
-        self._collect_leaves(roots)
-
-    # ---- leaves -------------------------------------------------------------------------
-    def _collect_leaves(self, roots):
-        spec = self.spec
-        for n in P.toposort(roots):
-            if n.op not in P.LEAVES or n.op == "const" or n in self.arrays:
-                continue
-            if n.deps == {spec.row_side}:
-                role, shape = "row", (self.B, self.NP, _flat(n.shape))
-            elif n.deps == {spec.col_side}:
-                role, shape = "col", (self.B, _flat(n.shape), self.MP)
-            elif not n.deps:
-                role, shape = ("param" if n.op == "param" else "const"), (n.shape or (1,))
-            else:  # pragma: no cover - leaves depend on one side at most
-                raise LoweringError(f"leaf {n.op} depends on {sorted(n.deps)}")
-            name = f"{role}{len(spec.leaves)}"
-            self.arrays[n] = te.placeholder(shape, self.dtype, name=name)
-            spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape)))
+        for k, leaf in enumerate(spec.leaves):
+            shape = {"row": (self.B, self.NP, leaf.width), "col": (self.B, leaf.width, self.MP)
+                     }.get(leaf.role, leaf.shape or (1,))
+            self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
 
     # ---- constants and elementwise math -------------------------------------------------------
     def c(self, v: float) -> tirx.PrimExpr:
@@ -401,4 +352,4 @@ def build_pair_func(spec: PairSpec, dtype: str, fast_exp: bool = True):
     return func, [t.op.name for t in b.stages]
 
 
-__all__ = ["PairSpec", "LeafSpec", "build_pair_func", "tvm"]
+__all__ = ["PairSpec", "build_pair_func"]

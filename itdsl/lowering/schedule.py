@@ -63,7 +63,7 @@ def _is_spatial(sch, block, loop) -> bool:
         return False
 
 
-CUDA_THREADS = 64
+
 
 
 def schedule_cuda(func, spec, stages: list[str]):
@@ -92,12 +92,13 @@ def schedule_cuda(func, spec, stages: list[str]):
             continue
         name = f"col{k}"
         consumers = [blk for blk in readers
-                     if any(r.buffer.name == name for r in sch.get(blk).reads)]
+                     if any(r.source.name == name for r in sch.get(blk).reads)]
         if not consumers:
             continue
         sh = sch.cache_read(consumers[0], name, "shared", consumer_blocks=consumers)
         sch.compute_at(sh, jo)
-        fused = sch.fuse(*_loops(sch, sh)[-2:])
+        own = _loops(sch, sh)[3:]  # below (block, thread, column tile)
+        fused = sch.fuse(*own) if len(own) > 1 else own[0]
         _, t = sch.split(fused, [None, spec.tile_rows])
         sch.bind(t, "threadIdx.x")
     sch.decompose_reduction(O, jo)

@@ -20,22 +20,23 @@ class KernelSet:
     for the forward and the backward program."""
 
     def __init__(self, plan: Plan, dtype: torch.dtype, target: str, loader):
-        from ..lowering import pair_groups, spec_of
+        from ..lowering.spec import pair_groups, spec_of
         self.plan, self.dtype, self.target = plan, dtype, target
         self.groups: dict[str, list] = {}
         for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
             entries = []
             for g in pair_groups(prog):
                 spec = spec_of(g, target)
-                entries.append((spec, loader(spec, str(dtype).replace("torch.", ""))))
+                entries.append((spec, loader(spec, str(dtype).replace("torch.", ""), target)))
             self.groups[phase] = entries
 
 
 class CompiledEvaluator(PlanEvaluator):
     """A Plan evaluator whose pair steps call compiled kernels."""
 
-    def __init__(self, plan: Plan, module, bound, kernels: KernelSet, generator=None):
-        super().__init__(plan, module, bound, generator)
+    def __init__(self, plan: Plan, params, bound, kernels: KernelSet, generator=None,
+                 weights=None):
+        super().__init__(plan, params, bound, generator, weights=weights)
         self.kernels = kernels
 
     def run_program(self, prog: Program, phase: str) -> None:

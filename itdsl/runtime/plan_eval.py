@@ -47,9 +47,15 @@ class _Side:
 
 
 class PlanEvaluator:
-    def __init__(self, plan: Plan, module: torch.nn.Module, bound: Bound,
-                 generator: torch.Generator | None = None, chunk: int = 64):
-        self.plan, self.module, self.bound = plan, module, bound
+    def __init__(self, plan: Plan, params, bound: Bound,
+                 generator: torch.Generator | None = None, chunk: int = 64,
+                 weights: dict[str, torch.Tensor] | None = None):
+        """`params`: the operator's module, or a dict of its parameters by name; `weights`:
+        quadrature weights drawn beforehand (montecarlo), by side."""
+        if isinstance(params, torch.nn.Module):
+            params = dict(params.named_parameters())
+        self.plan, self.params, self.bound = plan, params, bound
+        self.given_weights = weights or {}
         self.dtype, self.device = bound.dtype, bound.device
         self.chunk = chunk
         self.env: dict[str, torch.Tensor] = {}
@@ -86,6 +92,8 @@ class PlanEvaluator:
             w = torch.full((n,), 1.0 / n, dtype=self.dtype, device=self.device)
         elif q.rule is ir.QuadRule.WEIGHTS:
             w = self.bound.fields[q.weights][..., 0]
+        elif q.rule is ir.QuadRule.MONTECARLO and sp.side in self.given_weights:
+            w = self.given_weights[sp.side]
         elif q.rule is ir.QuadRule.MONTECARLO:
             key = (d.name, q.samples, sp.importance)
             if key not in draws:
@@ -144,7 +152,7 @@ class PlanEvaluator:
         if op == "zeros":
             return torch.zeros(_ts(n.shape), dtype=self.dtype, device=self.device)
         if op == "param":
-            p = self.module.get_parameter(n.attrs[0]).to(self.dtype)
+            p = self.params[n.attrs[0]].to(self.dtype)
             return p.reshape(_ts(n.shape))
         if op in ("ref", "cot"):
             name, side = n.attrs
@@ -358,10 +366,10 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t
 
 
-def evaluate_plan(plan: Plan, module: torch.nn.Module, bound: Bound, generator=None,
+def evaluate_plan(plan: Plan, params, bound: Bound, generator=None,
                   chunk: int = 64) -> tuple[torch.Tensor, PlanEvaluator]:
     """Run the forward program; return the output and the evaluator (for the backward)."""
-    ev = PlanEvaluator(plan, module, bound, generator, chunk)
+    ev = PlanEvaluator(plan, params, bound, generator, chunk)
     ev.run(plan.forward)
     out = ev.env["out"]
     if plan.out_shape == ():
@@ -383,7 +391,7 @@ def evaluate_backward(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> dict
             total = t if total is None else total + t
         kind, name = key.split(":", 1)
         if kind == "param":
-            total = total.reshape(ev.module.get_parameter(name).shape)
+            total = total.reshape(ev.params[name].shape)
         else:
             shape = ev.bound.shapes[name]
             if kind == "input" and plan.op.input(name).width is None:

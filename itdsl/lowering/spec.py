@@ -1,0 +1,111 @@
+"""Which kernels a Plan needs, and what their arguments are — without importing TVM.
+
+The runtime reads these specs to lay out a kernel's arguments, whether the kernel was
+just compiled or loaded from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..symbolic import pexpr as P
+from ..symbolic.pexpr import Node, toposort
+from ..symbolic.plan import Program, Step
+
+TILE_ROWS = 4  # CPU: rows per tile (the accumulator tile is TILE_ROWS x channels)
+TILE_COLS = 64  # columns per tile: the stages of a tile are TILE_ROWS x TILE_COLS
+CUDA_THREADS = 64  # GPU: rows per block, one per thread
+
+
+def _flat(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+@dataclass
+class LeafSpec:
+    """One array argument of a pair kernel and the plan leaf it holds."""
+
+    role: str  # "row" | "col" | "param" | "const"
+    node: Node
+    width: int  # channels (rows/cols); for params/consts the flat size
+    shape: tuple[int, ...]  # params/consts: the array shape
+
+
+@dataclass
+class PairSpec:
+    """A pair kernel: O[b, i, c] = reduce over j of the steps' summands, channels concatenated."""
+
+    kind: str  # "sum" | "max"
+    row_side: str
+    col_side: str
+    steps: list[Step]
+    widths: list[int]  # channels of each step in the output
+    leaves: list[LeafSpec] = field(default_factory=list)
+    tile_rows: int = TILE_ROWS
+    tile_cols: int = TILE_COLS
+
+    @property
+    def out_width(self) -> int:
+        return sum(self.widths)
+
+
+@dataclass
+class Group:
+    """Pair steps computed by one kernel, run at the position of the first."""
+
+    kind: str
+    side: str
+    over: str
+    steps: list[Step]
+
+
+def _refs(st: Step) -> set[str]:
+    roots = [st.expr] + ([st.mask] if st.mask is not None else [])
+    return {n.attrs[0] for n in toposort(roots) if n.op in ("ref", "cot")}
+
+
+def pair_groups(prog: Program) -> list[Group]:
+    """Group pair steps: same kind and sides, and every input ready where the group runs."""
+    groups: list[Group] = []
+    open_group: Group | None = None
+    produced_since: set[str] = set()
+    for st in prog.steps:
+        if st.kind in ("sum", "max"):
+            if (open_group is not None and (st.kind, st.side, st.over) ==
+                    (open_group.kind, open_group.side, open_group.over)
+                    and not (_refs(st) & produced_since)):
+                open_group.steps.append(st)
+                produced_since.add(st.name)
+                continue
+            open_group = Group(st.kind, st.side, st.over, [st])
+            groups.append(open_group)
+            produced_since = {st.name}
+        else:
+            produced_since.add(st.name)
+    return groups
+
+
+def spec_of(group: Group, target: str = "cpu") -> PairSpec:
+    """The kernel of a group: tiles of rows (threads of a block on a GPU) by columns, and
+    its array arguments in a fixed order."""
+    widths = [_flat(s.shape) for s in group.steps]
+    cols = TILE_COLS if max(widths) <= 256 else 16
+    rows = TILE_ROWS if target == "cpu" else CUDA_THREADS
+    spec = PairSpec(kind=group.kind, row_side=group.side, col_side=group.over,
+                    steps=group.steps, widths=widths, tile_rows=rows, tile_cols=cols)
+    roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
+                                               if st.mask is not None]
+    seen: set[Node] = set()
+    for n in toposort(roots):
+        if n.op not in P.LEAVES or n.op == "const" or n in seen:
+            continue
+        seen.add(n)
+        if n.deps == {group.side}:
+            role = "row"
+        elif n.deps == {group.over}:
+            role = "col"
+        else:
+            role = "param" if n.op == "param" else "const"
+        spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape)))
+    return spec

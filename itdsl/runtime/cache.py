@@ -1,0 +1,140 @@
+"""The on-disk compile cache: one shared library per compiled kernel.
+
+Key: a SHA-256 of the kernel's canonical text (its pair steps, leaves, tiles: see
+`kernel_key`), the target, the dtype, and the itdsl and TVM versions. A hit is loaded
+with `tvm_ffi.load_module` alone (no `import tvm`, which costs seconds). Writes are
+atomic (a private temporary file, then `os.replace`), so two processes compiling the
+same kernel at once both succeed; every library has a checksum beside it, and an entry
+that is truncated or corrupt is detected, removed and rebuilt.
+
+Location: `$ITDSL_CACHE_DIR`, else `$XDG_CACHE_HOME/itdsl`, else `~/.cache/itdsl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ..symbolic.pexpr import Node, toposort
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("ITDSL_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "itdsl"
+
+
+def _versions() -> str:
+    from .. import __version__
+    try:
+        tvm_v = version("apache-tvm")
+    except PackageNotFoundError:  # pragma: no cover
+        tvm_v = "none"
+    return f"itdsl={__version__};tvm={tvm_v}"
+
+
+def canonical(roots: list[Node]) -> str:
+    """An exact text of an expression DAG: one line per node, children by number."""
+    ids: dict[Node, int] = {}
+    lines = []
+    for n in toposort(roots):
+        ids[n] = len(ids)
+        attrs = ",".join(repr(a) for a in n.attrs)
+        lines.append(f"{n.op}({attrs})[{','.join(str(ids[a]) for a in n.args)}]:{n.shape}")
+    lines.append("roots:" + ",".join(str(ids[r]) for r in roots))
+    return "\n".join(lines)
+
+
+def kernel_key(spec, dtype: str, target: str) -> str:
+    roots = [st.expr for st in spec.steps] + [st.mask for st in spec.steps if st.mask is not None]
+    text = "\n".join([
+        f"kind={spec.kind};rows={spec.row_side};cols={spec.col_side}",
+        f"tiles={spec.tile_rows}x{spec.tile_cols};widths={spec.widths}",
+        canonical(roots),
+        "leaves:" + ";".join(f"{leaf.role}" for leaf in spec.leaves),
+        f"dtype={dtype};target={target};{_versions()}",
+    ])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_RUNTIME_LOADED = False
+
+
+def _load_tvm_runtime() -> None:
+    """Load TVM's C++ runtime library (parallel launch, workspaces) without `import tvm`:
+    a cached kernel needs it, and importing the Python package would cost seconds."""
+    global _RUNTIME_LOADED
+    if _RUNTIME_LOADED:
+        return
+    import ctypes
+    import importlib.util
+
+    import tvm_ffi  # noqa: F401 - loads libtvm_ffi.so, which the runtime links against
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:  # pragma: no cover - tvm is a dependency
+        raise OSError("the apache-tvm package is not installed")
+    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    _RUNTIME_LOADED = True
+
+
+def load(key: str):
+    """The cached kernel function for `key`, or None (a bad entry is removed)."""
+    d = cache_dir()
+    lib, check = d / f"{key}.so", d / f"{key}.sha256"
+    if not (lib.exists() and check.exists()):
+        return None
+    _load_tvm_runtime()
+    try:
+        if check.read_text().strip() != _digest(lib):
+            raise ValueError("checksum mismatch")
+        import tvm_ffi
+        return tvm_ffi.load_module(str(lib))["main"]
+    except Exception:  # noqa: BLE001 - a truncated or corrupt entry: remove it, rebuild
+        for p in (lib, check):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        return None
+
+
+def store(key: str, executable) -> None:
+    """Export a compiled TVM executable under `key` (atomically)."""
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{key}.", suffix=".so")
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        digest = _digest(Path(tmp))
+        os.replace(tmp, d / f"{key}.so")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _atomic_write_bytes(d / f"{key}.sha256", digest.encode())

@@ -1,0 +1,259 @@
+"""Compiled operators as PyTorch modules and `torch.library` custom ops.
+
+Each operator's Plan is registered as two custom ops, `itdsl::<name>_<hash>` (the
+forward: the output and the values the backward needs) and `..._bwd` (every gradient),
+each with a fake (meta) implementation, and tied together by `register_autograd`. So
+`torch.compile(fullgraph=True)` traces a model using them without graph breaks, and
+gradients flow to inputs and params. The module holds the params; it checks a call's
+inputs (`binding.bind`), draws montecarlo samples with the call's generator, and calls
+the forward op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import torch
+from torch import nn
+
+from ..errors import InputError, LoweringError
+from ..frontend import ir
+from ..frontend.ast import DomainKind
+from ..symbolic.build import param_shapes
+from ..symbolic.plan import Plan
+from ..symbolic.pexpr import toposort
+from .binding import RESERVED_KEYWORDS, bind
+from .cache import canonical, kernel_key
+from .compiled import CompiledEvaluator, KernelSet
+from .params import register_params
+from .plan_eval import PlanEvaluator, _sum_to, _ts
+
+_LOCK = threading.Lock()
+_REGISTERED: dict[str, "OpDef"] = {}  # one entry per distinct compiled operator
+
+
+def load_kernel(spec, dtype: str, target: str):
+    """A kernel function: from the cache, else compiled by TVM (and cached)."""
+    from . import cache
+    key = kernel_key(spec, dtype, target)
+    fn = cache.load(key) if target == "cpu" else None
+    if fn is not None:
+        return fn
+    from ..lowering import compile_module, schedule_kernel
+    exe = compile_module(schedule_kernel(spec, dtype, target), target)
+    if target == "cpu":
+        cache.store(key, exe)
+    return exe["main"]
+
+
+def _ensure_threads() -> None:
+    # TVM's CPU pool starts with one thread on small machines unless told otherwise
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+class OpDef:
+    """Everything the custom ops of one compiled operator need (shared by its modules)."""
+
+    def __init__(self, plan: Plan, target: str):
+        self.plan, self.op, self.target = plan, plan.op, target
+        self.kernels: dict[torch.dtype, KernelSet] = {}
+        op = plan.op
+        self.tensor_names = [d.name for d in op.domains if d.kind is DomainKind.POINTS] + \
+                            [i.name for i in op.inputs]
+        self.int_names = [d.name for d in op.domains if d.kind is not DomainKind.POINTS]
+        fwd_names = {st.name for st in plan.forward.steps}
+        used = {n.attrs[0] for st in plan.backward.steps
+                for n in toposort([st.expr] + ([st.mask] if st.mask is not None else []))
+                if n.op == "ref"}
+        self.saved = sorted(used & fwd_names)
+        self.param_names = [n for p in op.params for n in param_shapes(p)]
+        self.mc_sides = [s for s, sp in plan.spaces.items()
+                         if sp.quad is not None and sp.quad.rule is ir.QuadRule.MONTECARLO]
+        digest = hashlib.sha256((canonical([st.expr for st in plan.forward.steps]) +
+                                 canonical([st.expr for st in plan.backward.steps]) + target
+                                 ).encode()).hexdigest()[:12]
+        self.name = f"itdsl::{op.name}_{digest}"
+        self._register()
+
+    # ---- binding the op's arguments back to a call ------------------------------------------
+    def kwargs(self, tensors, ints) -> dict:
+        # a points domain whose coordinates were not given travels as an empty 1-D tensor
+        kw = {n: t for n, t in zip(self.tensor_names, tensors) if not (t.dim() == 1 and
+                                                                        t.numel() == 0)}
+        kw.update({n: v for n, v in zip(self.int_names, ints) if v >= 0})
+        return kw
+
+    def kernelset(self, dtype: torch.dtype) -> KernelSet:
+        with _LOCK:
+            ks = self.kernels.get(dtype)
+            if ks is None:
+                if self.target == "cuda" and not torch.cuda.is_available():
+                    raise LoweringError("this operator was compiled for CUDA, but no CUDA device "
+                                        "is available here", hint="use target=\"cpu\"")
+                _ensure_threads()
+                ks = self.kernels[dtype] = KernelSet(self.plan, dtype, self.target, load_kernel)
+        return ks
+
+    def evaluator(self, tensors, params, weights, ints) -> CompiledEvaluator:
+        bound = bind(self.op, self.kwargs(tensors, ints))
+        pdict = dict(zip(self.param_names, params))
+        return CompiledEvaluator(self.plan, pdict, bound, self.kernelset(bound.dtype),
+                                 weights=dict(zip(self.mc_sides, weights)))
+
+    # ---- the custom ops ------------------------------------------------------------------------
+    def _register(self) -> None:
+        name = self.name
+
+        @torch.library.custom_op(name, mutates_args=())
+        def forward(tensors: list[torch.Tensor], params: list[torch.Tensor],
+                    weights: list[torch.Tensor], ints: list[int]) -> list[torch.Tensor]:
+            ev = self.evaluator(tensors, params, weights, ints)
+            ev.run_program(self.plan.forward, "forward")
+            out = ev.env["out"]
+            if self.plan.out_shape == ():
+                out = out[..., 0]
+            return [out.contiguous()] + [ev.env[s].contiguous() for s in self.saved]
+
+        @forward.register_fake
+        def _(tensors, params, weights, ints):
+            bound = bind(self.op, self.kwargs(tensors, ints))
+            return [torch.empty(s, dtype=bound.dtype, device=bound.device)
+                    for s in self.forward_shapes(bound)]
+
+        @torch.library.custom_op(name + "_bwd", mutates_args=())
+        def backward(tensors: list[torch.Tensor], params: list[torch.Tensor],
+                     weights: list[torch.Tensor], ints: list[int], saved: list[torch.Tensor],
+                     dout: torch.Tensor) -> list[torch.Tensor]:
+            ev = self.evaluator(tensors, params, weights, ints)
+            for s, t in zip(self.saved, saved):
+                ev.env[s] = t
+            plan = self.plan
+            d = dout.unsqueeze(-1) if plan.out_shape == () else dout
+            ev.env["dout"] = d.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
+            ev.run_program(plan.backward, "backward")
+            return self.collect_grads(ev, tensors, params)
+
+        @backward.register_fake
+        def _(tensors, params, weights, ints, saved, dout):
+            return [torch.empty_like(t) for t in tensors] + [torch.empty_like(p) for p in params]
+
+        def setup(ctx, inputs, output):
+            tensors, params, weights, ints = inputs
+            ctx.save_for_backward(*tensors, *params, *weights, *output[1:])
+            ctx.counts = (len(tensors), len(params), len(weights))
+            ctx.ints = ints
+
+        def grad_fn(ctx, grads):
+            nt, npar, nw = ctx.counts
+            saved = ctx.saved_tensors
+            tensors, params = list(saved[:nt]), list(saved[nt:nt + npar])
+            weights, fsaved = list(saved[nt + npar:nt + npar + nw]), list(saved[nt + npar + nw:])
+            dout = grads[0]
+            if dout is None:
+                dout = torch.zeros_like(fsaved[0]) if fsaved else None
+            g = backward(tensors, params, weights, ctx.ints, fsaved, dout.contiguous())
+            # (an empty int list counts as an empty list of tensors to autograd, a full one as
+            # one non-tensor)
+            return list(g[:nt]), list(g[nt:]), [None] * nw, (None if ctx.ints else [])
+
+        forward.register_autograd(grad_fn, setup_context=setup)
+        self.forward_op = forward
+
+    def forward_shapes(self, bound) -> list[tuple]:
+        plan = self.plan
+        n = bound.sizes[plan.x.domain]
+        shapes = [(*bound.batch, n, *plan.out_shape)]
+        for s in self.saved:
+            st = plan.forward.step(s)
+            ts = _ts(st.shape)
+            if st.side is None:
+                shapes.append(ts)
+            else:
+                side_n = n if st.side == "x" else _side_size(plan, st.side, bound)
+                shapes.append((*bound.batch, side_n, *ts))
+        return shapes
+
+    def collect_grads(self, ev, tensors, params) -> list[torch.Tensor]:
+        grads = _grads_by_key(self.plan, ev)
+        out = []
+        domains = {d.name for d in self.op.domains}
+        for name, t in zip(self.tensor_names, tensors):
+            key = ("coords:" if name in domains else "input:") + name
+            g = grads.get(key)
+            out.append(torch.zeros_like(t) if g is None else g.to(t.dtype).reshape(t.shape))
+        for name, p in zip(self.param_names, params):
+            g = grads.get(f"param:{name}")
+            out.append(torch.zeros_like(p) if g is None else g.to(p.dtype).reshape(p.shape))
+        return out
+
+
+def _side_size(plan: Plan, side: str, bound) -> int:
+    sp = plan.spaces[side]
+    if sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS:
+        return sp.quad.n
+    return bound.sizes[sp.domain]
+
+
+def _grads_by_key(plan: Plan, ev: PlanEvaluator) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, names in plan.backward.outputs.items():
+        total = None
+        for name in names:
+            t = ev.env[name]
+            total = t if total is None else total + t
+        kind, name = key.split(":", 1)
+        if kind != "param":
+            shape = ev.bound.shapes[name]
+            if kind == "input" and plan.op.input(name).width is None:
+                total = total[..., 0]
+            total = _sum_to(total, shape)
+        out[key] = total
+    return out
+
+
+class CompiledOperator(nn.Module):
+    """An operator compiled for the CPU (LLVM) or CUDA; call it like the reference."""
+
+    def __init__(self, plan: Plan, target: str):
+        super().__init__()
+        op = plan.op
+        for name in RESERVED_KEYWORDS:
+            if any(d.name == name for d in op.domains) or any(i.name == name for i in op.inputs):
+                raise InputError(f"`{name}` is reserved for the call's random generator; rename "
+                                 f"that domain or input of `{op.name}`")
+        register_params(self, op)
+        self.ir, self.plan, self.target = op, plan, target
+        self.strategy = plan.strategy
+        key = (canonical([st.expr for st in plan.forward.steps]), target, op.name)
+        with _LOCK:
+            opdef = _REGISTERED.get(str(hash(key)))
+            if opdef is None:
+                opdef = _REGISTERED[str(hash(key))] = OpDef(plan, target)
+        self._opdef = opdef
+
+    def extra_repr(self) -> str:
+        return f"operator={self.ir.name}, target={self.target}, strategy={self.strategy}"
+
+    def forward(self, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        opdef = self._opdef
+        params = [p for _, p in self.named_parameters()]
+        bound = bind(self.ir, kwargs, params[0].dtype if params else None)
+        for name, p in zip([n for n, _ in self.named_parameters()], params):
+            if p.dtype != bound.dtype:
+                raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
+                                 f"call `.to({bound.dtype})` on the module (or pass "
+                                 f"{p.dtype} inputs)")
+        tensors = []
+        for name in opdef.tensor_names:
+            t = kwargs.get(name)
+            tensors.append(t.contiguous() if t is not None else
+                           torch.empty(0, dtype=bound.dtype, device=bound.device))
+        ints = [kwargs[n] if n in kwargs else -1 for n in opdef.int_names]
+        weights = []
+        if opdef.mc_sides:
+            with torch.no_grad():
+                ev = PlanEvaluator(self.plan, dict(self.named_parameters()), bound, generator)
+            weights = [ev.sides[s].weights.contiguous() for s in opdef.mc_sides]
+        return opdef.forward_op(tensors, params, weights, ints)[0]
