@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ItdslError, LoweringError
+from .errors import ItdslError
 from .frontend import check, ir, parse, parse_file
 
 TARGETS = ("reference", "cpu", "cuda")
@@ -67,9 +67,16 @@ class Program:
         plan = self.plan(name)
         return explain(plan, plan.seconds)
 
-    def source(self, name: str, target: str = "cuda") -> str:
-        self._op_ir(name)
-        raise LoweringError(f"no {target} source: TVM lowering is not implemented in this version")
+    def source(self, name: str, target: str = "cuda", arch: str = "sm_80") -> str:
+        """Generated code of operator `name`: "cuda" (CUDA C of every kernel, forward and
+        backward, for `arch`) or "tir" (the scheduled TVM script, for this program's target
+        or the CPU)."""
+        from .lowering import kernel_sources
+        if target not in ("cuda", "tir"):
+            raise ItdslError(f"unknown source kind `{target}`; choose \"cuda\" or \"tir\"")
+        plan = self.plan(name)
+        tir_target = "cuda" if self.target == "cuda" else "cpu"
+        return kernel_sources(plan, target, arch=arch, tir_target=tir_target)
 
 
 def _check_options(target: str, strategy: str | None) -> None:

@@ -206,3 +206,19 @@ def test_analysing_each_example_takes_under_two_seconds():
             t0 = time.perf_counter()
             analyse(op)
             assert time.perf_counter() - t0 < 2.0, op.name
+
+
+def _table():
+    from test_recognize import CASES, _op
+    return [(c[0], _op(c[1])) for c in CASES]
+
+
+@pytest.mark.parametrize("name,op", _table(), ids=[c[0] for c in _table()])
+def test_table_kernels_plan_equals_reference(name, op):
+    """Every kernel of the recogniser table: the Plan's forward and gradients are exact."""
+    from util import random_inputs
+    inputs = random_inputs(op)
+    for k, v in inputs.items():  # weights of a weights() rule: positive, like a quadrature
+        if isinstance(v, torch.Tensor) and k in ("w", "c") and v.dim() == 1:
+            inputs[k] = v.abs()
+    check_plan_against_reference(op, inputs)

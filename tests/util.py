@@ -37,3 +37,24 @@ def grads(fn, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     cot = torch.randn(out.shape, generator=g, dtype=out.dtype)
     return list(torch.autograd.grad((out * cot).sum(), leaves, allow_unused=True))
+
+
+def random_inputs(op, gen=None, sizes=(5, 6, 7, 4), dtype=None) -> dict:
+    """Random keyword arguments for a checked operator (`ir.Operator`): coordinates for its
+    `points` domains, a size for `grid`/`index` domains no input lives on, a field per
+    input; one size per domain (from `sizes`, in declaration order)."""
+    from itdsl.frontend.ast import DomainKind
+    dtype = dtype or torch.float64
+    gen = gen or torch.Generator().manual_seed(0)
+    n = {d.name: sizes[k % len(sizes)] for k, d in enumerate(op.domains)}
+    fed = {i.domain for i in op.inputs}
+    kw = {}
+    for d in op.domains:
+        if d.kind is DomainKind.POINTS:
+            kw[d.name] = torch.rand(n[d.name], d.dim, generator=gen, dtype=dtype)
+        elif d.name not in fed:
+            kw[d.name] = n[d.name]
+    for i in op.inputs:
+        shape = (n[i.domain],) if i.width is None else (n[i.domain], i.width)
+        kw[i.name] = torch.randn(*shape, generator=gen, dtype=dtype)
+    return kw

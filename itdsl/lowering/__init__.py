@@ -45,5 +45,33 @@ def compile_module(mod, target: str, arch: str = "sm_80"):
                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
 
-__all__ = ["Group", "PairSpec", "pair_groups", "spec_of", "schedule_kernel", "compile_module",
+def kernel_codes(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu",
+                 dtype: str = "float32"):
+    """(title, code) of every kernel of a Plan: CUDA C ("cuda") or TVM script ("tir")."""
+    for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
+        for group in pair_groups(prog):
+            target = "cuda" if kind == "cuda" else tir_target
+            spec = spec_of(group, target)
+            mod = schedule_kernel(spec, dtype, target)
+            names = ", ".join(st.name for st in group.steps)
+            title = (f"{plan.op.name}: {phase} kernel for {names} ({group.kind} over "
+                     f"{group.over}, per point of {group.side})")
+            if kind == "tir":
+                yield title, mod.script()
+                continue
+            exe = compile_module(mod, "cuda", arch)
+            if not exe.mod.imports:
+                raise LoweringError(f"no CUDA kernel was generated for {names}")
+            yield title, exe.mod.imports[0].inspect_source()
+
+
+def kernel_sources(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu",
+                   dtype: str = "float32") -> str:
+    """The generated code of every kernel of a Plan, one after the other."""
+    mark = "#" if kind == "tir" else "//"
+    return "\n\n".join(f"{mark} {title}\n{code}" for title, code in
+                        kernel_codes(plan, kind, arch, tir_target, dtype))
+
+
+__all__ = ["kernel_codes", "kernel_sources", "Group", "PairSpec", "pair_groups", "spec_of", "schedule_kernel", "compile_module",
            "cpu_target", "cuda_target", "CUDA_ARCHS"]
