@@ -14,8 +14,20 @@ familiar compiler form::
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from functools import lru_cache
+
+MAX_RENDERED = 50  # errors shown by `ItdslErrors.render`; the rest are counted
+MAX_SHOWN_LINE = 160  # characters of a source line quoted under an error
+
+
+@lru_cache(maxsize=4)
+def _lines(source: str) -> list[str]:
+    """The lines of a source text, split the way the lexer counts them (at "\n" only).
+
+    Cached: rendering many errors of one large file must not split it once per error."""
+    return [ln.removesuffix("\r") for ln in source.split("\n")]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +49,7 @@ class Span:
     def source_line(self) -> str | None:
         if self.source is None:
             return None
-        lines = self.source.splitlines()
+        lines = _lines(self.source)
         if 1 <= self.line <= len(lines):
             return lines[self.line - 1]
         return None
@@ -66,10 +78,18 @@ class ItdslError(Exception):
             text = self.span.source_line()
             if text is not None:
                 text = text.expandtabs(1)
-                width = (self.span.end_col - self.span.col) if self.span.end_line == self.span.line else 1
-                width = max(1, min(width, len(text) - self.span.col + 1))
+                col = self.span.col
+                width = (self.span.end_col - col) if self.span.end_line == self.span.line else 1
+                width = max(1, min(width, len(text) - col + 1))
+                if len(text) > MAX_SHOWN_LINE:  # show a window of a very long line
+                    start = max(0, min(col - 1 - MAX_SHOWN_LINE // 3, len(text) - MAX_SHOWN_LINE))
+                    lead = "..." if start > 0 else ""
+                    tail = "..." if start + MAX_SHOWN_LINE < len(text) else ""
+                    text = lead + text[start:start + MAX_SHOWN_LINE] + tail
+                    col = col - start + len(lead)
+                    width = max(1, min(width, len(text) - len(tail) - col + 1))
                 out.append(f"    {text}")
-                out.append("    " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+                out.append("    " + " " * (col - 1) + "^" + "~" * (width - 1))
         if self.hint:
             out.append(f"hint: {self.hint}")
         return "\n".join(out)
@@ -109,7 +129,9 @@ class ItdslErrors(ItdslError):
 
     def render(self) -> str:
         n = len(self.errors)
-        body = "\n".join(e.render() for e in self.errors)
+        body = "\n".join(e.render() for e in self.errors[:MAX_RENDERED])
+        if n > MAX_RENDERED:
+            body += f"\n... and {n - MAX_RENDERED} more"
         return body + (f"\n{n} errors" if n > 1 else "")
 
 

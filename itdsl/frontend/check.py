@@ -9,7 +9,7 @@ errors it finds and raises them together.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from ..errors import CheckError, ItdslError, Span, did_you_mean, raise_all
 from . import ast, ir
@@ -18,6 +18,10 @@ from .ast import DomainKind, ParamKind
 MAX_EXPONENT = 64  # a constant exponent beyond this is surely a typo, and blows up algebra
 MAX_GAUSS_NODES = 1024
 MAX_SAMPLES = 1 << 24
+# Kernel calls are inlined, so a chain of kernels that each call the previous one twice
+# grows exponentially; these bound one declaration's expression once its kernels are inlined.
+MAX_IR_NODES = 100_000
+MAX_IR_DEPTH = 160  # the reference and the symbolic layer recurse ~4 frames a level
 
 REDUCE_FNS = {f.value: f for f in ir.RFn}
 BUILTINS = ({"pi"} | set(ir.UNARY_FNS) | set(ir.BINARY_FNS) | set(REDUCE_FNS))
@@ -37,6 +41,29 @@ class _Bad(Exception):
 
 def _wname(w: int | None) -> str:
     return "R" if w is None else f"R^{w}"
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article: "an input", "a kernel"."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _ast_nodes(e: ast.Expr):
+    """Every node of an AST expression (iterative)."""
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        yield node
+        for f in fields(node):
+            v = getattr(node, f.name)
+            if isinstance(v, ast.Expr):
+                stack.append(v)
+            elif isinstance(v, tuple):
+                stack.extend(x for x in v if isinstance(x, ast.Expr))
 
 
 @dataclass
@@ -79,6 +106,18 @@ class _OperatorChecker:
         self.kernels: dict[str, ir.Kernel] = {}
         self.output: ir.Output | None = None
         self.decl_of: dict[str, ast.Decl] = {}
+        # Every name the operator declares, wherever (to tell "declared later" from "unknown").
+        self.all_decls: dict[str, ast.Decl] = {}
+        for d in op.decls:
+            self.all_decls.setdefault(d.name, d)
+        # Names whose declaration failed to check: their uses are not reported again.
+        self.broken: set[str] = set()
+        # Variables of the integrals in the output being checked (to explain a use outside).
+        self.integral_vars: dict[str, ast.Binder] = {}
+        # Size of each checked kernel's body, and of the declaration being checked so far.
+        self.kernel_size: dict[str, int] = {}
+        self.inlined = 0
+        self.current: str | None = None  # the declaration being checked
 
     def error(self, message: str, span: Span, hint: str | None = None) -> None:
         self.parent.error(message, span, hint)
@@ -89,7 +128,14 @@ class _OperatorChecker:
         for d in self.op.decls:
             if not self.declare(d):
                 continue
+            self.inlined = 0
+            self.current = d.name
             getattr(self, "decl_" + type(d).__name__)(d)
+            self.current = None
+            made = (self.domains, self.inputs, self.params, self.kernels)
+            if not any(d.name in m for m in made) and not (
+                    self.output is not None and self.output.name == d.name):
+                self.broken.add(d.name)
         if self.output is None:
             if len(self.parent.errors) == n_errors:
                 self.error(f"operator `{self.op.name}` has no `output`", self.op.name_span,
@@ -128,12 +174,25 @@ class _OperatorChecker:
         if dom is None:
             if name in self.decl_of:
                 self.error(f"`{name}` is not a domain", span,
-                           f"it is declared as a {self._what(name)}")
+                           f"it is declared as {_a(self._what(name))}")
+            elif name in self.all_decls:
+                self.used_before(name, span)
             else:
                 self.error(f"unknown domain `{name}`", span,
                            did_you_mean(name, self.domains) or
-                           f"declare it first: `domain {name} = points(D)`, `grid(a, b)` or `index`")
+                           f"declare it first: `domain {name} = points(D)`, `grid(a, b)` or "
+                           "`index`")
         return dom
+
+    def used_before(self, name: str, span: Span):
+        """Report a use of `name` above its declaration."""
+        d = self.all_decls[name]
+        what = {ast.DomainDecl: "domain", ast.InputDecl: "input", ast.ParamDecl: "param",
+                ast.KernelDecl: "kernel", ast.OutputDecl: "output"}.get(type(d), "name")
+        self.error(f"`{name}` is used before its declaration (the {what} `{name}` is declared "
+                   f"at line {d.name_span.line})", span,
+                   f"move the declaration of `{name}` above line {span.line}: names are "
+                   "declared before use")
 
     def decl_InputDecl(self, d: ast.InputDecl) -> None:
         if self.lookup_domain(d.domain, d.domain_span) is not None:
@@ -167,6 +226,7 @@ class _OperatorChecker:
             return
         try:
             body = self.expr(d.body, _Scope(vars=scope, in_output=False))
+            self.kernel_size[d.name] = self.expansion(body, f"kernel `{d.name}`", d.name_span)
         except _Bad:
             return
         (x, y) = d.params
@@ -177,12 +237,29 @@ class _OperatorChecker:
         scope = self.binders([d.var], f"output `{d.name}`")
         if scope is None:
             return
+        self.integral_vars = {n.var.name: n.var for n in _ast_nodes(d.body)
+                              if isinstance(n, ast.Integral)}
         try:
             body = self.expr(d.body, _Scope(vars=scope, in_output=True))
+            self.expansion(body, f"output `{d.name}`", d.name_span)
         except _Bad:
             return
         self.output = ir.Output(name=d.name, var=d.var.name, domain=d.var.domain, body=body,
                                 span=d.span)
+
+    def expansion(self, body: ir.Expr, what: str, span: Span) -> int:
+        """The number of nodes of `body`; fail if it is too large or too deep."""
+        size = 0
+        stack = [(body, 1)]
+        while stack:
+            node, depth = stack.pop()
+            size += 1
+            if depth > MAX_IR_DEPTH:
+                self.fail(f"{what} is nested more than {MAX_IR_DEPTH} levels deep (with the "
+                          "kernels it calls inlined)", span,
+                          "simplify it, or let fewer kernels call one another")
+            stack.extend((c, depth + 1) for c in ir.children(node))
+        return size
 
     def _what(self, name: str) -> str:
         if name in BUILTINS:
@@ -204,6 +281,8 @@ class _OperatorChecker:
         return ir.Const(value=e.value, width=None, span=e.span)
 
     def e_Name(self, e: ast.Name, scope: _Scope) -> ir.Expr:
+        if e.id in self.broken:
+            raise _Bad  # its declaration is already reported
         if e.id in scope.vars:
             dom = self.domains[scope.vars[e.id]]
             return ir.Coord(var=e.id, domain=dom.name, width=dom.coord_width, span=e.span)
@@ -214,25 +293,52 @@ class _OperatorChecker:
             return ir.ParamRef(param=e.id, width=p.width, span=e.span)
         what = self._what(e.id)
         if e.id in self.inputs:
-            var = next(iter(scope.vars), "x")
-            self.fail(f"`{e.id}` is a field: evaluate it at a point", e.span,
-                      f"write `{e.id}({var})`")
+            dom = self.inputs[e.id].domain
+            var = next((v for v, d in scope.vars.items() if d == dom), None)
+            self.fail(f"`{e.id}` is a field: evaluate it at a point of {dom}", e.span,
+                      f"write `{e.id}({var})`" if var else
+                      f"integrate over {dom}: `integral(y: {dom}) {e.id}(y)`")
         if p is not None or e.id in self.kernels or e.id in ir.UNARY_FNS or e.id in REDUCE_FNS:
-            self.fail(f"`{e.id}` is a {'param' if p else what} that must be called", e.span,
-                      f"write `{e.id}(...)`")
+            if e.id in self.kernels:
+                hint = f"write `{e.id}(x, y)` with two points"
+            else:
+                hint = f"write `{e.id}(...)`"
+            self.fail(f"`{e.id}` is {_a('param' if p else what)} that must be called", e.span,
+                      hint)
         if e.id in self.decl_of:
             if what == "output":
                 self.fail(f"the output `{e.id}` cannot be used in an expression", e.span)
-            if what == "kernel":
-                self.fail(f"the kernel `{e.id}` is used before its declaration is complete", e.span)
-            self.fail(f"`{e.id}` is a {what}, not a value", e.span,
+            if what == "kernel" and e.id == self.current:
+                self.fail(f"the kernel `{e.id}` is used in its own definition", e.span,
+                          "a kernel cannot refer to itself")
+            self.fail(f"`{e.id}` is {_a(what)}, not a value", e.span,
                       "a point variable names a point of a domain: `(x: X)`" if what == "domain"
                       else None)
+        self.not_in_scope(e.id, e.span, scope)
         names = set(scope.vars) | set(self.decl_of) | {"pi"}
         hint = did_you_mean(e.id, names)
         if hint is None and scope.in_output and scope.integral_var is None:
-            hint = "inside an output, integrate over a domain with `integral(y: Y) ...`"
+            hint = (f"declare it before use (e.g. `param {e.id} : R = 1.0`), or, for a point of "
+                    f"another domain, integrate over it: `integral({e.id}: Y) ...`")
+        elif hint is None:
+            hint = f"declare it before use, e.g. `param {e.id} : R = 1.0`"
         self.fail(f"unknown name `{e.id}`", e.span, hint)
+
+    def not_in_scope(self, name: str, span: Span, scope: _Scope) -> None:
+        """Fail with a helpful message if `name` is declared later or is an integral's
+        variable used outside its integrand; return if it is simply unknown."""
+        if name in self.all_decls and name not in self.decl_of:
+            if isinstance(self.all_decls[name], ast.OutputDecl):
+                self.fail(f"the output `{name}` cannot be used in an expression", span)
+            self.used_before(name, span)
+            raise _Bad
+        if name in self.integral_vars and name not in scope.vars:
+            b = self.integral_vars[name]
+            self.fail(f"`{name}` is not defined here: it is the variable of the integral at "
+                      f"{b.span.line}:{b.span.col}, known only inside its integrand", span,
+                      "an integrand extends over `*` and stops at `+`, `-`, `/` and `with`; "
+                      f"parenthesise a sum to put it inside: `integral({name}: {b.domain}) "
+                      "(a + b)`")
 
     def e_Neg(self, e: ast.Neg, scope: _Scope) -> ir.Expr:
         a = self.expr(e.operand, scope)
@@ -331,8 +437,8 @@ class _OperatorChecker:
         allowed = QUAD_DOMAINS[rule]
         if allowed is not None and dom.kind not in allowed:
             kinds = " or ".join(f"`{k.value}`" for k in sorted(allowed, key=lambda k: k.value))
-            self.fail(f"quadrature `{rule.value}` needs a {kinds} domain, but `{dom.name}` is "
-                      f"`{dom.kind.value}`", q.span,
+            self.fail(f"quadrature `{rule.value}` works only on {kinds} domains, but `{dom.name}` "
+                      f"is `{dom.kind.value}`", q.span,
                       f"on `{dom.kind.value}` use " + ", ".join(
                           f"`{r.value}`" for r, a in QUAD_DOMAINS.items()
                           if a is None or dom.kind in a))
@@ -342,22 +448,34 @@ class _OperatorChecker:
         takes = {ir.QuadRule.WEIGHTS: (1, ()), ir.QuadRule.GAUSS: (1, ()),
                  ir.QuadRule.MONTECARLO: (1, ("importance",))}.get(rule, (0, ()))
         n_pos, kw_ok = takes
-        usage = {ir.QuadRule.WEIGHTS: "weights(w)", ir.QuadRule.GAUSS: "gauss(n)",
-                 ir.QuadRule.MONTECARLO: "montecarlo(S) or montecarlo(S, importance = EXPR)"}
-        if len(positional) != n_pos or any(k not in kw_ok for k in keywords) or (
-                q.args is not None and not args):
-            self.fail(f"wrong arguments for quadrature `{rule.value}`", q.span,
-                      f"write `{usage.get(rule, rule.value)}`")
-        kw = dict(rule=rule, explicit=True, span=q.span)
+        usage = {ir.QuadRule.WEIGHTS: "`weights(w)`", ir.QuadRule.GAUSS: "`gauss(n)`",
+                 ir.QuadRule.MONTECARLO: "`montecarlo(S)` or `montecarlo(S, importance = EXPR)`"}
+        hint = f"write {usage.get(rule, f'`{rule.value}`')}"
+        for key, a in keywords.items():
+            if key not in kw_ok:
+                self.fail(f"quadrature `{rule.value}` has no option `{key}`", a.span,
+                          did_you_mean(key, kw_ok) or hint)
+        if len(positional) != n_pos or (q.args is not None and not args):
+            what = {ir.QuadRule.WEIGHTS: " (the weights field)",
+                    ir.QuadRule.GAUSS: " (the number of nodes)",
+                    ir.QuadRule.MONTECARLO: " (the number of samples)"}.get(rule, "")
+            self.fail(f"quadrature `{rule.value}` takes {_plural(n_pos, 'argument')}{what}, "
+                      f"got {len(positional)}", q.span, hint)
+        kw = {"rule": rule, "explicit": True, "span": q.span}
         if rule is ir.QuadRule.WEIGHTS:
             w = positional[0].value
             f = self.inputs.get(w.id) if isinstance(w, ast.Name) else None
             if f is None:
                 self.fail("`weights(w)` needs the name of an input field", w.span,
                           f"declare `input w : {dom.name} -> R` and write `weights(w)`")
-            if f.domain != dom.name or f.width is not None:
-                self.fail(f"the weights `{f.name}` must be a scalar field on `{dom.name}`, "
-                          f"but it is {_wname(f.width)} on `{f.domain}`", w.span,
+            if f.domain != dom.name:
+                self.fail(f"the weights `{f.name}` live on {f.domain}, but the integral runs "
+                          f"over {dom.name}", w.span,
+                          f"the weights of an integral over {dom.name} are a field "
+                          f"`input {f.name} : {dom.name} -> R`")
+            if f.width is not None:
+                self.fail(f"the weights `{f.name}` must be a scalar field (R), but `{f.name}` is "
+                          f"{_wname(f.width)}", w.span,
                           f"declare `input {f.name} : {dom.name} -> R`")
             return ir.Quad(weights=f.name, **kw)
         if rule is ir.QuadRule.GAUSS:
@@ -382,13 +500,18 @@ class _OperatorChecker:
 
     def count(self, e: ast.Expr, what: str, limit: int) -> int:
         if not isinstance(e, ast.Number) or e.value != int(e.value) or not 1 <= e.value <= limit:
-            self.fail(f"{what} must be an integer in [1, {limit}]", e.span)
+            got = f", got {e.value:g}" if isinstance(e, ast.Number) else ""
+            self.fail(f"{what} must be an integer in [1, {limit}]{got}", e.span,
+                      None if isinstance(e, ast.Number) else "write a plain number")
         return int(e.value)
 
     def e_Call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         f = e.func
         if f in scope.vars:
-            self.fail(f"`{f}` is a point, not a function", e.func_span)
+            self.fail(f"`{f}` is a point, not a function", e.func_span,
+                      "fields, kernels, mlps, splines and built-ins are called; a point is not")
+        if f in self.broken:
+            raise _Bad  # its declaration is already reported
         if f in self.inputs:
             return self.field_at(e, scope)
         if f in self.kernels:
@@ -410,7 +533,13 @@ class _OperatorChecker:
                           f"{_wname(args[1].width)}", e.span)
             return ir.Reduce(fn=rfn, args=tuple(args), width=None, span=e.span)
         if f in self.decl_of:
-            self.fail(f"`{f}` is a {self._what(f)} and cannot be called", e.func_span)
+            what = self._what(f)
+            if what == "kernel" and f == self.current:
+                self.fail(f"the kernel `{f}` calls itself", e.func_span,
+                          "a kernel cannot be recursive")
+            self.fail(f"`{f}` is {_a(what)} and cannot be called", e.func_span,
+                      "a domain is named in a binder, `(x: X)`" if what == "domain" else None)
+        self.not_in_scope(f, e.func_span, scope)
         known = set(BUILTINS) | set(self.inputs) | set(self.kernels) | set(self.params)
         self.fail(f"unknown function `{f}`", e.func_span,
                   did_you_mean(f, known - {"pi"}) or
@@ -421,17 +550,23 @@ class _OperatorChecker:
             self.fail(f"`{e.func}` takes {n} argument{'s' if n != 1 else ''}, got {len(e.args)}",
                       e.span)
 
-    def point_arg(self, a: ast.Expr, scope: _Scope, who: str) -> tuple[str, str]:
+    def point_arg(self, a: ast.Expr, scope: _Scope, who: str, domain: str) -> tuple[str, str]:
+        """The point variable `a` (an argument of a field or kernel that wants a point of
+        `domain`) and its domain."""
+        if isinstance(a, ast.Name) and a.id not in scope.vars:
+            self.not_in_scope(a.id, a.span, scope)
         if not isinstance(a, ast.Name) or a.id not in scope.vars:
             names = ", ".join(f"`{v}`" for v in scope.vars)
-            self.fail(f"{who} must be evaluated at a point variable ({names})", a.span,
-                      "fields and kernels are known only at the points of their domains")
+            self.fail(f"{who} must be evaluated at a point variable ({names}), not at an "
+                      "expression", a.span,
+                      "fields and kernels are known only at the points of their domains; "
+                      + self._point_hint(scope, domain))
         return a.id, scope.vars[a.id]
 
     def field_at(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         field = self.inputs[e.func]
         self.arity(e, 1)
-        var, dom = self.point_arg(e.args[0], scope, f"the field `{field.name}`")
+        var, dom = self.point_arg(e.args[0], scope, f"the field `{field.name}`", field.domain)
         if dom != field.domain:
             self.fail(f"`{field.name}` lives on {field.domain} but `{var}` is a point of {dom}",
                       e.span, self._point_hint(scope, field.domain))
@@ -440,7 +575,7 @@ class _OperatorChecker:
     def _point_hint(self, scope: _Scope, domain: str) -> str | None:
         same = [v for v, d in scope.vars.items() if d == domain]
         if same:
-            return f"evaluate it at `{same[0]}`"
+            return f"evaluate it at `{same[0]}`, the point of {domain} here"
         return f"integrate over its domain: `integral(y: {domain}) ...`"
 
     def kernel_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
@@ -448,11 +583,16 @@ class _OperatorChecker:
         self.arity(e, 2)
         renames = {}
         for a, (param, dom) in zip(e.args, ((k.x, k.x_domain), (k.y, k.y_domain))):
-            var, vdom = self.point_arg(a, scope, f"the kernel `{k.name}`")
+            var, vdom = self.point_arg(a, scope, f"the kernel `{k.name}`", dom)
             if vdom != dom:
                 self.fail(f"kernel `{k.name}` takes a point of {dom} here, but `{var}` is a point "
                           f"of {vdom}", a.span, self._point_hint(scope, dom))
             renames[param] = var
+        self.inlined += self.kernel_size[k.name]
+        if self.inlined > MAX_IR_NODES:
+            self.fail(f"this expression grows past {MAX_IR_NODES} nodes once its kernels are "
+                      "inlined", e.span, "kernels are inlined at every call; call a kernel that "
+                      "calls other kernels fewer times")
         return _rename(k.body, renames)
 
     def param_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
@@ -473,13 +613,19 @@ class _OperatorChecker:
             return ir.MlpCall(param=p.name, args=tuple(args), width=None if out == 1 else out,
                               span=e.span)
         if len(args) != len(p.sizes):
-            self.fail(f"the spline `{p.name}` is a function of {len(p.sizes)} variable"
-                      f"{'s' if len(p.sizes) > 1 else ''}, got {len(args)} arguments", e.span)
+            self.fail(f"the spline `{p.name}` is a function of "
+                      f"{_plural(len(p.sizes), 'variable')}, got {_plural(len(args), 'argument')}",
+                      e.span,
+                      f"`{p.name}` is declared `{_spline_text(p)}`")
         for a in args:
             if a.width is not None:
                 self.fail(f"a spline argument must be a scalar in [0, 1], but this is "
                           f"{_wname(a.width)}", a.span)
         return ir.SplineCall(param=p.name, args=tuple(args), width=None, span=e.span)
+
+
+def _spline_text(p: ir.Param) -> str:
+    return "spline(" + ", ".join(map(str, p.sizes)) + ")"
 
 
 def _rename(e: ir.Expr, renames: dict[str, str]) -> ir.Expr:

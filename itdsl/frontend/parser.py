@@ -6,7 +6,9 @@ Lark's own exceptions never leave this module: they are relabelled into
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,18 +20,31 @@ from . import ast
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB of .it text is far beyond any real operator
 MAX_DEPTH = 128  # nesting of the syntax tree (parentheses, chains of operators)
+MAX_INIT_RANGE = 1e38  # b - a of `uniform(a, b)`: torch refuses a float32 range wider than this
 
 DOMAIN_KINDS = {k.value: k for k in ast.DomainKind}
 PARAM_CTORS = ("mlp", "spline")
 INIT_KINDS = {"normal": 1, "uniform": 2}
 DECL_WORDS = ("domain", "input", "param", "kernel", "output")
+QUAD_WORDS = ("sum", "mean", "weights", "riemann", "trapezoid", "simpson", "gauss", "montecarlo")
+UNICODE_LOOKALIKES = {
+    "\u2212": "a Unicode minus sign; write `-`", "\u00d7": "a multiplication sign; write `*`",
+    "\u00b7": "a middle dot; write `*`", "\u2264": "a Unicode `≤`; write `<=`",
+    "\u2265": "a Unicode `≥`; write `>=`", "\u2260": "a Unicode `≠`; write `!=`",
+    "\u00a0": "a non-breaking space; write a plain space",
+    "\u2018": "a curly quote", "\u2019": "a curly quote", "\u201c": "a curly quote",
+    "\u201d": "a curly quote", "\u222b": "an integral sign; write `integral(y: Y) ...`",
+}
 RESERVED = ("operator", *DECL_WORDS, "integral", "with", "and", "or")
 
 
 @lru_cache(maxsize=1)
 def _lark() -> lark.Lark:
+    # The basic (not contextual) lexer: a keyword is always lexed as a keyword, so that a
+    # reserved word used as a name is a parse error (`_token_error` says so) instead of
+    # slipping through as a NAME wherever the parser happens to expect one.
     return lark.Lark.open(str(Path(__file__).with_name("grammar.lark")), parser="lalr",
-                          propagate_positions=True, maybe_placeholders=True)
+                          lexer="basic", propagate_positions=True, maybe_placeholders=True)
 
 
 def parse(source: str, filename: str = "<string>") -> ast.Program:
@@ -132,22 +147,27 @@ def _relabel(e: lark.exceptions.UnexpectedInput, source: str, filename: str) -> 
             hint = "the language has no strings"
         if hint is None and ch == ";":
             hint = "declarations need no separator; put each on its own line"
+        if hint is None and ch in UNICODE_LOOKALIKES:
+            hint = f"this is {UNICODE_LOOKALIKES[ch]}"
+        elif hint is None and not ch.isascii():
+            hint = "outside comments, `.it` text is ASCII"
         shown = repr(ch)[1:-1] if not ch.isprintable() or ch.isspace() else ch
         return ParseError(f"unexpected character `{shown}`", _span_at(source, filename, line, col),
                           hint)
     if isinstance(e, lark.exceptions.UnexpectedToken):
         tok = e.token
-        if tok.type == "$END":
-            lines = source.splitlines() or [""]
-            line, col = len(lines), len(lines[-1]) + 1
+        if tok.type == "$END":  # point just after the last non-blank text
+            text = source.rstrip()
+            line = text.count("\n") + 1
+            col = len(text) - (text.rfind("\n") + 1) + 1
             span = _span_at(source, filename, line, col)
         else:
             span = _span_at(source, filename, line, col, len(str(tok.value)))
         expected = set(e.expected)
-        try:  # LALR's table over-approximates; ask the parser what it really accepts here
+        # LALR's table over-approximates; ask the parser what it really accepts here (any
+        # failure just keeps the table's answer).
+        with contextlib.suppress(Exception):
             expected = set(e.interactive_parser.accepts()) or expected
-        except Exception:  # noqa: BLE001 - any failure just keeps the table's answer
-            pass
         return _token_error(tok, expected, span, source)
     return ParseError("unexpected end of file", _span_at(source, filename, line, col))
 
@@ -159,14 +179,28 @@ def _token_error(tok: Token, expected: set[str], span: Span, source: str) -> Par
         hint = "an `operator` block is missing its closing `}`" if "RBRACE" in expected else None
         return ParseError(f"unexpected end of file; expected {want}", span, hint)
     if value in RESERVED and "NAME" in expected:
+        if "NUMBER" in expected and value in ("operator", *DECL_WORDS):
+            return ParseError(f"unexpected `{value}`; expected {want}", span,
+                              "the expression before it is incomplete")
         return ParseError(f"`{value}` is a reserved word and cannot be used as a name", span,
                           "choose another name")
     hint = None
     offset = span_offset(source, span)
     if tok.type == "STAR" and source[offset - 1:offset] == "*":
-        hint = "write powers with `^`"
+        return ParseError("`**` is not an operator",
+                          replace(span, col=span.col - 1, end_col=span.col + 1),
+                          "write powers with `^`: `x^2`")
     elif tok.type == "EQUAL" and "CMP" in expected:
         hint = "compare with `==`"
+    elif expected - {"$END"} == {"OPERATOR"}:  # between operator blocks
+        if value in DECL_WORDS:
+            hint = f"a `{value}` declaration goes inside an `operator NAME {{ ... }}` block"
+        elif tok.type == "RBRACE":
+            hint = "this `}` closes no `operator` block"
+        else:
+            hint = "a file holds `operator NAME { ... }` blocks; comments start with `#`"
+    elif tok.type == "NAME" and value in QUAD_WORDS and "STAR" in expected:
+        hint = f"a quadrature follows `with` after an integral: `... with {value}`"
     elif tok.type == "NAME" and "LBRACE" in expected:
         hint = "an operator name is one word"
     elif tok.type == "NAME" and "RBRACE" in expected and "DOMAIN" in expected:
@@ -204,7 +238,11 @@ def _check_depth(tree: Tree, source: str, filename: str) -> None:
             span = _span_at(source, filename, getattr(meta, "line", 1), getattr(meta, "column", 1))
             raise ParseError(f"expression nested more than {MAX_DEPTH} levels deep", span,
                              "split it into several kernels")
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+        # The factors of an integrand and the links of a comparison chain are one flat node
+        # here but become left-deep chains (of products, of `and`s) later: count them so.
+        step = len(node.children) if node.data in ("integrand", "compare") else 1
+        # Leftmost child first, so that a long chain `a + b + ...` is reported where it starts.
+        stack.extend((c, depth + step) for c in reversed(node.children) if isinstance(c, Tree))
 
 
 # ---- parse tree -> AST -------------------------------------------------------------
@@ -250,7 +288,7 @@ class _Builder:
 
     def domain_decl(self, t: Tree) -> ast.Decl | None:
         name, kind, args = t.children
-        common = dict(name=str(name), span=self.span(t), name_span=self.span(name))
+        common = {"name": str(name), "span": self.span(t), "name_span": self.span(name)}
         k = DOMAIN_KINDS.get(str(kind))
         if k is None:
             self.error(f"unknown domain kind `{kind}`", kind,
@@ -274,7 +312,9 @@ class _Builder:
         if k is ast.DomainKind.GRID:
             lo, hi = vals
             if not lo < hi:
-                self.error(f"a grid needs a < b, got grid({_fmt(lo)}, {_fmt(hi)})", args)
+                self.error(f"a grid needs a < b, got grid({_fmt(lo)}, {_fmt(hi)})", args,
+                           f"write `grid({_fmt(hi)}, {_fmt(lo)})`" if lo > hi else
+                           "a grid spans an interval of positive length")
                 return None
             return ast.DomainDecl(kind=k, lo=lo, hi=hi, **common)
         return ast.DomainDecl(kind=k, **common)
@@ -300,7 +340,7 @@ class _Builder:
 
     def param_decl(self, t: Tree) -> ast.Decl | None:
         name, ptype, init = t.children
-        common = dict(name=str(name), span=self.span(t), name_span=self.span(name))
+        common = {"name": str(name), "span": self.span(t), "name_span": self.span(name)}
         init_v = None if init is None else self.init(init)
         if ptype.data == "param_real":
             width = self.value_type(ptype)
@@ -319,7 +359,8 @@ class _Builder:
         sizes_args = [a for a in args.children if a.data == "ptype_sizes"]
         options = [a for a in args.children if a.data == "ptype_option"]
         if init_v is not None and init_v.kind == "const":
-            self.error(f"a `{ctor_s}` param takes a random initialiser, not a constant", init,
+            self.error(f"{_a(ctor_s)} `{ctor_s}` param takes a random initialiser, not a constant",
+                       init,
                        "write `= normal(0.02)` or `= uniform(-0.1, 0.1)`, or leave it out")
         if ctor_s == "mlp":
             if len(sizes_args) != 1 or len(sizes_args[0].children) < 2:
@@ -332,7 +373,8 @@ class _Builder:
             for opt in options:
                 key, val = (str(c) for c in opt.children)
                 if key != "act":
-                    self.error(f"unknown mlp option `{key}`", opt.children[0], "the option is `act`")
+                    self.error(f"unknown mlp option `{key}`", opt.children[0],
+                               "the option is `act`")
                 elif val not in ACTIVATIONS:
                     self.error(f"unknown activation `{val}`", opt.children[1],
                                did_you_mean(val, ACTIVATIONS) or
@@ -365,14 +407,26 @@ class _Builder:
                            did_you_mean(fn, INIT_KINDS) or
                            "an initial value is a number, `normal(std)` or `uniform(a, b)`")
                 return None
+            usage = {"normal": "normal(std)", "uniform": "uniform(a, b)"}[fn]
             if len(argv) != INIT_KINDS[fn]:
-                self.error(f"`{fn}` takes {INIT_KINDS[fn]} argument(s), got {len(argv)}", t)
+                n = INIT_KINDS[fn]
+                self.error(f"`{fn}` takes {n} argument{'s' if n != 1 else ''}, got {len(argv)}", t,
+                           f"write `{usage}`")
                 return None
             vals = [self.constant(a) for a in argv]
             if any(v is None for v in vals):
                 return None
             if fn == "normal" and vals[0] < 0:
                 self.error("the standard deviation of `normal` must be >= 0", argv[0])
+                return None
+            if fn == "uniform" and not vals[0] <= vals[1]:
+                self.error(f"`uniform(a, b)` needs a <= b, got uniform({_fmt(vals[0])}, "
+                           f"{_fmt(vals[1])})", t, f"write `uniform({_fmt(vals[1])}, "
+                           f"{_fmt(vals[0])})`")
+                return None
+            if fn == "uniform" and not vals[1] - vals[0] <= MAX_INIT_RANGE:
+                self.error(f"the range of `uniform` is wider than {MAX_INIT_RANGE:g}, more than "
+                           "a float32 param can hold", t)
                 return None
             return ast.Init(kind=fn, args=tuple(vals), span=span)
         value = self.constant(t)
@@ -394,7 +448,8 @@ class _Builder:
 
     # constants -------------------------------------------------------------------
     def constant(self, t: Tree | Token) -> float | None:
-        """Fold a constant expression (numbers, + - * / ^, `pi`); report and return None if not one."""
+        """Fold a constant expression (numbers, + - * / ^, `pi`); report it and return None
+        if it is not one."""
         try:
             return _fold(self.expr(t))
         except _NotConstant as e:
@@ -406,8 +461,9 @@ class _Builder:
                      minimum: int = 1) -> int | None:
         if value is None:
             return None
-        if value != int(value) or not minimum <= value <= limit:
-            self.error(f"{what} must be an integer in [{minimum}, {limit}], got {_fmt(value)}", where)
+        if not math.isfinite(value) or value != int(value) or not minimum <= value <= limit:
+            self.error(f"{what} must be an integer in [{minimum}, {limit}], got {_fmt(value)}",
+                       where)
             return None
         return int(value)
 
@@ -495,7 +551,8 @@ class _Builder:
             for a in qargs.children:
                 if isinstance(a, Tree) and a.data == "kwarg":
                     key, value = a.children
-                    args.append(ast.QuadArg(key=str(key), value=self.expr(value), span=self.span(a)))
+                    args.append(ast.QuadArg(key=str(key), value=self.expr(value),
+                                            span=self.span(a)))
                 else:
                     e = self.expr(a)
                     args.append(ast.QuadArg(key=None, value=e, span=e.span))
@@ -539,6 +596,11 @@ def _number(tok: Token) -> float:
         return float(text)
     except ValueError:  # pragma: no cover - the lexer only yields valid numbers
         return math.nan
+
+
+def _a(word: str) -> str:
+    """The indefinite article for `word` ("an mlp", "a spline")."""
+    return "an" if word[:1].lower() in "aeio" or word == "mlp" else "a"
 
 
 def _fmt(v: float) -> str:
