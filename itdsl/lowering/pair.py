@@ -51,10 +51,17 @@ class PairBuilder:
         roots = [st.expr for st in spec.steps] + [st.mask for st in spec.steps
                                                   if st.mask is not None]
         self.uses = _uses(roots)
+        self.soa = {}
         for k, leaf in enumerate(spec.leaves):
-            shape = {"row": (self.B, self.NP, leaf.width), "col": (self.B, leaf.width, self.MP)
-                     }.get(leaf.role, leaf.shape or (1,))
+            if leaf.role == "row":
+                shape = (self.B, self.NP, leaf.width)
+            elif leaf.role == "col":
+                shape = ((self.B, leaf.width, self.MP) if leaf.soa else
+                         (self.B, self.MP, leaf.width))
+            else:
+                shape = leaf.shape or (1,)
             self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
+            self.soa[leaf.node] = leaf.soa
 
     # ---- constants and elementwise math -------------------------------------------------------
     def c(self, v: float) -> tirx.PrimExpr:
@@ -185,7 +192,9 @@ class PairBuilder:
         if n.deps == {spec.row_side}:
             return lambda b, i, j, ch: A[b, i, ch[0] if ch else 0]
         if n.deps == {spec.col_side}:
-            return lambda b, i, j, ch: A[b, ch[0] if ch else 0, j]
+            if self.soa[n]:
+                return lambda b, i, j, ch: A[b, ch[0] if ch else 0, j]
+            return lambda b, i, j, ch: A[b, j, ch[0] if ch else 0]
         return lambda b, i, j, ch: A[ch if ch else (0,)]
 
     def _concat(self, n: Node, args):
@@ -239,8 +248,6 @@ class PairBuilder:
         if op == "linear":
             W, a = n.args
             col, k, tr = n.attrs
-            if a.shape and a.op not in P.LEAVES and a.op != "bcast":
-                self._materialise(a)  # read `out` times by the reduction: compute it once
             av = self.val(a)
             Wv = self.arrays[W]
             r = te.reduce_axis((0, k if not tr else W.shape[0]), name="r")
@@ -283,13 +290,11 @@ class PairBuilder:
     # ---- the whole kernel ---------------------------------------------------------------------------
     def build(self) -> list:
         spec = self.spec
-        # expensive scalar pair values that vector consumers would recompute per channel
-        for st in spec.steps:
-            for n in P.toposort([st.expr]):
-                if (len(n.deps) == 2 and not n.shape and n.op in P.ELEMENTWISE
-                        and self.uses.get(n, 0) > 0 and P.cost([n]) > 2
-                        and any(p.shape for p in self.uses_by.get(n, ()))):
-                    self._materialise(n)
+        for n in spec.staged:  # in topological order: producers first
+            if n.op in ("dot", "sum", "linear"):
+                self._stage(n)
+            else:
+                self._materialise(n)
         offs, vals = [], []
         off = 0
         for st, w in zip(spec.steps, spec.widths):
@@ -323,18 +328,6 @@ class PairBuilder:
                 axis=j), name="O")
         self.out = O
         return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
-
-    @property
-    def uses_by(self) -> dict[Node, list[Node]]:
-        if not hasattr(self, "_uses_by"):
-            ub: dict[Node, list[Node]] = {}
-            roots = [st.expr for st in self.spec.steps]
-            for n in P.toposort(roots):
-                for a in n.args:
-                    ub.setdefault(a, []).append(n)
-            self._uses_by = ub
-        return self._uses_by
-
 
 def _uses(roots: list[Node]) -> dict[Node, int]:
     out: dict[Node, int] = {}

@@ -29,6 +29,12 @@ def schedule_cpu(func, spec, stages: list[str]):
     sch.reorder(b, io, jo, ji, ii, c)
     acc = sch.cache_write(O, 0, "local")
     sch.reverse_compute_at(acc, io)
+    width = spec.out_width
+    if width > 1:
+        if width > 64:
+            _, c = sch.split(c, [None, 16])
+        sch.vectorize(c)
+    sch.unroll(ii)
     for name in reversed(stages):
         sch.compute_at(sch.get_sblock(name), jo)
     for name in stages:

@@ -24,12 +24,17 @@ def _flat(shape: tuple[int, ...]) -> int:
 
 @dataclass
 class LeafSpec:
-    """One array argument of a pair kernel and the plan leaf it holds."""
+    """One array argument of a pair kernel and the plan leaf it holds.
+
+    Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) when a channel stage reads
+    them, so that stages vectorise over consecutive j, else [b, j, w], so that the
+    accumulation vectorises over the channels w."""
 
     role: str  # "row" | "col" | "param" | "const"
     node: Node
     width: int  # channels (rows/cols); for params/consts the flat size
     shape: tuple[int, ...]  # params/consts: the array shape
+    soa: bool = False  # columns only: [b, w, j] instead of [b, j, w]
 
 
 @dataclass
@@ -44,6 +49,7 @@ class PairSpec:
     leaves: list[LeafSpec] = field(default_factory=list)
     tile_rows: int = TILE_ROWS
     tile_cols: int = TILE_COLS
+    staged: list[Node] = field(default_factory=list)  # see `staged_nodes`
 
     @property
     def out_width(self) -> int:
@@ -96,6 +102,10 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
                     steps=group.steps, widths=widths, tile_rows=rows, tile_cols=cols)
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
+    staged = staged_nodes(roots)
+    in_stage: set[Node] = set()
+    for n in staged:
+        in_stage.update(toposort(list(n.args)))
     seen: set[Node] = set()
     for n in toposort(roots):
         if n.op not in P.LEAVES or n.op == "const" or n in seen:
@@ -107,5 +117,34 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
             role = "col"
         else:
             role = "param" if n.op == "param" else "const"
-        spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape)))
+        spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
+                                    soa=role == "col" and n in in_stage))
+    spec.staged = staged
     return spec
+
+
+def staged_nodes(roots: list[Node]) -> list[Node]:
+    """The pair values a kernel computes once per (row, column) tile as stages, in
+    topological order: channel reductions (dot, sum, MLP layers), the vector argument of
+    a matrix product (read once per output channel otherwise), and costly scalar values
+    that a vector consumer would otherwise recompute for every channel."""
+    consumers: dict[Node, list[Node]] = {}
+    order = toposort(roots)
+    for n in order:
+        for a in n.args:
+            consumers.setdefault(a, []).append(n)
+    out: list[Node] = []
+    chosen: set[Node] = set()
+    for n in order:
+        if len(n.deps) < 2:
+            continue
+        pick = n.op in ("dot", "sum", "linear")
+        if not pick and n.shape and any(c.op == "linear" and c.args[1] is n
+                                        for c in consumers.get(n, ())):
+            pick = n.op not in P.LEAVES and n.op != "bcast"
+        if not pick and not n.shape and n.op in P.ELEMENTWISE and P.cost([n]) > 2:
+            pick = any(c.shape for c in consumers.get(n, ()))
+        if pick and n not in chosen:
+            chosen.add(n)
+            out.append(n)
+    return out

@@ -69,7 +69,9 @@ class CompiledEvaluator(PlanEvaluator):
                 v = torch.nn.functional.pad(v, (0, 0, 0, nt * TI - n))
             elif leaf.role == "col":
                 v = self.side_value(leaf.node, spec.col_side)
-                v = torch.nn.functional.pad(v, (0, 0, 0, mt * TJ - m)).transpose(1, 2)
+                v = torch.nn.functional.pad(v, (0, 0, 0, mt * TJ - m))
+                if leaf.soa:
+                    v = v.transpose(1, 2)
             else:
                 v = self.eval_level(leaf.node, None).reshape(leaf.shape or (1,))
             if v.dim() == 3 and v.shape[0] != bf:

@@ -191,9 +191,11 @@ class _Forward:
         return side
 
     def summand(self, integral: ir.Integral) -> tuple[str, Node]:
+        """The integrand times the quadrature weight of y (1 for `sum`: no factor)."""
         side = self.space(integral)
         lower = _Lower(self.op, {self.op.output.var: "x", integral.var: side}, self.rewrite)
-        return side, P.mul(P.weight(side), lower(integral.body))
+        w = P.ONE if integral.quad.rule is ir.QuadRule.SUM else P.weight(side)
+        return side, P.mul(w, lower(integral.body))
 
     def add_integral(self, side: str, summand: Node) -> Node:
         name = f"I{len(self.integrals)}"

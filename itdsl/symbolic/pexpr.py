@@ -212,6 +212,16 @@ def mul(a: Node, b: Node) -> Node:
         return neg(b)
     if b.is_const and b.value == -1.0 and a.shape == shape:
         return neg(a)
+    # scalars first: s1 * (s2 * v) = (s1 * s2) * v, so a product of several scalar factors
+    # and one vector is one scalar (computed once per pair) times the vector
+    if a.shape == () and shape != ():
+        sv = _scalar_factor(b)
+        if sv is not None:
+            return mul(mul(a, sv[0]), sv[1])
+    if b.shape == () and shape != ():
+        sv = _scalar_factor(a)
+        if sv is not None:
+            return mul(mul(b, sv[0]), sv[1])
     return ew("*", a, b)
 
 
