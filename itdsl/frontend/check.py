@@ -24,6 +24,7 @@ MAX_IR_NODES = 100_000
 MAX_IR_DEPTH = 160  # the reference and the symbolic layer recurse ~4 frames a level
 
 REDUCE_FNS = {f.value: f for f in ir.RFn}
+CALL_KEYWORDS = ("self", "generator")  # taken by the operator modules' forward()
 BUILTINS = ({"pi"} | set(ir.UNARY_FNS) | set(ir.BINARY_FNS) | set(REDUCE_FNS))
 QUAD_DOMAINS = {
     ir.QuadRule.SUM: None, ir.QuadRule.MEAN: None, ir.QuadRule.WEIGHTS: None,
@@ -149,6 +150,11 @@ class _OperatorChecker:
                            span=self.op.span)
 
     def declare(self, d: ast.Decl) -> bool:
+        if d.name in CALL_KEYWORDS and isinstance(d, ast.DomainDecl | ast.InputDecl):
+            self.error(f"`{d.name}` cannot name a domain or an input: operators are called with "
+                       f"those as keywords, and `{d.name}` is taken", d.name_span,
+                       "choose another name")
+            return False
         if d.name in BUILTINS:
             self.error(f"`{d.name}` is a built-in and cannot be redefined", d.name_span,
                        "choose another name")

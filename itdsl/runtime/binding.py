@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 
-RESERVED_KEYWORDS = ("generator",)
+RESERVED_KEYWORDS = ("generator", "self")  # keywords of the modules' forward()
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

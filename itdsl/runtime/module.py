@@ -221,7 +221,7 @@ class CompiledOperator(nn.Module):
         op = plan.op
         for name in RESERVED_KEYWORDS:
             if any(d.name == name for d in op.domains) or any(i.name == name for i in op.inputs):
-                raise InputError(f"`{name}` is reserved for the call's random generator; rename "
+                raise InputError(f"`{name}` is a reserved keyword of operator calls; rename "
                                  f"that domain or input of `{op.name}`")
         register_params(self, op)
         self.ir, self.plan, self.target = op, plan, target

@@ -60,8 +60,8 @@ def register_params(module: nn.Module, op: ir.Operator) -> None:
     """Attach every param of `op` to `module` under its `.it` name."""
     for p in op.params:
         if hasattr(module, p.name):
-            raise CheckError(f"the param name `{p.name}` collides with an attribute of "
-                             "torch.nn.Module", p.span, "rename the param")
+            raise CheckError(f"the param name `{p.name}` collides with an attribute of the "
+                             "operator's torch module", p.span, "rename the param")
         value = make_param(p)
         if isinstance(value, nn.Parameter):
             module.register_parameter(p.name, value)

@@ -106,7 +106,7 @@ class ReferenceOperator(nn.Module):
         self._strategy = strategy  # a str, or a callable that analyses on first use
         for name in RESERVED_KEYWORDS:
             if any(d.name == name for d in op.domains) or any(i.name == name for i in op.inputs):
-                raise InputError(f"`{name}` is reserved for the call's random generator; rename "
+                raise InputError(f"`{name}` is a reserved keyword of operator calls; rename "
                                  f"that domain or input of `{op.name}`")
         register_params(self, op)
 
@@ -268,8 +268,10 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     try:
         weights = _weights(e, var, ctx) if q.rule is not ir.QuadRule.GAUSS else \
             _const(w, ctx).reshape(-1, 1)
-        body = _eval(e.body, ctx)
-        return (body * weights).sum(dim=Y_AXIS, keepdim=True)
+        terms = _eval(e.body, ctx) * weights
+        # an integrand that does not depend on y still has one term per point of y
+        terms = terms.expand(*terms.shape[:-2], var.n, terms.shape[-1])
+        return terms.sum(dim=Y_AXIS, keepdim=True)
     finally:
         del ctx.vars[e.var]
 
