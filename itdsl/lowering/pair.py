@@ -23,6 +23,8 @@ own stages, computed per tile of columns by the schedule, so no buffer is N x M.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import tvm
 from tvm import te, tirx
 
@@ -59,9 +61,10 @@ class PairBuilder:
                 shape = ((self.B, leaf.width, self.MP) if leaf.soa else
                          (self.B, self.MP, leaf.width))
             else:
-                shape = leaf.shape or (1,)
+                shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
             self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
             self.soa[leaf.node] = leaf.soa
+        self.transposed = {leaf.node for leaf in spec.leaves if leaf.transposed}
 
     # ---- constants and elementwise math -------------------------------------------------------
     def c(self, v: float) -> tirx.PrimExpr:
@@ -84,6 +87,25 @@ class PairBuilder:
         two_n = tirx.reinterpret(f, (n + self.c(127.0)).astype("int32") << 23)
         return two_n * p
 
+    def erf(self, x):
+        """erf; in float32 a rational approximation on [-4, 4] (odd polynomial of degree 13
+        over an even one of degree 8; |error| < 2e-7), which vectorises, unlike calls to
+        erff. It is the approximation used by Eigen and XLA for float32."""
+        if not self.fast_exp:
+            return te.erf(x)
+        c = self.c
+        x = te.max(te.min(x, c(4.0)), c(-4.0))
+        x2 = x * x
+        p = c(-2.72614225801306e-10)
+        for k in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+                  -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02):
+            p = p * x2 + c(k)
+        q = c(-1.45660718464996e-05)
+        for k in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+                  -1.42647390514189e-02):
+            q = q * x2 + c(k)
+        return x * p / q
+
     def ew(self, op: str, a: list):
         c = self.c
         if op == "neg":
@@ -105,16 +127,18 @@ class PairBuilder:
             return te.sin(a[0])
         if op == "cos":
             return te.cos(a[0])
-        if op == "tanh":
+        if op == "tanh" and not self.fast_exp:
             return te.tanh(a[0])
         if op == "sigmoid":
             return c(1.0) / (c(1.0) + self.exp(-a[0]))
         if op == "relu":
             return te.max(a[0], c(0.0))
         if op == "erf":
-            return te.erf(a[0])
+            return self.erf(a[0])
         if op == "gelu":
-            return c(0.5) * a[0] * (c(1.0) + te.erf(a[0] * c(1 / math.sqrt(2.0))))
+            return c(0.5) * a[0] * (c(1.0) + self.erf(a[0] * c(1 / math.sqrt(2.0))))
+        if op == "tanh" and self.fast_exp:  # 1 - 2/(e^{2x} + 1): vectorises with the fast exp
+            return c(1.0) - c(2.0) / (self.exp(c(2.0) * a[0]) + c(1.0))
         if op == "softplus":  # torch's: x beyond 20 is x itself
             x = a[0]
             return tirx.Select(x > c(20.0), x, tirx.log1p(self.exp(te.min(x, c(20.0)))))
@@ -249,13 +273,19 @@ class PairBuilder:
             W, a = n.args
             col, k, tr = n.attrs
             av = self.val(a)
-            Wv = self.arrays[W]
+            Wa = self.arrays[W]
+            if W in self.transposed:  # the array holds W.T
+                def Wv(o, c):
+                    return Wa[c, o]
+            else:
+                def Wv(o, c):
+                    return Wa[o, c]
             r = te.reduce_axis((0, k if not tr else W.shape[0]), name="r")
             if not tr:
-                body = lambda b, i, j, o: te.sum(Wv[o, col + r] * av(b, i, j, (r,) if a.shape  # noqa: E731
-                                                                      else ()), axis=r)
+                body = lambda b, i, j, o: te.sum(Wv(o, col + r) * av(b, i, j, (r,) if a.shape  # noqa: E731
+                                                                     else ()), axis=r)
             else:
-                body = lambda b, i, j, o: te.sum(Wv[r, col + o] * av(b, i, j, (r,)), axis=r)  # noqa: E731
+                body = lambda b, i, j, o: te.sum(Wv(r, col + o) * av(b, i, j, (r,)), axis=r)  # noqa: E731
             T = te.compute((self.B, self.NP, self.MP, n.shape[0]), body,
                            name=f"s{len(self.stages)}")
         else:
@@ -319,7 +349,12 @@ class PairBuilder:
                 out = v if out is None else tirx.Select(c < lo + w, v, out)
             return out
 
-        if spec.kind == "sum":
+        if spec.matrix:  # one step, a matrix per row: O[b, i, r, c]
+            f = vals[0][0]
+            R, Cw = spec.steps[0].shape
+            O = te.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
+                tirx.Select(j < self.m_valid, f(b, i, j, (r, c)), zero), axis=j), name="O")
+        elif spec.kind == "sum":
             O = te.compute((self.B, self.NP, width), lambda b, i, c: te.sum(
                 tirx.Select(j < self.m_valid, summand(b, i, c), zero), axis=j), name="O")
         else:
@@ -337,12 +372,23 @@ def _uses(roots: list[Node]) -> dict[Node, int]:
     return out
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage of a pair kernel, as its schedule needs to know it."""
+
+    name: str
+    channel: bool  # has a channel axis (after row and column)
+    reduction: bool  # ends with a reduction axis
+
+
 def build_pair_func(spec: PairSpec, dtype: str, fast_exp: bool = True):
-    """The TE of a pair kernel as a PrimFunc, plus the names of its stages."""
+    """The TE of a pair kernel as a PrimFunc, plus its stages in creation order."""
     b = PairBuilder(spec, dtype, fast_exp and dtype == "float32")
     args = b.build()
     func = te.create_prim_func(args)
-    return func, [t.op.name for t in b.stages]
+    stages = [Stage(t.op.name, len(t.shape) == 4, bool(getattr(t.op, "reduce_axis", ())))
+              for t in b.stages]
+    return func, stages
 
 
 __all__ = ["PairSpec", "build_pair_func"]

@@ -20,59 +20,66 @@ def _loops(sch, block):
     return sch.get_loops(block)
 
 
-def schedule_cpu(func, spec, stages: list[str]):
+PAIR_BLOCK = 4  # pairs sharing the loads of a matrix row in a per-pair matrix product
+MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
+
+
+def schedule_cpu(func, spec, stages):
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     O = sch.get_sblock("O")
-    b, i, c, j = _loops(sch, O)
+    if spec.matrix:
+        b, i, r, c, j = _loops(sch, O)
+    else:
+        b, i, c, j = _loops(sch, O)
+        r = None
     io, ii = sch.split(i, [None, spec.tile_rows])
     jo, ji = sch.split(j, [None, spec.tile_cols])
-    sch.reorder(b, io, jo, ji, ii, c)
+    # the accumulator of one row (and of MATRIX_ROWS rows of a matrix, which share the
+    # loads of each column's values) stays put while the columns of a tile stream past it:
+    # invariant in the inner loop, so it can live in registers
+    if r is not None:
+        ro, ri = sch.split(r, [None, MATRIX_ROWS]) if spec.out_shape[0] % MATRIX_ROWS == 0 \
+            else (r, None)
+        sch.reorder(b, io, jo, ii, ro, ji, *([ri] if ri is not None else []), c)
+        if ri is not None:
+            sch.unroll(ri)
+    else:
+        sch.reorder(b, io, jo, ii, ji, c)
     acc = sch.cache_write(O, 0, "local")
     sch.reverse_compute_at(acc, io)
-    width = spec.out_width
+    width = spec.out_shape[-1]
     if width > 1:
         if width > 64:
             _, c = sch.split(c, [None, 16])
         sch.vectorize(c)
-    sch.unroll(ii)
-    for name in reversed(stages):
-        sch.compute_at(sch.get_sblock(name), jo)
-    for name in stages:
-        blk = sch.get_sblock(name)
-        loops = _loops(sch, blk)
-        # loops: b, io, jo, then the stage's own (i, j[, c][, r]); vectorise its column loop
-        own = loops[3:]
-        if len(own) >= 2:
-            try:
-                jl = own[1]
-                if len(own) > 2:  # bring the column loop innermost
-                    sch.reorder(*own[:1], *own[2:], jl)
-                sch.vectorize(jl) if _is_spatial(sch, blk, jl) else None
-            except Exception:  # noqa: BLE001 - a schedule hint that does not apply is skipped
-                pass
+    for stage in reversed(stages):
+        sch.compute_at(sch.get_sblock(stage.name), jo)
+    for stage in stages:
+        # loops: b, io, jo, then the stage's own: row, column[, channel][, reduction]
+        blk = sch.get_sblock(stage.name)
+        own = _loops(sch, blk)[3:]
+        if stage.channel:  # vectorise over the channels (contiguous), the reduction outside
+            if stage.reduction:
+                # a matrix product per pair: PAIR_BLOCK pairs share each row of the matrix
+                # loaded into registers (the inner loop is a small GEMM micro-kernel)
+                row, col, ch, red = own
+                co, ci = sch.split(col, [None, PAIR_BLOCK])
+                sch.reorder(row, co, red, ci, ch)
+                sch.unroll(ci)
+                own = [row, co, red, ci, ch]
+            sch.vectorize(own[-1])
+        else:  # a scalar per pair: vectorise over the columns (SoA inputs are contiguous)
+            if stage.reduction:
+                sch.reorder(own[0], own[2], own[1])
+                own = [own[0], own[2], own[1]]
+            sch.vectorize(own[-1])
     fused = sch.fuse(b, io)
     sch.parallel(fused)
     sch.decompose_reduction(O, jo)
     return sch
 
 
-def _is_spatial(sch, block, loop) -> bool:
-    """Whether `loop` binds only spatial iterators of `block` (safe to vectorise)."""
-    try:
-        s_tir_block = sch.get(block)
-        loop_var = sch.get(loop).loop_var
-        for iv, binding in zip(s_tir_block.iter_vars, sch.get(sch.get_sblock(
-                s_tir_block.name_hint)).iter_vars):
-            pass
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-
-
-
-def schedule_cuda(func, spec, stages: list[str]):
+def schedule_cuda(func, spec, stages):
     """One thread per row (tile_rows threads per block), columns swept in tiles of
     tile_cols whose column arrays are staged through shared memory by all threads of the
     block; stages of a (row, column) pair live in registers."""
@@ -87,12 +94,12 @@ def schedule_cuda(func, spec, stages: list[str]):
     sch.bind(ii, "threadIdx.x")
     acc = sch.cache_write(O, 0, "local")
     sch.reverse_compute_at(acc, ii)
-    for name in reversed(stages):
-        blk = sch.get_sblock(name)
+    for stage in reversed(stages):
+        blk = sch.get_sblock(stage.name)
         sch.compute_at(blk, ji)
         sch.set_scope(blk, 0, "local")
     # stage the column tile of every column array in shared memory
-    readers = [sch.get_sblock(n) for n in stages] + [O]
+    readers = [sch.get_sblock(st.name) for st in stages] + [O]
     for k, leaf in enumerate(spec.leaves):
         if leaf.role != "col":
             continue

@@ -35,6 +35,8 @@ class LeafSpec:
     width: int  # channels (rows/cols); for params/consts the flat size
     shape: tuple[int, ...]  # params/consts: the array shape
     soa: bool = False  # columns only: [b, w, j] instead of [b, j, w]
+    transposed: bool = False  # matrix params: passed as W.T (a product W a vectorises over
+    #                           W's rows, which are then contiguous)
 
 
 @dataclass
@@ -54,6 +56,16 @@ class PairSpec:
     @property
     def out_width(self) -> int:
         return sum(self.widths)
+
+    @property
+    def matrix(self) -> bool:
+        """A kernel of one step whose result per row is a matrix (a param gradient)."""
+        return len(self.steps) == 1 and len(self.steps[0].shape) == 2
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The channel shape of the output array (after batch and rows)."""
+        return tuple(self.steps[0].shape) if self.matrix else (self.out_width,)
 
 
 @dataclass
@@ -78,7 +90,11 @@ def pair_groups(prog: Program) -> list[Group]:
     produced_since: set[str] = set()
     for st in prog.steps:
         if st.kind in ("sum", "max"):
-            if (open_group is not None and (st.kind, st.side, st.over) ==
+            # a matrix result (a param gradient) gets a kernel of its own: its accumulator
+            # is laid out [row, r, c], not in the concatenated channels of vectors
+            matrix = len(st.shape) == 2 or (open_group is not None
+                                            and len(open_group.steps[0].shape) == 2)
+            if (open_group is not None and not matrix and (st.kind, st.side, st.over) ==
                     (open_group.kind, open_group.side, open_group.over)
                     and not (_refs(st) & produced_since)):
                 open_group.steps.append(st)
@@ -117,8 +133,10 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
             role = "col"
         else:
             role = "param" if n.op == "param" else "const"
+        uses = [c for c in toposort(roots) if c.op == "linear" and c.args[0] is n]
         spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
-                                    soa=role == "col" and n in in_stage))
+                                    soa=role == "col" and n in in_stage,
+                                    transposed=bool(uses) and not any(u.attrs[2] for u in uses)))
     spec.staged = staged
     return spec
 
@@ -139,9 +157,9 @@ def staged_nodes(roots: list[Node]) -> list[Node]:
         if len(n.deps) < 2:
             continue
         pick = n.op in ("dot", "sum", "linear")
-        if not pick and n.shape and any(c.op == "linear" and c.args[1] is n
+        if not pick and n.shape and any(c.op in ("linear", "outer") and n in c.args
                                         for c in consumers.get(n, ())):
-            pick = n.op not in P.LEAVES and n.op != "bcast"
+            pick = n.op not in P.LEAVES and n.op != "bcast"  # read once per output channel
         if not pick and not n.shape and n.op in P.ELEMENTWISE and P.cost([n]) > 2:
             pick = any(c.shape for c in consumers.get(n, ()))
         if pick and n not in chosen:

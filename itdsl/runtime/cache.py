@@ -29,13 +29,24 @@ def cache_dir() -> Path:
     return Path(base) / "itdsl"
 
 
+_VERSIONS: str | None = None
+
+
 def _versions() -> str:
-    from .. import __version__
-    try:
-        tvm_v = version("apache-tvm")
-    except PackageNotFoundError:  # pragma: no cover
-        tvm_v = "none"
-    return f"itdsl={__version__};tvm={tvm_v}"
+    """itdsl's and TVM's versions, and a digest of the lowering's source: a change to the
+    code generator must never be served an old kernel."""
+    global _VERSIONS
+    if _VERSIONS is None:
+        from .. import __version__
+        try:
+            tvm_v = version("apache-tvm")
+        except PackageNotFoundError:  # pragma: no cover
+            tvm_v = "none"
+        h = hashlib.sha256()
+        for f in sorted((Path(__file__).parent.parent / "lowering").glob("*.py")):
+            h.update(f.read_bytes())
+        _VERSIONS = f"itdsl={__version__};tvm={tvm_v};lowering={h.hexdigest()[:16]}"
+    return _VERSIONS
 
 
 def canonical(roots: list[Node]) -> str:
@@ -56,7 +67,8 @@ def kernel_key(spec, dtype: str, target: str) -> str:
         f"kind={spec.kind};rows={spec.row_side};cols={spec.col_side}",
         f"tiles={spec.tile_rows}x{spec.tile_cols};widths={spec.widths}",
         canonical(roots),
-        "leaves:" + ";".join(f"{leaf.role}" for leaf in spec.leaves),
+        "leaves:" + ";".join(f"{leaf.role}/{leaf.soa}/{leaf.transposed}/{leaf.shape}"
+                             for leaf in spec.leaves),
         f"dtype={dtype};target={target};{_versions()}",
     ])
     return hashlib.sha256(text.encode()).hexdigest()[:32]

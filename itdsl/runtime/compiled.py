@@ -74,20 +74,23 @@ class CompiledEvaluator(PlanEvaluator):
                     v = v.transpose(1, 2)
             else:
                 v = self.eval_level(leaf.node, None).reshape(leaf.shape or (1,))
+                if leaf.transposed:
+                    v = v.T
             if v.dim() == 3 and v.shape[0] != bf:
                 v = v.expand(bf, *v.shape[1:])
             args.append(v.to(self.dtype).contiguous())
-        out = torch.empty(bf, nt * TI, spec.out_width, dtype=self.dtype, device=self.device)
+        out = torch.empty(bf, nt * TI, *spec.out_shape, dtype=self.dtype, device=self.device)
         fn(*args, out, nt, mt, m)
         out = out[:, :n]
+        if spec.matrix:  # per-point matrices (a param gradient): batch summed
+            st = spec.steps[0]
+            self.special.add(st.name)
+            self.env[st.name] = out.sum(0)
+            return
         lo = 0
         for st, w in zip(spec.steps, spec.widths):
             part = out[..., lo:lo + w]
             lo += w
-            if len(st.shape) == 2:  # per-point matrices (a param gradient): batch summed
-                self.special.add(st.name)
-                self.env[st.name] = part.sum(0).reshape(n, *st.shape)
-                continue
             ts = _ts(st.shape)
             part = part.reshape(*self.bound.batch, n, *ts)
             if st.kind == "max":
