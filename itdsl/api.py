@@ -45,11 +45,19 @@ class Program:
                              hint=did_you_mean(name, self.names)) from None
 
     def plan(self, name: str):
-        """The Plan of operator `name` (analysed once, on first use)."""
+        """The Plan of operator `name`: analysed once, on first use, and kept in the on-disk
+        cache (so a new process skips the symbolic analysis, and sympy)."""
         op = self._op_ir(name)
         if name not in self._plans:
-            from .symbolic import analyse
-            self._plans[name] = analyse(op, self.strategy)
+            from .frontend.printer import format_ir_operator
+            from .runtime import cache
+            key = cache.plan_key(format_ir_operator(op), self.strategy)
+            plan = cache.load_plan(key)
+            if plan is None:
+                from .symbolic import analyse
+                plan = analyse(op, self.strategy)
+                cache.store_plan(key, plan)
+            self._plans[name] = plan
         return self._plans[name]
 
     def __getitem__(self, name: str):

@@ -43,7 +43,8 @@ def _lark() -> lark.Lark:
     # The basic (not contextual) lexer: a keyword is always lexed as a keyword, so that a
     # reserved word used as a name is a parse error (`_token_error` says so) instead of
     # slipping through as a NAME wherever the parser happens to expect one.
-    return lark.Lark.open(str(Path(__file__).with_name("grammar.lark")), parser="lalr",
+    # cache=True: lark keeps the built tables in a temporary file keyed by the grammar
+    return lark.Lark.open(str(Path(__file__).with_name("grammar.lark")), parser="lalr", cache=True,
                           lexer="basic", propagate_positions=True, maybe_placeholders=True)
 
 

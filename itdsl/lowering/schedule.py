@@ -85,10 +85,10 @@ def schedule_cuda(func, spec, stages):
     block; stages of a (row, column) pair live in registers."""
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     O = sch.get_sblock("O")
-    b, i, c, j = _loops(sch, O)
+    b, i, *channels, j = _loops(sch, O)  # one channel loop, or two for a matrix
     io, ii = sch.split(i, [None, spec.tile_rows])
     jo, ji = sch.split(j, [None, spec.tile_cols])
-    sch.reorder(b, io, ii, jo, ji, c)
+    sch.reorder(b, io, ii, jo, ji, *channels)
     bx = sch.fuse(b, io)
     sch.bind(bx, "blockIdx.x")
     sch.bind(ii, "threadIdx.x")

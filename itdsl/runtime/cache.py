@@ -150,3 +150,43 @@ def store(key: str, executable) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _atomic_write_bytes(d / f"{key}.sha256", digest.encode())
+
+
+# ---- Plans: the analysis of an operator, so a warm process needs no sympy ---------------------
+
+
+def plan_key(ir_text: str, strategy: str | None) -> str:
+    h = hashlib.sha256()
+    h.update(ir_text.encode())
+    h.update(f"strategy={strategy};{_versions()}".encode())
+    for f in sorted((Path(__file__).parent.parent / "symbolic").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def load_plan(key: str):
+    """A cached Plan, or None (an unreadable entry is removed)."""
+    import pickle
+    path = cache_dir() / "plans" / f"{key}.pkl"
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception:  # noqa: BLE001 - truncated or from another version: analyse again
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def store_plan(key: str, plan) -> None:
+    import pickle
+    d = cache_dir() / "plans"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an unpicklable plan is simply not cached
+        return
+    _atomic_write_bytes(d / f"{key}.pkl", data)

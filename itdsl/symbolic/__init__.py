@@ -1,7 +1,8 @@
 """Symbolic layer: checked IR -> Plan (strategy, hoisted per-point work, gradients).
 
 No torch, no TVM here: sympy builds and differentiates expressions made from the IR
-(never from program text).
+(never from program text). sympy is imported only when an operator is analysed, so a
+Plan loaded from the cache needs none of it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import time
 
 from ..errors import AnalysisError
 from ..frontend import ir
-from .build import build_plan
-from .plan import Plan
+from .plan import Plan, Verdict
+
+
+def build_plan(op: ir.Operator, strategy: str | None = None, verdict=None) -> Plan:
+    from .build import build_plan as build
+    return build(op, strategy, verdict)
 
 
 def analyse(op: ir.Operator, strategy: str | None = None) -> Plan:
@@ -29,4 +34,4 @@ def analyse(op: ir.Operator, strategy: str | None = None) -> Plan:
     return plan
 
 
-__all__ = ["analyse", "build_plan", "Plan"]
+__all__ = ["analyse", "build_plan", "Plan", "Verdict"]

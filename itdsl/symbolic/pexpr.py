@@ -61,6 +61,9 @@ class Node:
     def __hash__(self):
         return self._hash
 
+    def __reduce__(self):  # unpickled nodes are interned again
+        return (node, (self.op, self.args, self.attrs, self.shape, self.deps))
+
     def __repr__(self):
         from .show import show
         return f"<{show(self)} : {self.shape}>"

@@ -25,6 +25,16 @@ from .pexpr import Node
 
 
 @dataclass(frozen=True)
+class Verdict:
+    strategy: str  # "attention" | "recurrence" | "convolution" | "lowrank" | "matmul" | "dense"
+    rule: str  # the rule that fired
+    form: str  # the mathematical form it matched
+    reason: str  # why, with the evidence
+    details: dict  # facts for later stages (JSON-like values)
+    rejected: tuple[tuple[str, str], ...]  # (rule, why it did not match), earlier rules
+
+
+@dataclass(frozen=True)
 class Space:
     """The points a side ranges over: the output's (x) or an integral's (y0, y1, ...)."""
 
@@ -75,7 +85,7 @@ class Hoisted:
 class Plan:
     op: ir.Operator
     strategy: str
-    verdict: object  # recognize.Verdict
+    verdict: Verdict | None
     spaces: dict[str, Space]
     forward: Program
     backward: Program

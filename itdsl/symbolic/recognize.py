@@ -38,21 +38,12 @@ from ..frontend import ir
 from ..frontend.ast import DomainKind, ParamKind
 from ..frontend.printer import format_ir_expr
 from . import structure as st
+from .plan import Verdict
 from .tosympy import BRACKETS, Eq0, Lt0, TooBig, Translator, expand, generic_rank, split_trig
 
 STRATEGIES = ("attention", "recurrence", "convolution", "lowrank", "matmul", "dense")
 MAX_RANK_TERMS = 512  # separated functions on either side: beyond this, not low rank
 MAX_EVIDENCE_RANK = 48  # sample a matrix to check the symbolic rank up to this rank
-
-
-@dataclass(frozen=True)
-class Verdict:
-    strategy: str  # "attention" | "recurrence" | "convolution" | "lowrank" | "matmul" | "dense"
-    rule: str  # the rule that fired
-    form: str  # the mathematical form it matched
-    reason: str  # why, with the evidence
-    details: dict  # facts for later stages (JSON-like values)
-    rejected: tuple[tuple[str, str], ...]  # (rule, why it did not match), earlier rules
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,242 @@
+"""itdsl benchmarks: one command, one table, peers measured side by side.
+
+    python benchmarks/run.py            # everything (several minutes on 2 cores)
+    python benchmarks/run.py --quick    # smaller sizes, for a smoke test
+
+Times are medians of repeated runs in this one process, itdsl and its peers taking
+turns; peak memory is measured in a child process per (case, method), as the rise of
+its peak resident set over what it held before the call. Compile times are measured in
+fresh child processes with an empty cache (cold) and with the cache they filled (warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+# ---- the cases ---------------------------------------------------------------------------
+
+
+def gauss_setup(n: int, channels: int):
+    import torch
+
+    import itdsl
+    src = (EXAMPLES / "gauss.it").read_text()
+    if channels != 16:
+        src = src.replace("R^16", "R" if channels == 1 else f"R^{channels}")
+    op = itdsl.compile_source(src, target="cpu")["gauss_smooth"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 3, generator=g), torch.rand(n, 3, generator=g)
+    b = torch.randn(n, channels, generator=g)
+    if channels == 1:
+        b = b[:, 0]
+    s = float(op.s)
+
+    def itdsl_fn():
+        with torch.no_grad():
+            return op(X=x, Y=y, b=b)
+
+    def chunked_fn(rows: int = 1024):
+        bb = b if b.dim() == 2 else b[:, None]
+        out = []
+        with torch.no_grad():
+            for i in range(0, n, rows):
+                K = torch.exp(-torch.cdist(x[i:i + rows], y) ** 2 / (2 * s * s))
+                out.append(K @ bb)
+        out = torch.cat(out)
+        return out if b.dim() == 2 else out[:, 0]
+
+    def keops_fn():
+        from pykeops.torch import LazyTensor
+        bb = b if b.dim() == 2 else b[:, None]
+        xi, yj, bj = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :]), LazyTensor(bb[None])
+        K = (-((xi - yj) ** 2).sum(-1) / (2 * s * s)).exp()
+        out = (K * bj).sum(dim=1)
+        return out if b.dim() == 2 else out[:, 0]
+
+    return {"itdsl": itdsl_fn, "torch chunked": chunked_fn, "pykeops": keops_fn}
+
+
+def itnet_setup(n: int):
+    import torch
+
+    import itdsl
+    op = itdsl.compile_file(EXAMPLES / "itnet_mixer.it", target="cpu")["itnet_mix"]
+    g = torch.Generator().manual_seed(0)
+    P, f0 = torch.rand(n, 2, generator=g), torch.randn(n, 32, generator=g)
+
+    def itdsl_fn():
+        f = f0.clone().requires_grad_(True)
+        out = op(P=P, f=f)
+        out.square().mean().backward()
+        return out.detach()
+
+    def torch_fn():
+        # the pair tensor materialised, as neuraloperator's IntegralTransform does
+        f = f0.clone().requires_grad_(True)
+        xi, yj = P[:, None, :].expand(n, n, 2), P[None, :, :].expand(n, n, 2)
+        fi, fj = f[:, None, :].expand(n, n, 32), f[None, :, :].expand(n, n, 32)
+        K = op.phi(torch.cat([xi, yj, fi, fj], dim=-1))
+        out = f + (K * fj).mean(dim=1)
+        out.square().mean().backward()
+        return out.detach()
+
+    return {"itdsl": itdsl_fn, "torch materialised": torch_fn}
+
+
+def cases(quick: bool) -> dict:
+    out = {}
+    for n in ((2000,) if quick else (10_000, 50_000)):
+        for c in (16, 1):
+            out[f"gauss n=m={n} C={c}"] = ("gauss", (n, c))
+    out[f"itnet_mix fwd+bwd n={512 if quick else 2048}"] = ("itnet", (512 if quick else 2048,))
+    return out
+
+
+def build(kind: str, args: tuple) -> dict:
+    return gauss_setup(*args) if kind == "gauss" else itnet_setup(*args)
+
+
+# ---- measurement --------------------------------------------------------------------------------
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm up (compiles, caches)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_memory_mb(case: str, method: str, quick: bool) -> float:
+    """Run one method once in a child process; the rise of its peak RSS, in MB."""
+    r = subprocess.run([sys.executable, __file__, "--child-memory", case, method] +
+                       (["--quick"] if quick else []), capture_output=True, text=True,
+                       timeout=3600, env=os.environ.copy())
+    if r.returncode != 0:
+        return float("nan")
+    return json.loads(r.stdout.strip().splitlines()[-1])["mb"]
+
+
+def child_memory(case: str, method: str, quick: bool) -> None:
+    kind, args = cases(quick)[case]
+    fns = build(kind, args)
+    fn = fns[method]
+    if method == "itdsl":
+        # compile and load outside the measured window (what remains is the call's memory)
+        small = build(kind, (64,) + args[1:] if kind == "gauss" else (64,))
+        small["itdsl"]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import torch  # noqa: F401
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mb": (after - before) / 1024}))
+
+
+def compile_times(ops: list[tuple[str, str]]) -> list[tuple[str, float, float]]:
+    """(operator, cold compile s, warm load s), each in a fresh process."""
+    out = []
+    for file, name in ops:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "ITDSL_CACHE_DIR": cache}
+            cold = _child_load(file, name, env)
+            warm = _child_load(file, name, env)
+        out.append((name, cold, warm))
+    return out
+
+
+def _child_load(file: str, name: str, env: dict) -> float:
+    r = subprocess.run([sys.executable, __file__, "--child-load", file, name],
+                       capture_output=True, text=True, timeout=1200, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])["s"]
+
+
+def child_load(file: str, name: str) -> None:
+    """Time to a compiled operator with every kernel ready (forward and backward): parse,
+    analyse (or load the Plan), build or load the kernels. torch's own one-time start-up
+    of custom ops (it imports torch._dynamo on their first call) is excluded: it is paid
+    once per process, not per operator."""
+    import torch
+
+    import itdsl
+    torch.library.custom_op  # noqa: B018
+    import torch._dynamo  # noqa: F401 - torch's one-time cost, see the docstring
+    t = time.perf_counter()
+    prog = itdsl.compile_file(EXAMPLES / file, target="cpu")
+    op = prog[name]
+    op._opdef.kernelset(torch.float32)
+    print(json.dumps({"s": time.perf_counter() - t}))
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child-memory", nargs=2)
+    ap.add_argument("--child-load", nargs=2)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    a = ap.parse_args()
+    if a.child_memory:
+        return child_memory(*a.child_memory, a.quick)
+    if a.child_load:
+        return child_load(*a.child_load)
+    import torch
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    print(f"# itdsl benchmarks — {threads} cores, torch {torch.__version__}, "
+          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
+    print("| case | method | time (median) | vs itdsl | peak memory |")
+    print("|---|---|---|---|---|")
+    for case, (kind, args) in cases(a.quick).items():
+        fns = build(kind, args)
+        big = kind == "gauss" and args[0] >= 50_000
+        repeats = 1 if big else 3
+        results = {}
+        for method, fn in fns.items():
+            try:
+                results[method] = median_time(fn, repeats)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                results[method] = e
+        base = results["itdsl"]
+        for method, t in results.items():
+            if isinstance(t, Exception):
+                print(f"| {case} | {method} | failed: {type(t).__name__} | | |")
+                continue
+            mem = "" if a.no_memory else f"{peak_memory_mb(case, method, a.quick):.0f} MB"
+            ratio = "1.0×" if method == "itdsl" else f"{t / base:.1f}× slower"
+            print(f"| {case} | {method} | {t * 1000:.0f} ms | {ratio} | {mem} |", flush=True)
+    if not a.no_compile:
+        print()
+        print("| operator | cold compile (empty cache) | warm load (cached, new process) |")
+        print("|---|---|---|")
+        ops = [("gauss.it", "gauss_smooth"), ("attention.it", "causal_attention"),
+               ("ema.it", "ema"), ("itnet_mixer.it", "itnet_mix"),
+               ("inn_linear.it", "integral_linear")]
+        for name, cold, warm in compile_times(ops):
+            print(f"| {name} | {cold:.2f} s | {warm:.3f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
