@@ -4,8 +4,8 @@
     python benchmarks/run.py --quick    # smaller sizes, for a smoke test
 
 Times are medians of repeated runs in this one process, itdsl and its peers taking
-turns; peak memory is measured in a child process per (case, method), as the rise of
-its peak resident set over what it held before the call. Compile times are measured in
+turns; peak memory is measured in a child process per (case, method), after a warm-up
+call, as the rise of its resident set during one more call (sampled every millisecond). Compile times are measured in
 fresh child processes with an empty cache (cold) and with the cache they filled (warm).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def gauss_setup(n: int, channels: int):
     b = torch.randn(n, channels, generator=g)
     if channels == 1:
         b = b[:, 0]
-    s = float(op.s)
+    s = float(op.s.detach())
 
     def itdsl_fn():
         with torch.no_grad():
@@ -135,19 +134,49 @@ def peak_memory_mb(case: str, method: str, quick: bool) -> float:
     return json.loads(r.stdout.strip().splitlines()[-1])["mb"]
 
 
+class _RssSampler:
+    """The peak of the process's resident set above where it stood at start, sampled
+    every millisecond from /proc (peaks shorter than that can be missed)."""
+
+    def __init__(self):
+        import threading
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
 def child_memory(case: str, method: str, quick: bool) -> None:
     kind, args = cases(quick)[case]
-    fns = build(kind, args)
-    fn = fns[method]
-    if method == "itdsl":
-        # compile and load outside the measured window (what remains is the call's memory)
-        small = build(kind, (64,) + args[1:] if kind == "gauss" else (64,))
-        small["itdsl"]()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    import torch  # noqa: F401
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mb": (after - before) / 1024}))
+    fn = build(kind, args)[method]
+    fn()  # compile, load, warm caches: what remains is the call's own memory
+    import gc
+    gc.collect()
+    with _RssSampler() as s:
+        fn()
+    print(json.dumps({"mb": s.mb}))
 
 
 def compile_times(ops: list[tuple[str, str]]) -> list[tuple[str, float, float]]:

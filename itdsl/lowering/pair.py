@@ -76,16 +76,18 @@ class PairBuilder:
         # Cody-Waite range reduction and a degree-6 polynomial (TVM's fast_exp), which
         # vectorises, unlike calls to expf.
         f = self.dtype
-        x = te.max(te.min(x, self.c(88.3762626647949)), self.c(-88.3762626647949))
-        n = te.floor(x * self.c(LOG2E) + self.c(0.5))
-        r = x - n * self.c(LN2)
+        xv, nv, rv = (tirx.Var(name, f) for name in ("ex", "en", "er"))
         p = self.c(1.9875691500e-4)
         for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
                   5.0000001201e-1):
-            p = p * r + self.c(k)
-        p = p * r * r + r + self.c(1.0)
-        two_n = tirx.reinterpret(f, (n + self.c(127.0)).astype("int32") << 23)
-        return two_n * p
+            p = p * rv + self.c(k)
+        p = p * rv * rv + rv + self.c(1.0)
+        two_n = tirx.reinterpret(f, (nv + self.c(127.0)).astype("int32") << 23)
+        # let-bound so that x, n and r are computed once each (an expression is a tree)
+        body = tirx.Let(rv, xv - nv * self.c(LN2), two_n * p)
+        body = tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), body)
+        return tirx.Let(xv, te.max(te.min(x, self.c(88.3762626647949)),
+                                   self.c(-88.3762626647949)), body)
 
     def erf(self, x):
         """erf; in float32 a rational approximation on [-4, 4] (odd polynomial of degree 13
@@ -206,6 +208,12 @@ class PairBuilder:
             return lambda b, i, j, ch: tirx.Select(
                 tirx.all(ch[1] >= col, ch[1] < col + w),
                 args[0](b, i, j, (ch[0],)) * args[1](b, i, j, (ch[1] - col,)), self.c(0.0))
+        if op in ("dot", "sum") and n not in self.stage_of:  # short: written out inline
+            w = n.args[0].shape[0]
+            if op == "dot":
+                return lambda b, i, j, ch: _add_all([args[0](b, i, j, (r,)) * args[1](b, i, j, (r,))
+                                                     for r in range(w)])
+            return lambda b, i, j, ch: _add_all([args[0](b, i, j, (r,)) for r in range(w)])
         if op in ("dot", "sum", "linear"):
             return self.val(self._stage(n))
         raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
@@ -333,36 +341,50 @@ class PairBuilder:
                          self.val(st.mask) if st.mask is not None else None))
             off += w
         width = off
-        j = te.reduce_axis((0, self.MP), name="j")
         zero = self.c(0.0)
+        low = te.min_value(self.dtype)
+        init = zero if spec.kind == "sum" else low
+        reduce = te.sum if spec.kind == "sum" else te.max
 
-        def summand(b, i, c):
+        def summand(b, i, j, c):
             out = None
             for (f, shape, mask), lo, w in reversed(list(zip(vals, offs, spec.widths))):
-                if len(shape) == 2:
-                    ch = (te.indexdiv(c - lo, shape[1]), te.indexmod(c - lo, shape[1]))
-                else:
-                    ch = (c - lo,) if shape else ()
+                ch = (c - lo,) if shape else ()
                 v = f(b, i, j, ch)
                 if mask is not None:
-                    v = tirx.Select(mask(b, i, j, ()) != zero, v, te.min_value(self.dtype))
+                    v = tirx.Select(mask(b, i, j, ()) != zero, v, low)
                 out = v if out is None else tirx.Select(c < lo + w, v, out)
-            return out
+            return tirx.Select(j < self.m_valid, out, init)
 
         if spec.matrix:  # one step, a matrix per row: O[b, i, r, c]
             f = vals[0][0]
             R, Cw = spec.steps[0].shape
+            j = te.reduce_axis((0, self.MP), name="j")
             O = te.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
                 tirx.Select(j < self.m_valid, f(b, i, j, (r, c)), zero), axis=j), name="O")
-        elif spec.kind == "sum":
-            O = te.compute((self.B, self.NP, width), lambda b, i, c: te.sum(
-                tirx.Select(j < self.m_valid, summand(b, i, c), zero), axis=j), name="O")
+        elif spec.lanes > 1:
+            # one channel: the columns are reduced in `lanes` interleaved partial results
+            # (P), which vectorise, then summed (O)
+            L = spec.lanes
+            k = te.reduce_axis((0, self.mt * (spec.tile_cols // L)), name="j")
+            Pl = te.compute((self.B, self.NP, L), lambda b, i, lane: reduce(
+                summand(b, i, k * L + lane, 0), axis=k), name="P")
+            r = te.reduce_axis((0, L), name="lane")
+            O = te.compute((self.B, self.NP, 1), lambda b, i, c: reduce(Pl[b, i, r], axis=r),
+                           name="O")
         else:
-            O = te.compute((self.B, self.NP, width), lambda b, i, c: te.max(
-                tirx.Select(j < self.m_valid, summand(b, i, c), te.min_value(self.dtype)),
-                axis=j), name="O")
+            j = te.reduce_axis((0, self.MP), name="j")
+            O = te.compute((self.B, self.NP, width), lambda b, i, c: reduce(
+                summand(b, i, j, c), axis=j), name="O")
         self.out = O
         return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
+
+def _add_all(terms: list):
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
 
 def _uses(roots: list[Node]) -> dict[Node, int]:
     out: dict[Node, int] = {}

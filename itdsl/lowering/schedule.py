@@ -26,28 +26,30 @@ MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
 
 def schedule_cpu(func, spec, stages):
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    O = sch.get_sblock("O")
+    main = "P" if spec.lanes > 1 else "O"  # the block that sweeps the columns
+    O = sch.get_sblock(main)
     if spec.matrix:
         b, i, r, c, j = _loops(sch, O)
     else:
         b, i, c, j = _loops(sch, O)
         r = None
     io, ii = sch.split(i, [None, spec.tile_rows])
-    jo, ji = sch.split(j, [None, spec.tile_cols])
-    # the accumulator of one row (and of MATRIX_ROWS rows of a matrix, which share the
-    # loads of each column's values) stays put while the columns of a tile stream past it:
-    # invariant in the inner loop, so it can live in registers
+    jo, ji = sch.split(j, [None, spec.tile_cols // spec.lanes])
+    # vectors: for each column, the TI rows of the tile update their accumulators (which
+    # stay in registers) from one load of the column's values; matrices: the accumulator
+    # of one row and MATRIX_ROWS matrix rows stays put while the columns stream past
     if r is not None:
         ro, ri = sch.split(r, [None, MATRIX_ROWS]) if spec.out_shape[0] % MATRIX_ROWS == 0 \
             else (r, None)
         sch.reorder(b, io, jo, ii, ro, ji, *([ri] if ri is not None else []), c)
         if ri is not None:
             sch.unroll(ri)
-    else:
-        sch.reorder(b, io, jo, ii, ji, c)
+    else:  # the rows of a tile share each column's loads: a register tile of TI rows
+        sch.reorder(b, io, jo, ji, ii, c)
+        sch.unroll(ii)
     acc = sch.cache_write(O, 0, "local")
     sch.reverse_compute_at(acc, io)
-    width = spec.out_shape[-1]
+    width = spec.lanes if spec.lanes > 1 else spec.out_shape[-1]
     if width > 1:
         if width > 64:
             _, c = sch.split(c, [None, 16])
@@ -76,6 +78,8 @@ def schedule_cpu(func, spec, stages):
     fused = sch.fuse(b, io)
     sch.parallel(fused)
     sch.decompose_reduction(O, jo)
+    if spec.lanes > 1:  # the sum of the lanes, per tile of rows
+        sch.reverse_compute_at(sch.get_sblock("O"), fused)
     return sch
 
 

@@ -16,6 +16,8 @@ from ..symbolic.plan import Program, Step
 TILE_ROWS = 4  # CPU: rows per tile (the accumulator tile is TILE_ROWS x channels)
 TILE_COLS = 64  # columns per tile: the stages of a tile are TILE_ROWS x TILE_COLS
 CUDA_THREADS = 64  # GPU: rows per block, one per thread
+INLINE_REDUCTION = 4  # dot products this short are written out inline, not staged
+LANES = 8  # AVX2: float32 lanes of a vector
 
 
 def _flat(shape: tuple[int, ...]) -> int:
@@ -52,6 +54,7 @@ class PairSpec:
     tile_rows: int = TILE_ROWS
     tile_cols: int = TILE_COLS
     staged: list[Node] = field(default_factory=list)  # see `staged_nodes`
+    lanes: int = 1  # CPU, one output channel: columns reduced in this many vector lanes
 
     @property
     def out_width(self) -> int:
@@ -116,6 +119,8 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     rows = TILE_ROWS if target == "cpu" else CUDA_THREADS
     spec = PairSpec(kind=group.kind, row_side=group.side, col_side=group.over,
                     steps=group.steps, widths=widths, tile_rows=rows, tile_cols=cols)
+    if target == "cpu" and sum(widths) == 1 and len(group.steps[0].shape) < 2:
+        spec.lanes = LANES
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
     staged = staged_nodes(roots)
@@ -156,7 +161,8 @@ def staged_nodes(roots: list[Node]) -> list[Node]:
     for n in order:
         if len(n.deps) < 2:
             continue
-        pick = n.op in ("dot", "sum", "linear")
+        pick = n.op == "linear" or (n.op in ("dot", "sum")
+                                    and n.args[0].shape[0] > INLINE_REDUCTION)
         if not pick and n.shape and any(c.op in ("linear", "outer") and n in c.args
                                         for c in consumers.get(n, ())):
             pick = n.op not in P.LEAVES and n.op != "bcast"  # read once per output channel

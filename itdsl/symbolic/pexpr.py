@@ -231,6 +231,12 @@ def mul(a: Node, b: Node) -> Node:
 def div(a: Node, b: Node) -> Node:
     if b is ONE and a.shape == _bshape(a, b):
         return a
+    if b.shape == () and b.deps < a.deps and not a.is_const:
+        # a / b = a * (1/b) with b depending on fewer points than a: the reciprocal is
+        # then computed once per point (or call), not a division per pair
+        return mul(a, div(ONE, b))
+    if b.is_const and b.value != 0.0 and a.shape == _bshape(a, b):
+        return mul(a, const(1.0 / b.value))
     if is_zero(a) and a.shape == _bshape(a, b):
         return a
     return ew("/", a, b)
