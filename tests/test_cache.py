@@ -1,0 +1,107 @@
+"""The on-disk compile cache: keys, hits without TVM or sympy, corruption, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import itdsl
+from itdsl.lowering.spec import pair_groups, spec_of
+from itdsl.runtime import cache
+from util import EXAMPLES, ROOT
+
+GAUSS = EXAMPLES / "gauss.it"
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch, itdsl
+    op = itdsl.compile_file(sys.argv[1], target="cpu")["gauss_smooth"]
+    g = torch.Generator().manual_seed(0)
+    x, y, b = torch.rand(30, 3, generator=g), torch.rand(20, 3, generator=g), torch.randn(20, 16, generator=g)
+    u = op(X=x, Y=y, b=b)
+    ref = torch.exp(-torch.cdist(x, y) ** 2 / (2 * op.s ** 2)) @ b
+    print(json.dumps({"err": (u - ref).abs().max().item(), "tvm": "tvm" in sys.modules,
+                      "analysed": "itdsl.symbolic.recognize" in sys.modules}))
+""")
+
+
+def run_child(cache_dir, *, background=False):
+    env = {**os.environ, "ITDSL_CACHE_DIR": str(cache_dir)}
+    args = [sys.executable, "-c", CHILD, str(GAUSS)]
+    if background:
+        return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_keys_are_canonical_and_name_what_changes_the_code():
+    plan = itdsl.compile_file(GAUSS, target="cpu").plan("gauss_smooth")
+    spec = spec_of(pair_groups(plan.forward)[0], "cpu")
+    again = itdsl.compile_file(GAUSS, target="cpu").plan("gauss_smooth")
+    spec2 = spec_of(pair_groups(again.forward)[0], "cpu")
+    k32 = cache.kernel_key(spec, "float32", "cpu")
+    assert k32 == cache.kernel_key(spec2, "float32", "cpu")
+    assert k32 != cache.kernel_key(spec, "float64", "cpu")
+    assert k32 != cache.kernel_key(spec_of(pair_groups(plan.forward)[0], "cuda"), "float32", "cuda")
+    ema = itdsl.compile_file(EXAMPLES / "ema.it", target="cpu").plan("ema")
+    assert k32 != cache.kernel_key(spec_of(pair_groups(ema.forward)[0], "cpu"), "float32", "cpu")
+
+
+def test_warm_process_loads_kernels_without_tvm_or_analysis(tmp_path):
+    cold = run_child(tmp_path)
+    assert cold["err"] < 1e-4 and cold["tvm"]  # the first process compiled with TVM
+    libs = list(tmp_path.glob("*.so"))
+    assert libs and len(list(tmp_path.glob("*.sha256"))) == len(libs)
+    assert list((tmp_path / "plans").glob("*.pkl"))
+    warm = run_child(tmp_path)
+    assert warm["err"] < 1e-4
+    assert not warm["tvm"], "a cache hit must not import tvm"
+    # (torch imports sympy itself for its symbolic shapes; what must not run is the analysis)
+    assert not warm["analysed"], "a cached Plan must not be analysed again"
+
+
+def test_corrupt_or_truncated_entries_are_rebuilt(tmp_path):
+    run_child(tmp_path)
+    libs = sorted(tmp_path.glob("*.so"))
+    with open(libs[0], "r+b") as f:  # truncate one library
+        f.truncate(100)
+    with open(libs[-1], "r+b") as f:  # flip bytes in another
+        f.seek(200)
+        f.write(b"\x00" * 64)
+    plan = next((tmp_path / "plans").glob("*.pkl"))
+    plan.write_bytes(b"not a pickle")
+    again = run_child(tmp_path)  # detected, removed, recompiled and re-analysed
+    assert again["err"] < 1e-4 and again["tvm"]
+    for lib in tmp_path.glob("*.so"):
+        assert (tmp_path / f"{lib.stem}.sha256").read_text() == cache._digest(lib)
+
+
+def test_two_processes_compiling_the_same_operator_both_succeed(tmp_path):
+    procs = [run_child(tmp_path, background=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["err"] < 1e-4
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.so"))
+
+
+def test_the_cache_directory_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITDSL_CACHE_DIR", str(tmp_path / "here"))
+    assert cache.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("ITDSL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "itdsl"
+
+
+def test_float64_and_float32_kernels_coexist():
+    op = itdsl.compile_file(GAUSS, target="cpu")["gauss_smooth"]
+    x, y, b = torch.rand(5, 3), torch.rand(4, 3), torch.randn(4, 16)
+    u32 = op(X=x, Y=y, b=b)
+    u64 = op.double()(X=x.double(), Y=y.double(), b=b.double())
+    torch.testing.assert_close(u32.double(), u64, rtol=1e-5, atol=1e-5)
