@@ -5,8 +5,9 @@
 
 Times are medians of repeated runs in this one process, itdsl and its peers taking
 turns; peak memory is measured in a child process per (case, method), after a warm-up
-call, as the rise of its resident set during one more call (sampled every millisecond). Compile times are measured in
-fresh child processes with an empty cache (cold) and with the cache they filled (warm).
+call, as the rise of its resident set during one more call (sampled every millisecond).
+Compile times are measured in fresh child processes with an empty cache (cold) and with
+the cache they filled (warm).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def median_time(fn, repeats: int) -> float:
 def peak_memory_mb(case: str, method: str, quick: bool) -> float:
     """Run one method once in a child process; the rise of its peak RSS, in MB."""
     r = subprocess.run([sys.executable, __file__, "--child-memory", case, method] +
-                       (["--quick"] if quick else []), capture_output=True, text=True,
+                       (["--quick"] if quick else []), check=False, capture_output=True, text=True,
                        timeout=3600, env=os.environ.copy())
     if r.returncode != 0:
         return float("nan")
@@ -193,7 +194,7 @@ def compile_times(ops: list[tuple[str, str]]) -> list[tuple[str, float, float]]:
 
 def _child_load(file: str, name: str, env: dict) -> float:
     r = subprocess.run([sys.executable, __file__, "--child-load", file, name],
-                       capture_output=True, text=True, timeout=1200, env=env)
+                       check=False, capture_output=True, text=True, timeout=1200, env=env)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])["s"]
@@ -207,8 +208,8 @@ def child_load(file: str, name: str) -> None:
     import torch
 
     import itdsl
-    torch.library.custom_op  # noqa: B018
-    import torch._dynamo  # noqa: F401 - torch's one-time cost, see the docstring
+    torch.library.custom_op
+    import torch._dynamo
     t = time.perf_counter()
     prog = itdsl.compile_file(EXAMPLES / file, target="cpu")
     op = prog[name]
@@ -246,7 +247,7 @@ def main() -> None:
         for method, fn in fns.items():
             try:
                 results[method] = median_time(fn, repeats)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+            except Exception as e:
                 results[method] = e
         base = results["itdsl"]
         for method, t in results.items():

@@ -6,8 +6,15 @@
 """
 
 from .api import Program, compile_file, compile_source
-from .errors import (AnalysisError, CheckError, InputError, ItdslError, ItdslErrors,
-                     LoweringError, ParseError)
+from .errors import (
+                     AnalysisError,
+                     CheckError,
+                     InputError,
+                     ItdslError,
+                     ItdslErrors,
+                     LoweringError,
+                     ParseError,
+)
 
 __version__ = "0.1.0"
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # noqa: BLE001 - an internal failure must not look like a user error
+    except Exception as e:
         print(f"itdsl: internal error: {type(e).__name__}: {e}\n"
               "This is a bug in itdsl, not in your program; please report it with the file.",
               file=sys.stderr)

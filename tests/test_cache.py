@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import torch
+from util import EXAMPLES, ROOT
 
 import itdsl
 from itdsl.lowering.spec import pair_groups, spec_of
 from itdsl.runtime import cache
-from util import EXAMPLES, ROOT
 
 GAUSS = EXAMPLES / "gauss.it"
 
@@ -35,7 +35,7 @@ def run_child(cache_dir, *, background=False):
     if background:
         return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(args, env=env, cwd=ROOT, check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from util import EXAMPLES, ROOT
 
 import itdsl
 from itdsl.errors import InputError, ItdslError
-from util import EXAMPLES, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_missing_file_is_an_itdsl_error(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "itdsl", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "itdsl", *args], cwd=ROOT, check=False, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import itdsl
 from test_plan import EXAMPLE_CASES
 from util import EXAMPLES, gradcheck_op
+
+import itdsl
 
 D = torch.float64
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from util import EXAMPLES
 
 from itdsl.frontend import load_file, load_source
 from itdsl.runtime.binding import bind
@@ -20,7 +21,6 @@ from itdsl.runtime.plan_eval import evaluate_backward, evaluate_plan
 from itdsl.runtime.reference import ReferenceOperator
 from itdsl.symbolic import analyse
 from itdsl.symbolic.build import build_plan
-from util import EXAMPLES
 
 D = torch.float64
 REL = 1e-9

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from util import EXAMPLES, gradcheck_op, grads
 
 import itdsl
-from util import EXAMPLES, gradcheck_op, grads
 
 torch.manual_seed(0)
 D64 = torch.float64

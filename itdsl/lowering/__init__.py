@@ -9,6 +9,7 @@ torch (they are O(n) work, and torch's GEMMs do the MLP layers best).
 from __future__ import annotations
 
 import os
+
 from ..errors import LoweringError
 from .spec import Group, PairSpec, pair_groups, spec_of
 
@@ -40,7 +41,7 @@ def compile_module(mod, target: str, arch: str = "sm_80"):
     import tvm
     try:
         return tvm.compile(mod, target=cpu_target() if target == "cpu" else cuda_target(arch))
-    except Exception as e:  # noqa: BLE001 - TVM raises many kinds; say which kernel failed
+    except Exception as e:
         raise LoweringError(f"TVM could not compile a kernel for {target}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
@@ -73,5 +74,6 @@ def kernel_sources(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu"
                         kernel_codes(plan, kind, arch, tir_target, dtype))
 
 
-__all__ = ["kernel_codes", "kernel_sources", "Group", "PairSpec", "pair_groups", "spec_of", "schedule_kernel", "compile_module",
+__all__ = ["kernel_codes", "kernel_sources", "Group", "PairSpec", "pair_groups", "spec_of",
+           "schedule_kernel", "compile_module",
            "cpu_target", "cuda_target", "CUDA_ARCHS"]

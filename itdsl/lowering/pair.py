@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import tvm
 from tvm import te, tirx
 
 from ..errors import LoweringError
@@ -325,7 +324,7 @@ class PairBuilder:
         self.stages.append(T)
         self.stage_of[n] = T
 
-    # ---- the whole kernel ---------------------------------------------------------------------------
+    # ---- the whole kernel -----------------------------------------------------------------
     def build(self) -> list:
         spec = self.spec
         for n in spec.staged:  # in topological order: producers first

@@ -127,7 +127,7 @@ def load(key: str):
             raise ValueError("checksum mismatch")
         import tvm_ffi
         return tvm_ffi.load_module(str(lib))["main"]
-    except Exception:  # noqa: BLE001 - a truncated or corrupt entry: remove it, rebuild
+    except Exception:
         for p in (lib, check):
             try:
                 p.unlink()
@@ -173,7 +173,7 @@ def load_plan(key: str):
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
-    except Exception:  # noqa: BLE001 - truncated or from another version: analyse again
+    except Exception:
         try:
             path.unlink()
         except OSError:
@@ -187,6 +187,6 @@ def store_plan(key: str, plan) -> None:
     d.mkdir(parents=True, exist_ok=True)
     try:
         data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - an unpicklable plan is simply not cached
+    except Exception:
         return
     _atomic_write_bytes(d / f"{key}.pkl", data)

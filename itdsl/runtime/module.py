@@ -22,8 +22,8 @@ from ..errors import InputError, LoweringError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 from ..symbolic.build import param_shapes
-from ..symbolic.plan import Plan
 from ..symbolic.pexpr import toposort
+from ..symbolic.plan import Plan
 from .binding import RESERVED_KEYWORDS, bind
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
@@ -31,7 +31,7 @@ from .params import register_params
 from .plan_eval import PlanEvaluator, _sum_to, _ts
 
 _LOCK = threading.Lock()
-_REGISTERED: dict[str, "OpDef"] = {}  # one entry per distinct compiled operator
+_REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
 
 
 def load_kernel(spec, dtype: str, target: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -231,7 +230,7 @@ class PlanEvaluator:
                 v = v.unsqueeze(0)
         return v
 
-    # ---- reductions ---------------------------------------------------------------------------------
+    # ---- reductions ----------------------------------------------------------------------
     def _chunks(self):
         n = self.sides["x"].n
         for lo in range(0, n, self.chunk):

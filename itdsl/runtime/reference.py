@@ -82,7 +82,7 @@ class _Var:
 
 @dataclass
 class _Ctx:
-    module: "ReferenceOperator"
+    module: ReferenceOperator
     bound: Bound
     generator: torch.Generator | None
     vars: dict[str, _Var] = field(default_factory=dict)

@@ -42,7 +42,7 @@ class _Lower:
     """Converts IR expressions into plan expressions for given point-variable sides."""
 
     def __init__(self, op: ir.Operator, sides: dict[str, str], rewrite: bool,
-                 forward: "_Forward | None" = None):
+                 forward: _Forward | None = None):
         self.op = op
         self.sides = sides  # point variable -> side
         self.rewrite = rewrite

@@ -19,38 +19,38 @@ from . import pexpr as P
 A = sp.symbols("a0:3", real=True)
 
 
-class sigmoid(sp.Function):  # noqa: N801 - named as in the language
+class sigmoid(sp.Function):
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
         return s * (1 - s)
 
 
-class softplus(sp.Function):  # noqa: N801
+class softplus(sp.Function):
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
 
-class relu(sp.Function):  # noqa: N801
+class relu(sp.Function):
     def fdiff(self, argindex=1):
         return step(self.args[0])
 
 
-class step(sp.Function):  # noqa: N801 - [x > 0]; its derivative is 0 almost everywhere
+class step(sp.Function):
     def fdiff(self, argindex=1):
         return sp.Integer(0)
 
 
-class sign(sp.Function):  # noqa: N801
+class sign(sp.Function):
     def fdiff(self, argindex=1):
         return sp.Integer(0)
 
 
-class absf(sp.Function):  # noqa: N801 - |x| with d|x|/dx = sign(x) (0 at 0, as in torch)
+class absf(sp.Function):
     def fdiff(self, argindex=1):
         return sign(self.args[0])
 
 
-class less(sp.Function):  # noqa: N801 - [a < b] for min/max
+class less(sp.Function):
     def fdiff(self, argindex=1):
         return sp.Integer(0)
 

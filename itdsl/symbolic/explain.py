@@ -79,8 +79,8 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     lines.append(f"  algorithm: {alg}")
     lines.append(f"    complexity: {cx}")
     if plan.strategy != "dense":
-        lines.append("    (this version compiles every strategy with the dense lowering: tiled pair "
-                     "kernels; this algorithm is not generated yet)")
+        lines.append("    (this version compiles every strategy with the dense lowering: tiled "
+                     "pair kernels; this algorithm is not generated yet)")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))

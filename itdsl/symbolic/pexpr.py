@@ -13,7 +13,7 @@ ops (attrs in brackets):
     coord [side]                          the coordinate of the side's point
     field [name, side]                    an input field at the side's point
     weight [side]                         the quadrature weight of the side's point
-    param [name]                          a learnable tensor (R, R^C, mlp weights, spline coefficients)
+    param [name]                          a learnable tensor (R, R^C, mlp weights, spline coefs)
     ref [name, side]                      the result of an earlier step of the program
     cot [name, side]                      a cotangent fed to a backward program
     <Fn>                                  elementwise (scalars broadcast): the ir.Fn names plus
@@ -22,8 +22,8 @@ ops (attrs in brackets):
     component(a) [i]                      a[i]
     onehot(s) [i, width]                  the vector with s at i, 0 elsewhere
     concat(a, b, ...), slice(a) [lo, hi]
-    linear(W, a) [col, transpose]         W[:, col:col+len(a)] @ a   (transpose: W[:, col:...].T @ a)
-    outer(a, b) [col, cols]               a (x) b placed at columns col.. of a matrix with `cols` columns
+    linear(W, a) [col, k, transpose]      W[:, col:col+k] @ a   (transpose: W[:, col:col+k].T @ a)
+    outer(a, b) [col, cols]               a (x) b at columns col.. of a matrix of `cols` columns
     basis(u) [n, deriv]                   the n cubic-convolution weights of the nodes k/(n-1) at u
                                           (their derivatives in u if deriv=1): a spline with
                                           coefficients C is basis(u).C, or basis(u).(C basis(v))
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 ELEMENTWISE = {
     "neg", "+", "-", "*", "/", "^", "exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid",
@@ -48,7 +48,7 @@ class Node:
     __slots__ = ("op", "args", "attrs", "shape", "deps", "_hash", "__weakref__")
 
     op: str
-    args: tuple["Node", ...]
+    args: tuple[Node, ...]
     attrs: tuple
     shape: tuple[int, ...]
     deps: frozenset[str]
@@ -88,7 +88,7 @@ class Node:
         return self.attrs[0]
 
 
-_INTERN: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+_INTERN: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 
 
 def node(op: str, args: Iterable[Node] = (), attrs: tuple = (), shape: tuple[int, ...] = (),
