@@ -28,7 +28,7 @@ from .binding import RESERVED_KEYWORDS, bind
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
-from .plan_eval import PlanEvaluator, _sum_to, _ts
+from .plan_eval import PlanEvaluator, _ts, gradients, set_cotangent
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
@@ -129,10 +129,8 @@ class OpDef:
             ev = self.evaluator(tensors, params, weights, ints)
             for s, t in zip(self.saved, saved):
                 ev.env[s] = t
-            plan = self.plan
-            d = dout.unsqueeze(-1) if plan.out_shape == () else dout
-            ev.env["dout"] = d.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
-            ev.run_program(plan.backward, "backward")
+            set_cotangent(self.plan, ev, dout)
+            ev.run_program(self.plan.backward, "backward")
             return self.collect_grads(ev, tensors, params)
 
         @backward.register_fake
@@ -176,7 +174,7 @@ class OpDef:
         return shapes
 
     def collect_grads(self, ev, tensors, params) -> list[torch.Tensor]:
-        grads = _grads_by_key(self.plan, ev)
+        grads = gradients(self.plan, ev)
         out = []
         domains = {d.name for d in self.op.domains}
         for name, t in zip(self.tensor_names, tensors):
@@ -194,23 +192,6 @@ def _side_size(plan: Plan, side: str, bound) -> int:
     if sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS:
         return sp.quad.n
     return bound.sizes[sp.domain]
-
-
-def _grads_by_key(plan: Plan, ev: PlanEvaluator) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, names in plan.backward.outputs.items():
-        total = None
-        for name in names:
-            t = ev.env[name]
-            total = t if total is None else total + t
-        kind, name = key.split(":", 1)
-        if kind != "param":
-            shape = ev.bound.shapes[name]
-            if kind == "input" and plan.op.input(name).width is None:
-                total = total[..., 0]
-            total = _sum_to(total, shape)
-        out[key] = total
-    return out
 
 
 class CompiledOperator(nn.Module):

@@ -376,12 +376,16 @@ def evaluate_plan(plan: Plan, params, bound: Bound, generator=None,
     return out, ev
 
 
-def evaluate_backward(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the backward program for cotangent `dout`; gradients by key ("input:b", ...)."""
+def set_cotangent(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> None:
+    """Give the backward program its input: the cotangent of the output."""
     if plan.out_shape == ():
         dout = dout.unsqueeze(-1)
     ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
-    ev.run(plan.backward)
+
+
+def gradients(plan: Plan, ev: PlanEvaluator) -> dict[str, torch.Tensor]:
+    """The gradients a finished backward program computed, by key ("input:b", "param:s",
+    "coords:X"), each summed over its parts and shaped like what it differentiates."""
     grads = {}
     for key, names in plan.backward.outputs.items():
         total = None
@@ -398,3 +402,10 @@ def evaluate_backward(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> dict
             total = _sum_to(total, shape)
         grads[key] = total
     return grads
+
+
+def evaluate_backward(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the backward program for cotangent `dout`; gradients by key ("input:b", ...)."""
+    set_cotangent(plan, ev, dout)
+    ev.run(plan.backward)
+    return gradients(plan, ev)
