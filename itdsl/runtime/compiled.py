@@ -39,12 +39,21 @@ class CompiledEvaluator(PlanEvaluator):
         super().__init__(plan, params, bound, generator, weights=weights)
         self.kernels = kernels
 
-    def run_program(self, prog: Program, phase: str) -> None:
-        first = {spec.steps[0].name: (spec, fn) for spec, fn in self.kernels.groups[phase]}
+    def run_program(self, prog: Program, phase: str, only: set[str] | None = None) -> None:
+        """Run a program's steps in order, each kernel when the first step it computes is
+        reached; with `only`, just those steps (and the kernels that compute them)."""
+        group_of = {st.name: k for k, (spec, _) in enumerate(self.kernels.groups[phase])
+                    for st in spec.steps}
+        done: set[int] = set()
         for st in prog.steps:
-            if st.name in first:
-                self._run_kernel(*first[st.name])
-            elif st.kind not in ("sum", "max"):
+            if only is not None and st.name not in only:
+                continue
+            k = group_of.get(st.name)
+            if k is not None:
+                if k not in done:
+                    done.add(k)
+                    self._run_kernel(*self.kernels.groups[phase][k])
+            else:
                 self.env[st.name] = self.run_step(st)
 
     def side_value(self, node, side: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +49,20 @@ def load_kernel(spec, dtype: str, target: str):
     return exe["main"]
 
 
+def op_name(plan: Plan, target: str) -> str:
+    """The custom op's name: it changes with the Plan and with this code (torch.compile
+    caches graphs that call ops by name, across processes)."""
+    digest = hashlib.sha256((canonical([st.expr for st in plan.forward.steps]) +
+                             canonical([st.expr for st in plan.backward.steps]) + target +
+                             _code_version()).encode()).hexdigest()[:12]
+    return f"itdsl::{plan.op.name}_{digest}"
+
+
+def _code_version() -> str:
+    from .cache import _versions
+    return _versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _ensure_threads() -> None:
     # TVM's CPU pool starts with one thread on small machines unless told otherwise
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
@@ -71,10 +86,7 @@ class OpDef:
         self.param_names = [n for p in op.params for n in param_shapes(p)]
         self.mc_sides = [s for s, sp in plan.spaces.items()
                          if sp.quad is not None and sp.quad.rule is ir.QuadRule.MONTECARLO]
-        digest = hashlib.sha256((canonical([st.expr for st in plan.forward.steps]) +
-                                 canonical([st.expr for st in plan.backward.steps]) + target
-                                 ).encode()).hexdigest()[:12]
-        self.name = f"itdsl::{op.name}_{digest}"
+        self.name = op_name(plan, target)
         self._register()
 
     # ---- binding the op's arguments back to a call ------------------------------------------
@@ -125,16 +137,19 @@ class OpDef:
         @torch.library.custom_op(name + "_bwd", mutates_args=())
         def backward(tensors: list[torch.Tensor], params: list[torch.Tensor],
                      weights: list[torch.Tensor], ints: list[int], saved: list[torch.Tensor],
-                     dout: torch.Tensor) -> list[torch.Tensor]:
+                     dout: torch.Tensor, needed: list[int]) -> list[torch.Tensor]:
+            """Gradients for every tensor and param (zeros where `needed` says 0: the steps
+            only they need are not run)."""
             ev = self.evaluator(tensors, params, weights, ints)
             for s, t in zip(self.saved, saved):
                 ev.env[s] = t
             set_cotangent(self.plan, ev, dout)
-            ev.run_program(self.plan.backward, "backward")
-            return self.collect_grads(ev, tensors, params)
+            keys = [k for k, want in zip(self.grad_keys, needed) if want]
+            ev.run_program(self.plan.backward, "backward", self.plan.backward.needed(keys))
+            return self.collect_grads(ev, tensors, params, set(keys))
 
         @backward.register_fake
-        def _(tensors, params, weights, ints, saved, dout):
+        def _(tensors, params, weights, ints, saved, dout, needed):
             return [torch.empty_like(t) for t in tensors] + [torch.empty_like(p) for p in params]
 
         def setup(ctx, inputs, output):
@@ -142,16 +157,15 @@ class OpDef:
             ctx.save_for_backward(*tensors, *params, *weights, *output[1:])
             ctx.counts = (len(tensors), len(params), len(weights))
             ctx.ints = ints
+            ctx.needed = [int(t.requires_grad) for t in (*tensors, *params)]
 
         def grad_fn(ctx, grads):
             nt, npar, nw = ctx.counts
             saved = ctx.saved_tensors
             tensors, params = list(saved[:nt]), list(saved[nt:nt + npar])
             weights, fsaved = list(saved[nt + npar:nt + npar + nw]), list(saved[nt + npar + nw:])
-            dout = grads[0]
-            if dout is None:
-                dout = torch.zeros_like(fsaved[0]) if fsaved else None
-            g = backward(tensors, params, weights, ctx.ints, fsaved, dout.contiguous())
+            g = backward(tensors, params, weights, ctx.ints, fsaved, grads[0].contiguous(),
+                         ctx.needed)
             # (an empty int list counts as an empty list of tensors to autograd, a full one as
             # one non-tensor)
             return list(g[:nt]), list(g[nt:]), [None] * nw, (None if ctx.ints else [])
@@ -173,17 +187,19 @@ class OpDef:
                 shapes.append((*bound.batch, side_n, *ts))
         return shapes
 
-    def collect_grads(self, ev, tensors, params) -> list[torch.Tensor]:
-        grads = gradients(self.plan, ev)
-        out = []
+    @property
+    def grad_keys(self) -> list[str]:
+        """The gradient key of each tensor argument, then of each param."""
         domains = {d.name for d in self.op.domains}
-        for name, t in zip(self.tensor_names, tensors):
-            key = ("coords:" if name in domains else "input:") + name
+        return ([("coords:" if n in domains else "input:") + n for n in self.tensor_names]
+                + [f"param:{n}" for n in self.param_names])
+
+    def collect_grads(self, ev, tensors, params, keys: set[str]) -> list[torch.Tensor]:
+        grads = gradients(self.plan, ev, keys)
+        out = []
+        for key, t in zip(self.grad_keys, (*tensors, *params)):
             g = grads.get(key)
             out.append(torch.zeros_like(t) if g is None else g.to(t.dtype).reshape(t.shape))
-        for name, p in zip(self.param_names, params):
-            g = grads.get(f"param:{name}")
-            out.append(torch.zeros_like(p) if g is None else g.to(p.dtype).reshape(p.shape))
         return out
 
 
@@ -207,11 +223,11 @@ class CompiledOperator(nn.Module):
         register_params(self, op)
         self.ir, self.plan, self.target = op, plan, target
         self.strategy = plan.strategy
-        key = (canonical([st.expr for st in plan.forward.steps]), target, op.name)
-        with _LOCK:
-            opdef = _REGISTERED.get(str(hash(key)))
+        name = op_name(plan, target)
+        with _LOCK:  # one registration per distinct operator and process
+            opdef = _REGISTERED.get(name)
             if opdef is None:
-                opdef = _REGISTERED[str(hash(key))] = OpDef(plan, target)
+                opdef = _REGISTERED[name] = OpDef(plan, target)
         self._opdef = opdef
 
     def extra_repr(self) -> str:

@@ -383,11 +383,14 @@ def set_cotangent(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> None:
     ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
 
 
-def gradients(plan: Plan, ev: PlanEvaluator) -> dict[str, torch.Tensor]:
+def gradients(plan: Plan, ev: PlanEvaluator, keys=None) -> dict[str, torch.Tensor]:
     """The gradients a finished backward program computed, by key ("input:b", "param:s",
-    "coords:X"), each summed over its parts and shaped like what it differentiates."""
+    "coords:X"), each summed over its parts and shaped like what it differentiates
+    (only `keys`, if given)."""
     grads = {}
     for key, names in plan.backward.outputs.items():
+        if keys is not None and key not in keys:
+            continue
         total = None
         for name in names:
             t = ev.env[name]

@@ -72,6 +72,22 @@ class Program:
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
 
+    def needed(self, keys) -> set[str]:
+        """The steps that the outputs `keys` are computed from (transitively)."""
+        from .pexpr import toposort
+        by_name = {s.name: s for s in self.steps}
+        todo = [n for k in keys for n in self.outputs.get(k, ())]
+        out: set[str] = set()
+        while todo:
+            name = todo.pop()
+            if name in out or name not in by_name:
+                continue
+            out.add(name)
+            st = by_name[name]
+            roots = [st.expr] + ([st.mask] if st.mask is not None else [])
+            todo.extend(n.attrs[0] for n in toposort(roots) if n.op == "ref")
+        return out
+
 
 @dataclass
 class Hoisted:
