@@ -158,3 +158,22 @@ def test_state_dict_round_trips_and_params_are_named():
     x, f = torch.rand(9, 2), torch.randn(9, 32)
     torch.testing.assert_close(op(P=x, f=f), op2(P=x, f=f))
     assert op.strategy == "dense"
+
+
+def test_masked_causal_terms_do_not_overflow():
+    """exp(-a (t - s)) * [s <= t]: for s > t the exponential overflows; the bracket masks
+    it (it does not multiply inf by 0), in the reference, the Plan and the kernels."""
+    prog_c = itdsl.compile_file(EXAMPLES / "ema.it", target="cpu")
+    prog_r = itdsl.compile_file(EXAMPLES / "ema.it", target="reference")
+    T = 1500  # softplus(0.5) * 1500 ~ 1450: exp overflows float32 and float64 alike
+    f = torch.randn(T, 16)
+    for dtype in (torch.float32, torch.float64):
+        op_c, op_r = prog_c["ema"].to(dtype), prog_r["ema"].to(dtype)
+        x = f.to(dtype).detach().clone().requires_grad_(True)
+        out = op_c(f=x)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+        assert torch.isfinite(op_c.a.grad).all()
+        ref = op_r(f=f.to(dtype).detach())
+        assert torch.isfinite(ref).all()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

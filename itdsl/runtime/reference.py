@@ -180,6 +180,11 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.Op):
         if e.fn is ir.Fn.DIV and all(isinstance(a, ir.Integral) for a in e.args):
             return _ratio(e.args[0], e.args[1], ctx)
+        if e.fn is ir.Fn.MUL and _is_bracket(e.args[0]) != _is_bracket(e.args[1]):
+            # [c] * e: e where c holds, else 0 (even where e overflows)
+            cond, other = (e.args[0], e.args[1]) if _is_bracket(e.args[0]) else e.args[::-1]
+            c, v = _eval(cond, ctx), _eval(other, ctx)
+            return torch.where(c != 0, v, torch.zeros((), dtype=v.dtype, device=v.device))
         args = [_eval(a, ctx) for a in e.args]
         if e.fn in _UNARY:
             return _UNARY[e.fn](args[0])
@@ -216,6 +221,10 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.Integral):
         return _integral(e, ctx)
     raise TypeError(f"cannot evaluate {type(e).__name__}")  # pragma: no cover
+
+
+def _is_bracket(e: ir.Expr) -> bool:
+    return isinstance(e, ir.Op) and (e.fn in ir.CMP_FNS or e.fn in (ir.Fn.AND, ir.Fn.OR))
 
 
 def _mlp_dtype(mlp: nn.Module) -> torch.dtype:

@@ -36,6 +36,10 @@ def broadcast(s: Node, shape: tuple[int, ...]) -> Node:
 def _local(n: Node, c: Node) -> list[tuple[Node, Node]]:
     """(child, contribution to the child's cotangent) for node `n` with cotangent `c`."""
     op, args = n.op, n.args
+    if op == "where":  # the cotangent is masked too, so an overflow masked out stays out
+        cond, a, b = args
+        return [(a, unbroadcast(P.where(cond, c, P.ZERO), a.shape)),
+                (b, unbroadcast(P.where(cond, P.ZERO, c), b.shape))]
     if op in P.ELEMENTWISE:
         return [(a, unbroadcast(P.mul(c, d), a.shape)) for a, d in zip(args, partials(n))
                 if not P.is_zero(d)]

@@ -158,12 +158,16 @@ def _activation(act: str, h: Node) -> Node:
 
 
 def _factors(n: Node) -> list[Node]:
+    """The factors of a product; a masked value where(c, e, 0) counts as c times e."""
     if n.op == "*":
         return _factors(n.args[0]) + _factors(n.args[1])
+    m = P.masked(n)
+    if m is not None:
+        return [m[0]] + _factors(m[1])
     return [n]
 
 
-_CMP = {"<", "<=", ">", ">=", "==", "!=", "and", "or"}
+_CMP = P.BRACKETS
 
 
 class _Forward:

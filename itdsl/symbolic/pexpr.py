@@ -203,10 +203,22 @@ def neg(a: Node) -> Node:
     return ew("neg", a)
 
 
+BRACKETS = {"<", "<=", ">", ">=", "==", "!=", "and", "or"}
+
+
 def mul(a: Node, b: Node) -> Node:
     shape = _bshape(a, b)
     if is_zero(a) or is_zero(b):
         return zeros(shape)
+    # an Iverson bracket masks: [c] * e is e where c holds and 0 elsewhere, even where e
+    # overflows (exp of a masked-out causal term must not turn 0 into inf * 0 = nan)
+    if (a.op in BRACKETS) != (b.op in BRACKETS):
+        cond, e = (a, b) if a.op in BRACKETS else (b, a)
+        if e.shape == shape and not e.is_const:
+            return where(cond, e, ZERO)
+    for m, other in ((masked(a), b), (masked(b), a)):  # where(c, e, 0) * o = where(c, e * o, 0)
+        if m is not None and other.op not in BRACKETS:
+            return where(m[0], mul(m[1], other), ZERO)
     if a is ONE and b.shape == shape:
         return b
     if b is ONE and a.shape == shape:
@@ -252,7 +264,16 @@ def is_zero(a: Node) -> bool:
 
 
 def where(cond: Node, a: Node, b: Node) -> Node:
+    if is_zero(a) and is_zero(b):
+        return zeros(_bshape(cond, a, b))
     return node("where", (cond, a, b), shape=_bshape(cond, a, b))
+
+
+def masked(n: Node) -> tuple[Node, Node] | None:
+    """(cond, e) if n is where(cond, e, 0): a bracket times e."""
+    if n.op == "where" and is_zero(n.args[2]):
+        return n.args[0], n.args[1]
+    return None
 
 
 # ---- structure ----------------------------------------------------------------------------------
