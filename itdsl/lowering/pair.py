@@ -49,9 +49,6 @@ class PairBuilder:
         self.arrays: dict[Node, te.Tensor] = {}
         self.stages: list[te.Tensor] = []  # in creation (topological) order
         self.stage_of: dict[Node, te.Tensor] = {}
-        roots = [st.expr for st in spec.steps] + [st.mask for st in spec.steps
-                                                  if st.mask is not None]
-        self.uses = _uses(roots)
         self.soa = {}
         for k, leaf in enumerate(spec.leaves):
             if leaf.role == "row":
@@ -375,21 +372,12 @@ class PairBuilder:
             j = te.reduce_axis((0, self.MP), name="j")
             O = te.compute((self.B, self.NP, width), lambda b, i, c: reduce(
                 summand(b, i, j, c), axis=j), name="O")
-        self.out = O
         return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
 
 def _add_all(terms: list):
     out = terms[0]
     for t in terms[1:]:
         out = out + t
-    return out
-
-
-def _uses(roots: list[Node]) -> dict[Node, int]:
-    out: dict[Node, int] = {}
-    for n in P.toposort(roots):
-        for a in n.args:
-            out[a] = out.get(a, 0) + 1
     return out
 
 
