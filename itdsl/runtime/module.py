@@ -11,6 +11,7 @@ the forward op.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -22,9 +23,8 @@ from torch import nn
 from ..errors import InputError, LoweringError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
-from ..symbolic.build import param_shapes
 from ..symbolic.pexpr import toposort
-from ..symbolic.plan import Plan
+from ..symbolic.plan import Plan, param_shapes
 from .binding import RESERVED_KEYWORDS, bind
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
@@ -58,6 +58,7 @@ def op_name(plan: Plan, target: str) -> str:
     return f"itdsl::{plan.op.name}_{digest}"
 
 
+@functools.lru_cache(maxsize=1)
 def _code_version() -> str:
     from .cache import _versions
     return _versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]

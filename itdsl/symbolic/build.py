@@ -12,26 +12,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..frontend import ir
-from ..frontend.ast import DomainKind, ParamKind
+from ..frontend.ast import DomainKind
 from . import pexpr as P
 from .autodiff import vjp
 from .pexpr import Node
-from .plan import Hoisted, Plan, Program, Space, Step
+from .plan import Hoisted, Plan, Program, Space, Step, param_shapes
 
 SQNORM_EXPAND_GAIN = 0.8  # expand |u - v|^2 only if it leaves <= 80% of the pair work
-
-
-def param_shapes(p: ir.Param) -> dict[str, tuple[int, ...]]:
-    """The torch parameter names and shapes of a `.it` param (as the runtime registers them)."""
-    if p.kind is ParamKind.REAL:
-        return {p.name: () if p.width is None else (p.width,)}
-    if p.kind is ParamKind.SPLINE:
-        return {p.name: tuple(p.sizes)}
-    out = {}
-    for layer, (a, b) in enumerate(zip(p.sizes, p.sizes[1:])):
-        out[f"{p.name}.{2 * layer}.weight"] = (b, a)
-        out[f"{p.name}.{2 * layer}.bias"] = (b,)
-    return out
 
 
 def _shape(width: int | None) -> tuple[int, ...]:

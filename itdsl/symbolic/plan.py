@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..frontend import ir
+from ..frontend.ast import ParamKind
 from .pexpr import Node
 
 
@@ -118,3 +119,16 @@ class Plan:
 
     def y_spaces(self) -> list[Space]:
         return [s for k, s in self.spaces.items() if k != "x"]
+
+
+def param_shapes(p: ir.Param) -> dict[str, tuple[int, ...]]:
+    """The torch parameter names and shapes of a `.it` param (as the runtime registers them)."""
+    if p.kind is ParamKind.REAL:
+        return {p.name: () if p.width is None else (p.width,)}
+    if p.kind is ParamKind.SPLINE:
+        return {p.name: tuple(p.sizes)}
+    out = {}
+    for layer, (a, b) in enumerate(zip(p.sizes, p.sizes[1:])):
+        out[f"{p.name}.{2 * layer}.weight"] = (b, a)
+        out[f"{p.name}.{2 * layer}.bias"] = (b,)
+    return out
