@@ -22,6 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
 	$(BIN)/python benchmarks/run.py
 
 lint: setup
