@@ -284,7 +284,7 @@ class PlanEvaluator:
                 return self._matrix_total(st)
             v = self.eval_level(st.expr, st.over)
             nts = len(_ts(st.shape))
-            v = v.expand(*v.shape[:-nts - 2], *self._pt(st.over, v, nts), *_ts(st.shape))
+            v = v.expand(*v.shape[:-nts - 2], *self._extent(st.over), *_ts(st.shape))
             return v.sum(dim=tuple(range(v.dim() - nts))).reshape(_ts(st.shape))
         if st.kind == "max":
             parts = []
@@ -300,7 +300,8 @@ class PlanEvaluator:
             return self._full(m, "x", 1)
         return self._pair_sum(st)
 
-    def _pt(self, side: str, v: torch.Tensor, nts: int) -> tuple[int, int]:
+    def _extent(self, side: str) -> tuple[int, int]:
+        """The (X, Y) extent of a value over all points of one side."""
         n = self.sides[side].n
         return (n, 1) if side == "x" else (1, n)
 
