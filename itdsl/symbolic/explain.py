@@ -34,29 +34,13 @@ def _gradient_lines(plan: Plan) -> list[str]:
         what = {"input": f"input `{name}`", "param": f"param `{name}`",
                 "coords": f"coordinates of `{name}`"}[kind]
         passes = set()
-        for n in names:
-            for dep in _deps(by_name, n):
-                st = by_name[dep]
-                if st.kind == "sum":
-                    passes.add(f"Σ over {st.over} per {st.side}")
+        for dep in plan.backward.depends_on(names):
+            st = by_name[dep]
+            if st.kind == "sum":
+                passes.add(f"Σ over {st.over} per {st.side}")
         how = "; ".join(sorted(passes)) or "per point, no pair reduction"
         lines.append(f"    ∂/∂ {what}: {', '.join(names)}   [{how}]")
     return lines
-
-
-def _deps(by_name, name: str) -> set[str]:
-    """The backward steps a result is built from (transitively)."""
-    from .pexpr import toposort
-    out, todo = set(), [name]
-    while todo:
-        n = todo.pop()
-        if n in out or n not in by_name:
-            continue
-        out.add(n)
-        st = by_name[n]
-        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-        todo.extend(x.attrs[0] for x in toposort(roots) if x.op == "ref")
-    return out
 
 
 def explain(plan: Plan, seconds: float | None = None) -> str:

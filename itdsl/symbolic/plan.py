@@ -75,9 +75,13 @@ class Program:
 
     def needed(self, keys) -> set[str]:
         """The steps that the outputs `keys` are computed from (transitively)."""
+        return self.depends_on([n for k in keys for n in self.outputs.get(k, ())])
+
+    def depends_on(self, names) -> set[str]:
+        """The steps `names` and every step they are computed from (transitively)."""
         from .pexpr import toposort
         by_name = {s.name: s for s in self.steps}
-        todo = [n for k in keys for n in self.outputs.get(k, ())]
+        todo = list(names)
         out: set[str] = set()
         while todo:
             name = todo.pop()
