@@ -99,17 +99,37 @@ def itnet_setup(n: int):
     return {"itdsl": itdsl_fn, "torch materialised": torch_fn}
 
 
+def inn_setup(n: int, batch: int):
+    import torch
+
+    import itdsl
+    op = itdsl.compile_file(EXAMPLES / "inn_linear.it", target="cpu")["integral_linear"]
+    lin = torch.nn.Linear(n, n)
+    f = torch.randn(batch, n, generator=torch.Generator().manual_seed(0))
+
+    def itdsl_fn():
+        with torch.no_grad():
+            return op(f=f, U=n)
+
+    def linear_fn():
+        with torch.no_grad():
+            return lin(f)
+
+    return {"itdsl": itdsl_fn, "nn.Linear": linear_fn}
+
+
 def cases(quick: bool) -> dict:
     out = {}
     for n in ((2000,) if quick else (10_000, 50_000)):
         for c in (16, 1):
             out[f"gauss n=m={n} C={c}"] = ("gauss", (n, c))
     out[f"itnet_mix fwd+bwd n={512 if quick else 2048}"] = ("itnet", (512 if quick else 2048,))
+    out["integral_linear fwd 1024->1024, batch 256"] = ("inn", (1024, 256))
     return out
 
 
 def build(kind: str, args: tuple) -> dict:
-    return gauss_setup(*args) if kind == "gauss" else itnet_setup(*args)
+    return {"gauss": gauss_setup, "itnet": itnet_setup, "inn": inn_setup}[kind](*args)
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -242,7 +262,7 @@ def main() -> None:
     for case, (kind, args) in cases(a.quick).items():
         fns = build(kind, args)
         big = kind == "gauss" and args[0] >= 50_000
-        repeats = 1 if big else 3
+        repeats = 1 if big else 21 if kind == "inn" else 3
         results = {}
         for method, fn in fns.items():
             try:
@@ -255,7 +275,8 @@ def main() -> None:
                 print(f"| {case} | {method} | failed: {type(t).__name__} | | |")
                 continue
             mem = "" if a.no_memory else f"{peak_memory_mb(case, method, a.quick):.0f} MB"
-            ratio = "1.0×" if method == "itdsl" else f"{t / base:.1f}× slower"
+            ratio = ("1.0×" if method == "itdsl" else f"{t / base:.1f}× slower" if t >= base
+                     else f"{base / t:.1f}× faster")
             print(f"| {case} | {method} | {t * 1000:.0f} ms | {ratio} | {mem} |", flush=True)
     if not a.no_compile:
         print()

@@ -30,6 +30,7 @@ from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
 from .plan_eval import PlanEvaluator, _ts, gradients, set_cotangent
+from .strategies import MatmulRunner, matmul_terms
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
@@ -109,8 +110,13 @@ class OpDef:
                 ks = self.kernels[dtype] = KernelSet(self.plan, dtype, self.target, load_kernel)
         return ks
 
+    def bind(self, tensors, params, ints):
+        """The call again, from the op's arguments (an operator with no input tensor takes
+        its dtype from its params)."""
+        return bind(self.op, self.kwargs(tensors, ints), params[0].dtype if params else None)
+
     def evaluator(self, tensors, params, weights, ints) -> CompiledEvaluator:
-        bound = bind(self.op, self.kwargs(tensors, ints))
+        bound = self.bind(tensors, params, ints)
         pdict = dict(zip(self.param_names, params))
         return CompiledEvaluator(self.plan, pdict, bound, self.kernelset(bound.dtype),
                                  weights=dict(zip(self.mc_sides, weights)))
@@ -131,7 +137,7 @@ class OpDef:
 
         @forward.register_fake
         def _(tensors, params, weights, ints):
-            bound = bind(self.op, self.kwargs(tensors, ints))
+            bound = self.bind(tensors, params, ints)
             return [torch.empty(s, dtype=bound.dtype, device=bound.device)
                     for s in self.forward_shapes(bound)]
 
@@ -230,6 +236,8 @@ class CompiledOperator(nn.Module):
             if opdef is None:
                 opdef = _REGISTERED[name] = OpDef(plan, target)
         self._opdef = opdef
+        terms = matmul_terms(plan)
+        self._library = MatmulRunner(plan, terms) if terms else None
 
     def extra_repr(self) -> str:
         return f"operator={self.ir.name}, target={self.target}, strategy={self.strategy}"
@@ -243,6 +251,8 @@ class CompiledOperator(nn.Module):
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
                                  f"call `.to({bound.dtype})` on the module (or pass "
                                  f"{p.dtype} inputs)")
+        if self._library is not None:  # matmul: a sampled matrix and a GEMM, in torch
+            return self._library(dict(self.named_parameters()), bound)
         tensors = []
         for name in opdef.tensor_names:
             t = kwargs.get(name)

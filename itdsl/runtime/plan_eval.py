@@ -58,6 +58,7 @@ class PlanEvaluator:
         self.dtype, self.device = bound.dtype, bound.device
         self.chunk = chunk
         self.env: dict[str, torch.Tensor] = {}
+        self.expand_batch = True
         self.special: set[str] = set()  # steps stored as [n, *shape], batch summed
         self.sides: dict[str, _Side] = {}
         draws: dict[tuple, torch.Tensor] = {}
@@ -306,10 +307,14 @@ class PlanEvaluator:
         return (n, 1) if side == "x" else (1, n)
 
     def _full(self, v: torch.Tensor, side: str, nts: int) -> torch.Tensor:
-        """Expand a compact `[*B?, n?, *ts]` to `[*batch, n, *ts]`."""
+        """Expand a compact `[*B?, n?, *ts]` to `[*batch, n, *ts]` (with `expand_batch`
+        off, the batch dims stay as they are: a value the same for every batch entry
+        stays one value)."""
         n = self.sides[side].n
         ts = v.shape[-nts:]
-        lead = torch.broadcast_shapes(v.shape[:-nts - 1], self.bound.batch)
+        lead = v.shape[:-nts - 1]
+        if self.expand_batch:
+            lead = torch.broadcast_shapes(lead, self.bound.batch)
         return v.expand(*lead, n, *ts)
 
     def _matrix_total(self, st: Step) -> torch.Tensor:

@@ -144,16 +144,6 @@ def _activation(act: str, h: Node) -> Node:
     return P.ew(act, h)
 
 
-def _factors(n: Node) -> list[Node]:
-    """The factors of a product; a masked value where(c, e, 0) counts as c times e."""
-    if n.op == "*":
-        return _factors(n.args[0]) + _factors(n.args[1])
-    m = P.masked(n)
-    if m is not None:
-        return [m[0]] + _factors(m[1])
-    return [n]
-
-
 _CMP = P.BRACKETS
 
 
@@ -199,8 +189,8 @@ class _Forward:
         (sn, a), (sd, b) = self.summand(num), self.summand(den)
         if sn != sd:
             return P.div(self.add_integral(sn, a), self.add_integral(sd, b))
-        fb = _factors(b)
-        shared = [f for f in _factors(a) if f.op == "exp" and f in fb and "x" in f.deps]
+        fb = P.factors(b)
+        shared = [f for f in P.factors(a) if f.op == "exp" and f in fb and "x" in f.deps]
         if shared:
             f = shared[0]
             s = f.args[0]

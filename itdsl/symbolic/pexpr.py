@@ -269,6 +269,16 @@ def where(cond: Node, a: Node, b: Node) -> Node:
     return node("where", (cond, a, b), shape=_bshape(cond, a, b))
 
 
+def factors(n: Node) -> list[Node]:
+    """The factors of a product; a masked value where(c, e, 0) counts as c times e."""
+    if n.op == "*":
+        return factors(n.args[0]) + factors(n.args[1])
+    m = masked(n)
+    if m is not None:
+        return [m[0]] + factors(m[1])
+    return [n]
+
+
 def masked(n: Node) -> tuple[Node, Node] | None:
     """(cond, e) if n is where(cond, e, 0): a bracket times e."""
     if n.op == "where" and is_zero(n.args[2]):

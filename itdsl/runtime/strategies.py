@@ -1,0 +1,127 @@
+"""Strategies that run through a library call instead of the dense pair kernels.
+
+matmul (an Integral Neural Network layer): each integral of the output is
+`sum_j A[i, j] V[j]` with `A[i, j] = w_j K(x_i, y_j)` depending on coordinates and
+params only, and V on the points of y. A is sampled once into an n x m matrix (torch
+computes it from the Plan's hoisted per-point tensors), then the integral is a GEMM.
+While the params are unchanged (and no gradient is being recorded) the matrix is kept,
+per grid sizes: calling with other sizes resamples the layer. Everything is torch, so
+autograd differentiates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..frontend import ir
+from ..symbolic import pexpr as P
+from ..symbolic.pexpr import Node
+from ..symbolic.plan import Plan
+from .binding import Bound
+from .plan_eval import PlanEvaluator, _ts
+
+
+@dataclass(frozen=True)
+class MatmulTerm:
+    step: str  # the pair-sum step it replaces
+    over: str  # the side it sums over
+    kernel: Node  # A[i, j]: depends on x and y, reads no field
+    values: Node  # V[j]: depends on y (or nothing)
+
+
+def matmul_terms(plan: Plan) -> list[MatmulTerm] | None:
+    """The integrals of a matmul Plan as (A, V) pairs, or None if it is not of that form."""
+    if plan.strategy != "matmul":
+        return None
+    terms = []
+    for st in plan.forward.steps:
+        if st.kind == "max":
+            return None
+        if st.kind != "sum":
+            continue
+        kernel, values = P.ONE, P.ONE
+        for f in P.factors(st.expr):  # what reads the inputs is V; the rest is sampled
+            if "x" in f.deps or not _reads_inputs(f, plan):
+                kernel = P.mul(kernel, f)
+            else:
+                values = P.mul(values, f)
+        fields = [n for n in P.toposort([kernel]) if n.op == "field"]
+        if fields or kernel.shape or plan.spaces[st.over].quad.rule is ir.QuadRule.GAUSS:
+            return None
+        terms.append(MatmulTerm(st.name, st.over, kernel, values))
+    return terms or None
+
+
+def _reads_inputs(e: Node, plan: Plan) -> bool:
+    """Whether `e` depends on the call's input fields (directly or through earlier steps)."""
+    steps = {st.name: st for st in plan.forward.steps}
+    todo, seen = [e], set()
+    while todo:
+        for n in P.toposort([todo.pop()]):
+            if n.op in ("field", "cot"):
+                return True
+            if n.op == "ref" and n.attrs[0] not in seen:
+                seen.add(n.attrs[0])
+                todo.append(steps[n.attrs[0]].expr)
+    return False
+
+
+class MatmulRunner:
+    """Runs a matmul Plan's forward in torch; keeps each sampled matrix while it is valid."""
+
+    def __init__(self, plan: Plan, terms: list[MatmulTerm]):
+        self.plan, self.terms = plan, terms
+        self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # steps of params and coordinates only: sampled once per version, like the matrix
+        self._static = {st.name for st in plan.forward.steps
+                        if st.kind in ("point", "const") and not _reads_inputs(st.expr, plan)}
+
+    def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
+        ev = PlanEvaluator(self.plan, params, bound)
+        ev.expand_batch = False  # the sampled matrix is one for every batch entry
+        by_step = {t.step: t for t in self.terms}
+        keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
+        version = (tuple(p._version for p in params.values()), tuple(sorted(bound.sizes.items())),
+                   bound.dtype, bound.device)
+        for st in self.plan.forward.steps:
+            t = by_step.get(st.name)
+            if t is None:
+                kept = self._kept.get(st.name) if keep else None
+                if kept is not None and kept[0] == version:
+                    ev.env[st.name] = kept[1]
+                    continue
+                ev.env[st.name] = ev.run_step(st)
+                if keep and st.name in self._static:
+                    self._kept[st.name] = (version, ev.env[st.name].detach())
+                continue
+            ts = _ts(st.shape)
+            A = self._matrix(ev, t, version if keep else None)  # [*B?, n, m]
+            m = ev.sides[t.over].n
+            V = ev.eval_level(t.values, t.over).squeeze(-len(ts) - 2)  # [*B?, m | 1, *ts]
+            V = V.expand(*V.shape[:-len(ts) - 1], m, *ts)
+            V = V.reshape(*V.shape[:-len(ts)], -1)  # [*B, m, C]
+            if A.dim() == 2:  # one matrix for the whole batch: a single GEMM
+                out = (A @ V.movedim(-2, 0).reshape(m, -1)).reshape(
+                    A.shape[0], *V.shape[:-2], V.shape[-1]).movedim(0, -2)
+            else:
+                out = torch.matmul(A, V)  # [*B, n, C]
+            ev.env[st.name] = ev._full(out.reshape(*out.shape[:-1], *ts), "x", len(ts))
+        out = ev.env["out"]  # [*B?, n, *ts]
+        nts = len(_ts(self.plan.out_shape))
+        lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
+        out = out.expand(*lead, *out.shape[-nts - 1:])
+        return out[..., 0] if self.plan.out_shape == () else out
+
+    def _matrix(self, ev: PlanEvaluator, t: MatmulTerm, version) -> torch.Tensor:
+        if version is not None:
+            kept = self._kept.get(t.step)
+            if kept is not None and kept[0] == version:
+                return kept[1]
+        A = ev.eval_nodes([t.kernel], None)[t.kernel]  # [*B?, n|1, m|1, 1]
+        n, m = ev.sides["x"].n, ev.sides[t.over].n
+        A = A[..., 0].expand(*A.shape[:-3], n, m)
+        if version is not None:
+            self._kept[t.step] = (version, A.detach())
+        return A
