@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import InputError, LoweringError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
+from ..symbolic.library import matmul_terms
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
 from .binding import RESERVED_KEYWORDS, bind
@@ -30,7 +31,7 @@ from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
 from .plan_eval import PlanEvaluator, _ts, gradients, set_cotangent
-from .strategies import MatmulRunner, matmul_terms
+from .strategies import MatmulRunner
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator

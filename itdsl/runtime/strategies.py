@@ -11,61 +11,12 @@ autograd differentiates it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..frontend import ir
-from ..symbolic import pexpr as P
-from ..symbolic.pexpr import Node
+from ..symbolic.library import MatmulTerm, reads_inputs
 from ..symbolic.plan import Plan
 from .binding import Bound
 from .plan_eval import PlanEvaluator, _ts
-
-
-@dataclass(frozen=True)
-class MatmulTerm:
-    step: str  # the pair-sum step it replaces
-    over: str  # the side it sums over
-    kernel: Node  # A[i, j]: depends on x and y, reads no field
-    values: Node  # V[j]: depends on y (or nothing)
-
-
-def matmul_terms(plan: Plan) -> list[MatmulTerm] | None:
-    """The integrals of a matmul Plan as (A, V) pairs, or None if it is not of that form."""
-    if plan.strategy != "matmul":
-        return None
-    terms = []
-    for st in plan.forward.steps:
-        if st.kind == "max":
-            return None
-        if st.kind != "sum":
-            continue
-        kernel, values = P.ONE, P.ONE
-        for f in P.factors(st.expr):  # what reads the inputs is V; the rest is sampled
-            if "x" in f.deps or not _reads_inputs(f, plan):
-                kernel = P.mul(kernel, f)
-            else:
-                values = P.mul(values, f)
-        fields = [n for n in P.toposort([kernel]) if n.op == "field"]
-        if fields or kernel.shape or plan.spaces[st.over].quad.rule is ir.QuadRule.GAUSS:
-            return None
-        terms.append(MatmulTerm(st.name, st.over, kernel, values))
-    return terms or None
-
-
-def _reads_inputs(e: Node, plan: Plan) -> bool:
-    """Whether `e` depends on the call's input fields (directly or through earlier steps)."""
-    steps = {st.name: st for st in plan.forward.steps}
-    todo, seen = [e], set()
-    while todo:
-        for n in P.toposort([todo.pop()]):
-            if n.op in ("field", "cot"):
-                return True
-            if n.op == "ref" and n.attrs[0] not in seen:
-                seen.add(n.attrs[0])
-                todo.append(steps[n.attrs[0]].expr)
-    return False
 
 
 class MatmulRunner:
@@ -76,7 +27,7 @@ class MatmulRunner:
         self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
         # steps of params and coordinates only: sampled once per version, like the matrix
         self._static = {st.name for st in plan.forward.steps
-                        if st.kind in ("point", "const") and not _reads_inputs(st.expr, plan)}
+                        if st.kind in ("point", "const") and not reads_inputs(st.expr, plan)}
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
         ev = PlanEvaluator(self.plan, params, bound)

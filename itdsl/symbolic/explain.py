@@ -62,9 +62,14 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     alg, cx = ALGORITHMS[plan.strategy]
     lines.append(f"  algorithm: {alg}")
     lines.append(f"    complexity: {cx}")
-    if plan.strategy != "dense":
-        lines.append("    (this version compiles every strategy with the dense lowering: tiled "
-                     "pair kernels; this algorithm is not generated yet)")
+    from .library import matmul_terms
+    if plan.strategy == "matmul" and matmul_terms(plan):
+        lines.append("    runs as: the matrix sampled by torch from the per-point tensors below "
+                     "(kept while params and sizes stay), then torch.matmul (a library GEMM); "
+                     "gradients by torch autograd; no generated kernel")
+    elif plan.strategy != "dense":
+        lines.append("    (this version compiles this strategy with the dense lowering: tiled "
+                     "pair kernels; its algorithm is not generated yet)")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
