@@ -13,10 +13,34 @@ from __future__ import annotations
 
 import torch
 
+from ..symbolic import pexpr as P
 from ..symbolic.library import MatmulTerm, reads_inputs
-from ..symbolic.plan import Plan
+from ..symbolic.plan import Plan, Step
 from .binding import Bound
 from .plan_eval import PlanEvaluator, _ts
+
+
+def _split_static(plan: Plan) -> list[Step]:
+    """The forward steps, with the parts of a per-point step that read no input (a bias
+    spline `c(u)`, say) made steps of their own, so that they can be kept too."""
+    out = []
+    for st in plan.forward.steps:
+        if st.kind != "point" or not reads_inputs(st.expr, plan):
+            out.append(st)
+            continue
+        mapping: dict = {}
+        inside: set = set()  # parts of a part already split off
+        for n in reversed(P.toposort([st.expr])):  # parents first: the largest parts
+            if (n is st.expr or n in inside or n in mapping or P.cost([n]) == 0
+                    or reads_inputs(n, plan)):
+                continue
+            name = f"{st.name}_static{len(mapping)}"
+            out.append(Step("point", name, st.side, n))
+            mapping[n] = P.ref(name, st.side, n.shape)
+            inside.update(P.toposort(list(n.args)))
+        expr = P.substitute([st.expr], mapping)[0]
+        out.append(Step(st.kind, st.name, st.side, expr, st.over, st.mask))
+    return out
 
 
 class MatmulRunner:
@@ -25,8 +49,9 @@ class MatmulRunner:
     def __init__(self, plan: Plan, terms: list[MatmulTerm]):
         self.plan, self.terms = plan, terms
         self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.steps = _split_static(plan)
         # steps of params and coordinates only: sampled once per version, like the matrix
-        self._static = {st.name for st in plan.forward.steps
+        self._static = {st.name for st in self.steps
                         if st.kind in ("point", "const") and not reads_inputs(st.expr, plan)}
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
@@ -36,7 +61,7 @@ class MatmulRunner:
         keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
         version = (tuple(p._version for p in params.values()), tuple(sorted(bound.sizes.items())),
                    bound.dtype, bound.device)
-        for st in self.plan.forward.steps:
+        for st in self.steps:
             t = by_step.get(st.name)
             if t is None:
                 kept = self._kept.get(st.name) if keep else None

@@ -54,7 +54,7 @@ def reads_inputs(e: Node, plan: Plan) -> bool:
         for n in P.toposort([todo.pop()]):
             if n.op in ("field", "cot"):
                 return True
-            if n.op == "ref" and n.attrs[0] not in seen:
+            if n.op == "ref" and n.attrs[0] not in seen and n.attrs[0] in steps:
                 seen.add(n.attrs[0])
                 todo.append(steps[n.attrs[0]].expr)
     return False
