@@ -16,7 +16,8 @@ from ..errors import Span
 _NOSPAN = Span()
 
 
-def _span() -> Span:
+def span_field():
+    """A `span` dataclass field: not part of equality, hashing or repr (ast and ir use it)."""
     return field(default=_NOSPAN, compare=False, hash=False, repr=False)
 
 
@@ -47,7 +48,7 @@ class BoolOp(Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class Expr:
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class Name(Expr):
 class Call(Expr):
     func: str
     args: tuple[Expr, ...]
-    func_span: Span = _span()
+    func_span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +151,8 @@ class DomainKind(Enum):
 @dataclass(frozen=True, kw_only=True)
 class Decl:
     name: str
-    span: Span = _span()
-    name_span: Span = _span()
+    span: Span = span_field()
+    name_span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +167,7 @@ class DomainDecl(Decl):
 class InputDecl(Decl):
     domain: str
     width: int | None  # None: a scalar field (R)
-    domain_span: Span = _span()
+    domain_span: Span = span_field()
 
 
 class ParamKind(Enum):
@@ -181,7 +182,7 @@ class Init:
 
     kind: str  # "const" | "normal" | "uniform"
     args: tuple[float, ...]
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,11 +210,11 @@ class OutputDecl(Decl):
 class Operator:
     name: str
     decls: tuple[Decl, ...]
-    span: Span = _span()
-    name_span: Span = _span()
+    span: Span = span_field()
+    name_span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
 class Program:
     operators: tuple[Operator, ...]
-    span: Span = _span()
+    span: Span = span_field()

@@ -20,17 +20,11 @@ Every node has a `width` and a `span` (the span is not part of equality).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import Span
-from .ast import DomainKind, Init, ParamKind
-
-_NOSPAN = Span()
-
-
-def _span():
-    return field(default=_NOSPAN, compare=False, hash=False, repr=False)
+from .ast import DomainKind, Init, ParamKind, span_field
 
 
 class Fn(Enum):
@@ -97,7 +91,7 @@ class Domain:
     dim: int | None = None
     lo: float | None = None
     hi: float | None = None
-    span: Span = _span()
+    span: Span = span_field()
 
     @property
     def coord_width(self) -> int | None:
@@ -110,7 +104,7 @@ class Input:
     name: str
     domain: str
     width: int | None
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +115,7 @@ class Param:
     sizes: tuple[int, ...] = ()
     act: str | None = None
     init: Init | None = None
-    span: Span = _span()
+    span: Span = span_field()
 
 
 # ---- expressions ---------------------------------------------------------------------
@@ -130,7 +124,7 @@ class Param:
 @dataclass(frozen=True, kw_only=True)
 class Expr:
     width: int | None
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,7 +187,7 @@ class Quad:
     samples: int | None = None  # MONTECARLO: S
     importance: Expr | None = None  # MONTECARLO: sampling density up to a constant
     explicit: bool = False  # written with `with` (else the domain's default)
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +211,7 @@ class Kernel:
     y: str
     y_domain: str
     body: Expr
-    span: Span = _span()
+    span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,7 +220,7 @@ class Output:
     var: str
     domain: str
     body: Expr
-    span: Span = _span()
+    span: Span = span_field()
 
     @property
     def width(self) -> int | None:
@@ -241,7 +235,7 @@ class Operator:
     params: tuple[Param, ...]
     kernels: tuple[Kernel, ...]
     output: Output
-    span: Span = _span()
+    span: Span = span_field()
 
     def domain(self, name: str) -> Domain:
         return next(d for d in self.domains if d.name == name)
