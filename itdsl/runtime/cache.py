@@ -115,6 +115,15 @@ def _load_tvm_runtime() -> None:
     _RUNTIME_LOADED = True
 
 
+def _remove(*paths: Path) -> None:
+    """Delete cache files, ignoring those another process already removed."""
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def load(key: str):
     """The cached kernel function for `key`, or None (a bad entry is removed)."""
     d = cache_dir()
@@ -127,12 +136,8 @@ def load(key: str):
             raise ValueError("checksum mismatch")
         import tvm_ffi
         return tvm_ffi.load_module(str(lib))["main"]
-    except Exception:
-        for p in (lib, check):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+    except Exception:  # a truncated or corrupt entry: remove it, rebuild
+        _remove(lib, check)
         return None
 
 
@@ -173,11 +178,8 @@ def load_plan(key: str):
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
-    except Exception:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+    except Exception:  # truncated, or from another version: analyse again
+        _remove(path)
         return None
 
 

@@ -426,20 +426,9 @@ def substitute(roots: list[Node], mapping: dict[Node, Node]) -> list[Node]:
 def rebuild(n: Node, args: tuple[Node, ...]) -> Node:
     """A node like `n` over new children (re-running the folding rules)."""
     op = n.op
-    if op in ("+",):
-        return add(*args)
-    if op == "-":
-        return sub(*args)
-    if op == "*":
-        return mul(*args)
-    if op == "/":
-        return div(*args)
-    if op == "neg":
-        return neg(*args)
-    if op == "dot":
-        return dot(*args)
-    if op == "sum":
-        return vsum(*args)
+    folding = {"+": add, "-": sub, "*": mul, "/": div, "neg": neg, "dot": dot, "sum": vsum}
+    if op in folding:
+        return folding[op](*args)
     if op == "component":
         return component(args[0], n.attrs[0])
     if op in ELEMENTWISE:
