@@ -118,6 +118,112 @@ def inn_setup(n: int, batch: int):
     return {"itdsl": itdsl_fn, "nn.Linear": linear_fn}
 
 
+def attention_setup(n: int, causal: bool, backward: bool):
+    """Batch·heads = 4, d = 64; the peer is torch's scaled_dot_product_attention (its CPU
+    flash kernel: 4-D inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    import itdsl
+    name = "causal_attention" if causal else "attention"
+    op = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")[name]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 64, generator=g) for _ in range(3))
+
+    def run(fn):
+        if not backward:
+            with torch.no_grad():
+                return fn(q, k, v)
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.square().mean().backward()
+        return out.detach()
+
+    def itdsl_fn():
+        return run(lambda a, b, c: op(q=a, k=b, v=c))
+
+    def sdpa_fn():
+        return run(lambda a, b, c: F.scaled_dot_product_attention(
+            a[None], b[None], c[None], is_causal=causal)[0])
+
+    return {"itdsl": itdsl_fn, "torch sdpa": sdpa_fn}
+
+
+def sequence_setup(which: str, T: int, dense: bool):
+    """ema (batch 8, 16 channels) or causal linear attention (batch 4, d = 32): forward;
+    with `dense`, also the same operator forced onto the dense pair kernels."""
+    import torch
+
+    import itdsl
+    file = "ema.it" if which == "ema" else "linear_attention.it"
+    fns = {}
+    g = torch.Generator().manual_seed(0)
+    if which == "ema":
+        kw = {"f": torch.randn(8, T, 16, generator=g)}
+    else:
+        kw = {c: torch.randn(4, T, 32, generator=g) for c in "qkv"}
+    for label, strategy in (("itdsl", None), ("itdsl dense kernels", "dense")):
+        if strategy and not dense:
+            continue
+        op = itdsl.compile_file(EXAMPLES / file, target="cpu", strategy=strategy)[which]
+
+        def fn(op=op):
+            with torch.no_grad():
+                return op(**kw)
+        fns[label] = fn
+    return fns
+
+
+def conv_setup(T: int, batch: int):
+    """bump_conv on a T-point grid (8 channels); the peer is a depthwise conv1d with the
+    same taps, sampled beforehand."""
+    import torch
+    import torch.nn.functional as F
+
+    import itdsl
+    op = itdsl.compile_file(EXAMPLES / "bump_conv.it", target="cpu")["bump_conv"]
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(batch, T, 8, generator=g)
+    h = 1.0 / (T - 1)
+    D = int(0.2 / h)
+    d = torch.arange(-D, D + 1) * h
+    w = op.w.detach()
+    taps = torch.exp(-d[None] ** 2 / (2 * w[:, None] ** 2))  # [8, 2D+1]
+    wq = torch.full((T,), h)
+    wq[0] = wq[-1] = h / 2
+    weight = taps.flip(-1).unsqueeze(1)
+
+    def itdsl_fn():
+        with torch.no_grad():
+            return op(f=f)
+
+    def conv_fn():
+        with torch.no_grad():
+            x = (f * wq[:, None]).transpose(1, 2)
+            return F.conv1d(x, weight, padding=D, groups=8).transpose(1, 2)
+
+    return {"itdsl": itdsl_fn, "torch conv1d (depthwise)": conv_fn}
+
+
+def lowrank_setup(n: int):
+    import torch
+
+    import itdsl
+    g = torch.Generator().manual_seed(0)
+    kw = {"q": torch.randn(4, n, 32, generator=g), "k": torch.randn(4, n, 32, generator=g),
+          "v": torch.randn(4, n, 32, generator=g)}
+    fns = {}
+    for label, strategy in (("itdsl", None), ("itdsl dense kernels", "dense")):
+        op = itdsl.compile_file(EXAMPLES / "linear_attention.it", target="cpu",
+                                strategy=strategy)["linear_attention"]
+
+        def fn(op=op):
+            with torch.no_grad():
+                return op(**kw)
+        fns[label] = fn
+    return fns
+
+
 def cases(quick: bool) -> dict:
     out = {}
     for n in ((2000,) if quick else (10_000, 50_000)):
@@ -125,24 +231,48 @@ def cases(quick: bool) -> dict:
             out[f"gauss n=m={n} C={c}"] = ("gauss", (n, c))
     out[f"itnet_mix fwd+bwd n={512 if quick else 2048}"] = ("itnet", (512 if quick else 2048,))
     out["integral_linear fwd 1024->1024, batch 256"] = ("inn", (1024, 256))
+    n = 1024 if quick else 4096
+    for causal in (False, True):
+        for bwd in (False, True):
+            name = f"{'causal ' if causal else ''}attention {'fwd+bwd' if bwd else 'fwd'} " \
+                   f"B·H=4 n={n} d=64"
+            out[name] = ("attention", (n, causal, bwd))
+    out["bump_conv fwd T=4096 batch 32"] = ("conv", (4096, 32))
+    lengths = (1000, 4000) if quick else (1000, 4000, 16_000, 64_000)
+    for which in ("ema", "causal_linear_attention"):
+        for T in lengths:
+            out[f"{which} fwd T={T}"] = ("sequence", (which, T, T == lengths[-2]))
+    n = 4000 if quick else 16_000
+    out[f"linear_attention fwd n={n}"] = ("lowrank", (n,))
     return out
 
 
 def build(kind: str, args: tuple) -> dict:
-    return {"gauss": gauss_setup, "itnet": itnet_setup, "inn": inn_setup}[kind](*args)
+    return {"gauss": gauss_setup, "itnet": itnet_setup, "inn": inn_setup,
+            "attention": attention_setup, "sequence": sequence_setup, "conv": conv_setup,
+            "lowrank": lowrank_setup}[kind](*args)
 
 
 # ---- measurement --------------------------------------------------------------------------------
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm up (compiles, caches)
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median time per method; the methods take turns, so drifting load hits them alike."""
+    times: dict = {}
+    for method, fn in fns.items():
+        try:
+            fn()  # warm up (compiles, caches)
+            times[method] = []
+        except Exception as e:
+            times[method] = e
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for method, fn in fns.items():
+            if isinstance(times[method], Exception):
+                continue
+            t = time.perf_counter()
+            fn()
+            times[method].append(time.perf_counter() - t)
+    return {m: t if isinstance(t, Exception) else statistics.median(t) for m, t in times.items()}
 
 
 def peak_memory_mb(case: str, method: str, quick: bool) -> float:
@@ -262,13 +392,8 @@ def main() -> None:
     for case, (kind, args) in cases(a.quick).items():
         fns = build(kind, args)
         big = kind == "gauss" and args[0] >= 50_000
-        repeats = 1 if big else 21 if kind == "inn" else 3
-        results = {}
-        for method, fn in fns.items():
-            try:
-                results[method] = median_time(fn, repeats)
-            except Exception as e:
-                results[method] = e
+        repeats = 1 if big else 21 if kind in ("inn", "conv") else 5
+        results = median_times(fns, repeats)
         base = results["itdsl"]
         for method, t in results.items():
             if isinstance(t, Exception):
@@ -282,9 +407,7 @@ def main() -> None:
         print()
         print("| operator | cold compile (empty cache) | warm load (cached, new process) |")
         print("|---|---|---|")
-        ops = [("gauss.it", "gauss_smooth"), ("attention.it", "causal_attention"),
-               ("ema.it", "ema"), ("itnet_mixer.it", "itnet_mix"),
-               ("inn_linear.it", "integral_linear")]
+        ops = [("gauss.it", "gauss_smooth"), ("itnet_mixer.it", "itnet_mix")]
         for name, cold, warm in compile_times(ops):
             print(f"| {name} | {cold:.2f} s | {warm:.3f} s |", flush=True)
 

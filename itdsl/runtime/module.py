@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import InputError, LoweringError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
-from ..symbolic.library import matmul_terms
+from ..symbolic.library import library_form
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
 from .binding import RESERVED_KEYWORDS, bind
@@ -31,7 +31,7 @@ from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
 from .plan_eval import PlanEvaluator, _ts, gradients, set_cotangent
-from .strategies import MatmulRunner
+from .strategies import LibraryRunner, MatmulRunner
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
@@ -237,8 +237,9 @@ class CompiledOperator(nn.Module):
             if opdef is None:
                 opdef = _REGISTERED[name] = OpDef(plan, target)
         self._opdef = opdef
-        terms = matmul_terms(plan)
-        self._library = MatmulRunner(plan, terms) if terms else None
+        form = library_form(plan)
+        self._library = (None if not form else MatmulRunner(plan, form)
+                         if plan.strategy == "matmul" else LibraryRunner(plan, form))
 
     def extra_repr(self) -> str:
         return f"operator={self.ir.name}, target={self.target}, strategy={self.strategy}"
@@ -252,7 +253,13 @@ class CompiledOperator(nn.Module):
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
                                  f"call `.to({bound.dtype})` on the module (or pass "
                                  f"{p.dtype} inputs)")
-        if self._library is not None:  # matmul: a sampled matrix and a GEMM, in torch
+        if self._library is not None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
+            if self.target == "cuda" and bound.device.type != "cuda":
+                if not torch.cuda.is_available():
+                    raise LoweringError("this operator was compiled for CUDA, but no CUDA "
+                                        "device is available here", hint="use target=\"cpu\"")
+                raise InputError(f"this operator was compiled for CUDA; its inputs are on "
+                                 f"{bound.device}", hint="move them with `.cuda()`")
             return self._library(dict(self.named_parameters()), bound)
         tensors = []
         for name in opdef.tensor_names:

@@ -59,6 +59,7 @@ class PlanEvaluator:
         self.chunk = chunk
         self.env: dict[str, torch.Tensor] = {}
         self.expand_batch = True
+        self.cols: slice | None = None  # evaluate pairs on these points of y only (a tile)
         self.special: set[str] = set()  # steps stored as [n, *shape], batch summed
         self.sides: dict[str, _Side] = {}
         draws: dict[tuple, torch.Tensor] = {}
@@ -139,6 +140,8 @@ class PlanEvaluator:
         nts = len(_ts(shape))
         if side is None:
             return t
+        if self.cols is not None and side != "x":
+            t = t.narrow(t.dim() - nts - 1, self.cols.start, self.cols.stop - self.cols.start)
         if side == "x":
             if rows is not None:
                 t = t.narrow(t.dim() - nts - 1, rows.start, rows.stop - rows.start)
