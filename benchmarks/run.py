@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # everything (several minutes on 2 cores)
     python benchmarks/run.py --quick    # smaller sizes, for a smoke test
+    python benchmarks/run.py --only attention --no-compile   # some cases only
 
 Times are medians of repeated runs in this one process, itdsl and its peers taking
 turns; peak memory is measured in a child process per (case, method), after a warm-up
@@ -367,6 +368,17 @@ def child_load(file: str, name: str) -> None:
     print(json.dumps({"s": time.perf_counter() - t}))
 
 
+def scaling(seen: dict) -> None:
+    """For the scans: how time grows with T (4× T should cost ≤ 5× time)."""
+    for which in ("ema", "causal_linear_attention"):
+        rows = sorted((int(c.rsplit("=", 1)[1]), r["itdsl"]) for c, r in seen.items()
+                      if c.startswith(f"{which} fwd T=") and not isinstance(r["itdsl"], Exception))
+        if len(rows) < 2:
+            continue
+        steps = ", ".join(f"{t1}→{t2}: {b / a:.1f}×" for (t1, a), (t2, b) in zip(rows, rows[1:]))
+        print(f"\n{which}: time for 4× T ({steps})")
+
+
 # ---- the table ---------------------------------------------------------------------------------
 
 
@@ -377,6 +389,7 @@ def main() -> None:
     ap.add_argument("--child-load", nargs=2)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", help="run the cases whose name contains this text")
     a = ap.parse_args()
     if a.child_memory:
         return child_memory(*a.child_memory, a.quick)
@@ -387,13 +400,17 @@ def main() -> None:
     torch.set_num_threads(threads)
     print(f"# itdsl benchmarks — {threads} cores, torch {torch.__version__}, "
           f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
+    seen: dict = {}
     print("| case | method | time (median) | vs itdsl | peak memory |")
     print("|---|---|---|---|---|")
     for case, (kind, args) in cases(a.quick).items():
+        if a.only and a.only not in case:
+            continue
         fns = build(kind, args)
         big = kind == "gauss" and args[0] >= 50_000
         repeats = 1 if big else 21 if kind in ("inn", "conv") else 5
         results = median_times(fns, repeats)
+        seen[case] = results
         base = results["itdsl"]
         for method, t in results.items():
             if isinstance(t, Exception):
@@ -403,6 +420,7 @@ def main() -> None:
             ratio = ("1.0×" if method == "itdsl" else f"{t / base:.1f}× slower" if t >= base
                      else f"{base / t:.1f}× faster")
             print(f"| {case} | {method} | {t * 1000:.0f} ms | {ratio} | {mem} |", flush=True)
+    scaling(seen)
     if not a.no_compile:
         print()
         print("| operator | cold compile (empty cache) | warm load (cached, new process) |")

@@ -134,7 +134,8 @@ class OpDef:
             out = ev.env["out"]
             if self.plan.out_shape == ():
                 out = out[..., 0]
-            return [out.contiguous()] + [ev.env[s].contiguous() for s in self.saved]
+            return _unaliased([out] + [ev.env[s] for s in self.saved],
+                              list(tensors) + list(params) + list(weights))
 
         @forward.register_fake
         def _(tensors, params, weights, ints):
@@ -216,6 +217,22 @@ def _side_size(plan: Plan, side: str, bound) -> int:
     if sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS:
         return sp.quad.n
     return bound.sizes[sp.domain]
+
+
+def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous outputs sharing memory with no input and no other output (a custom op may
+    not return an alias; with one point a step can be a view of its input)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    res = []
+    for t in outs:
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in taken:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        taken.add(ptr)
+        res.append(t)
+    return res
 
 
 class CompiledOperator(nn.Module):

@@ -414,13 +414,13 @@ class _Softmax(torch.autograd.Function):
             m_all[:, rows] = m_i.nan_to_num(neginf=0.0)
             l_all[:, rows], acc_all[:, rows] = l_i, a_i
         ctx.info = info
-        ctx.save_for_backward(A, B, V, m_all, *leaves)
+        ctx.save_for_backward(A, B, V, m_all, l_all, *leaves)
         return m_all, acc_all, l_all
 
     @staticmethod
     def backward(ctx, dm, dacc, dl):
         ev, f, keys, lead = ctx.info
-        A, B, V, m0, *leaves = ctx.saved_tensors
+        A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]
         dA, dB, dV = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(V)
         dleaves = [torch.zeros_like(t) if w else None for t, w in zip(leaves, want)]
@@ -428,6 +428,9 @@ class _Softmax(torch.autograd.Function):
             dacc = V.new_zeros(A.shape[0], A.shape[1], V.shape[-1])
         if dl is None:
             dl = torch.zeros_like(m0)
+        empty = l0 == 0  # rows with every score masked: nothing to differentiate (0/0 above)
+        if bool(empty.any()):
+            dacc, dl = dacc.masked_fill(empty.unsqueeze(-1), 0.0), dl.masked_fill(empty, 0.0)
         grad_rest = f.rest is not None and any(want)
         for rows, tiles in _row_tiles(A.shape[1], B.shape[1], f.causal):
             dO, Ar, dAr = dacc[:, rows], A[:, rows], dA[:, rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..frontend.printer import format_ir_expr
 from .plan import Plan
+from .show import show as format_pexpr
 from .show import show_program
 
 ALGORITHMS = {
@@ -24,6 +25,50 @@ ALGORITHMS = {
               "evaluated in registers and reduced at once", "O(n·m·p) time for p operations per "
               "pair, O((n+m)·C) extra memory"),
 }
+
+
+def _runs_as(plan: Plan) -> list[str]:
+    """What computes the strategy: which parts are generated and which are library calls."""
+    from . import library as L
+    form = L.library_form(plan)
+    if plan.strategy == "dense":
+        return ["    runs as: generated TVM kernels (LLVM on the CPU, CUDA source for GPUs) for "
+                "the pair sums; per-point steps in torch"]
+    if not form:
+        return ["    runs as: the dense lowering (generated tiled pair kernels): this kernel's "
+                "form is not one the strategy's algorithm takes yet"]
+    head = "    runs as (torch, no generated kernel; torch autograd gives the gradients):"
+    if plan.strategy == "matmul":
+        return [head, "      the matrix sampled from the per-point tensors below (kept while "
+                "params and sizes stay), then torch.matmul (a library GEMM)"]
+    if isinstance(form, L.SoftmaxForm):
+        extra = f" + ({format_pexpr(form.rest)}) per tile" if form.rest is not None else ""
+        mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
+                "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
+                    form.causal, "mask evaluated per tile" if form.mask is not None else "no mask")
+        return ["    runs as (torch, no generated kernel):",
+                f"      scores = a(x)·b(y) by torch GEMM per tile (rank {L.rank(list(form.terms))})"
+                f"{extra}; {mask}",
+                "      online softmax over column tiles (running max and sum), Σ exp(s − max)·v "
+                "by GEMM; O(n·C) memory",
+                "      backward: its own flash backward (scores recomputed per tile, 5 GEMMs)"]
+    out = [head]
+    for f in form:
+        if isinstance(f, L.LowRankSum):
+            r = L.rank(list(f.terms))
+            how = ("chunked causal scan: per chunk a masked L×L product, across chunks a "
+                   "running Σ ψ(y) f(y)ᵀ" if f.causal else
+                   "two GEMMs: Σ_y ψ(y) f(y)ᵀ, then φ(x)·that")
+            out.append(f"      {f.sum.step}: rank {r}: {how}")
+        elif isinstance(f, L.DecaySum):
+            out.append(f"      {f.sum.step}: {len(f.exps)} decaying exponential(s): chunked scan "
+                       "built from exp(rate·Δ), Δ >= 0 (recursive over chunks)")
+        else:
+            how = (f"direct depthwise conv1d over the support |x − y| <= {f.half_width} (FFT "
+                   "when it spans many points)" if f.half_width is not None else "FFT (torch.fft)")
+            out.append(f"      {f.sum.step}: taps g(x − y) sampled on the grid, then {how}; "
+                       "quadrature weights modulate f")
+    return out
 
 
 def _gradient_lines(plan: Plan) -> list[str]:
@@ -62,14 +107,7 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     alg, cx = ALGORITHMS[plan.strategy]
     lines.append(f"  algorithm: {alg}")
     lines.append(f"    complexity: {cx}")
-    from .library import matmul_terms
-    if plan.strategy == "matmul" and matmul_terms(plan):
-        lines.append("    runs as: the matrix sampled by torch from the per-point tensors below "
-                     "(kept while params and sizes stay), then torch.matmul (a library GEMM); "
-                     "gradients by torch autograd; no generated kernel")
-    elif plan.strategy != "dense":
-        lines.append("    (this version compiles this strategy with the dense lowering: tiled "
-                     "pair kernels; its algorithm is not generated yet)")
+    lines += _runs_as(plan)
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))

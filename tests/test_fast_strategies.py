@@ -1,0 +1,338 @@
+"""attention, recurrence, convolution and lowrank: each runs its own algorithm (tiled online
+softmax, chunked scans, conv1d/FFT, two passes) and equals the reference and the dense
+lowering, forward and gradients, over sizes, params, batch dims, causal or not.
+
+The tile and chunk sizes of the algorithms are shrunk in most tests so that a few dozen
+points already cross many tiles, chunks and recursion levels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from util import EXAMPLES, gradcheck_op
+
+import itdsl
+import itdsl.runtime.strategies as S
+from itdsl.frontend import load_source
+from itdsl.runtime.strategies import LibraryRunner
+
+D = torch.float64
+
+# (file, operator, strategy, the form's kind)
+OPERATORS = [
+    ("attention.it", "attention", "attention", "SoftmaxForm"),
+    ("attention.it", "causal_attention", "attention", "SoftmaxForm"),
+    ("linear_attention.it", "linear_attention", "lowrank", "LowRankSum"),
+    ("linear_attention.it", "causal_linear_attention", "recurrence", "LowRankSum"),
+    ("ema.it", "ema", "recurrence", "DecaySum"),
+    ("bump_conv.it", "bump_conv", "convolution", "ConvSum"),
+]
+IDS = [o[1] for o in OPERATORS]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(S, "ROWS", 8)
+    monkeypatch.setattr(S, "COLS", 16)
+    monkeypatch.setattr(S, "CHUNK", 4)
+
+
+@functools.cache
+def _ops(file: str, name: str):
+    """(library, dense compiled, reference), float64, the same params."""
+    lib = itdsl.compile_file(EXAMPLES / file, target="cpu")[name].double()
+    dense = itdsl.compile_file(EXAMPLES / file, target="cpu", strategy="dense")[name].double()
+    ref = itdsl.compile_file(EXAMPLES / file, target="reference")[name].double()
+    dense.load_state_dict(lib.state_dict())
+    ref.load_state_dict(lib.state_dict())
+    return lib, dense, ref
+
+
+def _inputs(op, n: int, m: int, batch: tuple, gen: torch.Generator, scale: float = 1.0) -> dict:
+    kw = {}
+    sizes = {}
+    for k, d in enumerate(op.ir.domains):
+        sizes[d.name] = n if k == 0 else m
+    for i in op.ir.inputs:
+        kw[i.name] = scale * torch.randn(*batch, sizes[i.domain], i.width or 1, generator=gen,
+                                         dtype=D)
+    return kw
+
+
+def _check(lib, ref, kw, rtol=1e-9):
+    tensors = [v.requires_grad_(True) for v in kw.values()]
+    out, want = lib(**kw), ref(**kw)
+    torch.testing.assert_close(out, want, rtol=rtol, atol=1e-10)
+    dout = torch.randn(out.shape, dtype=D)
+    got = torch.autograd.grad(out, tensors + list(lib.parameters()), dout)
+    exp = torch.autograd.grad(want, tensors + list(ref.parameters()), dout)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-10)
+    return out
+
+
+@pytest.mark.parametrize("file,name,strategy,kind", OPERATORS, ids=IDS)
+def test_examples_run_their_own_algorithm(file, name, strategy, kind):
+    lib, dense, _ = _ops(file, name)
+    assert lib.strategy == strategy and isinstance(lib._library, LibraryRunner)
+    form = lib._library.form
+    assert type(form if not isinstance(form, list) else form[0]).__name__ == kind
+    assert dense._library is None
+    text = itdsl.compile_file(EXAMPLES / file).explain(name)
+    assert "runs as (torch, no generated kernel" in text
+
+
+@pytest.mark.parametrize("file,name,strategy,kind", OPERATORS, ids=IDS)
+@settings(max_examples=6, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), m=st.integers(1, 40), batch=st.sampled_from([(), (2,), (2, 1)]),
+       seed=st.integers(0, 2**16), shift=st.floats(-0.5, 0.5))
+def test_property_equals_reference_and_dense(small_tiles, file, name, strategy, kind, n, m,
+                                             batch, seed, shift):
+    lib, dense, ref = _ops(file, name)
+    one_domain = len(lib.ir.domains) == 1
+    if name == "bump_conv" and abs(0.2 * (n - 1) - round(0.2 * (n - 1))) < 1e-6:
+        n += 1  # the bracket's edge on a grid point: rounding decides it, in either path
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lib.parameters():  # other params: each call its own
+            p.add_(shift)
+        state = lib.state_dict()
+    ref.load_state_dict(state)
+    dense.load_state_dict(state)
+    try:
+        kw = _inputs(lib, n, n if one_domain else m, batch, gen)
+        out = _check(lib, ref, kw)
+        with torch.no_grad():
+            torch.testing.assert_close(out, dense(**kw), rtol=1e-9, atol=1e-10)
+    finally:
+        with torch.no_grad():
+            for p in lib.parameters():
+                p.sub_(shift)
+        ref.load_state_dict(lib.state_dict())
+        dense.load_state_dict(lib.state_dict())
+
+
+@pytest.mark.parametrize("file,name,strategy,kind", OPERATORS, ids=IDS)
+def test_gradcheck(small_tiles, file, name, strategy, kind):
+    lib, _, _ = _ops(file, name)
+    kw = _inputs(lib, 11, 9, (2,), torch.Generator().manual_seed(1))
+    assert gradcheck_op(lib, kw)
+
+
+def test_attention_with_many_tiles_and_extreme_scores(small_tiles):
+    """Scores up to ~±400: the running max keeps exp finite; far-below-max terms are 0."""
+    for name in ("attention", "causal_attention"):
+        lib, _, ref = _ops("attention.it", name)
+        kw = _inputs(lib, 37, 37, (3,), torch.Generator().manual_seed(2), scale=7.0)
+        out = _check(lib, ref, kw, rtol=1e-7)
+        assert torch.isfinite(out).all()
+
+
+def test_attention_float32_matches_sdpa():
+    lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 700, 64, generator=g) for _ in range(3))
+    for name, causal in (("attention", False), ("causal_attention", True)):
+        out = lib[name](q=q, k=k, v=v)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+TABLE_KINDS = ("attention", "recurrence", "convolution", "lowrank")
+
+
+def _table():
+    from test_recognize import CASES
+    return [(c[0], c[1], c[2]) for c in CASES if c[2] in TABLE_KINDS]
+
+
+@pytest.mark.parametrize("name,source,strategy", _table(), ids=[c[0] for c in _table()])
+def test_table_kernels(small_tiles, name, source, strategy):
+    """Every kernel of the recogniser's table with one of these strategies: its algorithm
+    (or, for the few forms it does not take, the dense kernels) equals the reference."""
+    text = "operator k {\n" + source + "\n}\n"
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
+    ref.load_state_dict(lib.state_dict())
+    assert lib.strategy == strategy
+    from util import random_inputs
+    inputs = random_inputs(load_source(text)["k"], sizes=(19, 23, 7))
+    tensors = [v.requires_grad_(True) for v in inputs.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    out, want = lib(**inputs), ref(**inputs)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    dout = torch.randn(out.shape, dtype=D)
+    got = torch.autograd.grad(out, tensors + list(lib.parameters()), dout, allow_unused=True)
+    exp = torch.autograd.grad(want, tensors + list(ref.parameters()), dout, allow_unused=True)
+    for a, b in zip(got, exp):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_most_table_kernels_take_their_algorithm():
+    """The forms left to the dense kernels are the ones named here (and explain says so)."""
+    dense = set()
+    for name, source, _ in _table():
+        prog = itdsl.compile_source("operator k {\n" + source + "\n}\n", target="cpu")
+        if prog["k"]._library is None:
+            dense.add(name)
+            assert "the dense lowering" in prog.explain("k")
+    assert dense <= {"attn-two-exp-factors", "cumsum-spelled-otherwise", "derivative-fallback",
+                     "cos-points1", "cos-sum-points3", "dot-squared-d3", "poly2-d3", "poly2-d2",
+                     "poly3-d2", "poly4-width8"}, dense
+    assert len(dense) <= 10
+
+
+# ---- long sequences ------------------------------------------------------------------------
+
+
+def test_ema_is_stable_for_a_hundred_thousand_steps():
+    """T = 10⁵ in float32, fast and slow decays: finite, and equal to the recurrence
+    y_t = λ y_{t-1} + f_t run step by step in float64."""
+    op = itdsl.compile_file(EXAMPLES / "ema.it", target="cpu")["ema"]
+    with torch.no_grad():
+        op.a.copy_(torch.linspace(-9.0, 6.0, 16))  # softplus(a): 1e-4 .. 6
+    T = 100_000
+    f = torch.randn(T, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = op(f=f)
+    assert torch.isfinite(out).all()
+    lam = np.exp(-np.log1p(np.exp(op.a.detach().double().numpy())))
+    y, want = np.zeros(16), np.empty((T, 16))
+    fn = f.double().numpy()
+    for t in range(T):
+        y = lam * y + fn[t]
+        want[t] = y
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_causal_linear_attention_is_stable_for_a_hundred_thousand_steps():
+    src = (EXAMPLES / "linear_attention.it").read_text().replace("R^32", "R^4")
+    op = itdsl.compile_source(src, target="cpu")["causal_linear_attention"]
+    T = 100_000
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(T, 4, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out = op(q=q, k=k, v=v)
+    assert torch.isfinite(out).all()
+    phi, psi = torch.nn.functional.softplus(q.double()), torch.nn.functional.softplus(k.double())
+    state = torch.cumsum(psi[:, :, None] * v.double()[:, None, :], 0)  # [T, 4, 4]
+    want = (torch.einsum("tr,trc->tc", phi, state)
+            / torch.einsum("tr,tr->t", phi, torch.cumsum(psi, 0))[:, None])
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_scan_never_forms_a_growing_exponential():
+    """A decay of 50 per step over 10⁴ steps: exp(50·t) would overflow at t = 2."""
+    u = torch.randn(10_000, 3, dtype=torch.float32)
+    r = torch.tensor([-50.0, -1e-3, 0.0])
+    y = S.decay_scan(u, r, chunk=16)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 0], u[:, 0], rtol=1e-5, atol=1e-5)  # only the step itself
+    torch.testing.assert_close(y[:, 2], torch.cumsum(u[:, 2], 0), rtol=1e-4, atol=1e-3)
+    want = torch.zeros(3)
+    lam = torch.exp(r)
+    for t in range(200):  # the start, step by step
+        want = lam * want + u[t]
+        torch.testing.assert_close(y[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_convolution_by_fft_equals_direct(monkeypatch):
+    lib, _, ref = _ops("bump_conv.it", "bump_conv")
+    kw = _inputs(lib, 303, 303, (2,), torch.Generator().manual_seed(6))  # no point on the edge
+    direct = lib(**kw)
+    monkeypatch.setattr(S, "DIRECT_TAPS", 3)
+    fft = _check(lib, ref, kw)
+    torch.testing.assert_close(fft, direct, rtol=1e-9, atol=1e-12)
+
+
+def test_global_convolution_runs_by_fft():
+    text = """operator k {
+        domain T = grid(0, 1)
+        input f : T -> R^3
+        param s : R = 0.3
+        kernel g(t: T, u: T) = exp(-(t - u)^2 / (2 * s^2)) * cos(7 * (t - u))
+        output o(t: T) = integral(u: T) g(t, u) * f(u) with simpson
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    ref.load_state_dict(lib.state_dict())
+    assert lib.strategy == "convolution" and lib._library.form[0].half_width is None
+    kw = {"f": torch.randn(2, 257, 3, dtype=D)}
+    _check(lib, ref, kw)
+
+
+def test_lowrank_memory_is_linear():
+    """linear_attention at n = m = 20,000 in float64 would need 3.2 GB for one n×m matrix."""
+    lib, _, _ = _ops("linear_attention.it", "linear_attention")
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(20_000, 32, generator=g, dtype=D) for _ in range(3))
+    with torch.no_grad():
+        out = lib(q=q, k=k, v=v)
+    phi, psi = torch.nn.functional.softplus(q), torch.nn.functional.softplus(k)
+    want = (phi @ (psi.T @ v)) / (phi @ psi.sum(0))[:, None]
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_relative_position_params_get_gradients(small_tiles):
+    text = """operator k {
+        domain T = index
+        input q : T -> R^8
+        input k : T -> R^8
+        input v : T -> R^8
+        param slope : R = 0.3
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 4 - slope * abs(t - s)) * [s <= t]
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    assert lib._library is not None and lib._library.form.rest is not None
+    kw = _inputs(lib, 29, 29, (2,), torch.Generator().manual_seed(8))
+    _check(lib, ref, kw)
+    assert gradcheck_op(lib, _inputs(lib, 10, 10, (), torch.Generator().manual_seed(9)))
+
+
+def test_cuda_target_needs_cuda_tensors():
+    if torch.cuda.is_available():  # pragma: no cover - not on these machines
+        pytest.skip("a GPU is present")
+    op = itdsl.compile_file(EXAMPLES / "attention.it", target="cuda")["attention"]
+    with pytest.raises(itdsl.LoweringError, match="no CUDA device"):
+        op(q=torch.randn(5, 64), k=torch.randn(6, 64), v=torch.randn(6, 64))
+
+
+def test_a_row_with_every_score_masked():
+    """A strict causal mask leaves the first row nothing: 0/0 there, as in the reference;
+    the other rows, and their gradients, equal a plain masked softmax (the reference's own
+    autograd and the dense kernels let that row's NaN into some gradients; this does not)."""
+    text = """operator k {
+        domain T = index
+        input q : T -> R^4
+        input k : T -> R^4
+        input v : T -> R^4
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s))) * [s < t]
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    assert lib._library is not None and lib._library.form.causal == "<"
+    kw = _inputs(lib, 9, 9, (), torch.Generator().manual_seed(10))
+    for t in kw.values():
+        t.requires_grad_(True)
+    q, k, v = kw["q"], kw["k"], kw["v"]
+    keep = torch.ones(9, 9, dtype=torch.bool).tril(-1)[1:]
+    want = torch.softmax((q[1:] @ k.T).masked_fill(~keep, -torch.inf), -1) @ v
+    out = lib(**kw)
+    assert torch.isnan(out[0]).all()
+    torch.testing.assert_close(out[1:], want, rtol=1e-9, atol=1e-10)
+    got = torch.autograd.grad(out[1:].sum(), [q, k, v])
+    exp = torch.autograd.grad(want.sum(), [q, k, v])
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
