@@ -120,6 +120,7 @@ class MatmulRunner:
 # algorithm. Layouts: a side's values are `[*B?, n, W]` (W channels, flattened).
 
 CHUNK = 64  # scan chunk: parallel inside, recurrent across
+SEGMENT = 64  # chunks per segment of a causal low-rank scan (segments run one by one)
 ROWS, COLS = 256, 512  # attention tiles (rows of x, columns of y)
 DIRECT_TAPS = 96  # a convolution with more taps than this runs by FFT
 
@@ -165,6 +166,18 @@ def causal_lowrank(A: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, strict: bo
     chunks a running state Σ B[s] Y[s]ᵀ (an exclusive cumulative sum of the chunks' states)."""
     A, B, Y = _lead(A, B, Y)
     n = A.shape[-2]
+    seg = SEGMENT * chunk
+    if n > seg:  # segments one after another, the state carried: a bounded working set
+        outs, state = [], None
+        for lo in range(0, n, seg):
+            a, b, y = (t[..., lo:lo + seg, :] for t in (A, B, Y))
+            out = causal_lowrank(a, b, y, strict, chunk)
+            if state is not None:
+                out = out + a @ state
+            step = b.transpose(-1, -2) @ y
+            state = step if state is None else state + step
+            outs.append(out)
+        return torch.cat(outs, dim=-2)
     nc = -(-n // chunk)
     pad = nc * chunk - n
     if pad:
@@ -213,6 +226,14 @@ class LibraryRunner:
             self.sums = {form.max_step: form}
         else:
             self.sums = {f.sum.step: f for f in form}
+        # low-rank sums with one kernel (a normalised ratio's two integrals): one scan, the
+        # insides side by side
+        self.groups: dict[str, list[LowRankSum]] = {}
+        for f in form if isinstance(form, list) else ():
+            if isinstance(f, LowRankSum):
+                key = (f.terms, f.causal, f.sum.over)
+                self.groups.setdefault(key, []).append(f)
+        self.groups = {f.sum.step: g for g in self.groups.values() for f in g}
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
         ev = PlanEvaluator(self.plan, params, bound)
@@ -227,23 +248,38 @@ class LibraryRunner:
             elif isinstance(f, SoftmaxForm):
                 _softmax(ev, f)
                 done.update(ps.step for ps in f.sums)
+            elif isinstance(f, LowRankSum):
+                group = [g for g in self.groups[st.name]
+                         if g is f or _ready(ev, g.sum.inside, g.sum.outside)]
+                Ys = [_on(ev, g.sum.inside, g.sum.over) for g in group]
+                Ys = _lead(*Ys) if len(Ys) > 1 else Ys
+                out = _lowrank(ev, f, torch.cat(Ys, dim=-1))
+                col = 0
+                for g, Y in zip(group, Ys):
+                    self._store(ev, g, out[..., col:col + Y.shape[-1]])
+                    col += Y.shape[-1]
+                    done.add(g.sum.step)
             else:
-                ts = _ts(st.shape)
                 Y = _on(ev, f.sum.inside, f.sum.over)
-                if isinstance(f, LowRankSum):
-                    out = _lowrank(ev, f, Y)
-                elif isinstance(f, DecaySum):
-                    out = _decay(ev, f, Y)
-                else:
-                    out = _conv(ev, f, Y)
-                out = out * _on(ev, f.sum.outside, "x")
-                out = out.expand(*out.shape[:-1], math.prod(ts))
-                ev.env[st.name] = out.reshape(*out.shape[:-1], *ts)
+                self._store(ev, f, _decay(ev, f, Y) if isinstance(f, DecaySum) else
+                            _conv(ev, f, Y))
         out = ev.env["out"]
         nts = len(_ts(self.plan.out_shape))
         lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
         out = out.expand(*lead, *out.shape[-nts - 1:])
         return out[..., 0] if self.plan.out_shape == () else out
+
+    def _store(self, ev: PlanEvaluator, f, out: torch.Tensor) -> None:
+        """A sum's value (`[*B, n, W]`, before its outside factor) into the Plan's layout."""
+        ts = _ts(self.plan.forward.step(f.sum.step).shape)
+        out = out * _on(ev, f.sum.outside, "x")
+        out = out.expand(*out.shape[:-1], math.prod(ts))
+        ev.env[f.sum.step] = out.reshape(*out.shape[:-1], *ts)
+
+
+def _ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
+    """Every step `nodes` read has been computed."""
+    return all(n.attrs[0] in ev.env for n in P.toposort(nodes) if n.op == "ref")
 
 
 def _lowrank(ev: PlanEvaluator, f: LowRankSum, Y: torch.Tensor) -> torch.Tensor:
