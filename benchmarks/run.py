@@ -140,14 +140,59 @@ def attention_setup(n: int, causal: bool, backward: bool):
         out.square().mean().backward()
         return out.detach()
 
+    import itdsl.runtime.strategies as strategies
+
     def itdsl_fn():
         return run(lambda a, b, c: op(q=a, k=b, v=c))
+
+    def own_fn():  # the tiled online softmax itdsl runs when a score is not plain q·k
+        strategies.USE_SDPA = False
+        try:
+            return run(lambda a, b, c: op(q=a, k=b, v=c))
+        finally:
+            strategies.USE_SDPA = True
 
     def sdpa_fn():
         return run(lambda a, b, c: F.scaled_dot_product_attention(
             a[None], b[None], c[None], is_causal=causal)[0])
 
-    return {"itdsl": itdsl_fn, "torch sdpa": sdpa_fn}
+    return {"itdsl": itdsl_fn, "itdsl, its own online softmax": own_fn, "torch sdpa": sdpa_fn}
+
+
+ALIBI = """operator alibi {
+    domain T = index
+    input  q : T -> R^64
+    input  k : T -> R^64
+    input  v : T -> R^64
+    param  slope : R = 0.0625
+    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 8 - slope * (t - s)) * [s <= t]
+    output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+}
+"""
+
+
+def alibi_setup(n: int):
+    """Causal attention with a linear position bias (ALiBi): itdsl's own tiles (the bias per
+    tile); the peer is SDPA with the n×n bias materialised as its float mask."""
+    import torch
+    import torch.nn.functional as F
+
+    import itdsl
+    op = itdsl.compile_source(ALIBI, target="cpu")["alibi"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 64, generator=g) for _ in range(3))
+    i = torch.arange(n, dtype=torch.float32)
+    bias = (-0.0625 * (i[:, None] - i[None, :])).masked_fill(i[None, :] > i[:, None], -torch.inf)
+
+    def itdsl_fn():
+        with torch.no_grad():
+            return op(q=q, k=k, v=v)
+
+    def sdpa_fn():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias)[0]
+
+    return {"itdsl": itdsl_fn, "torch sdpa, n×n bias": sdpa_fn}
 
 
 def sequence_setup(which: str, T: int, dense: bool):
@@ -238,6 +283,7 @@ def cases(quick: bool) -> dict:
             name = f"{'causal ' if causal else ''}attention {'fwd+bwd' if bwd else 'fwd'} " \
                    f"B·H=4 n={n} d=64"
             out[name] = ("attention", (n, causal, bwd))
+    out[f"ALiBi causal attention fwd B·H=4 n={n} d=64"] = ("alibi", (n,))
     out["bump_conv fwd T=4096 batch 32 (1,639 taps: FFT)"] = ("conv", (4096, 32))
     out["bump_conv fwd T=128 batch 256 (51 taps: conv1d)"] = ("conv", (128, 256))
     lengths = (1000, 4000) if quick else (1000, 4000, 16_000, 64_000)
@@ -254,7 +300,7 @@ def cases(quick: bool) -> dict:
 def build(kind: str, args: tuple) -> dict:
     return {"gauss": gauss_setup, "itnet": itnet_setup, "inn": inn_setup,
             "attention": attention_setup, "sequence": sequence_setup, "conv": conv_setup,
-            "lowrank": lowrank_setup}[kind](*args)
+            "lowrank": lowrank_setup, "alibi": alibi_setup}[kind](*args)
 
 
 # ---- measurement --------------------------------------------------------------------------------

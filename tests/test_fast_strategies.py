@@ -38,9 +38,12 @@ IDS = [o[1] for o in OPERATORS]
 
 @pytest.fixture
 def small_tiles(monkeypatch):
+    """Small tiles, and plain attention by itdsl's own online softmax, not torch's SDPA."""
     monkeypatch.setattr(S, "ROWS", 8)
     monkeypatch.setattr(S, "COLS", 16)
     monkeypatch.setattr(S, "CHUNK", 4)
+    monkeypatch.setattr(S, "SEGMENT", 3)
+    monkeypatch.setattr(S, "USE_SDPA", False)
 
 
 @functools.cache
@@ -135,7 +138,20 @@ def test_attention_with_many_tiles_and_extreme_scores(small_tiles):
         assert torch.isfinite(out).all()
 
 
-def test_attention_float32_matches_sdpa():
+@pytest.mark.parametrize("name", ["attention", "causal_attention"])
+def test_plain_attention_by_sdpa_equals_the_reference(name):
+    """Plain attention is handed to torch's scaled_dot_product_attention (its sums taken
+    relative to the log-sum-exp): the output and every gradient are the reference's."""
+    lib, _, ref = _ops("attention.it", name)
+    assert lib._library.form.sdpa
+    kw = _inputs(lib, 23, 23 if name == "causal_attention" else 17, (2, 1),
+                 torch.Generator().manual_seed(11))
+    _check(lib, ref, kw)
+    assert gradcheck_op(lib, _inputs(lib, 6, 6, (2,), torch.Generator().manual_seed(12)))
+
+
+def test_attention_float32_matches_sdpa(monkeypatch):
+    monkeypatch.setattr(S, "USE_SDPA", False)  # itdsl's own tiles
     lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 700, 64, generator=g) for _ in range(3))

@@ -123,6 +123,7 @@ CHUNK = 64  # scan chunk: parallel inside, recurrent across
 SEGMENT = 64  # chunks per segment of a causal low-rank scan (segments run one by one)
 ROWS, COLS = 256, 512  # attention tiles (rows of x, columns of y)
 DIRECT_TAPS = 96  # a convolution with more taps than this runs by FFT
+USE_SDPA = True  # plain attention by torch's scaled_dot_product_attention (else `_Softmax`)
 
 
 def _on(ev: PlanEvaluator, e: P.Node, side: str) -> torch.Tensor:
@@ -363,7 +364,8 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
-    """The max step and the sums of an attention Plan at once, by `_Softmax`."""
+    """The max step and the sums of an attention Plan at once: by torch's
+    scaled_dot_product_attention for plain attention, else by `_Softmax`."""
     over = f.sums[0].over
     A, B = _factors(ev, f.terms, over)
     insides = [ps.inside for ps in f.sums if ps.inside != P.ONE]
@@ -373,6 +375,8 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         V = B.new_zeros(*B.shape[:-1], 0)
     A, B, V = _lead(A, B, V)
     lead = A.shape[:-2]
+    if f.sdpa and USE_SDPA and insides:
+        return _sdpa(ev, f, A, B, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):
@@ -396,6 +400,30 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
             out = acc[..., col:col + w]
             col += w
         out = out.reshape(*lead, n, out.shape[-1]) * _on(ev, ps.outside, "x")
+        ts = _ts(ev.plan.forward.step(ps.step).shape)
+        out = out.expand(*out.shape[:-1], math.prod(ts))
+        ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)
+
+
+def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
+    """Plain attention by torch's scaled_dot_product_attention (its flash kernel, forward
+    and backward). It returns the normalised Σ exp(s − lse)·v: the Plan's sums are then
+    taken relative to the row's log-sum-exp instead of its max, which the ratio does not
+    see: the sums of v are the output, the sum of 1 is 1."""
+    n, m = A.shape[-2], B.shape[-2]
+    O = torch.nn.functional.scaled_dot_product_attention(
+        A.reshape(1, -1, n, A.shape[-1]), B.reshape(1, -1, m, B.shape[-1]),
+        V.reshape(1, -1, m, V.shape[-1]), is_causal=f.causal == "<=", scale=1.0)
+    O = O.reshape(*lead, n, V.shape[-1])
+    ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
+    col = 0
+    for ps in f.sums:
+        if ps.inside == P.ONE:
+            out = O.new_ones(*lead, n, 1)
+        else:
+            w = math.prod(_ts(ps.inside.shape))
+            out = O[..., col:col + w]
+            col += w
         ts = _ts(ev.plan.forward.step(ps.step).shape)
         out = out.expand(*out.shape[:-1], math.prod(ts))
         ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)

@@ -46,6 +46,11 @@ def _runs_as(plan: Plan) -> list[str]:
         mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
                 "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
                     form.causal, "mask evaluated per tile" if form.mask is not None else "no mask")
+        if form.sdpa:
+            return ["    runs as (torch, no generated kernel):",
+                    "      torch's scaled_dot_product_attention (a library flash kernel, forward "
+                    "and backward) on a(x), b(y), v(y); the sums are taken relative to the "
+                    "row's log-sum-exp"]
         return ["    runs as (torch, no generated kernel):",
                 f"      scores = a(x)·b(y) by torch GEMM per tile (rank {L.rank(list(form.terms))})"
                 f"{extra}; {mask}",

@@ -261,6 +261,15 @@ class SoftmaxForm:
     causal: str | None
     sums: tuple[PairSum, ...]
 
+    @property
+    def sdpa(self) -> bool:
+        """Plain scaled dot-product attention (one dot of the two sides, no mask or the
+        causal [y <= x], nothing else in the score): torch's scaled_dot_product_attention
+        computes it, a library kernel that does this inner work best."""
+        return (self.rest is None and self.causal in (None, "<=")
+                and (self.mask is None or self.causal == "<=") and len(self.terms) == 1
+                and self.terms[0].reduced and all(ps.outside == P.ONE for ps in self.sums))
+
 
 def _regular(plan: Plan, over: str) -> bool:
     """x and `over` range over the same grid or index domain with its own points."""
@@ -365,5 +374,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
             rest = P.mul(P.const(sign), u) if rest is None else P.add(rest, P.mul(P.const(sign), u))
     if not terms:
         return None
-    causal = causal_mask(mask, mx.over)
+    same = plan.spaces["x"].domain == plan.spaces[mx.over].domain and plan.op.domain(
+        plan.spaces["x"].domain).kind.value in ("grid", "index")
+    causal = causal_mask(mask, mx.over) if same else None  # else: the mask per tile
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))
