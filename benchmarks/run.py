@@ -471,7 +471,8 @@ def main() -> None:
             mem = "" if a.no_memory else f"{peak_memory_mb(case, method, a.quick):.0f} MB"
             ratio = ("1.0×" if method == "itdsl" else f"{t / base:.1f}× slower" if t >= base
                      else f"{base / t:.1f}× faster")
-            print(f"| {case} | {method} | {t * 1000:.0f} ms | {ratio} | {mem} |", flush=True)
+            ms = f"{t * 1000:.2f}" if t < 0.01 else f"{t * 1000:.0f}"
+            print(f"| {case} | {method} | {ms} ms | {ratio} | {mem} |", flush=True)
     scaling(seen)
     if not a.no_compile:
         print()

@@ -27,7 +27,8 @@ u.square().mean().backward()
 print(f"d loss / d s   = {op.s.grad.item():+.5f}  (param `s` of gauss.it, initial value "
       f"{op.s.item()})")
 
-# Softmax attention written as a normalised integral, with batch and head dims.
+# Softmax attention written as a normalised integral, with batch and head dims. Plain
+# attention is recognised and handed to torch's own kernel (scaled_dot_product_attention).
 attention = itdsl.compile_file(HERE / "attention.it", target="cpu")
 q, k, v = (torch.randn(2, 4, 256, 64) for _ in range(3))
 for name, causal in (("attention", False), ("causal_attention", True)):
@@ -36,6 +37,18 @@ for name, causal in (("attention", False), ("causal_attention", True)):
     print(f"{name:<16} q,k,v {list(q.shape)} -> o {list(o.shape)}"
           f"   max |o - sdpa| = {(o - sdpa).abs().max().item():.1e}   "
           f"(strategy {attention[name].strategy})")
+
+# An exponential moving average is recognised as a recurrence and runs as a chunked scan.
+ema = itdsl.compile_file(HERE / "ema.it", target="cpu")["ema"]
+f = torch.randn(3, 20_000, 16)
+g = ema(f=f)
+lam, state, worst = torch.exp(-torch.nn.functional.softplus(ema.a.detach())), 0.0, 0.0
+for t in range(0, f.shape[1]):  # the recurrence, step by step
+    state = lam * state + f[:, t]
+    if t % 997 == 0:
+        worst = max(worst, (g[:, t] - state).abs().max().item())
+print(f"ema              f {list(f.shape)} -> g {list(g.shape)}   max |g - loop| = {worst:.1e}   "
+      f"(strategy {ema.strategy})")
 
 print()
 print(gauss.explain("gauss_smooth"))
