@@ -264,7 +264,8 @@ def test_scan_never_forms_a_growing_exponential():
 
 def test_convolution_by_fft_equals_direct(monkeypatch):
     lib, _, ref = _ops("bump_conv.it", "bump_conv")
-    kw = _inputs(lib, 303, 303, (2,), torch.Generator().manual_seed(6))  # no point on the edge
+    kw = _inputs(lib, 202, 202, (2,), torch.Generator().manual_seed(6))  # no point on the edge
+    assert lib._library.form[0].half_width == 0.2  # 2·41 + 1 = 83 taps <= DIRECT_TAPS: direct
     direct = lib(**kw)
     monkeypatch.setattr(S, "DIRECT_TAPS", 3)
     fft = _check(lib, ref, kw)
@@ -352,3 +353,82 @@ def test_a_row_with_every_score_masked():
     exp = torch.autograd.grad(want.sum(), [q, k, v])
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+RATIO = """operator k {
+    domain T = %s
+    input q : T -> R^4
+    input k : T -> R^4
+    input v : T -> R^4
+    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 2) * %s
+    output o(t: T) = integral(s: T) a(t, s) * %s %s / integral(s: T) a(t, s) %s
+}"""
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_values_hoisted_after_the_max_step(monkeypatch, sdpa):
+    """Per-point steps of the values (`tanh(v(s))`) come after the max step in the Plan:
+    the sums are computed where they are all ready."""
+    monkeypatch.setattr(S, "USE_SDPA", sdpa)
+    for mask in ("1", "[s <= t]"):
+        text = RATIO % ("index", mask, "tanh(v(s)) * exp(sum(k(s)))", "", "")
+        lib = itdsl.compile_source(text, target="cpu")["k"].double()
+        ref = itdsl.compile_source(text)["k"].double()
+        assert lib._library is not None
+        _check(lib, ref, _inputs(lib, 13, 13, (2,), torch.Generator().manual_seed(13)))
+
+
+def test_causal_bracket_over_gauss_nodes_is_not_a_position_mask():
+    """y on Gauss nodes: [s <= t] compares coordinates, not positions (evaluated per tile)."""
+    text = """operator k {
+        domain T = grid(0, 1)
+        input q : T -> R
+        kernel a(t: T, s: T) = exp(q(t) * s) * [s <= t]
+        output o(t: T) = integral(s: T) a(t, s) * cos(3 * s) with gauss(5) / integral(s: T) a(t, s) with gauss(5)
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    assert lib._library is not None and lib._library.form.causal is None
+    q = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(14))
+    out, want = lib(q=q), ref(q=q)
+    assert torch.isnan(want[0]) and torch.isnan(out[0])  # no node below t = 0
+    torch.testing.assert_close(out[1:], want[1:], rtol=1e-9, atol=1e-10)
+
+
+def test_point_coordinates_in_a_position_term_get_their_gradient():
+    text = """operator k {
+        domain X = points(2)
+        domain Y = points(2)
+        input q : X -> R^4
+        input k : Y -> R^4
+        input v : Y -> R^4
+        kernel a(x: X, y: Y) = exp(dot(q(x), k(y)) - sqrt(sum((x - y)^2) + 1))
+        output o(x: X) = integral(y: Y) a(x, y) * v(y) / integral(y: Y) a(x, y)
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    g = torch.Generator().manual_seed(15)
+    kw = {"X": torch.rand(7, 2, dtype=D, generator=g), "Y": torch.rand(9, 2, dtype=D, generator=g)}
+    kw.update(q=torch.randn(7, 4, dtype=D, generator=g), k=torch.randn(9, 4, dtype=D, generator=g),
+              v=torch.randn(9, 4, dtype=D, generator=g))
+    _check(lib, ref, kw)
+
+
+@pytest.mark.parametrize("mask", ["1", "[s <= t]"])
+def test_montecarlo_draws_follow_the_generator(mask):
+    text = RATIO % ("index", mask, "v(s)", "with montecarlo(6)", "with montecarlo(6)")
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    assert lib._library is not None
+    kw = _inputs(lib, 12, 12, (), torch.Generator().manual_seed(16))
+    outs = [op(generator=torch.Generator().manual_seed(0), **kw) for op in (lib, lib, ref)]
+    assert outs[0].equal(outs[1])
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-9, atol=1e-10)
+
+
+def test_scans_cross_chunks_and_segments_with_gradients(small_tiles):
+    """n = 70 with chunks of 4 and segments of 3 chunks: many of both, forward and
+    gradients against the reference."""
+    for name in ("causal_linear_attention", "ema"):
+        lib, _, ref = _ops("linear_attention.it" if name != "ema" else "ema.it", name)
+        _check(lib, ref, _inputs(lib, 70, 70, (2,), torch.Generator().manual_seed(17)))

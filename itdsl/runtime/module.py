@@ -277,7 +277,7 @@ class CompiledOperator(nn.Module):
                                         "device is available here", hint="use target=\"cpu\"")
                 raise InputError(f"this operator was compiled for CUDA; its inputs are on "
                                  f"{bound.device}", hint="move them with `.cuda()`")
-            return self._library(dict(self.named_parameters()), bound)
+            return self._library(dict(self.named_parameters()), bound, generator)
         tensors = []
         for name in opdef.tensor_names:
             t = kwargs.get(name)

@@ -64,8 +64,9 @@ class MatmulRunner:
         self._static = {st.name for st in self.steps
                         if st.kind in ("point", "const") and not reads_inputs(st.expr, plan)}
 
-    def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
-        ev = PlanEvaluator(self.plan, params, bound)
+    def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        ev = PlanEvaluator(self.plan, params, bound, generator)
         ev.expand_batch = False  # the sampled matrix is one for every batch entry
         by_step = {t.step: t for t in self.terms}
         keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
@@ -162,11 +163,12 @@ def _factors(ev: PlanEvaluator, terms, over: str) -> tuple[torch.Tensor, torch.T
 
 
 def causal_lowrank(A: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, strict: bool,
-                   chunk: int = CHUNK) -> torch.Tensor:
+                   chunk: int | None = None) -> torch.Tensor:
     """out[t] = Σ_{s <= t (or s < t)} (A[t]·B[s]) Y[s]: per chunk a masked L×L product, across
     chunks a running state Σ B[s] Y[s]ᵀ (an exclusive cumulative sum of the chunks' states)."""
     A, B, Y = _lead(A, B, Y)
     n = A.shape[-2]
+    chunk = chunk or CHUNK
     seg = SEGMENT * chunk
     if n > seg:  # segments one after another, the state carried: a bounded working set
         outs, state = [], None
@@ -193,13 +195,14 @@ def causal_lowrank(A: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, strict: bo
     return out.reshape(*out.shape[:-3], nc * chunk, out.shape[-1])[..., :n, :]
 
 
-def decay_scan(u: torch.Tensor, r: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def decay_scan(u: torch.Tensor, r: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """y[t] = Σ_{s <= t} exp(r·(t − s)) u[s] along dim -2 (r per channel, <= 0 for a decay).
     Inside a chunk the L×L matrix exp(r·Δ) (Δ >= 0); across chunks the same scan over the
     chunks' end states with rate r·L, recursively. Only exp(r·Δ) of Δ >= 0 is ever formed,
     never exp(r·t)·exp(−r·s), so long sequences stay finite."""
     n, C = u.shape[-2], u.shape[-1]
     r = r.expand(C)
+    chunk = chunk or CHUNK
     L = min(chunk, n)
     nc = -(-n // L)
     if nc * L != n:
@@ -223,8 +226,12 @@ class LibraryRunner:
 
     def __init__(self, plan: Plan, form):
         self.plan, self.form = plan, form
+        self.later: set[str] = set()  # steps computed together with a later one
         if isinstance(form, SoftmaxForm):
-            self.sums = {form.max_step: form}
+            # at its last sum: the per-point steps the sums read come before that one
+            last = form.sums[-1].step
+            self.sums = {last: form}
+            self.later = {form.max_step} | {ps.step for ps in form.sums[:-1]}
         else:
             self.sums = {f.sum.step: f for f in form}
         # low-rank sums with one kernel (a normalised ratio's two integrals): one scan, the
@@ -236,10 +243,11 @@ class LibraryRunner:
                 self.groups.setdefault(key, []).append(f)
         self.groups = {f.sum.step: g for g in self.groups.values() for f in g}
 
-    def __call__(self, params: dict[str, torch.Tensor], bound: Bound) -> torch.Tensor:
-        ev = PlanEvaluator(self.plan, params, bound)
+    def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        ev = PlanEvaluator(self.plan, params, bound, generator)
         ev.expand_batch = False
-        done: set[str] = set()
+        done: set[str] = set(self.later)
         for st in self.plan.forward.steps:
             if st.name in done:
                 continue
@@ -248,7 +256,6 @@ class LibraryRunner:
                 ev.env[st.name] = ev.run_step(st)
             elif isinstance(f, SoftmaxForm):
                 _softmax(ev, f)
-                done.update(ps.step for ps in f.sums)
             elif isinstance(f, LowRankSum):
                 group = [g for g in self.groups[st.name]
                          if g is f or _ready(ev, g.sum.inside, g.sum.outside)]

@@ -374,7 +374,15 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
             rest = P.mul(P.const(sign), u) if rest is None else P.add(rest, P.mul(P.const(sign), u))
     if not terms:
         return None
-    same = plan.spaces["x"].domain == plan.spaces[mx.over].domain and plan.op.domain(
-        plan.spaces["x"].domain).kind.value in ("grid", "index")
-    causal = causal_mask(mask, mx.over) if same else None  # else: the mask per tile
+    causal = causal_mask(mask, mx.over) if _regular(plan, mx.over) else None  # else per tile
+    if rest is not None and any(n.op == "coord" and plan.op.domain(
+            plan.spaces[n.attrs[0]].domain).kind.value == "points" for n in P.toposort([rest])):
+        return None  # the tiles' own backward does not differentiate coordinates
+    order = [st.name for st in plan.forward.steps]
+    first, last = order.index(mx.name), max(order.index(ps.step) for ps in sums)
+    skipped = {mx.name} | {ps.step for ps in sums}
+    for st in plan.forward.steps[first:last]:  # (all computed at the last sum)
+        if st.name not in skipped and any(n.op == "ref" and n.attrs[0] in skipped
+                                          for n in P.toposort([st.expr])):
+            return None
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))
