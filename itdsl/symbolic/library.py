@@ -120,14 +120,21 @@ class Term:
 
 
 MAX_TERMS = 64
+MAX_WIDTH = 256  # channels of one separated dot term (a product of dots multiplies them)
 
 
 def _mul_terms(s: list[Term], t: list[Term]) -> list[Term] | None:
     out = []
     for u in s:
         for v in t:
-            if u.reduced and v.reduced:
-                return None  # a product of two dots is an outer product: not done here
+            if u.reduced and v.reduced:  # dot(a, b)·dot(c, d) = dot(a ⊗ c, b ⊗ d), flattened
+                wu, wv = u.a.shape[0], v.a.shape[0]
+                if wu * wv > MAX_WIDTH:
+                    return None
+                out.append(Term(P.concat([P.mul(u.a, P.component(v.a, j)) for j in range(wv)]),
+                                P.concat([P.mul(u.b, P.component(v.b, j)) for j in range(wv)]),
+                                True))
+                continue
             other = v if u.reduced else u if v.reduced else None
             if other is not None and (other.a.shape or other.b.shape):
                 return None  # a dot (a scalar) times a vector-valued term
