@@ -430,3 +430,29 @@ def test_scans_cross_chunks_and_segments_with_gradients(small_tiles):
     for name in ("causal_linear_attention", "ema"):
         lib, _, ref = _ops("linear_attention.it" if name != "ema" else "ema.it", name)
         _check(lib, ref, _inputs(lib, 70, 70, (2,), torch.Generator().manual_seed(17)))
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_torch_compile_fullgraph_over_the_strategies(monkeypatch, sdpa):
+    """The strategies are plain torch (and one autograd.Function): torch.compile traces them
+    whole, forward and backward."""
+    monkeypatch.setattr(S, "USE_SDPA", sdpa)
+    att = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")["causal_attention"]
+    lin = itdsl.compile_file(EXAMPLES / "linear_attention.it", target="cpu")[
+        "causal_linear_attention"]
+    conv = itdsl.compile_file(EXAMPLES / "bump_conv.it", target="cpu")["bump_conv"]
+    ema = itdsl.compile_file(EXAMPLES / "ema.it", target="cpu")["ema"]
+
+    def f(q, k, v, x):
+        return (att(q=q, k=k, v=v).sum() + lin(q=q[..., :32], k=k[..., :32], v=v[..., :32]).sum()
+                + conv(f=x).sum() + ema(f=x.repeat(1, 1, 2)).sum())
+
+    g = torch.Generator().manual_seed(18)
+    q, k, v = (torch.randn(2, 70, 64, generator=g, requires_grad=True) for _ in range(3))
+    x = torch.randn(2, 50, 8, generator=g, requires_grad=True)
+    eager = f(q, k, v, x)
+    want = torch.autograd.grad(eager, [q, x])
+    out = torch.compile(f, fullgraph=True)(q, k, v, x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-3)
+    for a, b in zip(torch.autograd.grad(out, [q, x]), want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

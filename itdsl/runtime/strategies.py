@@ -340,7 +340,8 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
     n = c.shape[0]
     D = n - 1
     if f.half_width is not None and n > 1:
-        h = float(c[1, 0] - c[0, 0])
+        dom = ev.plan.op.domain(ev.plan.spaces[over].domain)
+        h = 1.0 if dom.kind.value == "index" else (dom.hi - dom.lo) / (n - 1)  # the spacing
         D = min(n - 1, int(math.ceil(f.half_width / h - 1e-9)) + 1)
 
     def taps(xs, ys):
@@ -499,8 +500,8 @@ class _Softmax(torch.autograd.Function):
             dacc = V.new_zeros(A.shape[0], A.shape[1], V.shape[-1])
         if dl is None:
             dl = torch.zeros_like(m0)
-        empty = l0 == 0  # rows with every score masked: nothing to differentiate (0/0 above)
-        if bool(empty.any()):
+        if f.mask is not None or f.rest is not None:  # (else every row has a term exp(0))
+            empty = l0 == 0  # rows with every score masked: nothing to differentiate (0/0)
             dacc, dl = dacc.masked_fill(empty.unsqueeze(-1), 0.0), dl.masked_fill(empty, 0.0)
         grad_rest = f.rest is not None and any(want)
         for rows, tiles in _row_tiles(A.shape[1], B.shape[1], f.causal):
@@ -541,8 +542,9 @@ def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: sli
         rest = _tile_value(ev, f.rest, keys, leaves, lead, rows, cols, S.shape)
         S = S + rest if keep_rest else S.add_(rest)
     if f.causal is not None and cross:
-        bias, keep = _causal_mask(rows.stop - rows.start, cols.stop - cols.start,
-                                  cols.start - rows.start + (f.causal == "<"), S.dtype, S.device)
+        mask = _causal_mask.__wrapped__ if torch.compiler.is_compiling() else _causal_mask
+        bias, keep = mask(rows.stop - rows.start, cols.stop - cols.start,
+                          cols.start - rows.start + (f.causal == "<"), S.dtype, S.device)
         S = S.add_(bias)
     elif f.mask is not None and f.causal is None:
         with torch.no_grad():
