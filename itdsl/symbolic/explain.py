@@ -130,6 +130,10 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
             lines.append(f"    {h.text}   [{where}, {h.cost} ops]")
     lines.append("  gradients (each a program of pair reductions; nothing is n×m):")
     lines += _gradient_lines(plan)
+    from .library import library_form
+    if plan.strategy != "dense" and library_form(plan):
+        lines.append("  (the programs below are what the dense lowering compiles; this strategy "
+                     "runs its own algorithm, above, and differentiates that)")
     lines.append("  forward program:")
     lines.append(show_program(plan.forward, "    "))
     lines.append("  backward program:")
