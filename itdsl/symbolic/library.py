@@ -311,7 +311,7 @@ def _decay(ps: PairSum) -> list[tuple[Node, Node]] | None:
         for f in P.factors(term):
             if "x" not in f.deps and ps.over not in f.deps:
                 coef = P.mul(coef, f)
-            elif f.op == "exp" and expo is None:
+            elif f.op == "exp" and expo is None and {"x", ps.over} <= f.deps:
                 expo = f.args[0]
             else:
                 return None
