@@ -456,3 +456,12 @@ def test_torch_compile_fullgraph_over_the_strategies(monkeypatch, sdpa):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-3)
     for a, b in zip(torch.autograd.grad(out, [q, x]), want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_second_derivatives_through_the_own_tiles_raise(small_tiles):
+    """Not implemented, so an error, never silent numbers."""
+    lib, _, _ = _ops("attention.it", "causal_attention")
+    kw = _inputs(lib, 9, 9, (), torch.Generator().manual_seed(19))
+    q = kw["q"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(lib(**kw).square().sum(), [q], create_graph=True)

@@ -491,6 +491,9 @@ class _Softmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dm, dacc, dl):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative
+            raise RuntimeError("itdsl: second derivatives through the tiled online softmax are "
+                               "not implemented; plain q·k attention (torch's SDPA) has them")
         ev, f, keys, lead = ctx.info
         A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]
