@@ -66,6 +66,12 @@ def _code_version() -> str:
     return _versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
+def _need_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise LoweringError("this operator was compiled for CUDA, but no CUDA device is "
+                            "available here", hint="use target=\"cpu\"")
+
+
 def _ensure_threads() -> None:
     # TVM's CPU pool starts with one thread on small machines unless told otherwise
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
@@ -104,9 +110,8 @@ class OpDef:
         with _LOCK:
             ks = self.kernels.get(dtype)
             if ks is None:
-                if self.target == "cuda" and not torch.cuda.is_available():
-                    raise LoweringError("this operator was compiled for CUDA, but no CUDA device "
-                                        "is available here", hint="use target=\"cpu\"")
+                if self.target == "cuda":
+                    _need_cuda()
                 _ensure_threads()
                 ks = self.kernels[dtype] = KernelSet(self.plan, dtype, self.target, load_kernel)
         return ks
@@ -272,9 +277,7 @@ class CompiledOperator(nn.Module):
                                  f"{p.dtype} inputs)")
         if self._library is not None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             if self.target == "cuda" and bound.device.type != "cuda":
-                if not torch.cuda.is_available():
-                    raise LoweringError("this operator was compiled for CUDA, but no CUDA "
-                                        "device is available here", hint="use target=\"cpu\"")
+                _need_cuda()
                 raise InputError(f"this operator was compiled for CUDA; its inputs are on "
                                  f"{bound.device}", hint="move them with `.cuda()`")
             return self._library(dict(self.named_parameters()), bound, generator)

@@ -22,6 +22,7 @@ from ..symbolic.library import (
     DecaySum,
     LowRankSum,
     MatmulTerm,
+    PairSum,
     SoftmaxForm,
     reads_inputs,
 )
@@ -51,6 +52,15 @@ def _split_static(plan: Plan) -> list[Step]:
         expr = P.substitute([st.expr], mapping)[0]
         out.append(Step(st.kind, st.name, st.side, expr, st.over, st.mask))
     return out
+
+
+def _output(plan: Plan, ev: PlanEvaluator, bound: Bound) -> torch.Tensor:
+    """The output step `[*B?, n, *ts]` with the call's batch dims (a scalar field squeezed)."""
+    out = ev.env["out"]
+    nts = len(_ts(plan.out_shape))
+    lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
+    out = out.expand(*lead, *out.shape[-nts - 1:])
+    return out[..., 0] if plan.out_shape == () else out
 
 
 class MatmulRunner:
@@ -95,11 +105,7 @@ class MatmulRunner:
             else:
                 out = torch.matmul(A, V)  # [*B, n, C]
             ev.env[st.name] = ev._full(out.reshape(*out.shape[:-1], *ts), "x", len(ts))
-        out = ev.env["out"]  # [*B?, n, *ts]
-        nts = len(_ts(self.plan.out_shape))
-        lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
-        out = out.expand(*lead, *out.shape[-nts - 1:])
-        return out[..., 0] if self.plan.out_shape == () else out
+        return _output(self.plan, ev, bound)
 
     def _matrix(self, ev: PlanEvaluator, t: MatmulTerm, version) -> torch.Tensor:
         if version is not None:
@@ -264,25 +270,22 @@ class LibraryRunner:
                 out = _lowrank(ev, f, torch.cat(Ys, dim=-1))
                 col = 0
                 for g, Y in zip(group, Ys):
-                    self._store(ev, g, out[..., col:col + Y.shape[-1]])
+                    _put(ev, g.sum, out[..., col:col + Y.shape[-1]])
                     col += Y.shape[-1]
                     done.add(g.sum.step)
             else:
                 Y = _on(ev, f.sum.inside, f.sum.over)
-                self._store(ev, f, _decay(ev, f, Y) if isinstance(f, DecaySum) else
-                            _conv(ev, f, Y))
-        out = ev.env["out"]
-        nts = len(_ts(self.plan.out_shape))
-        lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
-        out = out.expand(*lead, *out.shape[-nts - 1:])
-        return out[..., 0] if self.plan.out_shape == () else out
+                _put(ev, f.sum, _decay(ev, f, Y) if isinstance(f, DecaySum) else _conv(ev, f, Y))
+        return _output(self.plan, ev, bound)
 
-    def _store(self, ev: PlanEvaluator, f, out: torch.Tensor) -> None:
-        """A sum's value (`[*B, n, W]`, before its outside factor) into the Plan's layout."""
-        ts = _ts(self.plan.forward.step(f.sum.step).shape)
-        out = out * _on(ev, f.sum.outside, "x")
-        out = out.expand(*out.shape[:-1], math.prod(ts))
-        ev.env[f.sum.step] = out.reshape(*out.shape[:-1], *ts)
+
+def _put(ev: PlanEvaluator, ps: PairSum, out: torch.Tensor) -> None:
+    """A sum's value (`[*B, n, W]`, before its outside factor) into the Plan's layout."""
+    if ps.outside != P.ONE:
+        out = out * _on(ev, ps.outside, "x")
+    ts = _ts(ev.plan.forward.step(ps.step).shape)
+    out = out.expand(*out.shape[:-1], math.prod(ts))
+    ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)
 
 
 def _ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
@@ -399,18 +402,7 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     m0, acc, l = _Softmax.apply((ev, f, keys, lead), *flat, *leaves)
     n = A.shape[-2]
     ev.env[f.max_step] = m0.reshape(*lead, n, 1)
-    col = 0
-    for ps in f.sums:
-        if ps.inside == P.ONE:
-            out = l.unsqueeze(-1)
-        else:
-            w = math.prod(_ts(ps.inside.shape))
-            out = acc[..., col:col + w]
-            col += w
-        out = out.reshape(*lead, n, out.shape[-1]) * _on(ev, ps.outside, "x")
-        ts = _ts(ev.plan.forward.step(ps.step).shape)
-        out = out.expand(*out.shape[:-1], math.prod(ts))
-        ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)
+    _put_sums(ev, f, acc.reshape(*lead, n, -1), l.reshape(*lead, n, 1))
 
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
@@ -424,17 +416,19 @@ def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
         V.reshape(1, -1, m, V.shape[-1]), is_causal=f.causal == "<=", scale=1.0)
     O = O.reshape(*lead, n, V.shape[-1])
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
+    _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
+
+
+def _put_sums(ev: PlanEvaluator, f: SoftmaxForm, acc: torch.Tensor, l: torch.Tensor) -> None:
+    """The softmax sums into the Plan: `acc` holds the insides side by side, `l` the sum of 1."""
     col = 0
     for ps in f.sums:
         if ps.inside == P.ONE:
-            out = O.new_ones(*lead, n, 1)
+            _put(ev, ps, l)
         else:
             w = math.prod(_ts(ps.inside.shape))
-            out = O[..., col:col + w]
+            _put(ev, ps, acc[..., col:col + w])
             col += w
-        ts = _ts(ev.plan.forward.step(ps.step).shape)
-        out = out.expand(*out.shape[:-1], math.prod(ts))
-        ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)
 
 
 def _row_tiles(n: int, m: int, causal: str | None):

@@ -27,10 +27,10 @@ ALGORITHMS = {
 }
 
 
-def _runs_as(plan: Plan) -> list[str]:
-    """What computes the strategy: which parts are generated and which are library calls."""
+def _runs_as(plan: Plan, form) -> list[str]:
+    """What computes the strategy (`form`: its library form, or None): which parts are
+    generated and which are library calls."""
     from . import library as L
-    form = L.library_form(plan)
     if plan.strategy == "dense":
         return ["    runs as: generated TVM kernels (LLVM on the CPU, CUDA source for GPUs) for "
                 "the pair sums; per-point steps in torch"]
@@ -112,7 +112,9 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     alg, cx = ALGORITHMS[plan.strategy]
     lines.append(f"  algorithm: {alg}")
     lines.append(f"    complexity: {cx}")
-    lines += _runs_as(plan)
+    from .library import library_form
+    form = library_form(plan)
+    lines += _runs_as(plan, form)
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
@@ -130,8 +132,7 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
             lines.append(f"    {h.text}   [{where}, {h.cost} ops]")
     lines.append("  gradients (each a program of pair reductions; nothing is n×m):")
     lines += _gradient_lines(plan)
-    from .library import library_form
-    if plan.strategy != "dense" and library_form(plan):
+    if plan.strategy != "dense" and form:
         lines.append("  (the programs below are what the dense lowering compiles; this strategy "
                      "runs its own algorithm, above, and differentiates that)")
     lines.append("  forward program:")
