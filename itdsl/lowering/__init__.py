@@ -31,9 +31,9 @@ def schedule_kernel(group_spec, dtype: str, target: str):
     """The scheduled IRModule of one pair kernel for `target` ("cpu" or "cuda")."""
     from .pair import build_pair_func
     from .schedule import schedule_cpu, schedule_cuda
-    func, stages = build_pair_func(group_spec, dtype, fast_exp=(target == "cpu"))
+    func, stages, scalar_only = build_pair_func(group_spec, dtype, fast_exp=(target == "cpu"))
     if target == "cpu":
-        return schedule_cpu(func, group_spec, stages).mod
+        return schedule_cpu(func, group_spec, stages, scalar_only).mod
     return schedule_cuda(func, group_spec, stages).mod
 
 

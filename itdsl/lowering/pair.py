@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from tvm import te, tirx
+from tvm.te.tensor import TensorSlice
 
 from ..errors import LoweringError
 from ..symbolic import pexpr as P
@@ -34,6 +35,8 @@ from .spec import PairSpec, _flat
 
 CUBIC_A = -0.75
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+# the fast exp clamps its argument: exp(89) overflows float32; below -87.6, 2^(n-1) is 0
+EXP_LO, EXP_HI = -87.6, 89.0
 
 
 class PairBuilder:
@@ -61,48 +64,101 @@ class PairBuilder:
             self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
             self.soa[leaf.node] = leaf.soa
         self.transposed = {leaf.node for leaf in spec.leaves if leaf.transposed}
+        # computes whose body calls a function TVM cannot vectorise (see `compute`)
+        self.scalar_only: set[str] = set()
+        self._scalar_call = False
 
     # ---- constants and elementwise math -------------------------------------------------------
+    # Every function here gives NaN and ±inf where torch does: comparisons with NaN are false,
+    # so a clamp written as selects keeps a NaN (te.min/te.max would drop it), and the fast
+    # exp overflows to inf where expf does.
     def c(self, v: float) -> tirx.PrimExpr:
         return tirx.const(v, self.dtype)
+
+    def let(self, x, body):
+        """`body(x)`, with a compound `x` let-bound first: an argument that is read more than
+        once (or handed to an intrinsic that TVM may expand) must occur once in the tree, or
+        nested functions grow exponentially and TVM's vectoriser meets one Let twice."""
+        if isinstance(x, (tirx.Var, tirx.FloatImm, tirx.IntImm, TensorSlice)):
+            return body(x)
+        v = tirx.Var("t", self.dtype)
+        return tirx.Let(v, x, body(v))
+
+    def isnan(self, x):
+        """x is NaN, from its bits: TVM's simplifier folds `x != x` to false, and its
+        vectoriser cannot take `tir.isnan` of a let-bound value."""
+        bits, inf, sign_off = (("int32", 0x7F800000, 0x7FFFFFFF) if self.dtype == "float32"
+                               else ("int64", 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF))
+        magnitude = tirx.reinterpret(bits, x) & tirx.const(sign_off, bits)
+        return magnitude > tirx.const(inf, bits)  # exponent all ones, mantissa not 0
+
+    def clamp(self, x, lo: float, hi: float):
+        """x clamped to [lo, hi]; a NaN stays NaN."""
+        return self.let(x, lambda x: tirx.Select(x > self.c(hi), self.c(hi),
+                                                 tirx.Select(x < self.c(lo), self.c(lo), x)))
 
     def exp(self, x):
         if not self.fast_exp:
             return te.exp(x)
         # Cody-Waite range reduction and a degree-6 polynomial (TVM's fast_exp), which
-        # vectorises, unlike calls to expf.
+        # vectorises, unlike calls to expf. 2^n is built from its bits as 2^(n-1) times a
+        # doubled polynomial, so that n reaches 128 and exp overflows to inf exactly where
+        # float32 does; below exp(-87) the result is 0 (never a slow subnormal).
         f = self.dtype
-        xv, nv, rv = (tirx.Var(name, f) for name in ("ex", "en", "er"))
-        p = self.c(1.9875691500e-4)
+        nv, rv = tirx.Var("en", f), tirx.Var("er", f)
+        p = self.c(2 * 1.9875691500e-4)
         for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
                   5.0000001201e-1):
-            p = p * rv + self.c(k)
-        p = p * rv * rv + rv + self.c(1.0)
-        two_n = tirx.reinterpret(f, (nv + self.c(127.0)).astype("int32") << 23)
-        # let-bound so that x, n and r are computed once each (an expression is a tree)
-        body = tirx.Let(rv, xv - nv * self.c(LN2), two_n * p)
-        body = tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), body)
-        return tirx.Let(xv, te.max(te.min(x, self.c(88.3762626647949)),
-                                   self.c(-88.3762626647949)), body)
+            p = p * rv + self.c(2 * k)
+        p = p * rv * rv + (rv + rv) + self.c(2.0)
+        half_two_n = tirx.reinterpret(f, (nv + self.c(126.0)).astype("int32") << 23)
+
+        def body(xv):
+            inner = tirx.Let(rv, xv - nv * self.c(LN2), half_two_n * p)
+            return tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), inner)
+        return self.let(self.clamp(x, EXP_LO, EXP_HI), body)
 
     def erf(self, x):
         """erf; in float32 a rational approximation on [-4, 4] (odd polynomial of degree 13
         over an even one of degree 8; |error| < 2e-7), which vectorises, unlike calls to
         erff. It is the approximation used by Eigen and XLA for float32."""
         if not self.fast_exp:
+            self._scalar_call = True
             return te.erf(x)
         c = self.c
-        x = te.max(te.min(x, c(4.0)), c(-4.0))
-        x2 = x * x
-        p = c(-2.72614225801306e-10)
-        for k in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-                  -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02):
-            p = p * x2 + c(k)
-        q = c(-1.45660718464996e-05)
-        for k in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-                  -1.42647390514189e-02):
-            q = q * x2 + c(k)
-        return x * p / q
+
+        def body(x):
+            x2 = x * x
+            p = c(-2.72614225801306e-10)
+            for k in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+                      -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02):
+                p = p * x2 + c(k)
+            q = c(-1.45660718464996e-05)
+            for k in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+                      -1.42647390514189e-02):
+                q = q * x2 + c(k)
+            return x * p / q
+        return self.let(self.clamp(x, -4.0, 4.0), body)
+
+    def softplus(self, x):
+        """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), and x itself beyond 20 (as torch).
+        log1p(e) for e in [0, 1] is 2 atanh(s), s = e/(2 + e) <= 1/3, summed as a series in
+        s^2: no cancellation for small e, it vectorises, and it needs no TVM log1p (whose
+        expansion breaks TVM's vectoriser on let-bound arguments)."""
+        c = self.c
+        terms = 8 if self.dtype == "float32" else 17  # (1/9)^k / (2k + 1) below the epsilon
+
+        def log1p(e):
+            def series(s):
+                s2 = s * s
+                p = c(1.0 / (2 * terms - 1))
+                for k in range(terms - 2, -1, -1):
+                    p = p * s2 + c(1.0 / (2 * k + 1))
+                return c(2.0) * s * p
+            return self.let(e / (c(2.0) + e), series)
+
+        tail = self.let(self.exp(-te.abs(x)), log1p)
+        return tirx.Select(x > c(20.0), x, tirx.Select(x > c(0.0), x, c(0.0)) + tail)
 
     def ew(self, op: str, a: list):
         c = self.c
@@ -112,40 +168,38 @@ class PairBuilder:
             x, y = a
             return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
         if op == "^":
-            return te.power(a[0], a[1])
+            e = a[1].value if isinstance(a[1], tirx.FloatImm) else None
+            if e in (0.5, -0.5):  # as torch.pow: a square root, NaN for -inf (powf gives inf)
+                root = self.let(a[0], te.sqrt)
+                return root if e > 0 else c(1.0) / root
+            return self.let(a[0], lambda x: self.let(a[1], lambda y: te.power(x, y)))
         if op == "exp":
             return self.exp(a[0])
-        if op == "log":
-            return te.log(a[0])
-        if op == "sqrt":
-            return te.sqrt(a[0])
-        if op == "abs":
-            return te.abs(a[0])
-        if op == "sin":
-            return te.sin(a[0])
-        if op == "cos":
-            return te.cos(a[0])
+        if op in ("log", "sqrt", "abs", "sin", "cos"):
+            return self.let(a[0], getattr(te, op))
         if op == "tanh" and not self.fast_exp:
-            return te.tanh(a[0])
+            return self.let(a[0], te.tanh)
         if op == "sigmoid":
             return c(1.0) / (c(1.0) + self.exp(-a[0]))
-        if op == "relu":
-            return te.max(a[0], c(0.0))
+        if op == "relu":  # x < 0 is false for NaN: relu(NaN) = NaN, as in torch
+            return self.let(a[0], lambda x: tirx.Select(x < c(0.0), c(0.0), x))
         if op == "erf":
             return self.erf(a[0])
         if op == "gelu":
-            return c(0.5) * a[0] * (c(1.0) + self.erf(a[0] * c(1 / math.sqrt(2.0))))
+            return self.let(a[0], lambda x: c(0.5) * x * (
+                c(1.0) + self.erf(x * c(1 / math.sqrt(2.0)))))
         if op == "tanh" and self.fast_exp:  # 1 - 2/(e^{2x} + 1): vectorises with the fast exp
             return c(1.0) - c(2.0) / (self.exp(c(2.0) * a[0]) + c(1.0))
         if op == "softplus":  # torch's: x beyond 20 is x itself
-            x = a[0]
-            return tirx.Select(x > c(20.0), x, tirx.log1p(self.exp(te.min(x, c(20.0)))))
-        if op == "sign":
-            return tirx.Select(a[0] > c(0.0), c(1.0), tirx.Select(a[0] < c(0.0), c(-1.0), c(0.0)))
-        if op == "min":
-            return te.min(a[0], a[1])
-        if op == "max":
-            return te.max(a[0], a[1])
+            return self.let(a[0], self.softplus)
+        if op == "sign":  # torch.sign(NaN) is 0, as here
+            return self.let(a[0], lambda x: tirx.Select(
+                x > c(0.0), c(1.0), tirx.Select(x < c(0.0), c(-1.0), c(0.0))))
+        if op in ("min", "max"):  # NaN in either argument gives NaN, as torch.minimum does
+            def pick(x, y):
+                first = (x < y) if op == "min" else (x > y)
+                return tirx.Select(tirx.Or(first, self.isnan(x)), x, y)
+            return self.let(a[0], lambda x: self.let(a[1], lambda y: pick(x, y)))
         if op in ("<", "<=", ">", ">=", "==", "!="):
             x, y = a
             cond = {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y, "==": x == y,
@@ -153,11 +207,22 @@ class PairBuilder:
             return tirx.Select(cond, c(1.0), c(0.0))
         if op == "and":
             return a[0] * a[1]
-        if op == "or":
+        if op == "or":  # of two 0/1 values
             return te.max(a[0], a[1])
         if op == "where":
             return tirx.Select(a[0] != c(0.0), a[1], a[2])
         raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
+
+    def compute(self, shape, fbody, name: str) -> te.Tensor:
+        """te.compute, noting whether the body calls a function TVM cannot vectorise (erf in
+        float64: libm's): the schedule leaves such a block scalar, since TVM would scalarise
+        it after the fact and trip over its let-bound values."""
+        outer, self._scalar_call = self._scalar_call, False
+        T = te.compute(shape, fbody, name=name)
+        if self._scalar_call:
+            self.scalar_only.add(name)
+        self._scalar_call = outer
+        return T
 
     # ---- values ----------------------------------------------------------------------------------
     # `val(n)(b, i, j, ch)` is node n's value at batch b, row i, column j and channel
@@ -245,27 +310,34 @@ class PairBuilder:
         c, a = self.c, CUBIC_A
 
         def keys(d):
-            x = te.abs(d)
-            if deriv == 0:
-                near = ((c(a + 2) * x - c(a + 3)) * x) * x + c(1.0)
-                far = ((c(a) * x - c(5 * a)) * x + c(8 * a)) * x - c(4 * a)
-            else:
-                sgn = tirx.Select(d > c(0.0), c(1.0), tirx.Select(d < c(0.0), c(-1.0), c(0.0)))
-                near = sgn * (c(3 * (a + 2)) * x - c(2 * (a + 3))) * x
-                far = sgn * ((c(3 * a) * x - c(10 * a)) * x + c(8 * a))
-            return tirx.Select(x <= c(1.0), near, tirx.Select(x < c(2.0), far, c(0.0)))
+            def weight(d, x):
+                if deriv == 0:
+                    near = ((c(a + 2) * x - c(a + 3)) * x) * x + c(1.0)
+                    far = ((c(a) * x - c(5 * a)) * x + c(8 * a)) * x - c(4 * a)
+                else:
+                    sgn = tirx.Select(d > c(0.0), c(1.0),
+                                      tirx.Select(d < c(0.0), c(-1.0), c(0.0)))
+                    near = sgn * (c(3 * (a + 2)) * x - c(2 * (a + 3))) * x
+                    far = sgn * ((c(3 * a) * x - c(10 * a)) * x + c(8 * a))
+                # a NaN argument gives NaN weights, as the reference's taps do
+                rest = tirx.Select(self.isnan(d), d, c(0.0))
+                return tirx.Select(x <= c(1.0), near, tirx.Select(x < c(2.0), far, rest))
+            return self.let(d, lambda d: self.let(te.abs(d), lambda x: weight(d, x)))
 
         def f(b, i, j, ch):
-            uu = u(b, i, j, ())
-            t = te.min(te.max(uu, c(0.0)), c(1.0)) * c(nodes - 1)
-            p = ch[0].astype(self.dtype)
-            w = keys(t - p)
-            w = w + tirx.Select(ch[0] == 0, keys(t + c(1.0)), c(0.0))
-            w = w + tirx.Select(ch[0] == nodes - 1, keys(t - c(float(nodes))), c(0.0))
-            if deriv:
-                inside = tirx.Select(tirx.all(uu >= c(0.0), uu <= c(1.0)), c(nodes - 1.0), c(0.0))
-                w = w * inside
-            return w
+            def at(uu):
+                def weights(t):
+                    p = ch[0].astype(self.dtype)
+                    w = keys(t - p)
+                    w = w + tirx.Select(ch[0] == 0, keys(t + c(1.0)), c(0.0))
+                    w = w + tirx.Select(ch[0] == nodes - 1, keys(t - c(float(nodes))), c(0.0))
+                    if deriv:
+                        inside = tirx.Select(tirx.all(uu >= c(0.0), uu <= c(1.0)),
+                                             c(nodes - 1.0), c(0.0))
+                        w = w * inside
+                    return w
+                return self.let(self.clamp(uu, 0.0, 1.0) * c(nodes - 1), weights)
+            return self.let(u(b, i, j, ()), at)
         return f
 
     def _stage(self, n: Node) -> Node:
@@ -290,7 +362,7 @@ class PairBuilder:
                                                                      else ()), axis=r)
             else:
                 body = lambda b, i, j, o: te.sum(Wv(r, col + o) * av(b, i, j, (r,)), axis=r)  # noqa: E731
-            T = te.compute((self.B, self.NP, self.MP, n.shape[0]), body,
+            T = self.compute((self.B, self.NP, self.MP, n.shape[0]), body,
                            name=f"s{len(self.stages)}")
         else:
             a = n.args[0]
@@ -302,7 +374,7 @@ class PairBuilder:
                 body = lambda b, i, j: te.sum(av(b, i, j, (r,)) * bv(b, i, j, (r,)), axis=r)  # noqa: E731
             else:
                 body = lambda b, i, j: te.sum(av(b, i, j, (r,)), axis=r)  # noqa: E731
-            T = te.compute((self.B, self.NP, self.MP), body, name=f"s{len(self.stages)}")
+            T = self.compute((self.B, self.NP, self.MP), body, name=f"s{len(self.stages)}")
         self.stages.append(T)
         self.stage_of[n] = T
         return n
@@ -313,10 +385,10 @@ class PairBuilder:
             return
         v = self.val(n)
         if n.shape:
-            T = te.compute((self.B, self.NP, self.MP, n.shape[0]),
+            T = self.compute((self.B, self.NP, self.MP, n.shape[0]),
                            lambda b, i, j, c: v(b, i, j, (c,)), name=f"s{len(self.stages)}")
         else:
-            T = te.compute((self.B, self.NP, self.MP), lambda b, i, j: v(b, i, j, ()),
+            T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: v(b, i, j, ()),
                            name=f"s{len(self.stages)}")
         self.stages.append(T)
         self.stage_of[n] = T
@@ -356,21 +428,21 @@ class PairBuilder:
             f = vals[0][0]
             R, Cw = spec.steps[0].shape
             j = te.reduce_axis((0, self.MP), name="j")
-            O = te.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
+            O = self.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
                 tirx.Select(j < self.m_valid, f(b, i, j, (r, c)), zero), axis=j), name="O")
         elif spec.lanes > 1:
             # one channel: the columns are reduced in `lanes` interleaved partial results
             # (P), which vectorise, then summed (O)
             L = spec.lanes
             k = te.reduce_axis((0, self.mt * (spec.tile_cols // L)), name="j")
-            Pl = te.compute((self.B, self.NP, L), lambda b, i, lane: reduce(
+            Pl = self.compute((self.B, self.NP, L), lambda b, i, lane: reduce(
                 summand(b, i, k * L + lane, 0), axis=k), name="P")
             r = te.reduce_axis((0, L), name="lane")
-            O = te.compute((self.B, self.NP, 1), lambda b, i, c: reduce(Pl[b, i, r], axis=r),
+            O = self.compute((self.B, self.NP, 1), lambda b, i, c: reduce(Pl[b, i, r], axis=r),
                            name="O")
         else:
             j = te.reduce_axis((0, self.MP), name="j")
-            O = te.compute((self.B, self.NP, width), lambda b, i, c: reduce(
+            O = self.compute((self.B, self.NP, width), lambda b, i, c: reduce(
                 summand(b, i, j, c), axis=j), name="O")
         return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
 
@@ -391,13 +463,14 @@ class Stage:
 
 
 def build_pair_func(spec: PairSpec, dtype: str, fast_exp: bool = True):
-    """The TE of a pair kernel as a PrimFunc, plus its stages in creation order."""
+    """The TE of a pair kernel as a PrimFunc, its stages in creation order, and the names of
+    the blocks to leave unvectorised (see `PairBuilder.compute`)."""
     b = PairBuilder(spec, dtype, fast_exp and dtype == "float32")
     args = b.build()
     func = te.create_prim_func(args)
     stages = [Stage(t.op.name, len(t.shape) == 4, bool(getattr(t.op, "reduce_axis", ())))
               for t in b.stages]
-    return func, stages
+    return func, stages, b.scalar_only
 
 
 __all__ = ["PairSpec", "build_pair_func"]

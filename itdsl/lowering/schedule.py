@@ -24,7 +24,8 @@ PAIR_BLOCK = 4  # pairs sharing the loads of a matrix row in a per-pair matrix p
 MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
 
 
-def schedule_cpu(func, spec, stages):
+def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
+    """`scalar_only`: blocks that call a function TVM cannot vectorise (left scalar)."""
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     main = "P" if spec.lanes > 1 else "O"  # the block that sweeps the columns
     O = sch.get_sblock(main)
@@ -50,7 +51,7 @@ def schedule_cpu(func, spec, stages):
     acc = sch.cache_write(O, 0, "local")
     sch.reverse_compute_at(acc, io)
     width = spec.lanes if spec.lanes > 1 else spec.out_shape[-1]
-    if width > 1:
+    if width > 1 and main not in scalar_only:
         if width > 64:
             _, c = sch.split(c, [None, 16])
         sch.vectorize(c)
@@ -60,7 +61,9 @@ def schedule_cpu(func, spec, stages):
         # loops: b, io, jo, then the stage's own: row, column[, channel][, reduction]
         blk = sch.get_sblock(stage.name)
         own = _loops(sch, blk)[3:]
-        if stage.channel:  # vectorise over the channels (contiguous), the reduction outside
+        # (a channel axis of extent 1, e.g. an mlp layer with one output, gets no loop)
+        channel = stage.channel and len(own) == 3 + stage.reduction
+        if channel:  # vectorise over the channels (contiguous), the reduction outside
             if stage.reduction:
                 # a matrix product per pair: PAIR_BLOCK pairs share each row of the matrix
                 # loaded into registers (the inner loop is a small GEMM micro-kernel)
@@ -69,11 +72,11 @@ def schedule_cpu(func, spec, stages):
                 sch.reorder(row, co, red, ci, ch)
                 sch.unroll(ci)
                 own = [row, co, red, ci, ch]
-            sch.vectorize(own[-1])
         else:  # a scalar per pair: vectorise over the columns (SoA inputs are contiguous)
             if stage.reduction:
                 sch.reorder(own[0], own[2], own[1])
                 own = [own[0], own[2], own[1]]
+        if stage.name not in scalar_only:
             sch.vectorize(own[-1])
     fused = sch.fuse(b, io)
     sch.parallel(fused)

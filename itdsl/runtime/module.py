@@ -160,7 +160,10 @@ class OpDef:
             set_cotangent(self.plan, ev, dout)
             keys = [k for k, want in zip(self.grad_keys, needed) if want]
             ev.run_program(self.plan.backward, "backward", self.plan.backward.needed(keys))
-            return self.collect_grads(ev, tensors, params, set(keys))
+            # a gradient can be the cotangent passed through (`h(x) + ...`), or an input
+            # (`weights(w)`): never return an alias of an argument
+            return _unaliased(self.collect_grads(ev, tensors, params, set(keys)),
+                              [*tensors, *params, *weights, *saved, dout])
 
         @backward.register_fake
         def _(tensors, params, weights, ints, saved, dout, needed):

@@ -22,11 +22,11 @@ from ..symbolic.pexpr import Node, toposort
 from ..symbolic.plan import Plan, Program, Step
 from .binding import Bound
 from .params import keys_basis
-from .reference import gauss_legendre, grid_points, grid_weights
+from .reference import gauss_legendre, gelu, grid_points, grid_weights
 
 _UNARY = {"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
           "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
-          "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": F.gelu, "softplus": F.softplus,
+          "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": gelu, "softplus": F.softplus,
           "sign": torch.sign, "erf": torch.erf}
 _BINARY = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow,
            "min": torch.minimum, "max": torch.maximum}

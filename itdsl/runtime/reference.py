@@ -26,10 +26,16 @@ from .params import register_params, spline_eval
 
 X_AXIS, Y_AXIS = -3, -2
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """x/2 · (1 + erf(x/√2)), the exact gelu, written out: torch's own F.gelu gives NaN at
+    +inf in float32 on vectors but +inf in float64 and on single values."""
+    return 0.5 * x * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
+
+
 _UNARY = {
     ir.Fn.NEG: torch.neg, ir.Fn.EXP: torch.exp, ir.Fn.LOG: torch.log, ir.Fn.SQRT: torch.sqrt,
     ir.Fn.ABS: torch.abs, ir.Fn.SIN: torch.sin, ir.Fn.COS: torch.cos, ir.Fn.TANH: torch.tanh,
-    ir.Fn.SIGMOID: torch.sigmoid, ir.Fn.RELU: torch.relu, ir.Fn.GELU: F.gelu,
+    ir.Fn.SIGMOID: torch.sigmoid, ir.Fn.RELU: torch.relu, ir.Fn.GELU: gelu,
     ir.Fn.SOFTPLUS: F.softplus,
 }
 _BINARY = {

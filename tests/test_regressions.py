@@ -1,0 +1,258 @@
+"""Programs a new user wrote that crashed or gave wrong numbers, each against torch written
+independently (forward and every gradient, float64 and float32, compiled kernels and the
+automatic strategy).
+
+Found by trying itdsl as a new user would: a backward custom op that returned an alias of
+its input, a float32 kernel TVM refused to compile, a one-output mlp in a dense kernel, and
+float32 kernels that turned NaN and overflow into finite numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from util import gradcheck_op
+
+import itdsl
+
+D = torch.float64
+GEN = torch.Generator().manual_seed(7)
+
+
+def rnd(*shape, dtype=D):
+    return torch.randn(*shape, generator=GEN, dtype=dtype)
+
+
+def pair_mean(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_j K[i, j] v[j] / m (the default `mean` rule on points)."""
+    return torch.einsum("ij,j...->i...", K, v) / K.shape[1]
+
+
+def mlp(op, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The op's mlp applied by hand: Linear layers with gelu between."""
+    layers = [m for m in getattr(op, name) if isinstance(m, torch.nn.Linear)]
+    for k, lin in enumerate(layers):
+        x = x @ lin.weight.T + lin.bias
+        if k < len(layers) - 1:
+            x = F.gelu(x)
+    return x
+
+
+def sqdist(x, y):
+    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+
+# name -> (program, inputs(dtype), torch formula(op, **inputs), params the formula reads)
+CASES = {
+    "field_added_to_integral": (
+        """operator a {
+            domain X = points(3)
+            input  h : X -> R^2
+            input  b : X -> R^2
+            output u(x: X) = h(x) + integral(y: X) exp(-sqnorm(x - y)) * b(y)
+        }""",
+        lambda dt: dict(X=rnd(5, 3, dtype=dt), h=rnd(5, 2, dtype=dt), b=rnd(5, 2, dtype=dt)),
+        lambda op, X, h, b: h + pair_mean(torch.exp(-sqdist(X, X)), b)),
+    "weights_all_inputs_require_grad": (
+        """operator a {
+            domain X = points(3)
+            input  w : X -> R
+            input  b : X -> R^2
+            output u(x: X) = integral(y: X) exp(-sqnorm(x - y)) * b(y) with weights(w)
+        }""",
+        lambda dt: dict(X=rnd(5, 3, dtype=dt), w=rnd(5, dtype=dt), b=rnd(5, 2, dtype=dt)),
+        lambda op, X, w, b: torch.exp(-sqdist(X, X)) @ (w[:, None] * b)),
+    "component_and_max": (
+        """operator a {
+            domain X = points(3)
+            input  b : X -> R
+            output u(x: X) = integral(y: X) max(x[0] - y[0], 0) * b(y)
+        }""",
+        lambda dt: dict(X=rnd(6, 3, dtype=dt), b=rnd(6, dtype=dt)),
+        lambda op, X, b: pair_mean(torch.relu(X[:, None, 0] - X[None, :, 0]), b)),
+    "sum_inside_integral": (
+        """operator a {
+            domain X = points(3)
+            domain Y = points(3)
+            input  b : Y -> R
+            output u(x: X) = integral(y: Y) (sum(x * y) + x[0] - y[1]) * b(y) with sum
+        }""",
+        lambda dt: dict(X=rnd(4, 3, dtype=dt), Y=rnd(5, 3, dtype=dt), b=rnd(5, dtype=dt)),
+        lambda op, X, Y, b: (X @ Y.T + X[:, None, 0] - Y[None, :, 1]) @ b),
+    "sigmoid_softplus_param": (
+        """operator a {
+            domain X = points(3)
+            input  b : X -> R
+            param  s : R = 0.5
+            output u(x: X) = integral(y: X) sigmoid(s * dot(x, y)) * softplus(x[0] - y[1]) * b(y)
+        }""",
+        lambda dt: dict(X=rnd(6, 3, dtype=dt), b=rnd(6, dtype=dt)),
+        lambda op, X, b: pair_mean(torch.sigmoid(op.s * X @ X.T)
+                                   * F.softplus(X[:, None, 0] - X[None, :, 1]), b)),
+    "mlp_with_one_output": (
+        """operator a {
+            domain X = points(2)
+            input  f : X -> R
+            param  phi : mlp(4 -> 8 -> 1)
+            output u(x: X) = integral(y: X) phi(x, y) * f(y)
+        }""",
+        lambda dt: dict(X=rnd(5, 2, dtype=dt), f=rnd(5, dtype=dt)),
+        lambda op, X, f: pair_mean(mlp(op, "phi", torch.cat(
+            [X[:, None, :].expand(5, 5, 2), X[None, :, :].expand(5, 5, 2)], -1))[..., 0], f)),
+    "relative_position_mlp": (
+        """operator a {
+            domain T = index
+            input  f : T -> R^3
+            param  phi : mlp(1 -> 16 -> 1)
+            output u(t: T) = integral(s: T) phi(t - s) * f(s)
+        }""",
+        lambda dt: dict(f=rnd(7, 3, dtype=dt)),
+        lambda op, f: mlp(op, "phi", (torch.arange(7.0, dtype=f.dtype)[:, None]
+                                      - torch.arange(7.0, dtype=f.dtype)[None, :])[..., None])[..., 0]
+        @ f),
+    "itnet_kernel_on_a_sequence": (
+        """operator a {
+            domain T = index
+            input  f : T -> R^4
+            param  phi : mlp(10 -> 64 -> 4)
+            output u(t: T) = integral(s: T) phi((t - s) / 4, t / 32, f(t), f(s)) * f(s)
+        }""",
+        lambda dt: dict(f=rnd(6, 4, dtype=dt)),
+        lambda op, f: _itnet(op, f)),
+    "itnet_kernel_deeper": (
+        """operator a {
+            domain T = index
+            input  f : T -> R^4
+            param  phi : mlp(10 -> 16 -> 16 -> 4)
+            output u(t: T) = integral(s: T) phi((t - s) / 4, t / 32, f(t), f(s)) * f(s)
+        }""",
+        lambda dt: dict(f=rnd(6, 4, dtype=dt)),
+        lambda op, f: _itnet(op, f)),
+}
+
+
+def _itnet(op, f):
+    n = f.shape[0]
+    t = torch.arange(float(n), dtype=f.dtype)
+    args = torch.cat([((t[:, None] - t[None, :]) / 4)[..., None],
+                      (t[:, None] / 32).expand(n, n)[..., None],
+                      f[:, None, :].expand(n, n, 4), f[None, :, :].expand(n, n, 4)], -1)
+    return (mlp(op, "phi", args) * f[None, :, :]).sum(1)
+
+
+def _build(name: str, strategy: str | None, dtype):
+    text, make, formula = CASES[name]
+    op = itdsl.compile_source(text, target="cpu", strategy=strategy)["a"].to(dtype)
+    torch.manual_seed(3)
+    with torch.no_grad():  # params away from their initial values
+        for p in op.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return op, make(dtype), formula
+
+
+@pytest.mark.parametrize("strategy", [None, "dense"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_and_gradients_match_torch_float64(name, strategy):
+    op, inputs, formula = _build(name, strategy, D)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    got = op(**leaves)
+    want = formula(op, **leaves)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    dout = rnd(*got.shape)
+    params = list(op.parameters())
+    every = list(leaves.values()) + params
+    g = torch.autograd.grad(got, every, dout, allow_unused=True)
+    w = torch.autograd.grad(want, every, dout, allow_unused=True)
+    for a, b in zip(g, w):
+        if b is None:
+            assert a is None or not a.abs().max(), "a gradient where torch has none"
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["field_added_to_integral", "weights_all_inputs_require_grad",
+                                  "sigmoid_softplus_param", "mlp_with_one_output"])
+def test_gradcheck_dense_kernels(name):
+    op, inputs, _ = _build(name, "dense", D)
+    assert gradcheck_op(op, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_kernels_match_torch(name):
+    op, inputs, formula = _build(name, "dense", torch.float32)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    got = op(**leaves)
+    op64 = op.double()
+    want = formula(op64, **{k: v.detach().double().requires_grad_(True) for k, v in
+                            leaves.items()})
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+    got.backward(torch.ones_like(got))  # the backward kernels compile and run in float32
+    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+
+
+# ---- NaN, ±inf and overflow come out of the float32 kernels as torch gives them -------------
+
+SPECIAL = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 3.0, -30.0, 30.0, 88.5, 88.8, 89.0, 100.0,
+                        -87.0, -88.0, -100.0, 1e30, -1e30, math.inf, -math.inf, math.nan])
+
+ELEMENTWISE = {
+    "exp(v)": torch.exp, "log(v)": torch.log, "sqrt(v)": torch.sqrt, "abs(v)": torch.abs,
+    "sin(v)": torch.sin, "cos(v)": torch.cos, "tanh(v)": torch.tanh,
+    "sigmoid(v)": torch.sigmoid, "relu(v)": torch.relu,
+    # the exact gelu as written (torch's F.gelu gives NaN at +inf on float32 vectors only)
+    "gelu(v)": lambda v: 0.5 * v * (1 + torch.erf(v / math.sqrt(2.0))),
+    "softplus(v)": F.softplus, "max(v, 0)": lambda v: torch.maximum(v, torch.zeros_like(v)),
+    "min(v, 0)": lambda v: torch.minimum(v, torch.zeros_like(v)),
+    "min(0.5, v)": lambda v: torch.minimum(torch.full_like(v, 0.5), v),
+    "1 / v": lambda v: 1 / v, "v^2": lambda v: v ** 2, "v^0.5": lambda v: v ** 0.5,
+    "[v < 1]": lambda v: (v < 1).to(v.dtype), "exp(-v * v)": lambda v: torch.exp(-v * v),
+}
+
+
+def _same_specials(got: torch.Tensor, want: torch.Tensor, what: str, rel: float) -> None:
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN at other places"
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf), f"{what}: inf at other places"
+    assert torch.equal(got[inf], want[inf]), f"{what}: inf of another sign"
+    fin = torch.isfinite(want)
+    err = (got[fin] - want[fin]).abs() / want[fin].abs().clamp_min(1e-30)
+    assert err.numel() == 0 or err.max().item() <= rel, f"{what}: error {err.max().item():.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("body", sorted(ELEMENTWISE))
+def test_special_values_as_torch(body, dtype):
+    """out(x) = Σ_y F(x·y) over a single y = 1: F of each special value, per pair."""
+    text = f"""operator a {{
+        domain X = points(1)
+        domain Y = points(1)
+        input  b : Y -> R
+        output u(x: X) = integral(y: Y) ({body.replace('v', '(x[0] * y[0])')}) * b(y) with sum
+    }}"""
+    op = itdsl.compile_source(text, target="cpu", strategy="dense")["a"]
+    v = SPECIAL.to(dtype)
+    got = op(X=v[:, None], Y=torch.ones(1, 1, dtype=dtype), b=torch.ones(1, dtype=dtype))
+    want = ELEMENTWISE[body](v)
+    # exp of arguments near the overflow: the polynomial's few ulps; subnormals may flush to 0
+    rel = 2e-6 if dtype == torch.float32 else 1e-12
+    flushed = (want.abs() < torch.finfo(dtype).tiny) & (got == 0)
+    _same_specials(torch.where(flushed, want, got), want, body, rel)
+
+
+def test_nan_coordinate_gives_a_nan_row():
+    text = """operator gauss {
+        domain X = points(3)
+        input  b : X -> R^4
+        output u(x: X) = integral(y: X) exp(-sqnorm(x - y)) * b(y)
+    }"""
+    op = itdsl.compile_source(text, target="cpu")["gauss"]
+    X = torch.rand(6, 3)
+    X[2, 1] = math.nan
+    out = op(X=X, b=torch.ones(6, 4))
+    want = pair_mean(torch.exp(-sqdist(X, X)), torch.ones(6, 4))
+    _same_specials(out, want, "gauss with a NaN point", 1e-5)
+    assert torch.isnan(out).all()  # the NaN point is in every row's sum
