@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from util import EXAMPLES, ROOT
 
@@ -105,3 +106,26 @@ def test_float64_and_float32_kernels_coexist():
     u32 = op(X=x, Y=y, b=b)
     u64 = op.double()(X=x.double(), Y=y.double(), b=b.double())
     torch.testing.assert_close(u32.double(), u64, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cached_plan_that_is_not_a_plan_is_analysed_again(tmp_path, monkeypatch):
+    """A pickle that loads to another object (an older layout, a stray file) is removed and
+    the operator analysed again, every time, not failing forever."""
+    import pickle
+    monkeypatch.setenv("ITDSL_CACHE_DIR", str(tmp_path))
+    itdsl.compile_file(GAUSS, target="reference").plan("gauss_smooth")
+    entry = next((tmp_path / "plans").glob("*.pkl"))
+    entry.write_bytes(pickle.dumps({"not": "a plan"}))
+    prog = itdsl.compile_file(GAUSS, target="reference")
+    assert prog.plan("gauss_smooth").strategy == "dense"
+    assert isinstance(pickle.loads(entry.read_bytes()), type(prog.plan("gauss_smooth")))
+
+
+def test_a_cache_directory_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
+    afile = tmp_path / "cache"
+    afile.write_text("not a directory")
+    for where in (afile, afile / "below"):
+        monkeypatch.setenv("ITDSL_CACHE_DIR", str(where))
+        prog = itdsl.compile_file(GAUSS, target="reference")
+        with pytest.raises(itdsl.ItdslError, match="ITDSL_CACHE_DIR=.* is a file, not a dir"):
+            prog.plan("gauss_smooth")

@@ -89,3 +89,43 @@ def test_cli_check_explain_and_emit():
     r = run_cli("explain", str(EXAMPLES / "attention.it"), "--op", "nope")
     assert r.returncode == 1 and "no operator named `nope`" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_calls_take_keywords_and_a_generator(target):
+    op = itdsl.compile_file(EXAMPLES / "gauss.it", target=target)["gauss_smooth"]
+    kw = dict(X=torch.rand(5, 3), Y=torch.rand(4, 3), b=torch.rand(4, 16))
+    with pytest.raises(InputError, match="keyword arguments only.*1 positional") as e:
+        op(torch.rand(5, 3), Y=kw["Y"], b=kw["b"])
+    assert "op(X=x, b=b)" in str(e.value)
+    with pytest.raises(InputError, match="`generator` must be a torch.Generator, got int"):
+        op(**kw, generator=123)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_scalar_field_with_a_trailing_one_says_so(target):
+    text = """operator s {
+        domain X = points(2)
+        input  f : X -> R
+        output u(x: X) = integral(y: X) exp(-sqnorm(x - y)) * f(y)
+    }"""
+    op = itdsl.compile_source(text, target=target)["s"]
+    with pytest.raises(InputError, match="has 1 points of `X`, but `X` has 5") as e:
+        op(X=torch.rand(5, 2), f=torch.rand(5, 1))
+    assert "scalar field (R)" in str(e.value) and "f.squeeze(-1)" in str(e.value)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_sizes_beyond_memory_fail_before_allocating(target):
+    op = itdsl.compile_file(EXAMPLES / "inn_linear.it", target=target)["integral_linear"]
+    with pytest.raises(InputError, match=r"`U=1000000000000` needs 3,725.3 GiB, more than"):
+        op(f=torch.rand(8), U=10**12)
+
+
+def test_the_reference_refuses_pair_tensors_beyond_memory():
+    op = itdsl.compile_file(EXAMPLES / "gauss.it", target="reference")["gauss_smooth"]
+    x = torch.rand(100_000, 3)
+    with pytest.raises(InputError, match=r"reference semantics of `integral\(y: Y\)` over "
+                                         r"100000 × 100000 pairs needs") as e:
+        op(X=x, Y=x, b=torch.rand(100_000, 16))
+    assert 'target="cpu"' in str(e.value)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from util import gradcheck_op
+from util import EXAMPLES, gradcheck_op
 
 import itdsl
 
@@ -256,3 +256,69 @@ def test_nan_coordinate_gives_a_nan_row():
     want = pair_mean(torch.exp(-sqdist(X, X)), torch.ones(6, 4))
     _same_specials(out, want, "gauss with a NaN point", 1e-5)
     assert torch.isnan(out).all()  # the NaN point is in every row's sum
+
+
+# ---- empty domains: what the sums give (empty tensors, zeros), or a clear error ----------
+
+EMPTY = """operator e {
+    domain X = points(2)
+    domain Y = points(2)
+    input  h : X -> R^3
+    input  b : Y -> R^3
+    param  s : R = 0.7
+    output u(x: X) = h(x) + integral(y: Y) exp(-s * sqnorm(x - y)) * b(y) with sum
+}"""
+
+
+def _empty_formula(op, X, Y, h, b):
+    return h + torch.exp(-op.s * sqdist(X.reshape(-1, 2), Y)).reshape(
+        *X.shape[:-1], Y.shape[0]) @ b
+
+
+@pytest.mark.parametrize("target, strategy", [("reference", None), ("cpu", None),
+                                              ("cpu", "dense")])
+@pytest.mark.parametrize("n, m, batch", [(0, 4, ()), (3, 0, ()), (3, 4, (0,)), (0, 0, (2,))])
+def test_empty_domains_give_what_the_sums_give(target, strategy, n, m, batch):
+    op = itdsl.compile_source(EMPTY, target=target, strategy=strategy)["e"].double()
+    X, h = rnd(*batch, n, 2).requires_grad_(), rnd(*batch, n, 3).requires_grad_()
+    Y, b = rnd(m, 2).requires_grad_(), rnd(m, 3).requires_grad_()
+    got = op(X=X, Y=Y, h=h, b=b)
+    want = _empty_formula(op, X, Y, h, b)
+    assert got.shape == want.shape == (*batch, n, 3)
+    torch.testing.assert_close(got, want)
+    leaves = [X, Y, h, b, op.s]
+    g = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+    w = torch.autograd.grad(want.sum(), leaves, allow_unused=True)
+    for a, c, leaf in zip(g, w, leaves):
+        a = torch.zeros_like(leaf) if a is None else a
+        c = torch.zeros_like(leaf) if c is None else c
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_normalised_integral_over_no_points_is_nan(target):
+    """0/0, as for a row whose every score is masked."""
+    op = itdsl.compile_file(EXAMPLES / "attention.it", target=target)["attention"]
+    out = op(q=torch.randn(3, 64), k=torch.randn(0, 64), v=torch.randn(0, 64))
+    assert out.shape == (3, 64) and torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("rule, words", [("mean", "the mean over no points is undefined"),
+                                         ("montecarlo(4)", "no point can be sampled")])
+def test_mean_and_montecarlo_over_no_points_are_clear_errors(target, rule, words):
+    text = EMPTY.replace("with sum", f"with {rule}")
+    op = itdsl.compile_source(text, target=target)["e"]
+    with pytest.raises(itdsl.InputError, match=words) as err:
+        op(X=torch.rand(3, 2), Y=torch.rand(0, 2), h=torch.rand(3, 3), b=torch.rand(0, 3))
+    assert err.value.span is not None and err.value.span.line == 7  # the output
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_empty_sequence_through_the_recurrence(target):
+    op = itdsl.compile_file(EXAMPLES / "ema.it", target=target)["ema"]
+    f = torch.randn(2, 0, 16, requires_grad=True)
+    out = op(f=f)
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()
+    assert f.grad.shape == f.shape

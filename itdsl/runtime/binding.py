@@ -9,6 +9,8 @@ expected and what was given.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,8 @@ from ..frontend.ast import DomainKind
 
 RESERVED_KEYWORDS = ("generator", "self")  # keywords of the modules' forward()
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+UNDEFINED_ON_EMPTY = {ir.QuadRule.MEAN: "the mean over no points is undefined",
+                      ir.QuadRule.MONTECARLO: "no point can be sampled from it"}
 
 
 @dataclass
@@ -44,6 +48,38 @@ def used_coords(op: ir.Operator) -> set[str]:
     return {n.domain for n in nodes if isinstance(n, ir.Coord)}
 
 
+def check_call(args: tuple, generator) -> None:
+    """A call takes keywords only, and `generator` is a torch.Generator (or None)."""
+    if args:
+        raise InputError(f"operators take keyword arguments only, but this call has "
+                         f"{len(args)} positional argument{'s' if len(args) > 1 else ''}",
+                         hint="name every argument: `op(X=x, b=b)`")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputError(f"`generator` must be a torch.Generator, got {type(generator).__name__}",
+                         hint="pass `generator=torch.Generator().manual_seed(0)` for "
+                              "reproducible montecarlo draws")
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of `device` (physical memory for the CPU), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover
+        return None
+
+
+def check_size(elements: int, dtype: torch.dtype, device: torch.device, what: str,
+               hint: str | None = None) -> None:
+    """Fail clearly, before allocating, if `elements` values of `dtype` exceed the memory."""
+    need = elements * torch.empty((), dtype=dtype).element_size()
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise InputError(f"{what} needs {need / 2**30:,.1f} GiB, more than the "
+                         f"{have / 2**30:,.1f} GiB of memory here", hint=hint)
+
+
 def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) -> Bound:
     known = [d.name for d in op.domains] + [i.name for i in op.inputs]
     unknown = [k for k in kwargs if k not in known]
@@ -52,10 +88,11 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                          f"takes {', '.join(f'`{k}`' for k in known)}")
     sizes: dict[str, tuple[int, str]] = {}  # domain -> (n, where it came from)
 
-    def set_size(domain: str, n: int, source: str) -> None:
+    def set_size(domain: str, n: int, source: str, hint: str | None = None) -> None:
         if domain in sizes and sizes[domain][0] != n:
             have, src = sizes[domain]
-            raise InputError(f"{source} has {n} points of `{domain}`, but {src} has {have}")
+            raise InputError(f"{source} has {n} points of `{domain}`, but {src} has {have}",
+                             hint=hint)
         sizes.setdefault(domain, (n, source))
 
     tensors: list[tuple[str, torch.Tensor]] = []
@@ -102,7 +139,11 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         fields[i.name] = f
         tensors.append((i.name, v))
         batches.append((i.name, f.shape[:-2]))
-        set_size(i.domain, f.shape[-2], f"input `{i.name}`")
+        hint = None
+        if i.width is None and v.dim() >= 2 and v.shape[-1] == 1:
+            hint = (f"`{i.name}` is a scalar field (R): pass it as [..., n], without a "
+                    f"trailing 1 (`{i.name}.squeeze(-1)`), or declare it `R^1`")
+        set_size(i.domain, f.shape[-2], f"input `{i.name}`", hint)
     for d in op.domains:
         if d.kind is DomainKind.POINTS and d.name in need_coords and d.name not in coords:
             raise InputError(f"operator `{op.name}` needs the coordinates of `{d.name}`: pass "
@@ -142,6 +183,24 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     except RuntimeError:
         shown = ", ".join(f"`{n}` {list(b)}" for n, b in batches)
         raise InputError(f"the leading (batch) dimensions do not broadcast: {shown}") from None
-    return Bound(sizes={k: v[0] for k, v in sizes.items()}, coords=coords, fields=fields,
-                 batch=batch, dtype=dtype, device=device,
-                 shapes={name: t.shape for name, t in tensors})
+    counts = {k: v[0] for k, v in sizes.items()}
+    _check_empty(op, counts)
+    for d in op.domains:  # sizes given as numbers: the points and the output are allocated
+        if d.name in kwargs and d.kind is not DomainKind.POINTS:
+            width = (op.output.width or 1) if d.name == op.output.domain else 1
+            check_size(math.prod(batch) * counts[d.name] * width, dtype, device,
+                       f"`{d.name}={counts[d.name]}`")
+    return Bound(sizes=counts, coords=coords, fields=fields, batch=batch, dtype=dtype,
+                 device=device, shapes={name: t.shape for name, t in tensors})
+
+
+def _check_empty(op: ir.Operator, sizes: dict[str, int]) -> None:
+    """An integral whose rule needs points (mean, montecarlo) over a domain with none."""
+    for n in ir.walk(op.output.body):
+        if isinstance(n, ir.Integral) and sizes.get(n.domain) == 0 \
+                and n.quad.rule in UNDEFINED_ON_EMPTY:
+            raise InputError(f"`integral({n.var}: {n.domain})` with `{n.quad.rule.value}` has no "
+                             f"points of `{n.domain}`: {UNDEFINED_ON_EMPTY[n.quad.rule]}",
+                             n.quad.span if n.quad.explicit else n.span,
+                             f"pass at least one point of `{n.domain}`, or integrate with "
+                             "`sum` (0 over no points)")

@@ -18,15 +18,27 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ..errors import ItdslError
 from ..symbolic.pexpr import Node, toposort
+from ..symbolic.plan import Plan
 
 
 def cache_dir() -> Path:
     env = os.environ.get("ITDSL_CACHE_DIR")
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "itdsl"
+        path, how = Path(env), f"ITDSL_CACHE_DIR={env}"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".cache")
+        path, how = Path(base) / "itdsl", f"the cache directory {Path(base) / 'itdsl'}"
+    for p in (path, *path.parents):  # the first part that exists must be a directory
+        if p.exists():
+            if not p.is_dir():
+                raise ItdslError(f"{how} cannot hold the compile cache: {p} is a file, not a "
+                                 "directory", hint="point ITDSL_CACHE_DIR at a directory (it "
+                                 "is made if missing)")
+            break
+    return path
 
 
 _VERSIONS: str | None = None
@@ -177,8 +189,11 @@ def load_plan(key: str):
         return None
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception:  # truncated, or from another version: analyse again
+            plan = pickle.load(f)
+        if not isinstance(plan, Plan):
+            raise TypeError(f"a {type(plan).__name__}, not a Plan")
+        return plan
+    except Exception:  # truncated, from another version, not a Plan: analyse again
         _remove(path)
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import threading
 from pathlib import Path
@@ -26,11 +27,11 @@ from ..frontend.ast import DomainKind
 from ..symbolic.library import library_form
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
-from .binding import RESERVED_KEYWORDS, bind
+from .binding import RESERVED_KEYWORDS, bind, check_call
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
-from .plan_eval import PlanEvaluator, _ts, gradients, set_cotangent
+from .plan_eval import PlanEvaluator, _ts, evaluate_plan, gradients, set_cotangent
 from .strategies import LibraryRunner, MatmulRunner
 
 _LOCK = threading.Lock()
@@ -227,6 +228,25 @@ def _side_size(plan: Plan, side: str, bound) -> int:
     return bound.sizes[sp.domain]
 
 
+def _on_empty(plan: Plan, params: dict, bound, generator) -> torch.Tensor:
+    """A call with an empty domain, by the Plan evaluator in torch (autograd differentiates
+    it). An empty result still depends on the inputs, with zero gradients, as the
+    reference's does."""
+    out = evaluate_plan(plan, params, bound, generator)[0]
+    leaves = [t for t in (*bound.coords.values(), *bound.fields.values(), *params.values())
+              if t.requires_grad]
+    if out.numel() == 0 and leaves and torch.is_grad_enabled():
+        out = out + sum(t.sum() for t in leaves) * 0
+    return out
+
+
+def _empty(plan: Plan, bound) -> bool:
+    """The call has no output points, no batch entries, or an integral over no points."""
+    return math.prod(bound.batch) == 0 or any(
+        bound.sizes[sp.domain] == 0 for sp in plan.spaces.values()
+        if not (sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS))
+
+
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous outputs sharing memory with no input and no other output (a custom op may
     not return an alias; with one point a step can be a view of its input)."""
@@ -269,7 +289,9 @@ class CompiledOperator(nn.Module):
     def extra_repr(self) -> str:
         return f"operator={self.ir.name}, target={self.target}, strategy={self.strategy}"
 
-    def forward(self, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    def forward(self, *args, generator: torch.Generator | None = None,
+                **kwargs) -> torch.Tensor:
+        check_call(args, generator)
         opdef = self._opdef
         params = [p for _, p in self.named_parameters()]
         bound = bind(self.ir, kwargs, params[0].dtype if params else None)
@@ -278,6 +300,8 @@ class CompiledOperator(nn.Module):
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
                                  f"call `.to({bound.dtype})` on the module (or pass "
                                  f"{p.dtype} inputs)")
+        if _empty(self.plan, bound):  # no work to tile: the Plan evaluator, differentiated
+            return _on_empty(self.plan, dict(self.named_parameters()), bound, generator)
         if self._library is not None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             if self.target == "cuda" and bound.device.type != "cuda":
                 _need_cuda()

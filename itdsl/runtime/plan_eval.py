@@ -291,6 +291,8 @@ class PlanEvaluator:
             v = v.expand(*v.shape[:-nts - 2], *self._extent(st.over), *_ts(st.shape))
             return v.sum(dim=tuple(range(v.dim() - nts))).reshape(_ts(st.shape))
         if st.kind == "max":
+            if self.sides["x"].n == 0 or self.sides[st.over].n == 0:  # a max over nothing
+                return self._full(torch.zeros(1, 1, dtype=self.dtype, device=self.device), "x", 1)
             parts = []
             for rows in self._chunks():
                 vals = self.eval_nodes([st.expr, st.mask], rows)
@@ -334,6 +336,12 @@ class PlanEvaluator:
             self.special.add(st.name)
         over_y = st.side == "x"
         ny = self.sides[st.over if over_y else st.side].n
+        if self.sides["x"].n == 0:  # no rows: a sum over x is 0, a sum per x is empty
+            if matrix:
+                return torch.zeros(ny if not over_y else 0, *ts, dtype=self.dtype,
+                                   device=self.device)
+            return self._full(torch.zeros(1, *ts, dtype=self.dtype, device=self.device),
+                              st.side, nts)
         acc = None
         parts = []
         for rows in self._chunks():

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InputError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
-from .binding import RESERVED_KEYWORDS, Bound, bind
+from .binding import RESERVED_KEYWORDS, Bound, bind, check_call, check_size
 from .params import register_params, spline_eval
 
 X_AXIS, Y_AXIS = -3, -2
@@ -132,7 +132,9 @@ class ReferenceOperator(nn.Module):
             return p.dtype
         return None
 
-    def forward(self, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    def forward(self, *args, generator: torch.Generator | None = None,
+                **kwargs) -> torch.Tensor:
+        check_call(args, generator)
         bound = bind(self.ir, kwargs, self._param_dtype())
         return evaluate(self, bound, generator)
 
@@ -271,6 +273,19 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
     return out
 
 
+def _check_pairs(e: ir.Integral, m: int, ctx: _Ctx) -> None:
+    """The pair tensors of an integral fit in memory (else a clear error, before they are
+    allocated)."""
+    op = ctx.module.ir
+    n = ctx.vars[op.output.var].n
+    width = max(max(op.param(x.param).sizes) if isinstance(x, ir.MlpCall) else x.width or 1
+                for x in ir.walk(e.body))
+    check_size(math.prod(ctx.bound.batch) * n * m * width, ctx.bound.dtype, ctx.bound.device,
+               f"the reference semantics of `integral({e.var}: {e.domain})` over {n} × {m} "
+               "pairs", 'target="reference" materialises every pair; compile for '
+               'target="cpu" (tiled: no n × m buffer)')
+
+
 def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     d = ctx.module.ir.domain(e.domain)
     q = e.quad
@@ -279,6 +294,7 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
         var = _Var(d, Y_AXIS, q.n, coords=_const(nodes, ctx))
     else:
         var = _Var(d, Y_AXIS, ctx.bound.sizes[d.name])
+    _check_pairs(e, var.n, ctx)
     ctx.vars[e.var] = var
     try:
         weights = _weights(e, var, ctx) if q.rule is not ir.QuadRule.GAUSS else \
@@ -348,7 +364,8 @@ def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     """`integral A / integral B`, with shared exponentials shifted by their max over y."""
     d = ctx.module.ir.domain(num.domain)
     shifts = {}
-    if num.quad.rule is not ir.QuadRule.GAUSS:
+    if num.quad.rule is not ir.QuadRule.GAUSS and ctx.bound.sizes[d.name] > 0:
+        _check_pairs(num, ctx.bound.sizes[d.name], ctx)
         ctx.vars[num.var] = _Var(d, Y_AXIS, ctx.bound.sizes[d.name])
         try:
             shifts = _ratio_shift(num, den, ctx)
