@@ -162,6 +162,23 @@ CASES = [
          "8:22"),
     Case("component-index-huge", out("x[1e999]"), ParseError,
          "a component index must be an integer", "8:24"),
+    Case("component-index-huge-integer", out("x[99999999999999999999]"), ParseError,
+         "a component index must be an integer in [0, 65536], got 100000000000000000000",
+         "8:24"),
+    Case("huge-integer-width", body("input g : X -> R^99999999999999999999"), ParseError,
+         "a vector width must be an integer in [1, 65536], got 100000000000000000000", "8:22"),
+    Case("spline-zero-nodes", body("param W : spline(0)"), ParseError,
+         "a spline size must be an integer in [2, 4096], got 0", "8:22"),
+    Case("mlp-zero-input-width", body("param phi : mlp(0 -> 3)"), ParseError,
+         "a layer width must be an integer in [1, 16384], got 0", "8:21"),
+    Case("points-out-of-range", body("domain Z = points(1e999)"), ParseError,
+         "number `1e999` is out of range", "8:23"),
+    Case("init-out-of-range", body("param p : R = 1e999"), ParseError,
+         "number `1e999` is out of range", "8:19"),
+    Case("init-overflows", body("param p : R = 1e308 * 10"), ParseError,
+         "expected a constant number here", "8:19"),
+    Case("mlp-activation-twice", body("param phi : mlp(3 -> 4, act = relu, act = tanh)"),
+         ParseError, "the option `act` is given twice", "8:41", "one activation"),
     # ---- checker errors: a program that breaks a rule of the language -------------------------
     Case("unknown-function", body("kernel k(x: X, y: Y) = exp(-sqnrm(x - y))",
                                   "output u(x: X) = integral(y: Y) k(x, y) * f(y)"),
@@ -231,6 +248,18 @@ CASES = [
          "did you mean `importance`?"),
     Case("montecarlo-zero-samples", out("integral(y: Y) w(y) with montecarlo(0)"), CheckError,
          "the number of samples must be an integer in [1, 16777216], got 0", "8:58"),
+    Case("montecarlo-importance-twice",
+         out("integral(y: Y) w(y) with montecarlo(4, importance = 1, importance = w(y))"),
+         CheckError, "the option `importance` of `montecarlo` is given twice", "8:77",
+         "importance = EXPR"),
+    Case("gauss-too-many-nodes", body("output u(t: T) = integral(s: T) s with gauss(1e9)"),
+         CheckError, "the number of Gauss nodes must be an integer in [1, 1024], got 1e+09",
+         "8:50"),
+    Case("gauss-nodes-out-of-range", body("output u(t: T) = integral(s: T) s with gauss(1e999)"),
+         ParseError, "number `1e999` is out of range", "8:50"),
+    Case("empty-file", "", CheckError, "no operator in bad.it", "1:1", "operator NAME { ... }"),
+    Case("only-comments", "# an operator will go here\n\n", CheckError,
+         "no operator in bad.it", "1:1", "operator NAME { ... }"),
     Case("integral-in-kernel", body("kernel k(x: X, y: Y) = integral(z: Y) w(z)",
                                     "output u(x: X) = integral(y: Y) k(x, y)"),
          CheckError, "an integral may only appear in an `output`", "8:28"),
@@ -414,13 +443,15 @@ def test_file_size_cap_on_disk(tmp_path):
 
 
 @pytest.mark.parametrize("expr", [
-    "(" * 5000 + "1" + ")" * 5000,  # parentheses alone add no depth: fine
+    "(" * MAX_DEPTH + "1" + ")" * MAX_DEPTH,
+    "(" * (MAX_DEPTH - 1) + "x[0]" + ")" * (MAX_DEPTH - 1),  # the `[` of `x[0]` is level 128
 ])
-def test_deep_parentheses_are_fine(expr):
+def test_nesting_up_to_the_cap_is_fine(expr):
     load_source(body(f"output u(x: X) = {expr}"))
 
 
 @pytest.mark.parametrize("expr", [
+    "(" * 5000 + "1" + ")" * 5000,  # parentheses add no tree level, but count all the same
     "[(" * 300 + "x[0] < 1" + ")]" * 300,
     "-" * 5000 + "1",
     "+".join(["1"] * 5000),

@@ -9,9 +9,11 @@ errors it finds and raises them together.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
+from itertools import chain
 
-from ..errors import CheckError, ItdslError, Span, did_you_mean, raise_all
+from ..errors import MAX_RENDERED, CheckError, ItdslError, Span, did_you_mean, raise_all
 from . import ast, ir
 from .ast import DomainKind, ParamKind
 
@@ -82,6 +84,10 @@ class Checker:
         self.errors.append(CheckError(message, span, hint))
 
     def program(self, prog: ast.Program) -> ir.Program:
+        if not prog.operators:  # an empty file (or only comments) is surely not what was meant
+            self.error(f"no operator in {prog.span.file}", prog.span,
+                       "a file holds `operator NAME { ... }` blocks, e.g. "
+                       "`operator g { domain X = index  output u(x: X) = x }`")
         ops = []
         seen: dict[str, ast.Operator] = {}
         for op in prog.operators:
@@ -122,6 +128,14 @@ class _OperatorChecker:
 
     def error(self, message: str, span: Span, hint: str | None = None) -> None:
         self.parent.error(message, span, hint)
+
+    def suggest(self, name: str, declared: Iterable[str]) -> str | None:
+        """`did_you_mean` among the names the operator declares, for the errors that are shown:
+        the search compares `name` with every one of them, so a file of thousands of names
+        and thousands of errors would take minutes to check."""
+        if len(self.parent.errors) >= MAX_RENDERED:
+            return None
+        return did_you_mean(name, declared)
 
     # ---- declarations ------------------------------------------------------------
     def run(self) -> ir.Operator | None:
@@ -185,7 +199,7 @@ class _OperatorChecker:
                 self.used_before(name, span)
             else:
                 self.error(f"unknown domain `{name}`", span,
-                           did_you_mean(name, self.domains) or
+                           self.suggest(name, self.domains) or
                            f"declare it first: `domain {name} = points(D)`, `grid(a, b)` or "
                            "`index`")
         return dom
@@ -275,9 +289,34 @@ class _OperatorChecker:
                 ast.KernelDecl: "kernel", ast.OutputDecl: "output"}.get(type(d), "name")
 
     # ---- expressions -----------------------------------------------------------------
+    # A method that checks an expression returns its IR or raises `_Bad` once its errors are
+    # recorded. Independent parts (the operands of `+`, the arguments of a call, the body and
+    # the quadrature of an integral) are checked each on its own, so that one pass reports
+    # all of their errors; a node whose part failed then fails without an error of its own
+    # (a width mismatch with an unknown name would only repeat the first error).
+
     def fail(self, message: str, span: Span, hint: str | None = None):
         self.error(message, span, hint)
         raise _Bad
+
+    def attempt(self, check, *args):
+        """`check(*args)`, or None if it failed (its errors are recorded)."""
+        try:
+            return check(*args)
+        except _Bad:
+            return None
+
+    def each(self, check, items, *args) -> list:
+        """`check(item, *args)` for every item, each on its own; fail if any failed."""
+        out, failed = [], False
+        for item in items:
+            try:
+                out.append(check(item, *args))
+            except _Bad:
+                failed = True
+        if failed:
+            raise _Bad
+        return out
 
     def expr(self, e: ast.Expr, scope: _Scope) -> ir.Expr:
         method = getattr(self, "e_" + type(e).__name__)
@@ -320,9 +359,9 @@ class _OperatorChecker:
             self.fail(f"`{e.id}` is {_a(what)}, not a value", e.span,
                       "a point variable names a point of a domain: `(x: X)`" if what == "domain"
                       else None)
-        self.not_in_scope(e.id, e.span, scope)
-        names = set(scope.vars) | set(self.decl_of) | {"pi"}
-        hint = did_you_mean(e.id, names)
+        if self.out_of_scope(e.id, e.span, scope):
+            raise _Bad
+        hint = self.suggest(e.id, chain(scope.vars, self.decl_of, ["pi"]))
         if hint is None and scope.in_output and scope.integral_var is None:
             hint = (f"declare it before use (e.g. `param {e.id} : R = 1.0`), or, for a point of "
                     f"another domain, integrate over it: `integral({e.id}: Y) ...`")
@@ -330,21 +369,24 @@ class _OperatorChecker:
             hint = f"declare it before use, e.g. `param {e.id} : R = 1.0`"
         self.fail(f"unknown name `{e.id}`", e.span, hint)
 
-    def not_in_scope(self, name: str, span: Span, scope: _Scope) -> None:
-        """Fail with a helpful message if `name` is declared later or is an integral's
-        variable used outside its integrand; return if it is simply unknown."""
+    def out_of_scope(self, name: str, span: Span, scope: _Scope) -> bool:
+        """Report `name` if it is declared later or is an integral's variable used outside its
+        integrand, and say whether it did (a name simply unknown is left to the caller)."""
         if name in self.all_decls and name not in self.decl_of:
             if isinstance(self.all_decls[name], ast.OutputDecl):
-                self.fail(f"the output `{name}` cannot be used in an expression", span)
-            self.used_before(name, span)
-            raise _Bad
+                self.error(f"the output `{name}` cannot be used in an expression", span)
+            else:
+                self.used_before(name, span)
+            return True
         if name in self.integral_vars and name not in scope.vars:
             b = self.integral_vars[name]
-            self.fail(f"`{name}` is not defined here: it is the variable of the integral at "
-                      f"{b.span.line}:{b.span.col}, known only inside its integrand", span,
-                      "an integrand extends over `*` and stops at `+`, `-`, `/` and `with`; "
-                      f"parenthesise a sum to put it inside: `integral({name}: {b.domain}) "
-                      "(a + b)`")
+            self.error(f"`{name}` is not defined here: it is the variable of the integral at "
+                       f"{b.span.line}:{b.span.col}, known only inside its integrand", span,
+                       "an integrand extends over `*` and stops at `+`, `-`, `/` and `with`; "
+                       f"parenthesise a sum to put it inside: `integral({name}: {b.domain}) "
+                       "(a + b)`")
+            return True
+        return False
 
     def e_Neg(self, e: ast.Neg, scope: _Scope) -> ir.Expr:
         a = self.expr(e.operand, scope)
@@ -364,20 +406,29 @@ class _OperatorChecker:
 
     def e_Binary(self, e: ast.Binary, scope: _Scope) -> ir.Expr:
         fn = ir.Fn(e.op.value)
-        left = self.expr(e.left, scope)
-        right = self.expr(e.right, scope)
+        left = self.attempt(self.expr, e.left, scope)
+        right = self.attempt(self.expr, e.right, scope)
         if fn is ir.Fn.POW and isinstance(right, ir.Const) and abs(right.value) > MAX_EXPONENT:
-            self.fail(f"exponent {right.value:g} is too large (the limit is {MAX_EXPONENT})",
-                      e.right.span)
+            self.error(f"exponent {right.value:g} is too large (the limit is {MAX_EXPONENT})",
+                       e.right.span)
+            right = None
+        if left is None or right is None:
+            raise _Bad
         return self.elementwise(fn, [left, right], e.span)
 
     def e_Compare(self, e: ast.Compare, scope: _Scope) -> ir.Expr:
-        self.fail("a comparison is a condition, which is only allowed inside an Iverson bracket",
-                  e.span, "write `[a < b]` for 1 where a < b holds, else 0")
+        self.error("a comparison is a condition, which is only allowed inside an Iverson bracket",
+                   e.span, "write `[a < b]` for 1 where a < b holds, else 0")
+        self.condition(e, scope)  # the errors it would still have inside a bracket
+        raise _Bad
 
     def e_Logic(self, e: ast.Logic, scope: _Scope) -> ir.Expr:
-        self.fail(f"`{e.op.value}` combines conditions, which are only allowed inside an Iverson "
-                  "bracket", e.span, "write `[a < b and c < d]`")
+        self.error(f"`{e.op.value}` combines conditions, which are only allowed inside an Iverson "
+                   "bracket", e.span, "write `[a < b and c < d]`")
+        for side in (e.left, e.right):  # the errors they would still have inside a bracket
+            is_condition = isinstance(side, ast.Compare | ast.Logic)
+            self.attempt(self.condition if is_condition else self.expr, side, scope)
+        raise _Bad
 
     def e_Bracket(self, e: ast.Bracket, scope: _Scope) -> ir.Expr:
         return replace(self.condition(e.cond, scope), span=e.span)
@@ -385,7 +436,7 @@ class _OperatorChecker:
     def condition(self, e: ast.Expr, scope: _Scope) -> ir.Expr:
         """A condition (comparisons joined by and/or) as a 0/1 expression."""
         if isinstance(e, ast.Compare):
-            operands = [self.expr(o, scope) for o in e.operands]
+            operands = self.each(self.expr, e.operands, scope)
             parts = [self.elementwise(ir.Fn(op.value), [a, b], e.span)
                      for op, a, b in zip(e.ops, operands, operands[1:])]
             out = parts[0]
@@ -393,10 +444,12 @@ class _OperatorChecker:
                 out = self.elementwise(ir.Fn.AND, [out, p], e.span)
             return out
         if isinstance(e, ast.Logic):
-            return self.elementwise(ir.Fn(e.op.value), [self.condition(e.left, scope),
-                                                        self.condition(e.right, scope)], e.span)
-        self.fail("an Iverson bracket holds a condition", e.span,
-                  "compare something: `[abs(t - s) <= 0.2]`, `[s <= t and t < s + 8]`")
+            left, right = self.each(self.condition, (e.left, e.right), scope)
+            return self.elementwise(ir.Fn(e.op.value), [left, right], e.span)
+        self.error("an Iverson bracket holds a condition", e.span,
+                   "compare something: `[abs(t - s) <= 0.2]`, `[s <= t and t < s + 8]`")
+        self.attempt(self.expr, e, scope)  # the errors of the expression itself
+        raise _Bad
 
     def e_Component(self, e: ast.Component, scope: _Scope) -> ir.Expr:
         base = self.expr(e.base, scope)
@@ -425,13 +478,17 @@ class _OperatorChecker:
             self.fail(f"the integration variable `{b.name}` hides the {self._what(b.name)} "
                       f"`{b.name}`", b.span, "give it another name")
         inner = _Scope(vars={**scope.vars, b.name: dom.name}, in_output=True, integral_var=b.name)
-        body = self.expr(e.body, inner)
-        quad = self.quadrature(e.quad, dom, b.name, body, e.span)
+        body = self.attempt(self.expr, e.body, inner)
+        quad = self.attempt(self.quadrature, e.quad, dom, b.name, body, e.span)
+        if body is None or quad is None:
+            raise _Bad
         return ir.Integral(var=b.name, domain=dom.name, body=body, quad=quad, width=body.width,
                            span=e.span)
 
-    def quadrature(self, q: ast.Quadrature | None, dom: ir.Domain, var: str, body: ir.Expr,
-                   span: Span) -> ir.Quad:
+    def quadrature(self, q: ast.Quadrature | None, dom: ir.Domain, var: str,
+                   body: ir.Expr | None, span: Span) -> ir.Quad:
+        """The quadrature of an integral over `dom`; `body` is its integrand (None if that
+        failed to check)."""
         if q is None:
             return ir.Quad(rule=DEFAULT_QUAD[dom.kind], span=span)
         try:
@@ -440,69 +497,101 @@ class _OperatorChecker:
             self.fail(f"unknown quadrature `{q.rule}`", q.span,
                       did_you_mean(q.rule, [r.value for r in ir.QuadRule]) or
                       "one of: " + ", ".join(r.value for r in ir.QuadRule))
-        allowed = QUAD_DOMAINS[rule]
-        if allowed is not None and dom.kind not in allowed:
-            kinds = " or ".join(f"`{k.value}`" for k in sorted(allowed, key=lambda k: k.value))
-            self.fail(f"quadrature `{rule.value}` works only on {kinds} domains, but `{dom.name}` "
-                      f"is `{dom.kind.value}`", q.span,
-                      f"on `{dom.kind.value}` use " + ", ".join(
-                          f"`{r.value}`" for r, a in QUAD_DOMAINS.items()
-                          if a is None or dom.kind in a))
         args = q.args or ()
         positional = [a for a in args if a.key is None]
         keywords = {a.key: a for a in args if a.key is not None}
+        if not self.quad_form(q, rule, dom, positional):
+            raise _Bad
+        kw = {"rule": rule, "explicit": True, "span": q.span}
+        if rule is ir.QuadRule.WEIGHTS:
+            return ir.Quad(weights=self.weights(positional[0].value, dom), **kw)
+        if rule is ir.QuadRule.GAUSS:
+            sampled = next((node for node in (() if body is None else ir.walk(body))
+                            if isinstance(node, ir.FieldAt) and node.var == var), None)
+            if sampled is not None:  # reported first: the integrand comes before the rule
+                self.error(f"`gauss` evaluates the integrand between the points of "
+                           f"`{dom.name}`, but the field `{sampled.field}` is only known at "
+                           "them", sampled.span,
+                           "use `trapezoid` or `simpson` to integrate sampled fields")
+            n = self.count(positional[0].value, "the number of Gauss nodes", MAX_GAUSS_NODES)
+            if sampled is not None:
+                raise _Bad
+            return ir.Quad(n=n, **kw)
+        if rule is ir.QuadRule.MONTECARLO:
+            s = self.attempt(self.count, positional[0].value, "the number of samples",
+                             MAX_SAMPLES)
+            a = keywords.get("importance")
+            imp = None if a is None else self.attempt(self.importance, a.value, var, dom)
+            if s is None or (a is not None and imp is None):
+                raise _Bad
+            return ir.Quad(samples=s, importance=imp, **kw)
+        return ir.Quad(**kw)
+
+    def quad_form(self, q: ast.Quadrature, rule: ir.QuadRule, dom: ir.Domain,
+                  positional: list[ast.QuadArg]) -> bool:
+        """Report a quadrature on a domain it does not work on, or with the wrong arguments;
+        say whether it has neither problem."""
+        fits = True
+        allowed = QUAD_DOMAINS[rule]
+        if allowed is not None and dom.kind not in allowed:
+            fits = False
+            kinds = " or ".join(f"`{k.value}`" for k in sorted(allowed, key=lambda k: k.value))
+            self.error(f"quadrature `{rule.value}` works only on {kinds} domains, but "
+                       f"`{dom.name}` is `{dom.kind.value}`", q.span,
+                       f"on `{dom.kind.value}` use " + ", ".join(
+                           f"`{r.value}`" for r, a in QUAD_DOMAINS.items()
+                           if a is None or dom.kind in a))
         takes = {ir.QuadRule.WEIGHTS: (1, ()), ir.QuadRule.GAUSS: (1, ()),
                  ir.QuadRule.MONTECARLO: (1, ("importance",))}.get(rule, (0, ()))
         n_pos, kw_ok = takes
         usage = {ir.QuadRule.WEIGHTS: "`weights(w)`", ir.QuadRule.GAUSS: "`gauss(n)`",
                  ir.QuadRule.MONTECARLO: "`montecarlo(S)` or `montecarlo(S, importance = EXPR)`"}
         hint = f"write {usage.get(rule, f'`{rule.value}`')}"
-        for key, a in keywords.items():
-            if key not in kw_ok:
-                self.fail(f"quadrature `{rule.value}` has no option `{key}`", a.span,
-                          did_you_mean(key, kw_ok) or hint)
-        if len(positional) != n_pos or (q.args is not None and not args):
+        if len(positional) != n_pos or (q.args is not None and not q.args):
             what = {ir.QuadRule.WEIGHTS: " (the weights field)",
                     ir.QuadRule.GAUSS: " (the number of nodes)",
                     ir.QuadRule.MONTECARLO: " (the number of samples)"}.get(rule, "")
-            self.fail(f"quadrature `{rule.value}` takes {_plural(n_pos, 'argument')}{what}, "
-                      f"got {len(positional)}", q.span, hint)
-        kw = {"rule": rule, "explicit": True, "span": q.span}
-        if rule is ir.QuadRule.WEIGHTS:
-            w = positional[0].value
-            f = self.inputs.get(w.id) if isinstance(w, ast.Name) else None
-            if f is None:
-                self.fail("`weights(w)` needs the name of an input field", w.span,
-                          f"declare `input w : {dom.name} -> R` and write `weights(w)`")
-            if f.domain != dom.name:
-                self.fail(f"the weights `{f.name}` live on {f.domain}, but the integral runs "
-                          f"over {dom.name}", w.span,
-                          f"the weights of an integral over {dom.name} are a field "
-                          f"`input {f.name} : {dom.name} -> R`")
-            if f.width is not None:
-                self.fail(f"the weights `{f.name}` must be a scalar field (R), but `{f.name}` is "
-                          f"{_wname(f.width)}", w.span,
-                          f"declare `input {f.name} : {dom.name} -> R`")
-            return ir.Quad(weights=f.name, **kw)
-        if rule is ir.QuadRule.GAUSS:
-            n = self.count(positional[0].value, "the number of Gauss nodes", MAX_GAUSS_NODES)
-            for node in ir.walk(body):
-                if isinstance(node, ir.FieldAt) and node.var == var:
-                    self.fail(f"`gauss` evaluates the integrand between the points of "
-                              f"`{dom.name}`, but the field `{node.field}` is only known at them",
-                              node.span, "use `trapezoid` or `simpson` to integrate sampled fields")
-            return ir.Quad(n=n, **kw)
-        if rule is ir.QuadRule.MONTECARLO:
-            s = self.count(positional[0].value, "the number of samples", MAX_SAMPLES)
-            imp = None
-            if "importance" in keywords:
-                a = keywords["importance"]
-                imp = self.expr(a.value, _Scope(vars={var: dom.name}, in_output=False))
-                if imp.width is not None:
-                    self.fail(f"the importance must be a scalar, but it is {_wname(imp.width)}",
-                              a.value.span)
-            return ir.Quad(samples=s, importance=imp, **kw)
-        return ir.Quad(**kw)
+            fits = False
+            self.error(f"quadrature `{rule.value}` takes {_plural(n_pos, 'argument')}{what}, "
+                       f"got {len(positional)}", q.span, hint)
+        seen: set[str] = set()
+        for a in q.args or ():
+            if a.key is None:
+                continue
+            if a.key not in kw_ok:
+                self.error(f"quadrature `{rule.value}` has no option `{a.key}`", a.span,
+                           did_you_mean(a.key, kw_ok) or hint)
+                fits = False
+            elif a.key in seen:
+                self.error(f"the option `{a.key}` of `{rule.value}` is given twice", a.span,
+                           hint)
+                fits = False
+            seen.add(a.key)
+        return fits
+
+    def weights(self, w: ast.Expr, dom: ir.Domain) -> str:
+        """The input field named by `weights(w)` of an integral over `dom`."""
+        f = self.inputs.get(w.id) if isinstance(w, ast.Name) else None
+        if f is None:
+            self.fail("`weights(w)` needs the name of an input field", w.span,
+                      f"declare `input w : {dom.name} -> R` and write `weights(w)`")
+        if f.domain != dom.name:
+            self.fail(f"the weights `{f.name}` live on {f.domain}, but the integral runs "
+                      f"over {dom.name}", w.span,
+                      f"the weights of an integral over {dom.name} are a field "
+                      f"`input {f.name} : {dom.name} -> R`")
+        if f.width is not None:
+            self.fail(f"the weights `{f.name}` must be a scalar field (R), but `{f.name}` is "
+                      f"{_wname(f.width)}", w.span,
+                      f"declare `input {f.name} : {dom.name} -> R`")
+        return f.name
+
+    def importance(self, e: ast.Expr, var: str, dom: ir.Domain) -> ir.Expr:
+        """The importance density of `montecarlo(S, importance = e)`: a scalar of `var`."""
+        imp = self.expr(e, _Scope(vars={var: dom.name}, in_output=False))
+        if imp.width is not None:
+            self.fail(f"the importance must be a scalar, but it is {_wname(imp.width)}", e.span)
+        return imp
 
     def count(self, e: ast.Expr, what: str, limit: int) -> int:
         if not isinstance(e, ast.Number) or e.value != int(e.value) or not 1 <= e.value <= limit:
@@ -511,56 +600,85 @@ class _OperatorChecker:
                       None if isinstance(e, ast.Number) else "write a plain number")
         return int(e.value)
 
+    # ---- calls --------------------------------------------------------------------------
+
     def e_Call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        check = self.call_checker(e.func, scope)
+        if check is not None:
+            return check(e, scope)
+        if e.func in scope.vars or e.func not in self.broken:  # else already reported
+            self.not_callable(e, scope)
+        self.each(self.expr, e.args, scope)  # the arguments may hold errors of their own
+        raise _Bad
+
+    def call_checker(self, f: str, scope: _Scope):
+        """The method that checks a call of `f`, or None if `f` cannot be called here."""
+        if f in scope.vars or f in self.broken:
+            return None
+        if f in self.inputs:
+            return self.field_at
+        if f in self.kernels:
+            return self.kernel_call
+        if f in self.params:
+            return None if self.params[f].kind is ParamKind.REAL else self.param_call
+        if f in ir.UNARY_FNS or f in ir.BINARY_FNS or f in REDUCE_FNS:
+            return self.builtin_call
+        return None
+
+    def not_callable(self, e: ast.Call, scope: _Scope) -> None:
+        """Report why `e.func` cannot be called."""
         f = e.func
         if f in scope.vars:
-            self.fail(f"`{f}` is a point, not a function", e.func_span,
-                      "fields, kernels, mlps, splines and built-ins are called; a point is not")
-        if f in self.broken:
-            raise _Bad  # its declaration is already reported
-        if f in self.inputs:
-            return self.field_at(e, scope)
-        if f in self.kernels:
-            return self.kernel_call(e, scope)
-        if f in self.params:
-            return self.param_call(e, scope)
-        args = [self.expr(a, scope) for a in e.args]
-        if f in ir.UNARY_FNS:
-            self.arity(e, 1)
-            return ir.Op(fn=ir.UNARY_FNS[f], args=tuple(args), width=args[0].width, span=e.span)
-        if f in ir.BINARY_FNS:
-            self.arity(e, 2)
-            return self.elementwise(ir.BINARY_FNS[f], args, e.span)
-        if f in REDUCE_FNS:
-            rfn = REDUCE_FNS[f]
-            self.arity(e, 2 if rfn is ir.RFn.DOT else 1)
-            if rfn is ir.RFn.DOT and args[0].width != args[1].width:
-                self.fail(f"`dot` of values of different widths: {_wname(args[0].width)} and "
-                          f"{_wname(args[1].width)}", e.span)
-            return ir.Reduce(fn=rfn, args=tuple(args), width=None, span=e.span)
-        if f in self.decl_of:
+            self.error(f"`{f}` is a point, not a function", e.func_span,
+                       "fields, kernels, mlps, splines and built-ins are called; a point is not")
+        elif f in self.params:
+            self.error(f"the param `{f}` is a value, not a function", e.func_span,
+                       f"write `{f}` without arguments")
+        elif f in self.decl_of:
             what = self._what(f)
             if what == "kernel" and f == self.current:
-                self.fail(f"the kernel `{f}` calls itself", e.func_span,
-                          "a kernel cannot be recursive")
-            self.fail(f"`{f}` is {_a(what)} and cannot be called", e.func_span,
-                      "a domain is named in a binder, `(x: X)`" if what == "domain" else None)
-        self.not_in_scope(f, e.func_span, scope)
-        known = set(BUILTINS) | set(self.inputs) | set(self.kernels) | set(self.params)
-        self.fail(f"unknown function `{f}`", e.func_span,
-                  did_you_mean(f, known - {"pi"}) or
-                  "built-ins: " + ", ".join(sorted(known - {"pi"} - set(self.decl_of))))
+                self.error(f"the kernel `{f}` calls itself", e.func_span,
+                           "a kernel cannot be recursive")
+            else:
+                self.error(f"`{f}` is {_a(what)} and cannot be called", e.func_span,
+                           "a domain is named in a binder, `(x: X)`" if what == "domain" else None)
+        elif not self.out_of_scope(f, e.func_span, scope):
+            functions = sorted(BUILTINS - {"pi"})  # none of them can be declared
+            self.error(f"unknown function `{f}`", e.func_span,
+                       self.suggest(f, chain(functions, self.inputs, self.kernels, self.params))
+                       or "built-ins: " + ", ".join(functions))
 
-    def arity(self, e: ast.Call, n: int) -> None:
+    def arity(self, e: ast.Call, n: int) -> bool:
+        """Report a call of `e.func` with other than `n` arguments; say whether it has `n`."""
         if len(e.args) != n:
-            self.fail(f"`{e.func}` takes {n} argument{'s' if n != 1 else ''}, got {len(e.args)}",
-                      e.span)
+            self.error(f"`{e.func}` takes {n} argument{'s' if n != 1 else ''}, got {len(e.args)}",
+                       e.span)
+            return False
+        return True
+
+    def builtin_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
+        f = e.func
+        two = f in ir.BINARY_FNS or f == ir.RFn.DOT.value
+        fits = self.arity(e, 2 if two else 1)
+        args = self.each(self.expr, e.args, scope)
+        if not fits:
+            raise _Bad
+        if f in ir.UNARY_FNS:
+            return ir.Op(fn=ir.UNARY_FNS[f], args=tuple(args), width=args[0].width, span=e.span)
+        if f in ir.BINARY_FNS:
+            return self.elementwise(ir.BINARY_FNS[f], args, e.span)
+        rfn = REDUCE_FNS[f]
+        if rfn is ir.RFn.DOT and args[0].width != args[1].width:
+            self.fail(f"`dot` of values of different widths: {_wname(args[0].width)} and "
+                      f"{_wname(args[1].width)}", e.span)
+        return ir.Reduce(fn=rfn, args=tuple(args), width=None, span=e.span)
 
     def point_arg(self, a: ast.Expr, scope: _Scope, who: str, domain: str) -> tuple[str, str]:
         """The point variable `a` (an argument of a field or kernel that wants a point of
         `domain`) and its domain."""
-        if isinstance(a, ast.Name) and a.id not in scope.vars:
-            self.not_in_scope(a.id, a.span, scope)
+        if isinstance(a, ast.Name) and a.id not in scope.vars and \
+                self.out_of_scope(a.id, a.span, scope):
+            raise _Bad
         if not isinstance(a, ast.Name) or a.id not in scope.vars:
             names = ", ".join(f"`{v}`" for v in scope.vars)
             self.fail(f"{who} must be evaluated at a point variable ({names}), not at an "
@@ -571,7 +689,8 @@ class _OperatorChecker:
 
     def field_at(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         field = self.inputs[e.func]
-        self.arity(e, 1)
+        if not self.arity(e, 1):
+            raise _Bad
         var, dom = self.point_arg(e.args[0], scope, f"the field `{field.name}`", field.domain)
         if dom != field.domain:
             self.fail(f"`{field.name}` lives on {field.domain} but `{var}` is a point of {dom}",
@@ -586,28 +705,30 @@ class _OperatorChecker:
 
     def kernel_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         k = self.kernels[e.func]
-        self.arity(e, 2)
-        renames = {}
-        for a, (param, dom) in zip(e.args, ((k.x, k.x_domain), (k.y, k.y_domain))):
-            var, vdom = self.point_arg(a, scope, f"the kernel `{k.name}`", dom)
-            if vdom != dom:
-                self.fail(f"kernel `{k.name}` takes a point of {dom} here, but `{var}` is a point "
-                          f"of {vdom}", a.span, self._point_hint(scope, dom))
-            renames[param] = var
+        if not self.arity(e, 2):
+            raise _Bad
+        points = ((k.x, k.x_domain), (k.y, k.y_domain))
+        x, y = self.each(self.kernel_arg, zip(e.args, points), scope, k)
         self.inlined += self.kernel_size[k.name]
         if self.inlined > MAX_IR_NODES:
             self.fail(f"this expression grows past {MAX_IR_NODES} nodes once its kernels are "
                       "inlined", e.span, "kernels are inlined at every call; call a kernel that "
                       "calls other kernels fewer times")
-        return _rename(k.body, renames)
+        return _rename(k.body, {k.x: x, k.y: y})
+
+    def kernel_arg(self, arg_and_param, scope: _Scope, k: ir.Kernel) -> str:
+        """The point variable passed to kernel `k` for one of its parameters."""
+        a, (_, dom) = arg_and_param
+        var, vdom = self.point_arg(a, scope, f"the kernel `{k.name}`", dom)
+        if vdom != dom:
+            self.fail(f"kernel `{k.name}` takes a point of {dom} here, but `{var}` is a point "
+                      f"of {vdom}", a.span, self._point_hint(scope, dom))
+        return var
 
     def param_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         p = self.params[e.func]
-        if p.kind is ParamKind.REAL:
-            self.fail(f"the param `{p.name}` is a value, not a function", e.func_span,
-                      f"write `{p.name}` without arguments")
-        args = [self.expr(a, scope) for a in e.args]
         if p.kind is ParamKind.MLP:
+            args = self.each(self.expr, e.args, scope)
             total = sum(1 if a.width is None else a.width for a in args)
             if total != p.sizes[0]:
                 shown = " + ".join(str(1 if a.width is None else a.width) for a in args) or "0"
@@ -618,16 +739,23 @@ class _OperatorChecker:
             out = p.sizes[-1]
             return ir.MlpCall(param=p.name, args=tuple(args), width=None if out == 1 else out,
                               span=e.span)
-        if len(args) != len(p.sizes):
-            self.fail(f"the spline `{p.name}` is a function of "
-                      f"{_plural(len(p.sizes), 'variable')}, got {_plural(len(args), 'argument')}",
-                      e.span,
-                      f"`{p.name}` is declared `{_spline_text(p)}`")
-        for a in args:
-            if a.width is not None:
-                self.fail(f"a spline argument must be a scalar in [0, 1], but this is "
-                          f"{_wname(a.width)}", a.span)
+        fits = len(e.args) == len(p.sizes)
+        if not fits:
+            self.error(f"the spline `{p.name}` is a function of "
+                       f"{_plural(len(p.sizes), 'variable')}, got "
+                       f"{_plural(len(e.args), 'argument')}", e.span,
+                       f"`{p.name}` is declared `{_spline_text(p)}`")
+        args = self.each(self.spline_arg, e.args, scope)
+        if not fits:
+            raise _Bad
         return ir.SplineCall(param=p.name, args=tuple(args), width=None, span=e.span)
+
+    def spline_arg(self, a: ast.Expr, scope: _Scope) -> ir.Expr:
+        arg = self.expr(a, scope)
+        if arg.width is not None:
+            self.fail(f"a spline argument must be a scalar in [0, 1], but this is "
+                      f"{_wname(arg.width)}", a.span)
+        return arg
 
 
 def _spline_text(p: ir.Param) -> str:

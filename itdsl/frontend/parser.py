@@ -19,7 +19,7 @@ from ..errors import ItdslError, ParseError, Span, did_you_mean, raise_all
 from . import ast
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB of .it text is far beyond any real operator
-MAX_DEPTH = 128  # nesting of the syntax tree (parentheses, chains of operators)
+MAX_DEPTH = 128  # nesting of the syntax tree (chains of operators), and of brackets
 MAX_INIT_RANGE = 1e38  # b - a of `uniform(a, b)`: torch refuses a float32 range wider than this
 
 DOMAIN_KINDS = {k.value: k for k in ast.DomainKind}
@@ -62,10 +62,7 @@ def parse(source: str, filename: str = "<string>") -> ast.Program:
         raise ParseError("the file contains a NUL byte (is it a binary file?)",
                          Span(file=filename, line=line, col=col, end_line=line, end_col=col + 1,
                               source=source))
-    try:
-        tree = _lark().parse(source)
-    except lark.exceptions.UnexpectedInput as e:
-        raise _relabel(e, source, filename) from None
+    tree = _parse_tree(source, filename)
     _check_depth(tree, source, filename)
     return _Builder(source, filename).program(tree)
 
@@ -77,7 +74,7 @@ def parse_file(path: str | Path) -> ast.Program:
         if size > MAX_SOURCE_BYTES:
             raise ParseError(f"{path}: file is larger than {MAX_SOURCE_BYTES} bytes",
                              hint="an .it file holds operator definitions, not data")
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
     except ItdslError:
         raise
     except UnicodeDecodeError as e:
@@ -85,6 +82,39 @@ def parse_file(path: str | Path) -> ast.Program:
     except OSError as e:
         raise ParseError(f"cannot read {path}: {e.strerror or e}") from None
     return parse(text, str(path))
+
+
+# ---- lark's parse, with the nesting of brackets capped ------------------------
+
+_OPENERS = ("LPAR", "LSQB")
+_CLOSERS = ("RPAR", "RSQB")
+
+
+def _parse_tree(source: str, filename: str) -> Tree:
+    """Lark's parse tree of `source`, fed to its LALR parser one token at a time.
+
+    Parentheses add no level to the tree (`(e)` is `e`), so `_check_depth` cannot see them;
+    they are counted here, as they are read, so that 100,000 `(` fail at the first one past
+    the cap instead of after lark has read them all."""
+    ip = _lark().parse_interactive(source)
+    depth, tok = 0, None
+    try:
+        for tok in ip.lexer_thread.lex(ip.parser_state):
+            ip.feed_token(tok)  # first, so that a token out of place is reported as such
+            if tok.type in _OPENERS:
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ParseError(
+                        f"expression nested more than {MAX_DEPTH} levels deep",
+                        _span_at(source, filename, tok.line, tok.column),
+                        f"parentheses and brackets nest at most {MAX_DEPTH} deep: drop "
+                        "redundant ones, or split the expression into several kernels")
+            elif tok.type in _CLOSERS:
+                depth -= 1
+        return ip.feed_eof(tok)
+    except lark.exceptions.UnexpectedInput as e:
+        e.interactive_parser = ip  # as lark's own loop does: `_relabel` asks what it accepts
+        raise _relabel(e, source, filename) from None
 
 
 # ---- relabelling lark errors -------------------------------------------------
@@ -370,18 +400,22 @@ class _Builder:
                 return None
             sizes = [self.positive_int(_number(n), n, "a layer width", 1 << 14)
                      for n in sizes_args[0].children]
-            act = "gelu"
+            act, given = "gelu", False
             for opt in options:
                 key, val = (str(c) for c in opt.children)
                 if key != "act":
                     self.error(f"unknown mlp option `{key}`", opt.children[0],
                                "the option is `act`")
+                elif given:
+                    self.error("the option `act` is given twice", opt.children[0],
+                               "an mlp has one activation")
                 elif val not in ACTIVATIONS:
                     self.error(f"unknown activation `{val}`", opt.children[1],
                                did_you_mean(val, ACTIVATIONS) or
                                "one of: " + ", ".join(sorted(ACTIVATIONS)))
                 else:
                     act = val
+                given = given or key == "act"
             if any(s is None for s in sizes):
                 return None
             return ast.ParamDecl(kind=ast.ParamKind.MLP, sizes=tuple(sizes), act=act,
@@ -451,12 +485,15 @@ class _Builder:
     def constant(self, t: Tree | Token) -> float | None:
         """Fold a constant expression (numbers, + - * / ^, `pi`); report it and return None
         if it is not one."""
+        n_errors = len(self.errors)
         try:
-            return _fold(self.expr(t))
+            value = _fold(self.expr(t))
         except _NotConstant as e:
             self.error("expected a constant number here", e.span or self.span(t),
                        "only numbers, `pi` and + - * / ^ are allowed")
             return None
+        # A number out of range is reported (and read as 0) by `e_number`: report nothing more
+        return None if len(self.errors) != n_errors else value
 
     def positive_int(self, value: float | None, where, what: str, limit: int,
                      minimum: int = 1) -> int | None:
