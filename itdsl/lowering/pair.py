@@ -325,12 +325,15 @@ class PairBuilder:
             return self.let(d, lambda d: self.let(te.abs(d), lambda x: weight(d, x)))
 
         def f(b, i, j, ch):
+            k = ch[0]
+            k = tirx.const(k, "int32") if isinstance(k, int) else k  # (a dot written out)
+
             def at(uu):
                 def weights(t):
-                    p = ch[0].astype(self.dtype)
+                    p = k.astype(self.dtype)
                     w = keys(t - p)
-                    w = w + tirx.Select(ch[0] == 0, keys(t + c(1.0)), c(0.0))
-                    w = w + tirx.Select(ch[0] == nodes - 1, keys(t - c(float(nodes))), c(0.0))
+                    w = w + tirx.Select(k == 0, keys(t + c(1.0)), c(0.0))
+                    w = w + tirx.Select(k == nodes - 1, keys(t - c(float(nodes))), c(0.0))
                     if deriv:
                         inside = tirx.Select(tirx.all(uu >= c(0.0), uu <= c(1.0)),
                                              c(nodes - 1.0), c(0.0))
@@ -410,9 +413,12 @@ class PairBuilder:
             off += w
         width = off
         zero = self.c(0.0)
-        low = te.min_value(self.dtype)
+        low = self.c(-math.inf)  # a max over no term is -inf (the runtime reads it as 0)
         init = zero if spec.kind == "sum" else low
-        reduce = te.sum if spec.kind == "sum" else te.max
+        # a max whose identity is -inf (te.max's is the lowest finite number): a row with no
+        # live term comes out as -inf, which the runtime reads as "no shift"
+        reduce = te.sum if spec.kind == "sum" else te.comm_reducer(
+            lambda a, b: te.max(a, b), lambda t: tirx.const(-math.inf, t), name="max_or_ninf")
 
         def summand(b, i, j, c):
             out = None

@@ -42,8 +42,11 @@ class CompiledEvaluator(PlanEvaluator):
     def run_program(self, prog: Program, phase: str, only: set[str] | None = None) -> None:
         """Run a program's steps in order, each kernel when the first step it computes is
         reached; with `only`, just those steps (and the kernels that compute them)."""
-        group_of = {st.name: k for k, (spec, _) in enumerate(self.kernels.groups[phase])
-                    for st in spec.steps}
+        groups = self.kernels.groups[phase]
+        group_of = {st.name: k for k, (spec, _) in enumerate(groups) for st in spec.steps}
+        if only is not None:  # a kernel computes all its steps: each needs its inputs
+            ran = {group_of[n] for n in only if n in group_of}
+            only = prog.depends_on(set(only) | {st.name for k in ran for st in groups[k][0].steps})
         done: set[int] = set()
         for st in prog.steps:
             if only is not None and st.name not in only:
@@ -52,7 +55,7 @@ class CompiledEvaluator(PlanEvaluator):
             if k is not None:
                 if k not in done:
                     done.add(k)
-                    self._run_kernel(*self.kernels.groups[phase][k])
+                    self._run_kernel(*groups[k])
             else:
                 self.env[st.name] = self.run_step(st)
 

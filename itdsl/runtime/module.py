@@ -293,21 +293,22 @@ class CompiledOperator(nn.Module):
                 **kwargs) -> torch.Tensor:
         check_call(args, generator)
         opdef = self._opdef
-        params = [p for _, p in self.named_parameters()]
+        named = dict(self.named_parameters())
+        params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
         bound = bind(self.ir, kwargs, params[0].dtype if params else None)
-        for name, p in zip([n for n, _ in self.named_parameters()], params):
+        for name, p in named.items():
             if p.dtype != bound.dtype:
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
                                  f"call `.to({bound.dtype})` on the module (or pass "
                                  f"{p.dtype} inputs)")
         if _empty(self.plan, bound):  # no work to tile: the Plan evaluator, differentiated
-            return _on_empty(self.plan, dict(self.named_parameters()), bound, generator)
+            return _on_empty(self.plan, named, bound, generator)
         if self._library is not None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             if self.target == "cuda" and bound.device.type != "cuda":
                 _need_cuda()
                 raise InputError(f"this operator was compiled for CUDA; its inputs are on "
                                  f"{bound.device}", hint="move them with `.cuda()`")
-            return self._library(dict(self.named_parameters()), bound, generator)
+            return self._library(named, bound, generator)
         tensors = []
         for name in opdef.tensor_names:
             t = kwargs.get(name)
@@ -317,6 +318,6 @@ class CompiledOperator(nn.Module):
         weights = []
         if opdef.mc_sides:
             with torch.no_grad():
-                ev = PlanEvaluator(self.plan, dict(self.named_parameters()), bound, generator)
+                ev = PlanEvaluator(self.plan, named, bound, generator)
             weights = [ev.sides[s].weights.contiguous() for s in opdef.mc_sides]
         return opdef.forward_op(tensors, params, weights, ints)[0]

@@ -276,6 +276,8 @@ class PlanEvaluator:
         return e.op == "ref" and e.attrs[0] in self.special
 
     def run_step(self, st: Step) -> torch.Tensor:
+        if st.kind == "const" and self._special(st.expr):  # a param gradient per call
+            return self._matrix(st.expr, self.eval_nodes([st.expr], None), None, 1, 1)[0]
         if st.kind in ("point", "const"):
             v = self.eval_level(st.expr, st.side)
             if st.side is None:

@@ -188,11 +188,15 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.Op):
         if e.fn is ir.Fn.DIV and all(isinstance(a, ir.Integral) for a in e.args):
             return _ratio(e.args[0], e.args[1], ctx)
-        if e.fn is ir.Fn.MUL and _is_bracket(e.args[0]) != _is_bracket(e.args[1]):
-            # [c] * e: e where c holds, else 0 (even where e overflows)
-            cond, other = (e.args[0], e.args[1]) if _is_bracket(e.args[0]) else e.args[::-1]
-            c, v = _eval(cond, ctx), _eval(other, ctx)
-            return torch.where(c != 0, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        if e.fn is ir.Fn.MUL:
+            factors = _factors(e)
+            conds = [f for f in factors if _is_bracket(f)]
+            if conds and len(conds) < len(factors):
+                # a bracket masks the whole product it is a factor of, however the product is
+                # parenthesised: [c] * e is e where c holds, else 0 (even where e overflows)
+                c = _product([_eval(f, ctx) for f in conds])
+                v = _product([_eval(f, ctx) for f in factors if not _is_bracket(f)])
+                return torch.where(c != 0, v, torch.zeros((), dtype=v.dtype, device=v.device))
         args = [_eval(a, ctx) for a in e.args]
         if e.fn in _UNARY:
             return _UNARY[e.fn](args[0])
@@ -237,6 +241,13 @@ def _is_bracket(e: ir.Expr) -> bool:
 
 def _mlp_dtype(mlp: nn.Module) -> torch.dtype:
     return next(mlp.parameters()).dtype
+
+
+def _product(values: list[torch.Tensor]) -> torch.Tensor:
+    out = values[0]
+    for v in values[1:]:
+        out = out * v
+    return out
 
 
 def _factors(e: ir.Expr) -> list[ir.Expr]:

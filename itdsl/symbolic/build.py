@@ -190,7 +190,7 @@ class _Forward:
         if sn != sd:
             return P.div(self.add_integral(sn, a), self.add_integral(sd, b))
         fb = P.factors(b)
-        shared = [f for f in P.factors(a) if f.op == "exp" and f in fb and "x" in f.deps]
+        shared = [f for f in P.factors(a) if f.op == "exp" and f in fb]
         if shared:
             f = shared[0]
             s = f.args[0]
@@ -340,6 +340,9 @@ class _Backward:
                 self.prog.add(Step(kind, name, level, _sum(parts)))
                 names.append(name)
             self.prog.outputs[key] = names
+        # cotangents that reach no gradient (of an index's or a grid's coordinates, say)
+        live = self.prog.needed(self.prog.outputs)
+        self.prog.steps = [st for st in self.prog.steps if st.name in live]
         return self.prog
 
 
