@@ -322,3 +322,28 @@ def test_empty_sequence_through_the_recurrence(target):
     assert out.shape == (2, 0, 16)
     out.sum().backward()
     assert f.grad.shape == f.shape
+
+
+# ---- derivatives where calculus leaves a choice: torch's ----------------------------------
+
+@pytest.mark.parametrize("target, strategy", [("reference", None), ("cpu", "dense")])
+def test_min_max_and_pow_gradients_follow_torch_at_ties_nan_and_zero(target, strategy):
+    text = """operator t {
+        domain X = index
+        input  f : X -> R
+        param  a : R = 0.5
+        param  c : R = 1.5
+        output o(x: X) = min(f(x), a) + max(f(x), a) + max(x - 1, 0) + f(x)^c + x^c
+    }"""
+    op = itdsl.compile_source(text, target=target, strategy=strategy)["t"].double()
+    f = torch.tensor([0.5, math.nan, 0.0, 2.0], dtype=D, requires_grad=True)
+    a, c = op.a, op.c
+    xs = torch.arange(4.0, dtype=D)
+    want = (torch.minimum(f, a) + torch.maximum(f, a) + torch.maximum(xs - 1, torch.zeros(()))
+            + f ** c + xs ** c)
+    got = op(f=f)
+    _same_specials(got.detach(), want.detach(), "forward", 1e-12)
+    g = torch.autograd.grad(got.sum(), [f, a, c])
+    w = torch.autograd.grad(want.sum(), [f, a, c])
+    for x, y in zip(g, w):
+        _same_specials(x, y, "gradient", 1e-12)

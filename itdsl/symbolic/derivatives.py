@@ -102,7 +102,35 @@ def partials(n: P.Node) -> list[P.Node]:
     if n.op == "^" and n.args[1].is_const:  # d/da a^c = c a^(c-1); no log(a) term
         c = n.args[1].value
         return [P.mul(P.const(c), _pow(n.args[0], c - 1)), P.ZERO]
-    return [to_pexpr(d, env, n) for d in PARTIALS[n.op]]
+    d = [to_pexpr(e, env, n) for e in PARTIALS[n.op]]
+    return TORCH_CONVENTIONS[n.op](*n.args, *d) if n.op in TORCH_CONVENTIONS else d
+
+
+def _tie_split(a: P.Node, b: P.Node, first: str, second: str) -> list[P.Node]:
+    """d min(a, b) (first, second = ">", "<=") or d max(a, b) ("<", ">="), as torch
+    differentiates them: the whole gradient to the chosen argument, half to each at a tie,
+    and all of it to both where one is NaN (no comparison holds)."""
+    half = P.mul(P.const(0.5), P.ew("==", a, b))
+    return [P.sub(P.sub(P.ONE, P.ew(first, a, b)), half),
+            P.add(P.sub(P.ONE, P.ew(second, a, b)), half)]
+
+
+def _pow_partials(a: P.Node, b: P.Node, _, db: P.Node) -> list[P.Node]:
+    """d a^b as torch.pow's backward: b a^(b-1) for the base (sympy's b a^b / a is 0/0 at
+    a = 0), 0 where b = 0 (not 0 · 0^-1 = NaN); for the exponent 0 where a = 0 and b >= 0
+    (not 0^b · log 0 = NaN)."""
+    da = P.mul(b, P.ew("^", a, P.sub(b, P.ONE)))
+    return [P.where(P.ew("==", b, P.ZERO), P.ZERO, da),
+            P.where(P.ew("and", P.ew("==", a, P.ZERO), P.ew(">=", b, P.ZERO)), P.ZERO, db)]
+
+
+# Derivatives where calculus leaves a choice (ties, zero bases): torch's, so that gradients
+# agree with the reference's autograd; (args..., sympy's partials...) -> partials
+TORCH_CONVENTIONS = {
+    "min": lambda a, b, *_: _tie_split(a, b, ">", "<="),
+    "max": lambda a, b, *_: _tie_split(a, b, "<", ">="),
+    "^": _pow_partials,
+}
 
 
 def _pow(a: P.Node, c: float) -> P.Node:
