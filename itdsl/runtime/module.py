@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import InputError, LoweringError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
+from ..frontend.printer import format_ir_operator
 from ..symbolic.library import library_form
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
@@ -53,12 +54,14 @@ def load_kernel(spec, dtype: str, target: str):
 
 
 def op_name(plan: Plan, target: str) -> str:
-    """The custom op's name: it changes with the Plan and with this code (torch.compile
-    caches graphs that call ops by name, across processes)."""
-    digest = hashlib.sha256((canonical([st.expr for st in plan.forward.steps]) +
-                             canonical([st.expr for st in plan.backward.steps]) + target +
-                             _code_version()).encode()).hexdigest()[:12]
-    return f"itdsl::{plan.op.name}_{digest}"
+    """The custom op's name: it changes with the checked operator (its quadratures and grid
+    bounds are not in the steps' expressions), the Plan and this code (torch.compile caches
+    graphs that call ops by name, across processes)."""
+    steps = [st for prog in (plan.forward, plan.backward) for st in prog.steps]
+    text = "\n".join([format_ir_operator(plan.op), plan.strategy, target, _code_version(),
+                      *(f"{st.kind},{st.name},{st.side},{st.over}" for st in steps),
+                      canonical([e for st in steps for e in (st.expr, st.mask) if e is not None])])
+    return f"itdsl::{plan.op.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=1)
