@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from ..errors import LoweringError
-from .spec import Group, PairSpec, pair_groups, spec_of
+from .spec import Group, PairSpec, pair_groups, shift_names, spec_of
 
 CUDA_ARCHS = ("sm_80", "sm_90")
 
@@ -50,7 +50,7 @@ def kernel_codes(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu",
                  dtype: str = "float32"):
     """(title, code) of every kernel of a Plan: CUDA C ("cuda") or TVM script ("tir")."""
     for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
-        for group in pair_groups(prog):
+        for group in pair_groups(prog, shift_names(plan)):
             target = "cuda" if kind == "cuda" else tir_target
             spec = spec_of(group, target)
             mod = schedule_kernel(spec, dtype, target)

@@ -31,7 +31,7 @@ from tvm.te.tensor import TensorSlice
 from ..errors import LoweringError
 from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node
-from .spec import PairSpec, _flat
+from .spec import INLINE_REDUCTION, PairSpec, _flat
 
 CUBIC_A = -0.75
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
@@ -231,6 +231,8 @@ class PairBuilder:
     def val(self, n: Node):
         if n in self.stage_of:
             T = self.stage_of[n]
+            if len(T.shape) == 3:  # a scalar, or a vector of width 1
+                return lambda b, i, j, ch: T[b, i, j]
             return lambda b, i, j, ch: T[(b, i, j, *ch)]
         op = n.op
         if op == "const":
@@ -343,43 +345,52 @@ class PairBuilder:
             return self.let(u(b, i, j, ()), at)
         return f
 
+    def _pair_stage(self, n: Node, f) -> None:
+        """A stage holding `f(b, i, j, c)` at every pair and channel of `n`: (b, i, j) for a
+        scalar or a width of 1 (TVM makes no loop of extent 1, and the schedule finds a
+        stage's loops by their number), (b, i, j, c) for a vector."""
+        width = n.shape[0] if n.shape else 1
+        name = f"s{len(self.stages)}"
+        if width > 1:
+            T = self.compute((self.B, self.NP, self.MP, width), f, name=name)
+        else:
+            T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: f(b, i, j, 0), name=name)
+        self.stages.append(T)
+        self.stage_of[n] = T
+
     def _stage(self, n: Node) -> Node:
         """Materialise `n` (a channel reduction) as a stage over (b, i, j[, channel])."""
         if n in self.stage_of:
             return n
-        op = n.op
-        if op == "linear":
+        if n.op == "linear":
             W, a = n.args
             col, k, tr = n.attrs
             av = self.val(a)
             Wa = self.arrays[W]
-            if W in self.transposed:  # the array holds W.T
-                def Wv(o, c):
-                    return Wa[c, o]
+
+            def Wv(o, c):  # W[o, c] (the array holds W.T when `transposed`)
+                return Wa[c, o] if W in self.transposed else Wa[o, c]
+
+            def term(b, i, j, o, r):  # W[o, col + r] a[r], or W[r, col + o] a[r] (`tr`)
+                w = Wv(r, col + o) if tr else Wv(o, col + r)
+                return w * av(b, i, j, (r,) if a.shape else ())
+            extent = k if not tr else W.shape[0]
+            if extent == 1:  # no reduction axis of extent 1 either
+                f = lambda b, i, j, o: term(b, i, j, o, 0)  # noqa: E731
             else:
-                def Wv(o, c):
-                    return Wa[o, c]
-            r = te.reduce_axis((0, k if not tr else W.shape[0]), name="r")
-            if not tr:
-                body = lambda b, i, j, o: te.sum(Wv(o, col + r) * av(b, i, j, (r,) if a.shape  # noqa: E731
-                                                                     else ()), axis=r)
-            else:
-                body = lambda b, i, j, o: te.sum(Wv(r, col + o) * av(b, i, j, (r,)), axis=r)  # noqa: E731
-            T = self.compute((self.B, self.NP, self.MP, n.shape[0]), body,
-                           name=f"s{len(self.stages)}")
+                r = te.reduce_axis((0, extent), name="r")
+                f = lambda b, i, j, o: te.sum(term(b, i, j, o, r), axis=r)  # noqa: E731
+            self._pair_stage(n, f)
+            return n
+        a = n.args[0]
+        av = self.val(a)
+        bv = self.val(n.args[1]) if n.op == "dot" else None
+        r = te.reduce_axis((0, a.shape[0]), name="r")
+        if n.op == "dot":
+            self._pair_stage(n, lambda b, i, j, c: te.sum(av(b, i, j, (r,)) * bv(b, i, j, (r,)),
+                                                          axis=r))
         else:
-            a = n.args[0]
-            w = a.shape[0]
-            av = self.val(a)
-            bv = self.val(n.args[1]) if op == "dot" else None
-            r = te.reduce_axis((0, w), name="r")
-            if op == "dot":
-                body = lambda b, i, j: te.sum(av(b, i, j, (r,)) * bv(b, i, j, (r,)), axis=r)  # noqa: E731
-            else:
-                body = lambda b, i, j: te.sum(av(b, i, j, (r,)), axis=r)  # noqa: E731
-            T = self.compute((self.B, self.NP, self.MP), body, name=f"s{len(self.stages)}")
-        self.stages.append(T)
-        self.stage_of[n] = T
+            self._pair_stage(n, lambda b, i, j, c: te.sum(av(b, i, j, (r,)), axis=r))
         return n
 
     def _materialise(self, n: Node) -> None:
@@ -387,22 +398,16 @@ class PairBuilder:
         if n in self.stage_of:
             return
         v = self.val(n)
-        if n.shape:
-            T = self.compute((self.B, self.NP, self.MP, n.shape[0]),
-                           lambda b, i, j, c: v(b, i, j, (c,)), name=f"s{len(self.stages)}")
-        else:
-            T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: v(b, i, j, ()),
-                           name=f"s{len(self.stages)}")
-        self.stages.append(T)
-        self.stage_of[n] = T
+        self._pair_stage(n, lambda b, i, j, c: v(b, i, j, (c,) if n.shape else ()))
 
     # ---- the whole kernel -----------------------------------------------------------------
     def build(self) -> list:
         spec = self.spec
         for n in spec.staged:  # in topological order: producers first
-            if n.op in ("dot", "sum", "linear"):
+            if n.op == "linear" or (n.op in ("dot", "sum")
+                                    and n.args[0].shape[0] > INLINE_REDUCTION):
                 self._stage(n)
-            else:
+            else:  # (a short dot, staged to round it, is written out)
                 self._materialise(n)
         offs, vals = [], []
         off = 0

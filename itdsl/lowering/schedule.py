@@ -61,9 +61,7 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
         # loops: b, io, jo, then the stage's own: row, column[, channel][, reduction]
         blk = sch.get_sblock(stage.name)
         own = _loops(sch, blk)[3:]
-        # (a channel axis of extent 1, e.g. an mlp layer with one output, gets no loop)
-        channel = stage.channel and len(own) == 3 + stage.reduction
-        if channel:  # vectorise over the channels (contiguous), the reduction outside
+        if stage.channel:  # vectorise over the channels (contiguous), the reduction outside
             if stage.reduction:
                 # a matrix product per pair: PAIR_BLOCK pairs share each row of the matrix
                 # loaded into registers (the inner loop is a small GEMM micro-kernel)

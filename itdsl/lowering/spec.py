@@ -79,6 +79,7 @@ class Group:
     side: str
     over: str
     steps: list[Step]
+    shifts: frozenset[str] = frozenset()  # the Plan's max steps (softmax shifts), by name
 
 
 def _refs(st: Step) -> set[str]:
@@ -86,8 +87,14 @@ def _refs(st: Step) -> set[str]:
     return {n.attrs[0] for n in toposort(roots) if n.op in ("ref", "cot")}
 
 
-def pair_groups(prog: Program) -> list[Group]:
-    """Group pair steps: same kind and sides, and every input ready where the group runs."""
+def shift_names(plan) -> frozenset[str]:
+    """The names of a Plan's max steps: the shifts its softmax sums subtract."""
+    return frozenset(st.name for st in plan.forward.steps if st.kind == "max")
+
+
+def pair_groups(prog: Program, shifts: frozenset[str] = frozenset()) -> list[Group]:
+    """Group pair steps: same kind and sides, and every input ready where the group runs.
+    `shifts`: the Plan's max steps (see `shift_names`)."""
     groups: list[Group] = []
     open_group: Group | None = None
     produced_since: set[str] = set()
@@ -103,7 +110,7 @@ def pair_groups(prog: Program) -> list[Group]:
                 open_group.steps.append(st)
                 produced_since.add(st.name)
                 continue
-            open_group = Group(st.kind, st.side, st.over, [st])
+            open_group = Group(st.kind, st.side, st.over, [st], shifts)
             groups.append(open_group)
             produced_since = {st.name}
         else:
@@ -123,7 +130,7 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
         spec.lanes = LANES
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
-    staged = staged_nodes(roots)
+    staged = staged_nodes(roots, _shifted(group, roots))
     in_stage: set[Node] = set()
     for n in staged:
         in_stage.update(toposort(list(n.args)))
@@ -146,11 +153,24 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     return spec
 
 
-def staged_nodes(roots: list[Node]) -> list[Node]:
+def _shifted(group: Group, roots: list[Node]) -> set[Node]:
+    """The values a softmax shift is taken of: a max step's expression, and s in exp(s - m)
+    for m a max step. Each is computed in a stage, so it is rounded to the dtype before m
+    is subtracted: a fused multiply-add across the subtraction would leave the row's
+    largest term at exp(rounding error of s), not exp(0) (for s ~ 1e60, exp(±1e44))."""
+    out = {st.expr for st in group.steps if st.kind == "max"}
+    for n in toposort(roots):
+        if n.op == "-" and n.args[1].op == "ref" and n.args[1].attrs[0] in group.shifts:
+            out.add(n.args[0])
+    return {n for n in out if len(n.deps) == 2}
+
+
+def staged_nodes(roots: list[Node], fenced: set[Node] = frozenset()) -> list[Node]:
     """The pair values a kernel computes once per (row, column) tile as stages, in
     topological order: channel reductions (dot, sum, MLP layers), the vector argument of
-    a matrix product (read once per output channel otherwise), and costly scalar values
-    that a vector consumer would otherwise recompute for every channel."""
+    a matrix product (read once per output channel otherwise), costly scalar values
+    that a vector consumer would otherwise recompute for every channel, and `fenced`
+    values (rounded before use)."""
     consumers: dict[Node, list[Node]] = {}
     order = toposort(roots)
     for n in order:
@@ -168,6 +188,7 @@ def staged_nodes(roots: list[Node]) -> list[Node]:
             pick = n.op not in P.LEAVES and n.op != "bcast"  # read once per output channel
         if not pick and not n.shape and n.op in P.ELEMENTWISE and P.cost([n]) > 2:
             pick = any(c.shape for c in consumers.get(n, ()))
+        pick = pick or n in fenced
         if pick and n not in chosen:
             chosen.add(n)
             out.append(n)

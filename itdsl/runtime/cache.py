@@ -79,6 +79,7 @@ def kernel_key(spec, dtype: str, target: str) -> str:
         f"kind={spec.kind};rows={spec.row_side};cols={spec.col_side}",
         f"tiles={spec.tile_rows}x{spec.tile_cols};widths={spec.widths}",
         canonical(roots),
+        "staged:" + canonical(spec.staged),
         "leaves:" + ";".join(f"{leaf.role}/{leaf.soa}/{leaf.transposed}/{leaf.shape}"
                              for leaf in spec.leaves),
         f"dtype={dtype};target={target};{_versions()}",

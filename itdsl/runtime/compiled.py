@@ -20,12 +20,12 @@ class KernelSet:
     for the forward and the backward program."""
 
     def __init__(self, plan: Plan, dtype: torch.dtype, target: str, loader):
-        from ..lowering.spec import pair_groups, spec_of
+        from ..lowering.spec import pair_groups, shift_names, spec_of
         self.plan, self.dtype, self.target = plan, dtype, target
         self.groups: dict[str, list] = {}
         for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
             entries = []
-            for g in pair_groups(prog):
+            for g in pair_groups(prog, shift_names(plan)):
                 spec = spec_of(g, target)
                 entries.append((spec, loader(spec, str(dtype).replace("torch.", ""), target)))
             self.groups[phase] = entries

@@ -268,11 +268,11 @@ class PlanEvaluator:
         return t.reshape(-1, *t.shape[-nts - 1:]).sum(0)
 
     def _special(self, e: Node) -> bool:
-        """Outer products (and sums of them) are reduced by `_matrix`."""
+        """Outer products (and sums with them) are reduced by `_matrix`."""
         if e.op == "outer":
             return True
         if e.op == "+":
-            return all(self._special(a) for a in e.args)
+            return any(self._special(a) for a in e.args)
         return e.op == "ref" and e.attrs[0] in self.special
 
     def run_step(self, st: Step) -> torch.Tensor:

@@ -188,15 +188,8 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.Op):
         if e.fn is ir.Fn.DIV and all(isinstance(a, ir.Integral) for a in e.args):
             return _ratio(e.args[0], e.args[1], ctx)
-        if e.fn is ir.Fn.MUL:
-            factors = _factors(e)
-            conds = [f for f in factors if _is_bracket(f)]
-            if conds and len(conds) < len(factors):
-                # a bracket masks the whole product it is a factor of, however the product is
-                # parenthesised: [c] * e is e where c holds, else 0 (even where e overflows)
-                c = _product([_eval(f, ctx) for f in conds])
-                v = _product([_eval(f, ctx) for f in factors if not _is_bracket(f)])
-                return torch.where(c != 0, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        if e.fn is ir.Fn.MUL and _masks(e):
+            return _masked_product(_factors(e), ctx)
         args = [_eval(a, ctx) for a in e.args]
         if e.fn in _UNARY:
             return _UNARY[e.fn](args[0])
@@ -241,6 +234,23 @@ def _is_bracket(e: ir.Expr) -> bool:
 
 def _mlp_dtype(mlp: nn.Module) -> torch.dtype:
     return next(mlp.parameters()).dtype
+
+
+def _masks(e: ir.Expr) -> bool:
+    """`e` is a product with a bracket among its factors (and something else)."""
+    factors = _factors(e)
+    return 0 < sum(map(_is_bracket, factors)) < len(factors)
+
+
+def _masked_product(factors: list[ir.Expr], ctx: _Ctx, extra=()) -> torch.Tensor:
+    """The product of `factors` (and `extra` values) where its brackets hold, else 0. A
+    bracket masks the whole product it is a factor of, however parenthesised: even where a
+    factor overflows or is NaN, forward and backward (each factor is masked before the
+    product, so autograd never multiplies a masked-off zero by it)."""
+    c = _product([_eval(f, ctx) for f in factors if _is_bracket(f)]) != 0
+    values = [_eval(f, ctx) for f in factors if not _is_bracket(f)] + list(extra)
+    zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
+    return _product([torch.where(c, v, zero) for v in values])
 
 
 def _product(values: list[torch.Tensor]) -> torch.Tensor:
@@ -310,7 +320,10 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     try:
         weights = _weights(e, var, ctx) if q.rule is not ir.QuadRule.GAUSS else \
             _const(w, ctx).reshape(-1, 1)
-        terms = _eval(e.body, ctx) * weights
+        if _masks(e.body):  # the bracket masks the quadrature weight too
+            terms = _masked_product(_factors(e.body), ctx, [weights])
+        else:
+            terms = _eval(e.body, ctx) * weights
         # an integrand that does not depend on y still has one term per point of y
         terms = terms.expand(*terms.shape[:-2], var.n, terms.shape[-1])
         return terms.sum(dim=Y_AXIS, keepdim=True)

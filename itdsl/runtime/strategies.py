@@ -398,7 +398,7 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
                  else ev.bound.fields[key[1]])
             keys.append(key)
             leaves.append(t)
-    flat = [t.reshape(-1, *t.shape[-2:]) for t in (A, B, V)]
+    flat = [t.reshape(math.prod(lead), *t.shape[-2:]) for t in (A, B, V)]  # (V may be n × 0)
     m0, acc, l = _Softmax.apply((ev, f, keys, lead), *flat, *leaves)
     n = A.shape[-2]
     ev.env[f.max_step] = m0.reshape(*lead, n, 1)
@@ -540,9 +540,9 @@ def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: sli
         S = S + rest if keep_rest else S.add_(rest)
     if f.causal is not None and cross:
         mask = _causal_mask.__wrapped__ if torch.compiler.is_compiling() else _causal_mask
-        bias, keep = mask(rows.stop - rows.start, cols.stop - cols.start,
-                          cols.start - rows.start + (f.causal == "<"), S.dtype, S.device)
-        S = S.add_(bias)
+        masked, keep = mask(rows.stop - rows.start, cols.stop - cols.start,
+                            cols.start - rows.start + (f.causal == "<"), S.dtype, S.device)
+        S = S.masked_fill_(masked, -math.inf)  # (a masked NaN score stays out of the max)
     elif f.mask is not None and f.causal is None:
         with torch.no_grad():
             keep = (_tile_value(ev, f.mask, keys, leaves, lead, rows, cols, S.shape) != 0)
@@ -553,11 +553,10 @@ def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: sli
 
 @functools.lru_cache(maxsize=64)
 def _causal_mask(R: int, K: int, shift: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mask of an R×K tile whose entries with column c + shift > row r are masked: as a
-    bias (0 or -inf, added to the scores) and as a factor (1 or 0, for the probabilities)."""
+    """The mask of an R×K tile whose entries with column c + shift > row r are masked: True
+    where masked (for the scores), and as a factor (1 or 0, for the probabilities)."""
     masked = torch.ones(R, K, dtype=torch.bool, device=device).triu(1 - shift)
-    bias = torch.zeros(R, K, dtype=dtype, device=device).masked_fill_(masked, -math.inf)
-    return bias, (~masked).to(dtype)
+    return masked, (~masked).to(dtype)
 
 
 def _probs(S: torch.Tensor, keep, m: torch.Tensor) -> torch.Tensor:

@@ -107,12 +107,13 @@ def partials(n: P.Node) -> list[P.Node]:
 
 
 def _tie_split(a: P.Node, b: P.Node, first: str, second: str) -> list[P.Node]:
-    """d min(a, b) (first, second = ">", "<=") or d max(a, b) ("<", ">="), as torch
+    """d min(a, b) (first, second = ">", "<") or d max(a, b) ("<", ">"), as torch
     differentiates them: the whole gradient to the chosen argument, half to each at a tie,
-    and all of it to both where one is NaN (no comparison holds)."""
-    half = P.mul(P.const(0.5), P.ew("==", a, b))
-    return [P.sub(P.sub(P.ONE, P.ew(first, a, b)), half),
-            P.add(P.sub(P.ONE, P.ew(second, a, b)), half)]
+    and all of it to both where one is NaN (no comparison holds). Each is a mask (where(c,
+    ., 0)), as torch's masked_fill: the outer derivative it selects away may be infinite."""
+    share = P.where(P.ew("==", a, b), P.const(0.5), P.ONE)
+    return [P.where(P.ew("==", P.ew(cmp, a, b), P.ZERO), share, P.ZERO)
+            for cmp in (first, second)]
 
 
 def _pow_partials(a: P.Node, b: P.Node, _, db: P.Node) -> list[P.Node]:
@@ -127,8 +128,8 @@ def _pow_partials(a: P.Node, b: P.Node, _, db: P.Node) -> list[P.Node]:
 # Derivatives where calculus leaves a choice (ties, zero bases): torch's, so that gradients
 # agree with the reference's autograd; (args..., sympy's partials...) -> partials
 TORCH_CONVENTIONS = {
-    "min": lambda a, b, *_: _tie_split(a, b, ">", "<="),
-    "max": lambda a, b, *_: _tie_split(a, b, "<", ">="),
+    "min": lambda a, b, *_: _tie_split(a, b, ">", "<"),
+    "max": lambda a, b, *_: _tie_split(a, b, "<", ">"),
     "^": _pow_partials,
 }
 

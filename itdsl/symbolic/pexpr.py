@@ -186,6 +186,11 @@ def add(a: Node, b: Node) -> Node:
         return a
     if a is b:
         return mul(const(2.0), a)
+    ma, mb = masked(a), masked(b)
+    if ma is not None and mb is not None and ma[0] is mb[0]:
+        # where(c, u, 0) + where(c, v, 0) = where(c, u + v, 0): a product with the sum then
+        # stays inside the mask (a cotangent masked to 0 times an infinite factor is 0)
+        return where(ma[0], add(ma[1], mb[1]), ZERO)
     return ew("+", a, b)
 
 
