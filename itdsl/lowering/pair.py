@@ -108,9 +108,8 @@ class PairBuilder:
         nv, rv = tirx.Var("en", f), tirx.Var("er", f)
         p = self.c(2 * 1.9875691500e-4)
         for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-                  5.0000001201e-1):
+                  5.0000001201e-1, 1.0, 1.0):  # (the last two: 2·(1 + r + r²·...), by Horner)
             p = p * rv + self.c(2 * k)
-        p = p * rv * rv + (rv + rv) + self.c(2.0)
         half_two_n = tirx.reinterpret(f, (nv + self.c(126.0)).astype("int32") << 23)
 
         def body(xv):
