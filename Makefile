@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
 	$(BIN)/python benchmarks/run.py
+
+# The differential fuzzer (tests/fuzzing/): N programs through the torch paths, TVM of them
+# through the TVM kernels too; failing programs go to tests/fuzz_corpus/new/.
+N ?= 10000
+TVM ?= 500
+SEED ?= 0
+JOBS ?= 2
+fuzz: setup
+	PYTHONPATH=tests $(BIN)/python -m fuzzing --n $(N) --tvm $(TVM) --seed $(SEED) --jobs $(JOBS)
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check itdsl tests examples benchmarks
