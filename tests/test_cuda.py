@@ -47,6 +47,22 @@ def test_cuda_kernels_build_for_sm80_and_sm90(file, name, tmp_path):
             assert "registers" in usage, title
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_nested_functions_start_stages_and_build(tmp_path):
+    """softplus(exp(.)) and exp(exp(.)) nest let-bound values too deeply for one kernel
+    body (lowering/spec.py LET_NESTING): their inner values are stages, on the GPU too."""
+    src = """operator nested {
+        domain X = points(2)
+        input  b : X -> R
+        output u(x: X) = integral(y: X) softplus(exp(x[0] * y[0])) * exp(exp(-sqnorm(x - y)))
+                                       * b(y)
+    }"""
+    plan = itdsl.compile_source(src, target="cuda").plan("nested")
+    for title, code in kernel_codes(plan, "cuda", arch="sm_80"):
+        assert "__global__" in code, title
+        _nvcc(code, "sm_80", tmp_path)
+
+
 def test_source_api_and_cli(tmp_path):
     prog = itdsl.compile_file(EXAMPLES / "ema.it", target="cuda")
     src = prog.source("ema", "cuda")

@@ -12,7 +12,6 @@ file that still fails carries a `# xfail: <bug>` line, and is a strict xfail.
 
 from __future__ import annotations
 
-import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -33,29 +32,7 @@ TIMEOUT = 300  # seconds per program
 
 # The bugs being fixed, each with a test of one failure (and its report) that says the failure
 # is that bug. A sample program all of whose failures are known bugs is an xfail naming them.
-KNOWN: list[tuple[str, Callable[[Report, Failure], bool]]] = [
-    ("a NaN reaches every spline coefficient's gradient through zero basis weights "
-     "(fuzz_corpus/spline_gradient_nan.it)",
-     lambda r, f: f.kind.startswith(("nan", "inf")) and _is_spline(r.text, f.phase)),
-    ("the backward of a masked pair whose exp is infinite: 0 · inf, in the reference or the "
-     "Plan (fuzz_corpus/masked_infinite_score.it)",
-     lambda r, f: f.phase not in ("forward", "backward") and "+special" in r.inputs
-     and "exp(" in r.text and f.kind.startswith("nan")),
-    ("the reference's gradient over an empty batch times an infinite derivative "
-     "(fuzz_corpus/empty_batch_infinite_derivative.it)",
-     lambda r, f: f.kind.startswith("nan (reference non-finite")
-     and re.search(r"\[0, ", r.inputs) is not None),
-    ("the matmul strategy spreads a NaN value through the zeros of its sampled matrix "
-     "(fuzz_corpus/matmul_spreads_nan.it)",
-     lambda r, f: r.strategy == "matmul" and f.path.startswith("strategy")
-     and f.kind.startswith("nan (path non-finite") and "+special" in r.inputs),
-]
-
-
-def _is_spline(text: str, phase: str) -> bool:
-    name = phase.removeprefix("param:")
-    return phase.startswith("param:") and bool(
-        re.search(rf"param\s+{re.escape(name)}\s*:\s*spline", text))
+KNOWN: list[tuple[str, Callable[[Report, Failure], bool]]] = []  # none open
 
 
 def _bugs(report: Report) -> tuple[list[Failure], set[str]]:

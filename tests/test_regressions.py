@@ -131,6 +131,20 @@ CASES = {
         }""",
         lambda dt: dict(f=rnd(6, 4, dtype=dt)),
         lambda op, f: _itnet(op, f)),
+    # functions of functions: each would nest let-bound values in one kernel, which TVM's
+    # code generator took minutes (softplus of exp: more than 15) to compile in float32
+    "nested_functions": (
+        """operator a {
+            domain X = points(2)
+            input  b : X -> R
+            output u(x: X) = integral(y: X) softplus(exp(x[0] * y[0])) * tanh(tanh(x[1] - y[1]))
+                                           * exp(exp(-sqnorm(x - y))) * b(y)
+        }""",
+        lambda dt: dict(X=rnd(6, 2, dtype=dt), b=rnd(6, dtype=dt)),
+        lambda op, X, b: pair_mean(
+            F.softplus(torch.exp(X[:, None, 0] * X[None, :, 0]))
+            * torch.tanh(torch.tanh(X[:, None, 1] - X[None, :, 1]))
+            * torch.exp(torch.exp(-sqdist(X, X))), b)),
 }
 
 
@@ -210,6 +224,8 @@ ELEMENTWISE = {
     "min(0.5, v)": lambda v: torch.minimum(torch.full_like(v, 0.5), v),
     "1 / v": lambda v: 1 / v, "v^2": lambda v: v ** 2, "v^0.5": lambda v: v ** 0.5,
     "[v < 1]": lambda v: (v < 1).to(v.dtype), "exp(-v * v)": lambda v: torch.exp(-v * v),
+    "softplus(exp(v))": lambda v: F.softplus(torch.exp(v)),
+    "tanh(sigmoid(relu(v)))": lambda v: torch.tanh(torch.sigmoid(torch.relu(v))),
 }
 
 

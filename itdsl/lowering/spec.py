@@ -18,6 +18,15 @@ TILE_COLS = 64  # columns per tile: the stages of a tile are TILE_ROWS x TILE_CO
 CUDA_THREADS = 64  # GPU: rows per block, one per thread
 INLINE_REDUCTION = 4  # dot products this short are written out inline, not staged
 LANES = 8  # AVX2: float32 lanes of a vector
+# How deeply each elementwise function nests let-bound values around its argument in a
+# pair kernel (`pair.PairBuilder.ew`: a clamp, the fast exp's n and r, a series). TVM's
+# code generator simplifies every let value with the earlier ones substituted, so the
+# time to compile grows exponentially with nesting: exp(exp(x)) took 80 s, softplus of
+# an exp longer than 15 min. A value whose nesting would pass LET_NESTING is computed
+# in a stage of its own (a load, which the simplifier does not look through).
+LET_DEPTH = {"relu": 1, "sign": 1, "min": 1, "max": 1, "^": 1, "erf": 1, "exp": 2,
+             "sigmoid": 2, "tanh": 2, "gelu": 2, "softplus": 3}
+LET_NESTING = 3
 
 
 def _flat(shape: tuple[int, ...]) -> int:
@@ -130,7 +139,7 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
         spec.lanes = LANES
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
-    staged = staged_nodes(roots, _shifted(group, roots))
+    staged = staged_nodes(roots, _shifted(group, roots) | _let_fenced(roots, group))
     in_stage: set[Node] = set()
     for n in staged:
         in_stage.update(toposort(list(n.args)))
@@ -163,6 +172,24 @@ def _shifted(group: Group, roots: list[Node]) -> set[Node]:
         if n.op == "-" and n.args[1].op == "ref" and n.args[1].attrs[0] in group.shifts:
             out.add(n.args[0])
     return {n for n in out if len(n.deps) == 2}
+
+
+def _let_fenced(roots: list[Node], group: Group) -> set[Node]:
+    """Pair values that start a new stage so that no kernel nests let-bound values more
+    than LET_NESTING deep (see LET_DEPTH); a stage is a fresh start."""
+    pair = {group.side, group.over}
+    depth: dict[Node, int] = {}
+    fenced: set[Node] = set()
+    for n in toposort(roots):
+        if n.deps != pair or n.op not in P.ELEMENTWISE:
+            depth[n] = 0  # a leaf, a reduction's stage, or computed outside the kernel
+            continue
+        own = LET_DEPTH.get(n.op, 0)
+        for a in n.args:
+            if depth[a] and depth[a] + own > LET_NESTING:
+                fenced.add(a)
+        depth[n] = own + max((0 if a in fenced else depth[a]) for a in n.args)
+    return fenced
 
 
 def staged_nodes(roots: list[Node], fenced: set[Node] = frozenset()) -> list[Node]:

@@ -280,15 +280,17 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
         s = _eval(f.args[0], ctx)
         # The max runs over the points where the rest of the denominator is non-zero, so
         # that masked-out terms (a causal bracket) cannot push the live ones to underflow.
+        # The exponential itself is of the unmasked s: the masks apply where the factors
+        # are multiplied, as on every other path.
         rest = [g for g in _factors(den.body) if g != f]
-        mask = None
+        live = s.detach()
         if rest:
             r = _eval(rest[0], ctx)
             for g in rest[1:]:
                 r = r * _eval(g, ctx)
             mask = (r.detach() != 0).expand(torch.broadcast_shapes(r.shape, s.shape))
-            s = torch.where(mask, s, torch.full_like(s, -math.inf))
-        shift = s.detach().amax(dim=Y_AXIS, keepdim=True)
+            live = torch.where(mask, live, torch.full_like(live, -math.inf))
+        shift = live.amax(dim=Y_AXIS, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         out[f] = torch.exp(s - shift)
     return out

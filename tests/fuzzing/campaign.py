@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -180,7 +181,9 @@ class Summary:
 def _progress(total: int):
     try:
         from tqdm import tqdm
-        return tqdm(total=total, unit="prog", smoothing=0.05)
+        # not on a terminal (CI logs, `make fuzz > log`): a line a minute, not a redraw a second
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, unit="prog", smoothing=0.05, mininterval=1 if tty else 60)
     except ImportError:
         return None
 

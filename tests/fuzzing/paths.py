@@ -59,6 +59,7 @@ SPREADS_NAN = {
     "lowrank": "A·(Bᵀ·V) sums every y into each rank-r state before any x reads it",
     "recurrence": "chunked scans: masked L x L products and states carry every y of a chunk",
     "attention": "SDPA and the tiled online softmax take the row max over whole tiles",
+    "matmul": "a GEMM multiplies the sampled matrix's zeros (masked pairs) by every value",
 }
 # Strategies that round a tiny weight up on purpose: itdsl's online softmax clamps exp
 # arguments at -80, so a score 80 below the row max weighs e^-80 instead of 0. With huge
@@ -73,6 +74,23 @@ EXPANDED_FORMS = {
         lambda op: any(isinstance(n, ir.Reduce) and n.fn in (ir.RFn.SQNORM, ir.RFn.NORM)
                        and (n.args[0].width or 1) >= 5 for n in ir.walk(op.output.body)),
 }
+# Documented gradients (docs/language.md, "Special values") that differ from the reference's
+# autograd on non-finite data, each as a test on the checked operator giving the gradient
+# keys it covers; with such data, these gradients may be non-finite where the reference is
+# finite (as SPREADS_NAN).
+EXPANDED_GRADIENTS = {
+    "a spline's coefficient gradient is basis(u)ᵀ·g·basis(v): a NaN value reaches every "
+    "coefficient through the zero basis weights":
+        lambda op: {f"param:{p.name}" for p in op.params if p.kind.value == "spline"},
+}
+# Where the reference's autograd multiplies a zero cotangent by an infinite local derivative
+# (0 · inf = NaN), the compiled paths, which differentiate the sum itself, give 0: in the
+# gradient of a term a bracket masks out (torch.where's backward, then exp's), and in every
+# gradient of an empty output. There, a gradient may be finite where the reference's is NaN.
+MASKED = frozenset(ir.CMP_FNS)
+# A gradient is a derivative simplified symbolically, not autograd's chain: where the
+# reference's gradient is non-finite, a path's must be non-finite too, but NaN and ±inf
+# may trade places (1/b - a/b² against (b - a)/b² with b = 0 and a = inf).
 
 
 @dataclass
@@ -249,21 +267,28 @@ def _where(mask: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> str:
 
 
 def compare_tensor(got: torch.Tensor, ref: torch.Tensor, tol: float, spread: bool = False,
-                   noise: float = 0.0) -> tuple[str, str] | None:
+                   noise: float = 0.0, kinds_free: bool = False,
+                   zero_for_nan: bool = False) -> tuple[str, str] | None:
     """(kind, detail) of the first difference of `got` from `ref`, or None: NaN and inf
     positions (and signs) must match (under `spread`, the path may be non-finite where the
-    reference is finite); finite entries within max(tol * max|ref|, noise)."""
+    reference is finite; under `kinds_free`, NaN and ±inf may trade places; under
+    `zero_for_nan`, the path may be 0, up to `noise`, where the reference is NaN); finite
+    entries within
+    max(tol * max|ref|, noise)."""
     if tuple(got.shape) != tuple(ref.shape):
         return "shape", f"{list(got.shape)}, the reference gives {list(ref.shape)}"
     got, ref = got.detach().double(), ref.detach().double()
     gf, rf = torch.isfinite(got), torch.isfinite(ref)
-    if (~rf & gf).any():
-        return "nan (reference non-finite, path finite)", _where(~rf & gf, got, ref)
+    lost = ~rf & gf
+    if zero_for_nan:
+        lost &= ~(ref.isnan() & (got.abs() <= noise))
+    if lost.any():
+        return "nan (reference non-finite, path finite)", _where(lost, got, ref)
     if not spread:
         if (rf & ~gf).any():
             return "nan (path non-finite, reference finite)", _where(rf & ~gf, got, ref)
-        odd = ~rf & ((got.isnan() != ref.isnan()) | (~ref.isnan() & (got != ref)))
-        if odd.any():
+        odd = ~rf & ~gf & ((got.isnan() != ref.isnan()) | (~ref.isnan() & (got != ref)))
+        if odd.any() and not kinds_free:
             return "inf (a different non-finite value)", _where(odd, got, ref)
     both = gf & rf
     if both.any():
@@ -297,6 +322,8 @@ class Rules:
     clamp: float  # CLAMPED_WEIGHT's allowance (an absolute error)
     empty: bool  # a domain or the batch is empty: an itdsl error is an answer
     largest_input: float  # the largest finite |value| among the input tensors
+    spread_grads: frozenset[str] = frozenset()  # EXPANDED_GRADIENTS applies to these
+    zero_for_nan: bool = False  # MASKED applies: a gradient may be finite where ref is NaN
 
     def tolerance(self, phase: str) -> float:
         loss = SLACK * self.loss.get(phase, 0.0) * (EPS_RATIO if self.dtype == F64 else 1.0)
@@ -329,7 +356,11 @@ def compare_path(path: str, got: Result, ref: Result, rules: Rules) -> list[Fail
             continue
         if mine is None:
             mine = torch.zeros_like(want)  # a path may leave out a gradient that is 0
-        diff = compare_tensor(mine, want, rules.tolerance(phase), rules.spread, noise)
+        grad = phase != "forward"
+        diff = compare_tensor(mine, want, rules.tolerance(phase),
+                              rules.spread or phase in rules.spread_grads, noise,
+                              kinds_free=grad, zero_for_nan=grad and (
+                                  rules.zero_for_nan or ref.out.numel() == 0))
         if diff is not None:
             out.append(Failure(path, phase, *diff))
     return out
@@ -359,6 +390,11 @@ def compare_all(results: dict[str, Result], op: ir.Operator, strategy: str | Non
         _finite_max(t) != t.abs().max().item() for t in
         [results["ref64"].out, *results["ref64"].grads.values()] if t is not None and t.numel())
     expanded = any(test(op) for test in EXPANDED_FORMS.values())
+    spread_grads = frozenset().union(*(test(op) for test in EXPANDED_GRADIENTS.values())) \
+        if met_non_finite else frozenset()
+    bodies = [op.output.body, *(k.body for k in op.kernels)]
+    masked = met_non_finite and any(isinstance(n, ir.Op) and n.fn in MASKED
+                                    for b in bodies for n in ir.walk(b))
     largest = _largest_input(inputs)
     for path, res in results.items():
         if path in ("ref64", "ref32", "analysis"):
@@ -368,7 +404,7 @@ def compare_all(results: dict[str, Result], op: ir.Operator, strategy: str | Non
         clamp = CLAMPED_WEIGHT.get(strategy, 0.0) * SLACK * max(1.0, largest) ** 2 if fast \
             else 0.0
         spread = met_non_finite and (expanded or fast and strategy in SPREADS_NAN)
-        rules = Rules(dtype, loss, spread, clamp, inputs.empty, largest)
+        rules = Rules(dtype, loss, spread, clamp, inputs.empty, largest, spread_grads, masked)
         out += compare_path(path, res, results["ref32" if dtype == F32 else "ref64"], rules)
     return out
 
