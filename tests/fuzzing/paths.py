@@ -86,7 +86,8 @@ EXPANDED_GRADIENTS = {
 # Where the reference's autograd multiplies a zero cotangent by an infinite local derivative
 # (0 · inf = NaN), the compiled paths, which differentiate the sum itself, give 0: in the
 # gradient of a term a bracket masks out (torch.where's backward, then exp's), and in every
-# gradient of an empty output. There, a gradient may be finite where the reference's is NaN.
+# gradient of an empty output. There, a gradient may be finite where the reference's is NaN
+# (the sum of the live terms' contributions).
 MASKED = frozenset(ir.CMP_FNS)
 # A gradient is a derivative simplified symbolically, not autograd's chain: where the
 # reference's gradient is non-finite, a path's must be non-finite too, but NaN and ±inf
@@ -268,20 +269,19 @@ def _where(mask: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> str:
 
 def compare_tensor(got: torch.Tensor, ref: torch.Tensor, tol: float, spread: bool = False,
                    noise: float = 0.0, kinds_free: bool = False,
-                   zero_for_nan: bool = False) -> tuple[str, str] | None:
+                   finite_for_nan: bool = False) -> tuple[str, str] | None:
     """(kind, detail) of the first difference of `got` from `ref`, or None: NaN and inf
     positions (and signs) must match (under `spread`, the path may be non-finite where the
     reference is finite; under `kinds_free`, NaN and ±inf may trade places; under
-    `zero_for_nan`, the path may be 0, up to `noise`, where the reference is NaN); finite
-    entries within
-    max(tol * max|ref|, noise)."""
+    `finite_for_nan`, the path may be finite where the reference is NaN); finite entries
+    within max(tol * max|ref|, noise)."""
     if tuple(got.shape) != tuple(ref.shape):
         return "shape", f"{list(got.shape)}, the reference gives {list(ref.shape)}"
     got, ref = got.detach().double(), ref.detach().double()
     gf, rf = torch.isfinite(got), torch.isfinite(ref)
     lost = ~rf & gf
-    if zero_for_nan:
-        lost &= ~(ref.isnan() & (got.abs() <= noise))
+    if finite_for_nan:
+        lost &= ~ref.isnan()
     if lost.any():
         return "nan (reference non-finite, path finite)", _where(lost, got, ref)
     if not spread:
@@ -323,7 +323,7 @@ class Rules:
     empty: bool  # a domain or the batch is empty: an itdsl error is an answer
     largest_input: float  # the largest finite |value| among the input tensors
     spread_grads: frozenset[str] = frozenset()  # EXPANDED_GRADIENTS applies to these
-    zero_for_nan: bool = False  # MASKED applies: a gradient may be finite where ref is NaN
+    finite_for_nan: bool = False  # MASKED: a gradient may be finite where the ref's is NaN
 
     def tolerance(self, phase: str) -> float:
         loss = SLACK * self.loss.get(phase, 0.0) * (EPS_RATIO if self.dtype == F64 else 1.0)
@@ -359,8 +359,8 @@ def compare_path(path: str, got: Result, ref: Result, rules: Rules) -> list[Fail
         grad = phase != "forward"
         diff = compare_tensor(mine, want, rules.tolerance(phase),
                               rules.spread or phase in rules.spread_grads, noise,
-                              kinds_free=grad, zero_for_nan=grad and (
-                                  rules.zero_for_nan or ref.out.numel() == 0))
+                              kinds_free=grad, finite_for_nan=grad and (
+                                  rules.finite_for_nan or ref.out.numel() == 0))
         if diff is not None:
             out.append(Failure(path, phase, *diff))
     return out
