@@ -14,10 +14,12 @@ from .errors import (
                      ItdslErrors,
                      LoweringError,
                      ParseError,
+                     UnsupportedError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = ["compile_file", "compile_source", "Program", "ItdslError", "ItdslErrors",
            "ParseError", "CheckError", "AnalysisError", "LoweringError", "InputError",
+           "UnsupportedError",
            "__version__"]

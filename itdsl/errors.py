@@ -118,6 +118,10 @@ class InputError(ItdslError):
     """An operator was called with missing or ill-shaped inputs."""
 
 
+class UnsupportedError(ItdslError):
+    """A valid request itdsl does not implement (e.g. a second derivative of a kernel)."""
+
+
 class ItdslErrors(ItdslError):
     """Several errors found together (the checker reports all it finds)."""
 

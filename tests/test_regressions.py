@@ -363,3 +363,125 @@ def test_min_max_and_pow_gradients_follow_torch_at_ties_nan_and_zero(target, str
     w = torch.autograd.grad(want.sum(), [f, a, c])
     for x, y in zip(g, w):
         _same_specials(x, y, "gradient", 1e-12)
+
+
+# ---- found by a new user's review: NaN and overflow in gradients, second derivatives -------
+
+PATHS = [("reference", None), ("cpu", None), ("cpu", "dense")]
+
+
+@pytest.mark.parametrize("target, strategy", PATHS)
+def test_relu_of_nan_passes_the_gradient_as_torch(target, strategy):
+    text = """operator r {
+        domain X = points(1)
+        domain Y = points(1)
+        input  b : Y -> R
+        output u(x: X) = integral(y: Y) relu(x[0] - y[0]) * b(y) with sum
+    }"""
+    op = itdsl.compile_source(text, target=target, strategy=strategy)["r"]
+    X = torch.tensor([[math.nan], [2.0], [-1.0]], dtype=D, requires_grad=True)
+    Y = torch.tensor([[0.5]], dtype=D, requires_grad=True)
+    b = torch.tensor([1.5], dtype=D)
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=D)
+    got = torch.autograd.grad((op(X=X, Y=Y, b=b) * w).sum(), [X, Y])
+    want = torch.autograd.grad(((torch.relu(X[:, None, 0] - Y[None, :, 0]) * b).sum(1) * w)
+                               .sum(), [X, Y])
+    for x, y in zip(got, want):
+        _same_specials(x, y, "gradient", 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("target, strategy", PATHS)
+def test_masked_scores_that_overflow_leave_gradients_finite(target, strategy, dtype):
+    """A masked-out (future) pair whose score is far above its row's live ones: torch's
+    masked softmax gives finite gradients, so must every path (0 · inf was NaN)."""
+    text = """operator ca {
+        domain I = index
+        domain J = index
+        input  q : I -> R
+        input  k : J -> R
+        input  v : J -> R^2
+        kernel a(i: I, j: J) = exp(q(i) * k(j)) * [j <= i]
+        output o(i: I) = integral(j: J) a(i, j) * v(j) / integral(j: J) a(i, j)
+    }"""
+    op = itdsl.compile_source(text, target=target, strategy=strategy)["ca"]
+    big = 1000.0 if dtype == D else 100.0
+    q = torch.tensor([1.0, 1.0, 0.5], dtype=dtype, requires_grad=True)
+    k = torch.tensor([0.0, big, -1.0], dtype=dtype, requires_grad=True)
+    v = torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.0, 3.0]], dtype=dtype, requires_grad=True)
+    cot = torch.tensor([[1.0, -2.0], [0.5, 1.0], [2.0, 0.25]], dtype=dtype)
+    s = (q[:, None] * k[None, :]).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1),
+                                             -math.inf)
+    want_out = torch.softmax(s, -1) @ v
+    want = torch.autograd.grad((want_out * cot).sum(), [q, k, v])
+    got_out = op(q=q, k=k, v=v)
+    got = torch.autograd.grad((got_out * cot).sum(), [q, k, v])
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def test_a_row_whose_live_scores_are_all_minus_inf_is_nan_as_torch():
+    """Attention with a position term (itdsl's own online softmax): a row whose every live
+    score is -inf has no mass, 0/0 as torch's softmax gives, not the mean of v."""
+    text = """operator att {
+        domain T = index
+        input  q : T -> R^2
+        input  k : T -> R^2
+        input  v : T -> R
+        param  m : R = 0.3
+        output o(x: T) = integral(y: T) exp(dot(q(x), k(y)) - m * abs(x - y)) * [y <= x] * v(y)
+                         / integral(y: T) exp(dot(q(x), k(y)) - m * abs(x - y)) * [y <= x]
+    }"""
+    q = torch.tensor([[1.0, 0.0], [-math.inf, 0.0], [0.5, 0.5]], dtype=D)
+    k = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D)
+    v = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    s = q @ k.T - 0.3 * (torch.arange(3.0)[:, None] - torch.arange(3.0)[None, :]).abs()
+    s = s.masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -math.inf)
+    want = torch.softmax(s, -1) @ v
+    for strategy in (None, "dense"):
+        op = itdsl.compile_source(text, target="cpu", strategy=strategy)["att"].double()
+        _same_specials(op(q=q, k=k, v=v), want, f"strategy {strategy}", 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("target, strategy", PATHS)
+def test_a_nan_spline_argument_gives_nan(target, strategy, dtype):
+    text = """operator sp {
+        domain X = points(1)
+        domain Y = points(1)
+        input  b : Y -> R
+        param  V : spline(6)
+        output u(x: X) = integral(y: Y) V(x[0]) * y[0] * b(y) with sum
+    }"""
+    op = itdsl.compile_source(text, target=target, strategy=strategy)["sp"].to(dtype)
+    X = torch.tensor([[math.nan], [0.3]], dtype=dtype)
+    Y = torch.tensor([[0.5], [2.0]], dtype=dtype, requires_grad=True)
+    u = op(X=X, Y=Y, b=torch.tensor([1.0, -1.0], dtype=dtype))
+    assert torch.isnan(u[0]) and torch.isfinite(u[1])
+    u.sum().backward()
+    assert torch.isnan(Y.grad).all() and torch.isnan(op.V.grad).any()
+
+
+def test_second_derivatives_of_compiled_operators_are_a_clear_error():
+    op = itdsl.compile_source(CASES["field_added_to_integral"][0], target="cpu")["a"].double()
+    X = rnd(4, 3).requires_grad_(True)
+    out = op(X=X, h=rnd(4, 2), b=rnd(4, 2))
+    (g,) = torch.autograd.grad(out.sum(), X, create_graph=True)
+    with pytest.raises(itdsl.UnsupportedError, match="second derivatives") as err:
+        g.sum().backward()
+    assert 'target="reference"' in err.value.hint
+    ref = itdsl.compile_source(CASES["field_added_to_integral"][0])["a"].double()
+    (g,) = torch.autograd.grad(ref(X=X, h=rnd(4, 2), b=rnd(4, 2)).sum(), X, create_graph=True)
+    g.sum().backward()  # the reference differentiates twice
+
+
+def test_sparse_inputs_and_overflowing_grids_are_clear_errors():
+    op = itdsl.compile_source(CASES["field_added_to_integral"][0], target="cpu")["a"]
+    with pytest.raises(itdsl.InputError, match="sparse"):
+        op(X=torch.rand(4, 3).to_sparse(), h=torch.rand(4, 2), b=torch.rand(4, 2))
+    with pytest.raises(itdsl.ParseError, match="overflows"):
+        itdsl.compile_source("operator a { domain X = grid(-1e308, 1e308) input b : X -> R "
+                             "output u(x: X) = integral(y: X) b(y) }")

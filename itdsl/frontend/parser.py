@@ -347,6 +347,11 @@ class _Builder:
                            f"write `grid({_fmt(hi)}, {_fmt(lo)})`" if lo > hi else
                            "a grid spans an interval of positive length")
                 return None
+            if not math.isfinite(hi - lo):
+                self.error(f"grid({_fmt(lo)}, {_fmt(hi)}) is longer than the largest float "
+                           "(b − a overflows)", args, "rescale the coordinate: a grid's "
+                           "length must be a finite number")
+                return None
             return ast.DomainDecl(kind=k, lo=lo, hi=hi, **common)
         return ast.DomainDecl(kind=k, **common)
 

@@ -42,8 +42,9 @@ def compile_module(mod, target: str, arch: str = "sm_80"):
     try:
         return tvm.compile(mod, target=cpu_target() if target == "cpu" else cuda_target(arch))
     except Exception as e:
+        first = (str(e).strip().splitlines() or ["(no message)"])[0][:300]
         raise LoweringError(f"TVM could not compile a kernel for {target}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+                            f"{type(e).__name__}: {first}") from e
 
 
 def kernel_codes(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu",

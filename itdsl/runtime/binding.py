@@ -48,6 +48,12 @@ def used_coords(op: ir.Operator) -> set[str]:
     return {n.domain for n in nodes if isinstance(n, ir.Coord)}
 
 
+def _dense(what: str, v: torch.Tensor) -> None:
+    if v.layout != torch.strided:
+        raise InputError(f"{what} is a {str(v.layout).removeprefix('torch.')} tensor; itdsl "
+                         "takes dense (strided) tensors", hint="pass `t.to_dense()`")
+
+
 def check_call(args: tuple, generator) -> None:
     """A call takes keywords only, and `generator` is a torch.Generator (or None)."""
     if args:
@@ -107,6 +113,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"`{d.name}` takes the coordinates of the points as a tensor "
                                  f"[..., n, {d.dim}], got {type(v).__name__}")
+            _dense(f"`{d.name}`", v)
             if v.dim() < 2 or v.shape[-1] != d.dim:
                 raise InputError(f"`{d.name}` should have shape [..., n, {d.dim}] (points in "
                                  f"R^{d.dim}), got {_shape(v)}")
@@ -131,6 +138,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         want = f"[..., n, {i.width}]" if i.width is not None else "[..., n]"
         if not isinstance(v, torch.Tensor):
             raise InputError(f"input `{i.name}` should be a tensor {want}, got {type(v).__name__}")
+        _dense(f"input `{i.name}`", v)
         ok = v.dim() >= 2 and v.shape[-1] == i.width if i.width is not None else v.dim() >= 1
         if not ok:
             raise InputError(f"input `{i.name}` should have shape {want} ({i.domain} -> "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, LoweringError
+from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 from ..frontend.printer import format_ir_operator
@@ -192,6 +192,16 @@ class OpDef:
             return list(g[:nt]), list(g[nt:]), [None] * nw, (None if ctx.ints else [])
 
         forward.register_autograd(grad_fn, setup_context=setup)
+
+        def second_derivative(ctx, grads):
+            raise UnsupportedError(
+                f"second derivatives of the compiled operator `{self.plan.op.name}` are not "
+                "implemented",
+                hint='target="reference" differentiates any number of times (torch autograd '
+                     "of the pair tensors); or take the first derivative only")
+
+        backward.register_autograd(second_derivative,
+                                   setup_context=lambda ctx, inputs, output: None)
         self.forward_op = forward
 
     def forward_shapes(self, bound) -> list[tuple]:

@@ -138,4 +138,5 @@ def _keys(d: torch.Tensor, a: float, deriv: int) -> torch.Tensor:
     else:
         near = torch.sign(d) * (3 * (a + 2) * x - 2 * (a + 3)) * x
         far = torch.sign(d) * ((3 * a * x - 10 * a) * x + 8 * a)
-    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    # a NaN argument gives NaN weights, as the reference's taps do
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.where(x.isnan(), x, 0.0)))

@@ -280,8 +280,6 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
         s = _eval(f.args[0], ctx)
         # The max runs over the points where the rest of the denominator is non-zero, so
         # that masked-out terms (a causal bracket) cannot push the live ones to underflow.
-        # The exponential itself is of the unmasked s: the masks apply where the factors
-        # are multiplied, as on every other path.
         rest = [g for g in _factors(den.body) if g != f]
         live = s.detach()
         if rest:
@@ -290,6 +288,11 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
                 r = r * _eval(g, ctx)
             mask = (r.detach() != 0).expand(torch.broadcast_shapes(r.shape, s.shape))
             live = torch.where(mask, live, torch.full_like(live, -math.inf))
+            if all(g in _factors(num.body) for g in rest):
+                # the numerator is masked alike (attention): a masked-out score is -inf,
+                # so that its exp cannot overflow (nor its gradient be 0 · inf); else the
+                # numerator reads the exponential where the denominator's mask fails
+                s = torch.where(mask, s, torch.full_like(s, -math.inf))
         shift = live.amax(dim=Y_AXIS, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         out[f] = torch.exp(s - shift)

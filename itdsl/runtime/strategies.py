@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..errors import UnsupportedError
 from ..symbolic import pexpr as P
 from ..symbolic.library import (
     ConvSum,
@@ -477,6 +478,10 @@ class _Softmax(torch.autograd.Function):
                     l_i = torch.addcmul(S.sum(-1), l_i, scale)
                     a_i.mul_(scale.unsqueeze(-1)).baddbmm_(S, V[:, cols])
                 m_i = m_new
+            if not clean:  # a row whose every live score is -inf has no mass: 0/0, as
+                dead = m_i == -math.inf  # torch's softmax gives (the clamp at -80 lent
+                l_i = l_i.masked_fill(dead, 0.0)  # its terms e^-80 each)
+                a_i.masked_fill_(dead.unsqueeze(-1), 0.0)
             m_all[:, rows] = m_i.nan_to_num(neginf=0.0)
             l_all[:, rows], acc_all[:, rows] = l_i, a_i
         ctx.info = info
@@ -486,8 +491,10 @@ class _Softmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dm, dacc, dl):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative
-            raise RuntimeError("itdsl: second derivatives through the tiled online softmax are "
-                               "not implemented; plain q·k attention (torch's SDPA) has them")
+            raise UnsupportedError(
+                "second derivatives through itdsl's tiled online softmax are not implemented",
+                hint="plain q·k attention (torch's SDPA) has them, and so has "
+                     'target="reference"')
         ev, f, keys, lead = ctx.info
         A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]

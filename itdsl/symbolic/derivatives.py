@@ -188,8 +188,8 @@ def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
                 origin.args[0]:
             return origin
         return P.ew(name, *args)
-    if e.func is step:
-        return P.ew(">", args[0], P.ZERO)
+    if e.func is step:  # relu's derivative as torch's: 0 where x <= 0, else 1 (NaN too)
+        return P.where(P.ew("<=", args[0], P.ZERO), P.ZERO, P.ONE)
     if e.func is less:
         return P.ew("<", args[0], args[1])
     if isinstance(e, sp.Abs):

@@ -219,8 +219,10 @@ def mul(a: Node, b: Node) -> Node:
     # overflows (exp of a masked-out causal term must not turn 0 into inf * 0 = nan)
     if (a.op in BRACKETS) != (b.op in BRACKETS):
         cond, e = (a, b) if a.op in BRACKETS else (b, a)
-        if e.shape == shape and not e.is_const:
-            return where(cond, e, ZERO)
+        if e is ONE and cond.shape == shape:
+            return cond
+        if e.shape == shape:  # a constant too: k * [c] times a per-point value that is
+            return where(cond, e, ZERO)  # inf where c fails (1/0 of an empty row) is 0
     for m, other in ((masked(a), b), (masked(b), a)):  # where(c, e, 0) * o = where(c, e * o, 0)
         if m is not None and other.op not in BRACKETS:
             return where(m[0], mul(m[1], other), ZERO)
@@ -312,6 +314,10 @@ def dot(a: Node, b: Node) -> Node:
         return mul(a, b)
     if is_zero(a) or is_zero(b):
         return ZERO
+    for x, y in ((a, b), (b, a)):  # where(c, u, 0).v = where(c, u.v, 0), c a scalar: the
+        m = masked(x)  # mask stays outermost (see `add`)
+        if m is not None and m[0].shape == ():
+            return where(m[0], dot(m[1], y), ZERO)
     for x, y in ((a, b), (b, a)):  # (s u).v = s (u.v): a scalar leaves the channel loop
         sv = _scalar_factor(x)
         if sv is not None:
@@ -328,6 +334,9 @@ def vsum(a: Node) -> Node:
         return a
     if is_zero(a):
         return ZERO
+    m = masked(a)
+    if m is not None and m[0].shape == ():  # sum(where(c, v, 0)) = where(c, sum(v), 0)
+        return where(m[0], vsum(m[1]), ZERO)
     sv = _scalar_factor(a)
     if sv is not None:  # sum(s v) = s sum(v)
         return mul(sv[0], vsum(sv[1]))
