@@ -120,13 +120,18 @@ class PairBuilder:
             return tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), inner)
         return self.let(self.clamp(x, EXP_LO, EXP_HI), body)
 
+    def libm(self, name: str, x):
+        """`te.<name>(x)`, which the code generator makes a call to the C library's function:
+        it does not vectorise, so the schedule leaves the block scalar (`compute`)."""
+        self._scalar_call = True
+        return getattr(te, name)(x)
+
     def erf(self, x):
         """erf; in float32 a rational approximation on [-4, 4] (odd polynomial of degree 13
         over an even one of degree 8; |error| < 2e-7), which vectorises, unlike calls to
         erff. It is the approximation used by Eigen and XLA for float32."""
         if not self.fast_exp:
-            self._scalar_call = True
-            return te.erf(x)
+            return self.libm("erf", x)
         c = self.c
 
         def body(x):
