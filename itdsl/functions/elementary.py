@@ -1,4 +1,4 @@
-"""exp, log, sqrt, abs and the trigonometric functions; erf and sign (of plans only: in
+"""exp, log, sqrt, abs, the trigonometric functions and atan; erf and sign (of plans only: in
 gelu's and abs' derivatives)."""
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ FUNCTIONS = [
         name="tanh", arity=1, sympy=lambda S, x: S.tanh(x),
         numpy=lambda np, x: np.tanh(x), torch=lambda T, x: T.tanh(x),
         tvm=lambda b, x: b.tanh(x), let_depth=2, module=lambda nn: nn.Tanh()),
+    # atan(±inf) = ±π/2, atan(NaN) = NaN
+    Elementwise(
+        name="atan", arity=1, sympy=lambda S, x: S.atan(x),
+        numpy=lambda np, x: np.arctan(x), torch=lambda T, x: T.atan(x),
+        tvm=lambda b, x: b.libm("atan", x)),
     Elementwise(
         name="erf", arity=1, syntax="internal", sympy=lambda S, x: S.erf(x),
         torch=lambda T, x: T.erf(x), tvm=lambda b, x: b.erf(x), let_depth=1),
