@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from itertools import chain
 
 from ..errors import MAX_RENDERED, CheckError, ItdslError, Span, did_you_mean, raise_all
+from ..functions import FUNCTIONS
 from . import ast, ir
 from .ast import DomainKind, ParamKind
 
@@ -27,7 +28,7 @@ MAX_IR_DEPTH = 160  # the reference and the symbolic layer recurse ~4 frames a l
 
 REDUCE_FNS = {f.value: f for f in ir.RFn}
 CALL_KEYWORDS = ("self", "generator")  # taken by the operator modules' forward()
-BUILTINS = ({"pi"} | set(ir.UNARY_FNS) | set(ir.BINARY_FNS) | set(REDUCE_FNS))
+BUILTINS = ({"pi"} | set(ir.CALL_FNS) | set(REDUCE_FNS))
 QUAD_DOMAINS = {
     ir.QuadRule.SUM: None, ir.QuadRule.MEAN: None, ir.QuadRule.WEIGHTS: None,
     ir.QuadRule.RIEMANN: {DomainKind.GRID}, ir.QuadRule.TRAPEZOID: {DomainKind.GRID},
@@ -621,7 +622,7 @@ class _OperatorChecker:
             return self.kernel_call
         if f in self.params:
             return None if self.params[f].kind is ParamKind.REAL else self.param_call
-        if f in ir.UNARY_FNS or f in ir.BINARY_FNS or f in REDUCE_FNS:
+        if f in ir.CALL_FNS or f in REDUCE_FNS:
             return self.builtin_call
         return None
 
@@ -658,15 +659,13 @@ class _OperatorChecker:
 
     def builtin_call(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         f = e.func
-        two = f in ir.BINARY_FNS or f == ir.RFn.DOT.value
-        fits = self.arity(e, 2 if two else 1)
+        fn = ir.CALL_FNS.get(f)
+        fits = self.arity(e, FUNCTIONS[f].arity if fn else 2 if f == ir.RFn.DOT.value else 1)
         args = self.each(self.expr, e.args, scope)
         if not fits:
             raise _Bad
-        if f in ir.UNARY_FNS:
-            return ir.Op(fn=ir.UNARY_FNS[f], args=tuple(args), width=args[0].width, span=e.span)
-        if f in ir.BINARY_FNS:
-            return self.elementwise(ir.BINARY_FNS[f], args, e.span)
+        if fn is not None:
+            return self.elementwise(fn, args, e.span)
         rfn = REDUCE_FNS[f]
         if rfn is ir.RFn.DOT and args[0].width != args[1].width:
             self.fail(f"`dot` of values of different widths: {_wname(args[0].width)} and "

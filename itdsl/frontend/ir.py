@@ -24,46 +24,19 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import Span
+from ..functions import FUNCTIONS
 from .ast import DomainKind, Init, ParamKind, span_field
 
+# Elementwise functions, one member per function of the language in `itdsl.functions`
+# (Fn.EXP, Fn.ADD, ...; the value is the name); comparisons and logic give 0/1 (brackets).
+Fn = Enum("Fn", [(f.fn_member, f.name) for f in FUNCTIONS.values() if f.syntax != "internal"],
+          module=__name__)
 
-class Fn(Enum):
-    """Elementwise functions; comparisons and logic give 0/1 (Iverson brackets)."""
-
-    NEG = "neg"
-    ADD = "+"
-    SUB = "-"
-    MUL = "*"
-    DIV = "/"
-    POW = "^"
-    EXP = "exp"
-    LOG = "log"
-    SQRT = "sqrt"
-    ABS = "abs"
-    SIN = "sin"
-    COS = "cos"
-    TANH = "tanh"
-    SIGMOID = "sigmoid"
-    RELU = "relu"
-    GELU = "gelu"
-    SOFTPLUS = "softplus"
-    MIN = "min"
-    MAX = "max"
-    LT = "<"
-    LE = "<="
-    GT = ">"
-    GE = ">="
-    EQ = "=="
-    NE = "!="
-    AND = "and"
-    OR = "or"
-
-
-UNARY_FNS = {f.value: f for f in (Fn.EXP, Fn.LOG, Fn.SQRT, Fn.ABS, Fn.SIN, Fn.COS, Fn.TANH,
-                                  Fn.SIGMOID, Fn.RELU, Fn.GELU, Fn.SOFTPLUS)}
-BINARY_FNS = {"min": Fn.MIN, "max": Fn.MAX}
-CMP_FNS = frozenset({Fn.LT, Fn.LE, Fn.GT, Fn.GE, Fn.EQ, Fn.NE})
-INFIX = {Fn.ADD, Fn.SUB, Fn.MUL, Fn.DIV, Fn.POW, *CMP_FNS, Fn.AND, Fn.OR}
+CALL_FNS = {f.name: Fn(f.name) for f in FUNCTIONS.values() if f.syntax == "call"}  # exp(x)
+UNARY_FNS = {name: fn for name, fn in CALL_FNS.items() if FUNCTIONS[name].arity == 1}
+CMP_FNS = frozenset(Fn(f.name) for f in FUNCTIONS.values() if f.condition == "compare")
+BRACKET_FNS = frozenset(Fn(f.name) for f in FUNCTIONS.values() if f.condition is not None)
+INFIX = {Fn(f.name) for f in FUNCTIONS.values() if f.syntax == "infix"}
 
 
 class RFn(Enum):

@@ -16,6 +16,7 @@ import lark
 from lark import Token, Tree
 
 from ..errors import ItdslError, ParseError, Span, did_you_mean, raise_all
+from ..functions import ACTIVATIONS
 from . import ast
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB of .it text is far beyond any real operator
@@ -603,7 +604,6 @@ class _Builder:
         return ast.Quadrature(rule=str(name), args=args, span=self.span(t))
 
 
-ACTIVATIONS = ("gelu", "relu", "tanh", "sigmoid", "softplus", "silu", "identity")
 
 
 class _NotConstant(Exception):

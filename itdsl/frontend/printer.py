@@ -212,7 +212,7 @@ def _f_raw(e: ir.Expr) -> tuple[str, int]:
             if e.fn is ir.Fn.POW:
                 return f"{_f(a, POSTFIX)}^{_f(b, POSTFIX)}", POW
             text = f"{_f(a, lv)} {e.fn.value} {_f(b, lv + 1)}"
-            if e.fn in ir.CMP_FNS or e.fn in (ir.Fn.AND, ir.Fn.OR):
+            if e.fn in ir.BRACKET_FNS:
                 return f"[{text}]", POSTFIX
             return text, lv
         return f"{e.fn.value}(" + ", ".join(_f(a, OR) for a in e.args) + ")", POSTFIX

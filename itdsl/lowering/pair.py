@@ -29,6 +29,7 @@ from tvm import te, tirx
 from tvm.te.tensor import TensorSlice
 
 from ..errors import LoweringError
+from ..functions import FUNCTIONS
 from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node
 from .spec import INLINE_REDUCTION, PairSpec, _flat
@@ -41,6 +42,8 @@ EXP_LO, EXP_HI = -87.6, 89.0
 
 class PairBuilder:
     """Builds the TE of one pair kernel (see the module docstring)."""
+
+    te, tirx = te, tirx  # for the TVM forms of `itdsl.functions`
 
     def __init__(self, spec: PairSpec, dtype: str, fast_exp: bool):
         self.spec, self.dtype, self.fast_exp = spec, dtype, fast_exp
@@ -117,13 +120,18 @@ class PairBuilder:
             return tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), inner)
         return self.let(self.clamp(x, EXP_LO, EXP_HI), body)
 
+    def libm(self, name: str, x):
+        """`te.<name>(x)`, which the code generator makes a call to the C library's function:
+        it does not vectorise, so the schedule leaves the block scalar (`compute`)."""
+        self._scalar_call = True
+        return getattr(te, name)(x)
+
     def erf(self, x):
         """erf; in float32 a rational approximation on [-4, 4] (odd polynomial of degree 13
         over an even one of degree 8; |error| < 2e-7), which vectorises, unlike calls to
         erff. It is the approximation used by Eigen and XLA for float32."""
         if not self.fast_exp:
-            self._scalar_call = True
-            return te.erf(x)
+            return self.libm("erf", x)
         c = self.c
 
         def body(x):
@@ -159,58 +167,37 @@ class PairBuilder:
         tail = self.let(self.exp(-te.abs(x)), log1p)
         return tirx.Select(x > c(20.0), x, tirx.Select(x > c(0.0), x, c(0.0)) + tail)
 
+    def tanh(self, x):
+        if not self.fast_exp:
+            return self.let(x, te.tanh)
+        return self.c(1.0) - self.c(2.0) / (self.exp(self.c(2.0) * x) + self.c(1.0))
+
+    def power(self, x, y):
+        e = y.value if isinstance(y, tirx.FloatImm) else None
+        if e in (0.5, -0.5):  # as torch.pow: a square root, NaN for -inf (powf gives inf)
+            root = self.let(x, te.sqrt)
+            return root if e > 0 else self.c(1.0) / root
+        return self.let(x, lambda x: self.let(y, lambda y: te.power(x, y)))
+
+    def minimum(self, x, y):
+        """NaN in either argument gives NaN, as torch.minimum does."""
+        return self._pick(x, y, lambda x, y: x < y)
+
+    def maximum(self, x, y):
+        return self._pick(x, y, lambda x, y: x > y)
+
+    def _pick(self, x, y, first):
+        def pick(x, y):
+            return tirx.Select(tirx.Or(first(x, y), self.isnan(x)), x, y)
+        return self.let(x, lambda x: self.let(y, lambda y: pick(x, y)))
+
     def ew(self, op: str, a: list):
-        c = self.c
-        if op == "neg":
-            return -a[0]
-        if op in ("+", "-", "*", "/"):
-            x, y = a
-            return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
-        if op == "^":
-            e = a[1].value if isinstance(a[1], tirx.FloatImm) else None
-            if e in (0.5, -0.5):  # as torch.pow: a square root, NaN for -inf (powf gives inf)
-                root = self.let(a[0], te.sqrt)
-                return root if e > 0 else c(1.0) / root
-            return self.let(a[0], lambda x: self.let(a[1], lambda y: te.power(x, y)))
-        if op == "exp":
-            return self.exp(a[0])
-        if op in ("log", "sqrt", "abs", "sin", "cos"):
-            return self.let(a[0], getattr(te, op))
-        if op == "tanh" and not self.fast_exp:
-            return self.let(a[0], te.tanh)
-        if op == "sigmoid":
-            return c(1.0) / (c(1.0) + self.exp(-a[0]))
-        if op == "relu":  # x < 0 is false for NaN: relu(NaN) = NaN, as in torch
-            return self.let(a[0], lambda x: tirx.Select(x < c(0.0), c(0.0), x))
-        if op == "erf":
-            return self.erf(a[0])
-        if op == "gelu":
-            return self.let(a[0], lambda x: c(0.5) * x * (
-                c(1.0) + self.erf(x * c(1 / math.sqrt(2.0)))))
-        if op == "tanh" and self.fast_exp:  # 1 - 2/(e^{2x} + 1): vectorises with the fast exp
-            return c(1.0) - c(2.0) / (self.exp(c(2.0) * a[0]) + c(1.0))
-        if op == "softplus":  # torch's: x beyond 20 is x itself
-            return self.let(a[0], self.softplus)
-        if op == "sign":  # torch.sign(NaN) is 0, as here
-            return self.let(a[0], lambda x: tirx.Select(
-                x > c(0.0), c(1.0), tirx.Select(x < c(0.0), c(-1.0), c(0.0))))
-        if op in ("min", "max"):  # NaN in either argument gives NaN, as torch.minimum does
-            def pick(x, y):
-                first = (x < y) if op == "min" else (x > y)
-                return tirx.Select(tirx.Or(first, self.isnan(x)), x, y)
-            return self.let(a[0], lambda x: self.let(a[1], lambda y: pick(x, y)))
-        if op in ("<", "<=", ">", ">=", "==", "!="):
-            x, y = a
-            cond = {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y, "==": x == y,
-                    "!=": x != y}[op]
-            return tirx.Select(cond, c(1.0), c(0.0))
-        if op == "and":
-            return a[0] * a[1]
-        if op == "or":  # of two 0/1 values
-            return te.max(a[0], a[1])
-        if op == "where":
-            return tirx.Select(a[0] != c(0.0), a[1], a[2])
-        raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
+        """Elementwise function `op` of `a`: its TVM form in `itdsl.functions`, written with
+        this builder's methods (the fast exp, erf and softplus, selects that keep a NaN)."""
+        f = FUNCTIONS.get(op)
+        if f is None or f.tvm is None:
+            raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
+        return f.tvm(self, *a)
 
     def compute(self, shape, fbody, name: str) -> te.Tensor:
         """te.compute, noting whether the body calls a function TVM cannot vectorise (erf in

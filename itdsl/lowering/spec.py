@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..functions import FUNCTIONS
 from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node, toposort
 from ..symbolic.plan import Program, Step
@@ -19,13 +20,12 @@ CUDA_THREADS = 64  # GPU: rows per block, one per thread
 INLINE_REDUCTION = 4  # dot products this short are written out inline, not staged
 LANES = 8  # AVX2: float32 lanes of a vector
 # How deeply each elementwise function nests let-bound values around its argument in a
-# pair kernel (`pair.PairBuilder.ew`: a clamp, the fast exp's n and r, a series). TVM's
-# code generator simplifies every let value with the earlier ones substituted, so the
-# time to compile grows exponentially with nesting: exp(exp(x)) took 80 s, softplus of
-# an exp longer than 15 min. A value whose nesting would pass LET_NESTING is computed
-# in a stage of its own (a load, which the simplifier does not look through).
-LET_DEPTH = {"relu": 1, "sign": 1, "min": 1, "max": 1, "^": 1, "erf": 1, "exp": 2,
-             "sigmoid": 2, "tanh": 2, "gelu": 2, "softplus": 3}
+# pair kernel (its entry's `let_depth` in `itdsl.functions`: a clamp, the fast exp's n and
+# r, a series). TVM's code generator simplifies every let value with the earlier ones
+# substituted, so the time to compile grows exponentially with nesting: exp(exp(x)) took
+# 80 s, softplus of an exp longer than 15 min. A value whose nesting would pass LET_NESTING
+# is computed in a stage of its own (a load, which the simplifier does not look through).
+LET_DEPTH = {name: f.let_depth for name, f in FUNCTIONS.items() if f.let_depth}
 LET_NESTING = 3
 
 

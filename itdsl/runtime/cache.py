@@ -44,9 +44,17 @@ def cache_dir() -> Path:
 _VERSIONS: str | None = None
 
 
+def _sources(stage: str) -> list[Path]:
+    """The source files of a stage, with the table of elementwise functions (whose sympy,
+    derivative and TVM forms the symbolic layer and the lowering read)."""
+    root = Path(__file__).parent.parent
+    return sorted((root / stage).glob("*.py")) + sorted((root / "functions").glob("*.py"))
+
+
 def _versions() -> str:
-    """itdsl's and TVM's versions, and a digest of the lowering's source: a change to the
-    code generator must never be served an old kernel."""
+    """itdsl's and TVM's versions, and a digest of the lowering's source (and of the
+    functions' TVM forms): a change to the code generator must never be served an old
+    kernel."""
     global _VERSIONS
     if _VERSIONS is None:
         from .. import __version__
@@ -55,7 +63,7 @@ def _versions() -> str:
         except PackageNotFoundError:  # pragma: no cover
             tvm_v = "none"
         h = hashlib.sha256()
-        for f in sorted((Path(__file__).parent.parent / "lowering").glob("*.py")):
+        for f in _sources("lowering"):
             h.update(f.read_bytes())
         _VERSIONS = f"itdsl={__version__};tvm={tvm_v};lowering={h.hexdigest()[:16]}"
     return _VERSIONS
@@ -177,7 +185,7 @@ def plan_key(ir_text: str, strategy: str | None) -> str:
     h = hashlib.sha256()
     h.update(ir_text.encode())
     h.update(f"strategy={strategy};{_versions()}".encode())
-    for f in sorted((Path(__file__).parent.parent / "symbolic").glob("*.py")):
+    for f in _sources("symbolic"):
         h.update(f.read_bytes())
     return h.hexdigest()[:32]
 

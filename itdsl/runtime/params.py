@@ -15,11 +15,11 @@ from torch import nn
 from ..errors import CheckError
 from ..frontend import ir
 from ..frontend.ast import ParamKind
+from ..functions import FUNCTIONS, MLP_ONLY
 
-ACTIVATION_MODULES = {
-    "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-    "softplus": nn.Softplus, "silu": nn.SiLU, "identity": nn.Identity,
-}
+# `act = name` of an mlp: the torch module its entry in `itdsl.functions` names
+ACTIVATION_MODULES = {**{name: f.module for name, f in FUNCTIONS.items() if f.module},
+                      **{name: module for name, (module, _) in MLP_ONLY.items()}}
 CUBIC_A = -0.75  # the cubic-convolution parameter (Keys 1981), as in INN and OpenCV
 
 
@@ -50,7 +50,7 @@ def make_param(p: ir.Param) -> nn.Module | nn.Parameter:
                     lin.bias.zero_()
             layers.append(lin)
             if i < len(p.sizes) - 2:
-                layers.append(ACTIVATION_MODULES[p.act]())
+                layers.append(ACTIVATION_MODULES[p.act](nn))
         return nn.Sequential(*layers)
     bound = 1.0 / math.sqrt(p.sizes[-1])  # like nn.Linear's default, fan-in = last axis
     return nn.Parameter(_fill(torch.empty(p.sizes), p.init, ("uniform", (-bound, bound))))

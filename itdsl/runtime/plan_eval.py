@@ -18,20 +18,11 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
-from ..symbolic.pexpr import Node, toposort
+from ..symbolic.pexpr import ELEMENTWISE, Node, toposort
 from ..symbolic.plan import Plan, Program, Step
 from .binding import Bound
 from .params import keys_basis
-from .reference import gauss_legendre, gelu, grid_points, grid_weights
-
-_UNARY = {"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
-          "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
-          "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": gelu, "softplus": F.softplus,
-          "sign": torch.sign, "erf": torch.erf}
-_BINARY = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow,
-           "min": torch.minimum, "max": torch.maximum}
-_CMP = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq,
-        "!=": torch.ne}
+from .reference import elementwise, gauss_legendre, grid_points, grid_weights
 
 
 def _ts(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -186,18 +177,8 @@ class PlanEvaluator:
         op = n.op
         if not n.args or op == "zeros":
             return self._leaf(n, rows)
-        if op in _UNARY:
-            return _UNARY[op](a[0])
-        if op in _BINARY:
-            return _BINARY[op](a[0], a[1])
-        if op in _CMP:
-            return _CMP[op](a[0], a[1]).to(self.dtype)
-        if op == "and":
-            return a[0] * a[1]
-        if op == "or":
-            return torch.maximum(a[0], a[1])
-        if op == "where":
-            return torch.where(a[0] != 0, a[1], a[2])
+        if op in ELEMENTWISE:
+            return elementwise(op, a, self.dtype)
         if op == "dot":
             return (a[0] * a[1]).sum(-1, keepdim=True)
         if op == "sum":

@@ -15,35 +15,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
+from ..functions import FUNCTIONS
 from .binding import RESERVED_KEYWORDS, Bound, bind, check_call, check_size
 from .params import register_params, spline_eval
 
 X_AXIS, Y_AXIS = -3, -2
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """x/2 · (1 + erf(x/√2)), the exact gelu, written out: torch's own F.gelu gives NaN at
-    +inf in float32 on vectors but +inf in float64 and on single values."""
-    return 0.5 * x * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
-
-
-_UNARY = {
-    ir.Fn.NEG: torch.neg, ir.Fn.EXP: torch.exp, ir.Fn.LOG: torch.log, ir.Fn.SQRT: torch.sqrt,
-    ir.Fn.ABS: torch.abs, ir.Fn.SIN: torch.sin, ir.Fn.COS: torch.cos, ir.Fn.TANH: torch.tanh,
-    ir.Fn.SIGMOID: torch.sigmoid, ir.Fn.RELU: torch.relu, ir.Fn.GELU: gelu,
-    ir.Fn.SOFTPLUS: F.softplus,
-}
-_BINARY = {
-    ir.Fn.ADD: torch.add, ir.Fn.SUB: torch.sub, ir.Fn.MUL: torch.mul, ir.Fn.DIV: torch.div,
-    ir.Fn.POW: torch.pow, ir.Fn.MIN: torch.minimum, ir.Fn.MAX: torch.maximum,
-}
-_CMP = {ir.Fn.LT: torch.lt, ir.Fn.LE: torch.le, ir.Fn.GT: torch.gt, ir.Fn.GE: torch.ge,
-        ir.Fn.EQ: torch.eq, ir.Fn.NE: torch.ne}
+def elementwise(name: str, args: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise function `name` (its torch form in `itdsl.functions`); a comparison's
+    0/1 in `dtype`."""
+    out = FUNCTIONS[name].torch(torch, *args)
+    return out.to(dtype) if out.dtype == torch.bool else out
 
 
 def grid_points(d: ir.Domain, n: int) -> np.ndarray:
@@ -190,17 +177,7 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
             return _ratio(e.args[0], e.args[1], ctx)
         if e.fn is ir.Fn.MUL and _masks(e):
             return _masked_product(_factors(e), ctx)
-        args = [_eval(a, ctx) for a in e.args]
-        if e.fn in _UNARY:
-            return _UNARY[e.fn](args[0])
-        if e.fn in _BINARY:
-            return _BINARY[e.fn](*args)
-        if e.fn in _CMP:
-            return _CMP[e.fn](*args).to(ctx.bound.dtype)
-        if e.fn is ir.Fn.AND:
-            return args[0] * args[1]
-        if e.fn is ir.Fn.OR:
-            return torch.maximum(args[0], args[1])
+        return elementwise(e.fn.value, [_eval(a, ctx) for a in e.args], ctx.bound.dtype)
     if isinstance(e, ir.Reduce):
         args = [_eval(a, ctx) for a in e.args]
         if e.fn is ir.RFn.DOT:
@@ -229,7 +206,7 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
 
 
 def _is_bracket(e: ir.Expr) -> bool:
-    return isinstance(e, ir.Op) and (e.fn in ir.CMP_FNS or e.fn in (ir.Fn.AND, ir.Fn.OR))
+    return isinstance(e, ir.Op) and e.fn in ir.BRACKET_FNS
 
 
 def _mlp_dtype(mlp: nn.Module) -> torch.dtype:

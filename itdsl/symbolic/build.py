@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from ..frontend import ir
 from ..frontend.ast import DomainKind
+from ..functions import MLP_ONLY
 from . import pexpr as P
 from .autodiff import vjp
 from .pexpr import Node
@@ -137,10 +138,8 @@ class _Lower:
 
 
 def _activation(act: str, h: Node) -> Node:
-    if act == "identity":
-        return h
-    if act == "silu":
-        return P.mul(h, P.ew("sigmoid", h))
+    if act in MLP_ONLY:  # silu, identity
+        return MLP_ONLY[act][1](P, h)
     return P.ew(act, h)
 
 

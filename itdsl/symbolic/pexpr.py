@@ -16,8 +16,9 @@ ops (attrs in brackets):
     param [name]                          a learnable tensor (R, R^C, mlp weights, spline coefs)
     ref [name, side]                      the result of an earlier step of the program
     cot [name, side]                      a cotangent fed to a backward program
-    <Fn>                                  elementwise (scalars broadcast): the ir.Fn names plus
-                                          sign, erf, where(cond, a, b)
+    <Fn>                                  elementwise (scalars broadcast): the functions of
+                                          `itdsl.functions` (the ir.Fn names plus sign, erf,
+                                          where(cond, a, b))
     dot(a, b), sum(a)                     channel reductions -> scalar
     component(a) [i]                      a[i]
     onehot(s) [i, width]                  the vector with s at i, 0 elsewhere
@@ -36,11 +37,9 @@ import math
 import weakref
 from collections.abc import Iterable
 
-ELEMENTWISE = {
-    "neg", "+", "-", "*", "/", "^", "exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid",
-    "relu", "gelu", "softplus", "min", "max", "<", "<=", ">", ">=", "==", "!=", "and", "or",
-    "sign", "erf", "where",
-}
+from ..functions import FUNCTIONS
+
+ELEMENTWISE = frozenset(FUNCTIONS)
 LEAVES = {"const", "coord", "field", "weight", "param", "ref", "cot"}
 
 
@@ -161,18 +160,12 @@ def _bshape(*args: Node) -> tuple[int, ...]:
     return shapes.pop() if shapes else ()
 
 
-_FOLD = {
-    "neg": lambda a: -a, "+": lambda a, b: a + b, "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b, "exp": math.exp, "sqrt": math.sqrt, "abs": abs,
-}
-
-
 def ew(op: str, *args: Node) -> Node:
-    """An elementwise node (constants folded where exact and safe)."""
-    assert op in ELEMENTWISE, op
-    if all(a.is_const for a in args) and op in _FOLD:
+    """An elementwise node (constants folded where its entry says it is exact and safe)."""
+    fold = FUNCTIONS[op].fold
+    if fold is not None and all(a.is_const for a in args):
         try:
-            return const(_FOLD[op](*(a.value for a in args)))
+            return const(fold(*(a.value for a in args)))
         except (ValueError, OverflowError):
             pass
     return node(op, args, shape=_bshape(*args))
@@ -208,7 +201,7 @@ def neg(a: Node) -> Node:
     return ew("neg", a)
 
 
-BRACKETS = {"<", "<=", ">", ">=", "==", "!=", "and", "or"}
+BRACKETS = frozenset(name for name, f in FUNCTIONS.items() if f.condition is not None)
 
 
 def mul(a: Node, b: Node) -> Node:
@@ -259,6 +252,17 @@ def div(a: Node, b: Node) -> Node:
     if is_zero(a) and a.shape == _bshape(a, b):
         return a
     return ew("/", a, b)
+
+
+def power(a: Node, c: float) -> Node:
+    """a^c for a constant c (0, 1 and 2 written out)."""
+    if c == 0:
+        return ONE
+    if c == 1:
+        return a
+    if c == 2:
+        return mul(a, a)
+    return ew("^", a, const(c))
 
 
 def zeros(shape: tuple[int, ...]) -> Node:
@@ -462,7 +466,7 @@ def node_cost(n: Node) -> int:
     if n.op in LEAVES or n.op in ("zeros", "concat", "slice", "component", "onehot"):
         return 0
     if n.op in ELEMENTWISE:
-        return _width(n.shape)
+        return FUNCTIONS[n.op].cost * _width(n.shape)
     if n.op == "dot":
         return 2 * _width(n.args[0].shape) - 1
     if n.op == "sum":

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..frontend import ir
+from ..functions import FUNCTIONS
 
 # ---- factors ---------------------------------------------------------------------------------
 
@@ -62,7 +63,7 @@ def integrals(e: ir.Expr) -> list[ir.Integral]:
 
 def is_bracket(e: ir.Expr) -> bool:
     """An Iverson bracket: a comparison, or comparisons joined by `and`/`or`."""
-    return isinstance(e, ir.Op) and (e.fn in ir.CMP_FNS or e.fn in (ir.Fn.AND, ir.Fn.OR))
+    return isinstance(e, ir.Op) and e.fn in ir.BRACKET_FNS
 
 
 def fields_in(e: ir.Expr) -> list[ir.FieldAt]:
@@ -200,23 +201,6 @@ def _stand_in(name: str, n_in: int, n_out: int):
     return lambda z: np.tanh(z @ a + b)
 
 
-_ERF = np.vectorize(math.erf, otypes=[float])
-_NP_UNARY = {
-    ir.Fn.NEG: np.negative, ir.Fn.EXP: np.exp, ir.Fn.LOG: np.log, ir.Fn.SQRT: np.sqrt,
-    ir.Fn.ABS: np.abs, ir.Fn.SIN: np.sin, ir.Fn.COS: np.cos, ir.Fn.TANH: np.tanh,
-    ir.Fn.SIGMOID: lambda z: 1 / (1 + np.exp(-z)), ir.Fn.RELU: lambda z: np.maximum(z, 0),
-    ir.Fn.GELU: lambda z: 0.5 * z * (1 + _ERF(z / math.sqrt(2))),
-    ir.Fn.SOFTPLUS: lambda z: np.logaddexp(0, z),
-}
-_NP_BINARY = {
-    ir.Fn.ADD: np.add, ir.Fn.SUB: np.subtract, ir.Fn.MUL: np.multiply, ir.Fn.DIV: np.divide,
-    ir.Fn.POW: np.power, ir.Fn.MIN: np.minimum, ir.Fn.MAX: np.maximum,
-    ir.Fn.LT: np.less, ir.Fn.LE: np.less_equal, ir.Fn.GT: np.greater,
-    ir.Fn.GE: np.greater_equal, ir.Fn.EQ: np.equal, ir.Fn.NE: np.not_equal,
-    ir.Fn.AND: np.multiply, ir.Fn.OR: np.maximum,
-}
-
-
 def evaluate(e: ir.Expr, env: Env, n: int) -> np.ndarray:
     """`e` on a batch of `n` points as an array [n, width or 1] (float64, nan where undefined).
     mlps and splines are fixed random smooth functions of their arguments."""
@@ -241,9 +225,7 @@ def evaluate(e: ir.Expr, env: Env, n: int) -> np.ndarray:
             return env.params[x.param]
         if isinstance(x, ir.Op):
             args = [go(a) for a in x.args]
-            if x.fn in _NP_UNARY:
-                return _NP_UNARY[x.fn](args[0])
-            return _NP_BINARY[x.fn](*args).astype(float)
+            return FUNCTIONS[x.fn.value].numpy(np, *args).astype(float)  # (comparisons: bool)
         if isinstance(x, ir.Reduce):
             a = go(x.args[0])
             if x.fn is ir.RFn.DOT:

@@ -1,11 +1,12 @@
 """Checked IR -> sympy, through an allow-list: never from text, never `sympify`.
 
-Every IR node maps to one sympy constructor (`_FNS`, `_ACTIVATIONS`, the bracket
-classes below). Vectors follow the language's rule "scalars broadcast, vectors act
-elementwise": a vector expression is translated one channel at a time, either an
-explicit channel `k` (what a reduction `dot`/`sum`/`norm`/`sqnorm`, a component `u[k]`
-or an mlp argument needs) or the *generic* channel `c`, one expression standing for
-every channel of an elementwise kernel. Names say which is which:
+Every IR node maps to one sympy constructor (an elementwise function's is its entry's in
+`itdsl.functions`: a sympy function, or an `Opaque` one; the bracket classes below).
+Vectors follow the language's rule "scalars broadcast, vectors act elementwise": a vector
+expression is translated one channel at a time, either an explicit channel `k` (what a
+reduction `dot`/`sum`/`norm`/`sqnorm`, a component `u[k]` or an mlp argument needs) or the
+*generic* channel `c`, one expression standing for every channel of an elementwise kernel.
+Names say which is which:
 
     t, x[0], x[c]            a point's coordinate (scalar, explicit or generic component)
     f(x), f[3](x), f[c](x)   a field at a point
@@ -33,6 +34,7 @@ import sympy as sp
 from mpmath.libmp import prec_to_dps
 
 from ..frontend import ir
+from ..functions import FUNCTIONS, Elementwise
 
 MAX_NODES = 20_000  # a translated expression larger than this is not analysed
 MAX_REDUCE_NODES = 5_000  # width x size of the terms of one reduction
@@ -117,106 +119,64 @@ class Eq0(Iverson):
 BRACKETS = (Le0, Lt0, Eq0)
 
 
-# ---- activations: opaque, with their derivatives and signs -----------------------------------
+# ---- the elementwise functions of `itdsl.functions` -----------------------------------------
 
 
-class _Activation(sp.Function):
-    nargs = 1
+class Opaque(sp.Function):
+    """An elementwise function kept unevaluated (its entry's `opaque`): numbers evaluate
+    through its formula, its derivative and sign are the entry's."""
 
-    @staticmethod
-    def formula(z: sp.Expr) -> sp.Expr:
-        raise NotImplementedError
+    entry: Elementwise
 
     def _eval_is_real(self):
-        return self.args[0].is_real
+        real = True
+        for a in self.args:
+            real = real and a.is_real
+        return real
 
     def _eval_evalf(self, prec):
         # numbers only (so that brackets and signs of constants can be decided)
-        if self.args[0].is_number:
-            return self.formula(self.args[0]).evalf(prec_to_dps(prec))
+        formula = self.entry.opaque.formula
+        if formula is not None and self.args[0].is_number:
+            return formula(SYM, *self.args).evalf(prec_to_dps(prec))
         return None
 
-
-class sigmoid(_Activation):
-    formula = staticmethod(lambda z: 1 / (1 + sp.exp(-z)))
-
     def fdiff(self, argindex=1):
-        return self * (1 - self)
+        spec = self.entry.opaque
+        if spec.derivative is not None:
+            return spec.derivative(SYM, self, *self.args)
+        if spec.formula is None:  # (min, max) sympy's unevaluated derivative
+            return super().fdiff(argindex)
+        d = sp.Dummy(real=True)
+        return sp.diff(spec.formula(SYM, d), d).xreplace({d: self.args[0]})
 
     def _eval_is_positive(self):
-        return self.args[0].is_real
-
-
-class softplus(_Activation):
-    formula = staticmethod(lambda z: sp.log(1 + sp.exp(z)))
-
-    def fdiff(self, argindex=1):
-        return sigmoid(self.args[0])
-
-    def _eval_is_positive(self):
-        return self.args[0].is_real
-
-
-class relu(_Activation):
-    formula = staticmethod(lambda z: sp.Max(z, 0))
-
-    def fdiff(self, argindex=1):
-        return Lt0(-self.args[0])  # torch's convention: 0 at 0
+        return self.args[0].is_real if self.entry.opaque.sign == "positive" else None
 
     def _eval_is_nonnegative(self):
-        return self.args[0].is_real
+        return self.args[0].is_real if self.entry.opaque.sign is not None else None
 
 
-class gelu(_Activation):
-    """The exact (erf) GELU, as torch's default."""
+class _Namespace:
+    """What the table's sympy forms are written in: sympy, the brackets, and each opaque
+    function by its name."""
 
-    formula = staticmethod(lambda z: z * (1 + sp.erf(z / sp.sqrt(2))) / 2)
+    def __init__(self, **own):
+        self.__dict__.update(own)
 
-    def fdiff(self, argindex=1):
-        z = self.args[0]
-        return (1 + sp.erf(z / sp.sqrt(2))) / 2 + z * sp.exp(-z**2 / 2) / sp.sqrt(2 * sp.pi)
-
-
-class vmin(sp.Function):
-    """min(a, b), opaque: sympy's `Min` compares its arguments (slow, and it rejects
-    numbers it cannot order)."""
-
-    nargs = 2
-
-    def _eval_is_real(self):
-        return self.args[0].is_real and self.args[1].is_real
-
-    def _sympystr(self, printer) -> str:
-        return "min(" + ", ".join(printer.doprint(a) for a in self.args) + ")"
+    def __getattr__(self, name):
+        return getattr(sp, name)
 
 
-class vmax(vmin):
-    """max(a, b), opaque."""
-
-    def _sympystr(self, printer) -> str:
-        return "max(" + ", ".join(printer.doprint(a) for a in self.args) + ")"
+OPAQUE = {f.name: type(f.name, (Opaque,), {"nargs": f.arity, "entry": f})
+          for f in FUNCTIONS.values() if f.opaque is not None}
+SYM = _Namespace(Le0=Le0, Lt0=Lt0, Eq0=Eq0, **OPAQUE)
 
 
-_FNS = {
-    ir.Fn.EXP: sp.exp, ir.Fn.LOG: sp.log, ir.Fn.SQRT: sp.sqrt, ir.Fn.ABS: sp.Abs,
-    ir.Fn.SIN: sp.sin, ir.Fn.COS: sp.cos, ir.Fn.TANH: sp.tanh,
-    ir.Fn.SIGMOID: sigmoid, ir.Fn.SOFTPLUS: softplus, ir.Fn.RELU: relu, ir.Fn.GELU: gelu,
-}
-_ACTIVATIONS = (sigmoid, softplus, relu, gelu)
-
-
-def _bracket(fn: ir.Fn, left, right):
-    if fn is ir.Fn.LE:
-        return Le0(left - right)
-    if fn is ir.Fn.LT:
-        return Lt0(left - right)
-    if fn is ir.Fn.GE:
-        return Le0(right - left)
-    if fn is ir.Fn.GT:
-        return Lt0(right - left)
-    if fn is ir.Fn.EQ:
-        return Eq0(left - right)
-    return 1 - Eq0(left - right)  # NE
+def apply(name: str, *args) -> sp.Expr:
+    """Elementwise function `name` of sympy expressions `args`."""
+    f = FUNCTIONS[name]
+    return OPAQUE[name](*args) if f.opaque is not None else f.sympy(SYM, *args)
 
 
 def const(v: float) -> sp.Expr:
@@ -353,32 +313,7 @@ class Translator:
         parts = [self._tr(a, ch) for a in e.args]
         args = [p[0] for p in parts]
         size = 1 + sum(p[1] for p in parts)
-        fn = e.fn
-        if fn is ir.Fn.NEG:
-            return -args[0], size
-        if fn is ir.Fn.ADD:
-            return args[0] + args[1], size
-        if fn is ir.Fn.SUB:
-            return args[0] - args[1], size
-        if fn is ir.Fn.MUL:
-            return args[0] * args[1], size
-        if fn is ir.Fn.DIV:
-            return args[0] / args[1], size
-        if fn is ir.Fn.POW:
-            return sp.Pow(args[0], args[1]), size
-        if fn in _FNS:
-            return _FNS[fn](args[0]), size
-        if fn is ir.Fn.MIN:
-            return vmin(*args), size
-        if fn is ir.Fn.MAX:
-            return vmax(*args), size
-        if fn in ir.CMP_FNS:
-            return _bracket(fn, *args), size
-        if fn is ir.Fn.AND:
-            return args[0] * args[1], size
-        if fn is ir.Fn.OR:
-            return args[0] + args[1] - args[0] * args[1], 2 * size
-        raise TypeError(f"no sympy form for `{fn.value}`")
+        return apply(e.fn.value, *args), FUNCTIONS[e.fn.value].sympy_size * size
 
     def _reduce(self, e: ir.Reduce) -> tuple[sp.Expr, int]:
         width = e.args[0].width

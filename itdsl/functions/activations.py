@@ -1,0 +1,56 @@
+"""sigmoid, relu, gelu, softplus: kept opaque in sympy (with their stable derivatives), and
+allowed as mlp activations (with tanh, silu and identity; see `itdsl.functions.MLP_ONLY`)."""
+
+from __future__ import annotations
+
+import math
+
+from .entry import Elementwise, Opaque
+
+
+def _gelu_torch(T, x):
+    """x/2 · (1 + erf(x/√2)), the exact gelu, written out: torch's own F.gelu gives NaN at
+    +inf in float32 on vectors but +inf in float64 and on single values."""
+    return 0.5 * x * (1 + T.erf(x * (1 / math.sqrt(2.0))))
+
+
+def _gelu_numpy(np, x):
+    return 0.5 * x * (1 + np.vectorize(math.erf, otypes=[float])(x / math.sqrt(2)))
+
+
+FUNCTIONS = [
+    Elementwise(
+        name="sigmoid", arity=1,
+        opaque=Opaque(formula=lambda S, z: 1 / (1 + S.exp(-z)),
+                      derivative=lambda S, f, z: f * (1 - f), sign="positive"),
+        numpy=lambda np, z: 1 / (1 + np.exp(-z)), torch=lambda T, x: T.sigmoid(x),
+        tvm=lambda b, x: b.c(1.0) / (b.c(1.0) + b.exp(-x)), let_depth=2,
+        module=lambda nn: nn.Sigmoid()),
+    # relu(NaN) = NaN (x < 0 is false for NaN); its derivative is torch's: 0 where x <= 0
+    # (at 0 too), else 1, so a NaN argument passes the gradient through
+    Elementwise(
+        name="relu", arity=1,
+        opaque=Opaque(formula=lambda S, z: S.Max(z, 0),
+                      derivative=lambda S, f, z: S.Lt0(-z), sign="nonnegative"),
+        partials=lambda P, args, d: [P.where(P.ew("<=", args[0], P.ZERO), P.ZERO, P.ONE)],
+        numpy=lambda np, z: np.maximum(z, 0), torch=lambda T, x: T.relu(x),
+        tvm=lambda b, x: b.let(x, lambda x: b.tirx.Select(x < b.c(0.0), b.c(0.0), x)),
+        let_depth=1, module=lambda nn: nn.ReLU()),
+    # the exact (erf) form, as torch's default; written out in every path (see _gelu_torch)
+    Elementwise(
+        name="gelu", arity=1,
+        opaque=Opaque(formula=lambda S, z: z * (1 + S.erf(z / S.sqrt(2))) / 2),
+        numpy=_gelu_numpy, torch=_gelu_torch,
+        tvm=lambda b, x: b.let(x, lambda x: b.c(0.5) * x * (
+            b.c(1.0) + b.erf(x * b.c(1 / math.sqrt(2.0))))),
+        let_depth=2, module=lambda nn: nn.GELU()),
+    # log(1 + e^x), and x itself beyond 20 (as torch); the derivative sigmoid never overflows
+    Elementwise(
+        name="softplus", arity=1,
+        opaque=Opaque(formula=lambda S, z: S.log(1 + S.exp(z)),
+                      derivative=lambda S, f, z: S.sigmoid(z), sign="positive"),
+        numpy=lambda np, z: np.logaddexp(0, z),
+        torch=lambda T, x: T.nn.functional.softplus(x),
+        tvm=lambda b, x: b.let(x, b.softplus), let_depth=3,
+        module=lambda nn: nn.Softplus()),
+]
