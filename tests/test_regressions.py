@@ -485,3 +485,18 @@ def test_sparse_inputs_and_overflowing_grids_are_clear_errors():
     with pytest.raises(itdsl.ParseError, match="overflows"):
         itdsl.compile_source("operator a { domain X = grid(-1e308, 1e308) input b : X -> R "
                              "output u(x: X) = integral(y: X) b(y) }")
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_an_index_of_size_zero_by_keyword_is_empty(target):
+    text = """operator a {
+        domain T = index
+        param  c : R = 1
+        output o(x: T) = integral(y: T) exp(-c * (x - y)^2) with sum
+    }"""
+    op = itdsl.compile_source(text, target=target)["a"]
+    assert op(T=0).shape == (0,)
+    t = torch.arange(3.0)
+    torch.testing.assert_close(op(T=3), torch.exp(-(t[:, None] - t[None, :]) ** 2).sum(1))
+    with pytest.raises(itdsl.InputError, match="at least 0"):
+        op(T=-1)

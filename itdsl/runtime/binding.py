@@ -125,9 +125,9 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             if isinstance(v, torch.Tensor) or not isinstance(v, int) or isinstance(v, bool):
                 raise InputError(f"`{d.name}` is a {d.kind.value} domain: pass its number of "
                                  f"points as an int (`{d.name}=24`), got {type(v).__name__}")
-            if v < (2 if d.kind is DomainKind.GRID else 1):
-                raise InputError(f"`{d.name}` needs at least "
-                                 f"{2 if d.kind is DomainKind.GRID else 1} points, got {v}")
+            least = 2 if d.kind is DomainKind.GRID else 0  # (an empty index, as an empty field)
+            if v < least:
+                raise InputError(f"`{d.name}` needs at least {least} points, got {v}")
             set_size(d.name, v, f"`{d.name}={v}`")
     fields: dict[str, torch.Tensor] = {}
     for i in op.inputs:
