@@ -1,8 +1,9 @@
 """The public API: compile `.it` text into operators.
 
-The pipeline is one linear function (`compile_source`): parse -> check ->
-(symbolic analysis, lowering: later stages) -> runtime modules. torch is imported
-only when operators are built, so `itdsl check` stays light.
+The pipeline is one linear function: `compile_source` parses and checks; `Program.plan`
+runs the symbolic analysis (or loads its Plan from the on-disk cache); `Program[name]` builds
+the runtime module, which lowers and compiles its kernels on first use. torch and TVM are
+imported only when operators are built, so `itdsl check` stays light.
 """
 
 from __future__ import annotations
