@@ -32,7 +32,10 @@ FUNCTIONS = [
         name="relu", arity=1,
         opaque=Opaque(formula=lambda S, z: S.Max(z, 0),
                       derivative=lambda S, f, z: S.Lt0(-z), sign="nonnegative"),
-        partials=lambda P, args, d: [P.where(P.ew("<=", args[0], P.ZERO), P.ZERO, P.ONE)],
+        # (a mask, where(not [x <= 0], 1, 0): the cotangent goes inside it, so a NaN
+        # cotangent gives 0 where x <= 0, as torch's threshold_backward selects)
+        partials=lambda P, args, d: [P.where(
+            P.ew("==", P.ew("<=", args[0], P.ZERO), P.ZERO), P.ONE, P.ZERO)],
         numpy=lambda np, z: np.maximum(z, 0), torch=lambda T, x: T.relu(x),
         tvm=lambda b, x: b.let(x, lambda x: b.tirx.Select(x < b.c(0.0), b.c(0.0), x)),
         let_depth=1, module=lambda nn: nn.ReLU()),
