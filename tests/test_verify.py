@@ -6,6 +6,8 @@ rule. tests/conftest.py also runs it on every Plan built or loaded during the te
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ FUZZ_SEEDS = range(200)
 def test_the_hook_is_on():
     assert getattr(itdsl.symbolic.build.build_plan, "verifying", False)
     assert getattr(itdsl.runtime.cache.load_plan, "verifying", False)
+
+
+def test_the_verifier_imports_neither_torch_nor_tvm():
+    code = ("import sys, itdsl.symbolic.verify; "
+            "print(sorted(m for m in ('torch', 'tvm', 'sympy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True, timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
