@@ -52,9 +52,10 @@ def _shape(width: int | None) -> tuple[int, ...]:
 
 def verify_plan(plan: Plan) -> None:
     """Raise `PlanInvariantError` if `plan` breaks an invariant (see the module docstring)."""
-    _spaces(plan)
+    seen: dict[tuple, Node] = {}  # every node of the Plan, by structure: hash-consing
+    _spaces(plan, seen)
     fwd = {st.name: st for st in plan.forward.steps}
-    _program(plan, plan.forward, "forward", visible={})
+    _program(plan, plan.forward, "forward", {}, seen)
     _check(COT not in fwd, "forward", f"no step may be named `{COT}` (the cotangent's name)")
     out = fwd.get("out")
     _check(out is not None and out.kind == "point" and out.side == "x"
@@ -62,7 +63,7 @@ def verify_plan(plan: Plan) -> None:
            f"a point step `out` per x of shape {plan.out_shape} gives the result")
     _check(not plan.forward.outputs, "forward", "the forward program's result is `out`, not "
            "a list of outputs")
-    _program(plan, plan.backward, "backward", visible=fwd)
+    _program(plan, plan.backward, "backward", fwd, seen)
     _gradients(plan)
     pair = {st.name for prog in (plan.forward, plan.backward) for st in prog.steps
             if st.kind in ("sum", "max")}
@@ -74,7 +75,7 @@ def verify_plan(plan: Plan) -> None:
                "names a step of that side")
 
 
-def _spaces(plan: Plan) -> None:
+def _spaces(plan: Plan, seen: dict[tuple, Node]) -> None:
     _check("x" in plan.spaces and plan.spaces["x"].quad is None, "spaces",
            "x is the output's side, without a quadrature")
     op = plan.op
@@ -89,10 +90,11 @@ def _spaces(plan: Plan) -> None:
         _check(key[0] == "y" and key[1:].isdigit() and sp.quad is not None, where,
                "an integral's side is y<k> with a quadrature")
         if sp.importance is not None:
-            _nodes(plan, [sp.importance], where + " importance", {key}, {}, set())
+            _nodes(plan, [sp.importance], where + " importance", {key}, {}, set(), seen)
 
 
-def _program(plan: Plan, prog: Program, phase: str, visible: dict[str, Step]) -> None:
+def _program(plan: Plan, prog: Program, phase: str, visible: dict[str, Step],
+             seen: dict[tuple, Node]) -> None:
     """The steps of one program, in order; `visible`: the forward's steps (for the backward)."""
     defined: dict[str, Step] = {}
     for st in prog.steps:
@@ -102,7 +104,8 @@ def _program(plan: Plan, prog: Program, phase: str, visible: dict[str, Step]) ->
         _step(plan, st, phase, where)
         roots = [st.expr] + ([st.mask] if st.mask is not None else [])
         allowed = {st.side, st.over} - {None}
-        _nodes(plan, roots, where, allowed, {**visible, **defined}, {COT} if visible else set())
+        _nodes(plan, roots, where, allowed, {**visible, **defined},
+               {COT} if visible else set(), seen)
         defined[st.name] = st
     for key, names in prog.outputs.items():
         _check(bool(names) and len(set(names)) == len(names)
@@ -140,10 +143,10 @@ def _step(plan: Plan, st: Step, phase: str, where: str) -> None:
 
 
 def _nodes(plan: Plan, roots: list[Node], where: str, allowed: set[str],
-           steps: dict[str, Step], cots: set[str]) -> None:
+           steps: dict[str, Step], cots: set[str], seen: dict[tuple, Node]) -> None:
     """Every node under `roots`: its dependencies within `allowed`, its leaves real, its
-    shape and dependencies as `pexpr` builds them, no two distinct nodes equal."""
-    seen: dict[tuple, Node] = {}
+    shape and dependencies as `pexpr` builds them, no two distinct nodes equal (`seen`: the
+    Plan's nodes so far, by op, attrs, shape and the identity of their arguments)."""
     for n in P.toposort(roots):
         key = (n.op, n.attrs, n.shape, tuple(id(a) for a in n.args))
         _check(seen.setdefault(key, n) is n, where,
