@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 import tempfile
@@ -22,3 +23,40 @@ def pytest_addoption(parser):
 @pytest.fixture
 def update_golden(request) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+# ---- the Plan verifier, on every Plan the tests build or load -----------------------------------
+# `itdsl.symbolic.verify.verify_plan` runs after `build_plan` (every path that analyses an
+# operator goes through it: `analyse`, `Program.plan`, the tests that call it directly) and on
+# every Plan read from the cache. The runtime itself never verifies.
+
+VERIFIED = [0]
+
+
+def _verifying(fn):
+    from itdsl.symbolic.verify import verify_plan
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        plan = fn(*args, **kwargs)
+        if plan is not None:
+            verify_plan(plan)
+            VERIFIED[0] += 1
+        return plan
+
+    wrapper.verifying = True
+    return wrapper
+
+
+def pytest_configure(config):
+    import itdsl.runtime.cache as cache
+    import itdsl.symbolic.build as build
+    for module, name in ((build, "build_plan"), (cache, "load_plan")):
+        fn = getattr(module, name)
+        if not getattr(fn, "verifying", False):
+            setattr(module, name, _verifying(fn))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if VERIFIED[0]:
+        terminalreporter.write_line(f"Plan verifier: {VERIFIED[0]} Plans verified")

@@ -1,25 +1,34 @@
-"""The printers: AST -> `.it` text (round trip) and checked IR -> text (golden files).
+"""The printers: AST -> `.it` text (round trip), checked IR, `explain` and Plans -> text
+(golden files).
 
 `parse(print_program(tree)) == tree` for the examples and for hand-written programs chosen to
-stress precedence, associativity and where an integrand ends. The IR printer's output for
-each example is compared with `tests/golden/ir/<example>.txt`; run
+stress precedence, associativity and where an integrand ends. For each example the IR
+printer's output is compared with `tests/golden/ir/<example>.txt`, and for each of its
+operators (default strategy, target "reference") `explain` with
+`tests/golden/explain/<example>.<operator>.txt` (the analysis time masked) and the Plan
+(`show_plan`: spaces, forward and backward steps with kinds and shapes, gradients) with
+`tests/golden/plans/<example>.<operator>.txt`. Run
 `pytest tests/test_printer.py --update-golden` to rewrite those after an intended change
 (and read the diff).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from itdsl.api import compile_file
 from itdsl.frontend import ast, load_file, load_source, parse, parse_file
 from itdsl.frontend.ast import BinOp, BoolOp, CmpOp
 from itdsl.frontend.printer import format_ir_program, print_expr, print_program
+from itdsl.symbolic.show import show_plan
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FILES = sorted((REPO / "examples").glob("*.it"))
-GOLDEN = Path(__file__).resolve().parent / "golden" / "ir"
+GOLDEN_ROOT = Path(__file__).resolve().parent / "golden"
+GOLDEN = GOLDEN_ROOT / "ir"
 
 
 def roundtrip(tree: ast.Program) -> str:
@@ -267,21 +276,53 @@ def test_print_program_canonical_form():
 # ---- golden files of the IR printer ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
-def test_ir_golden(path, update_golden):
-    text = format_ir_program(load_file(path))
-    golden = GOLDEN / f"{path.stem}.txt"
-    if update_golden:
+def compare_golden(text: str, golden: Path, what: str, update: bool) -> None:
+    """`text` equals the golden file (or, with `--update-golden`, becomes it)."""
+    if update:
         golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
+        golden.write_text(text, encoding="utf-8")
         return
     assert golden.exists(), (f"no golden file {golden.relative_to(REPO)}; run "
                              "`pytest tests/test_printer.py --update-golden` and read it")
-    assert text == golden.read_text(), (f"the IR of {path.name} changed; if that is intended, "
-                                        "run `pytest tests/test_printer.py --update-golden`")
+    assert text == golden.read_text(encoding="utf-8"), (
+        f"{what} changed; if that is intended, run "
+        "`pytest tests/test_printer.py --update-golden` and read the diff")
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
+def test_ir_golden(path, update_golden):
+    compare_golden(format_ir_program(load_file(path)), GOLDEN / f"{path.stem}.txt",
+                   f"the IR of {path.name}", update_golden)
+
+
+EXAMPLE_OPERATORS = [(p, op.name) for p in EXAMPLE_FILES for op in load_file(p).operators]
+OPERATOR_IDS = [f"{p.stem}.{name}" for p, name in EXAMPLE_OPERATORS]
+ANALYSED_IN = re.compile(r"\(analysed in \d+ ms\)")
+
+
+@pytest.fixture(scope="module")
+def example_programs():
+    return {p: compile_file(p, target="reference") for p in EXAMPLE_FILES}
+
+
+@pytest.mark.parametrize("path, name", EXAMPLE_OPERATORS, ids=OPERATOR_IDS)
+def test_explain_golden(path, name, example_programs, update_golden):
+    text = ANALYSED_IN.sub("(analysed in … ms)", example_programs[path].explain(name))
+    compare_golden(text, GOLDEN_ROOT / "explain" / f"{path.stem}.{name}.txt",
+                   f"`explain` of {name} ({path.name})", update_golden)
+
+
+@pytest.mark.parametrize("path, name", EXAMPLE_OPERATORS, ids=OPERATOR_IDS)
+def test_plan_golden(path, name, example_programs, update_golden):
+    compare_golden(show_plan(example_programs[path].plan(name)),
+                   GOLDEN_ROOT / "plans" / f"{path.stem}.{name}.txt",
+                   f"the Plan of {name} ({path.name})", update_golden)
 
 
 def test_no_stale_golden_files():
     stems = {p.stem for p in EXAMPLE_FILES}
     stale = [p.name for p in GOLDEN.glob("*.txt") if p.stem not in stems]
+    ids = set(OPERATOR_IDS)
+    stale += [f"{kind}/{p.name}" for kind in ("explain", "plans")
+              for p in (GOLDEN_ROOT / kind).glob("*.txt") if p.stem not in ids]
     assert not stale, f"golden files without an example: {stale}"

@@ -53,7 +53,10 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
         sl = "" if (col == 0 and k == a[0].shape[1]) else f"[:, {col}:{col + k}]"
         return f"{W}{sl}{'ᵀ' if tr else ''}·{_show(a[1], names, 5)}"
     if op == "outer":
-        return f"outer({_show(a[0], names, 0)}, {_show(a[1], names, 0)})"
+        col, cols = n.attrs
+        hi = col + (a[1].shape[0] if a[1].shape else 1)
+        at = "" if (col, hi) == (0, cols) else f"; columns {col}:{hi} of {cols}"
+        return f"outer({_show(a[0], names, 0)}, {_show(a[1], names, 0)}{at})"
     if op == "basis":
         n_nodes, d = n.attrs
         return f"basis{n_nodes}{chr(39) * d}({_show(a[0], names, 0)})"
@@ -87,7 +90,9 @@ def show_shared(roots: list[Node], min_uses: int = 2) -> tuple[list[str], list[s
     return lets, [_show(r, names, 0) for r in roots]
 
 
-def show_program(prog: Program, indent: str = "  ") -> str:
+def show_program(prog: Program, indent: str = "  ", shapes: bool = False) -> str:
+    """One line per step (shared subexpressions first, as `tK = ...`); with `shapes`, each
+    step's shape after it."""
     lines = []
     for st in prog.steps:
         roots = [st.expr] + ([st.mask] if st.mask is not None else [])
@@ -106,4 +111,34 @@ def show_program(prog: Program, indent: str = "  ") -> str:
             lines.append(f"{indent}{st.name}[{st.side}] = sum over {st.over} of {body}")
         else:
             lines.append(f"{indent}{st.name} = sum over {st.over} of {body}")
+        if shapes:
+            lines[-1] += f"   : {st.kind} {_shape(st.shape)}"
     return "\n".join(lines)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _quad(q) -> str:
+    args = [str(a) for a in (q.weights, q.n, q.samples) if a is not None]
+    return q.rule.value + (f"({', '.join(args)})" if args else "")
+
+
+def show_plan(plan) -> str:
+    """A Plan as stable text (the golden files of tests/golden/plans/): its spaces, both
+    programs with every step's kind and shape, and the backward's outputs. No timings."""
+    lines = [f"plan {plan.op.name}: strategy {plan.strategy}, output {_shape(plan.out_shape)}",
+             "spaces:"]
+    for side, sp in plan.spaces.items():
+        text = f"  {side}: {sp.var} in {sp.domain}"
+        if sp.quad is not None:
+            text += f", {_quad(sp.quad)}"
+        if sp.importance is not None:
+            text += f", importance {show(sp.importance)}"
+        lines.append(text)
+    lines += ["forward:", show_program(plan.forward, "  ", shapes=True),
+              "backward:", show_program(plan.backward, "  ", shapes=True), "gradients:"]
+    for key, names in plan.backward.outputs.items():
+        lines.append(f"  {key} = {' + '.join(names)}")
+    return "\n".join(lines) + "\n"
