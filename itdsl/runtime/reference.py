@@ -260,9 +260,7 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
         rest = [g for g in _factors(den.body) if g != f]
         live = s.detach()
         if rest:
-            r = _eval(rest[0], ctx)
-            for g in rest[1:]:
-                r = r * _eval(g, ctx)
+            r = _product([_eval(g, ctx) for g in rest])
             mask = (r.detach() != 0).expand(torch.broadcast_shapes(r.shape, s.shape))
             live = torch.where(mask, live, torch.full_like(live, -math.inf))
             if all(g in _factors(num.body) for g in rest):
