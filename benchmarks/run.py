@@ -140,7 +140,7 @@ def attention_setup(n: int, causal: bool, backward: bool):
         out.square().mean().backward()
         return out.detach()
 
-    import itdsl.runtime.strategies as strategies
+    import itdsl.runtime.strategies.tuning as strategies
 
     def itdsl_fn():
         return run(lambda a, b, c: op(q=a, k=b, v=c))

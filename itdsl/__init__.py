@@ -1,11 +1,11 @@
 """itdsl: a compiler for integral operators  out(x) = ∫ K(x, y) f(y) dμ(y).
 
-    prog = itdsl.compile_file("examples/gauss.it", target="reference")
+    prog = itdsl.compile_file("examples/gauss.it")
     op = prog["gauss_smooth"]          # a torch.nn.Module holding the params
-    u = op(X=x, Y=y, b=b)
+    u = op(X=x, Y=y, b=b)              # compiled kernels for the tensors' device
 """
 
-from .api import Program, compile_file, compile_source
+from .api import Program, compile_file, compile_source, set_memory_budget
 from .errors import (
                      AnalysisError,
                      CheckError,
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = ["compile_file", "compile_source", "Program", "ItdslError", "ItdslErrors",
            "ParseError", "CheckError", "AnalysisError", "LoweringError", "InputError",
-           "UnsupportedError",
+           "UnsupportedError", "set_memory_budget",
            "__version__"]

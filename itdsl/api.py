@@ -13,14 +13,13 @@ from pathlib import Path
 from .errors import ItdslError
 from .frontend import check, ir, parse, parse_file
 
-TARGETS = ("reference", "cpu", "cuda")
-STRATEGIES = ("attention", "convolution", "recurrence", "lowrank", "matmul", "dense")
+TARGETS = ("reference", "cpu", "cuda")  # or None: compiled, for the device of the tensors
 
 
 class Program:
     """The operators of one `.it` file, built for one target."""
 
-    def __init__(self, checked: ir.Program, target: str, strategy: str | None):
+    def __init__(self, checked: ir.Program, target: str | None, strategy: str | None):
         self.ir = checked
         self.target = target
         self.strategy = strategy
@@ -84,25 +83,37 @@ class Program:
         if target not in ("cuda", "tir"):
             raise ItdslError(f"unknown source kind `{target}`; choose \"cuda\" or \"tir\"")
         plan = self.plan(name)
-        tir_target = "cuda" if self.target == "cuda" else "cpu"
+        tir_target = "cuda" if self.target == "cuda" else "cpu"  # (None: the CPU's)
         return kernel_sources(plan, target, arch=arch, tir_target=tir_target)
 
 
-def _check_options(target: str, strategy: str | None) -> None:
-    if target not in TARGETS:
+def set_memory_budget(nbytes: int | str | None) -> None:
+    """The bytes a strategy may materialise per call (a matmul's sampled n×m matrix) before
+    the tiled kernels run the call instead: a number, or a string such as "512M"; None
+    restores the default ($ITDSL_MEMORY_BUDGET, else 256 MiB). `explain` states the rule."""
+    from .runtime.module import set_memory_budget as set_budget
+    set_budget(nbytes)
+
+
+def _check_options(target: str | None, strategy: str | None) -> None:
+    if target is not None and target not in TARGETS:
         raise ItdslError(f"unknown target `{target}`; choose one of {', '.join(TARGETS)}")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ItdslError(f"unknown strategy `{strategy}`; choose one of {', '.join(STRATEGIES)}")
+    from .symbolic.strategies import NAMES
+    if strategy is not None and strategy not in NAMES:
+        raise ItdslError(f"unknown strategy `{strategy}`; choose one of {', '.join(NAMES)}")
 
 
-def compile_source(source: str, target: str = "reference", strategy: str | None = None,
+def compile_source(source: str, target: str | None = None, strategy: str | None = None,
                    filename: str = "<string>") -> Program:
-    """Compile `.it` text. `target` is "reference", "cpu" or "cuda"; `strategy` forces one."""
+    """Compile `.it` text. With no `target` the operators are compiled for the device of the
+    tensors each call passes (CPU kernels now, CUDA kernels for tensors on a GPU, built on
+    first use per device and dtype); "cpu" or "cuda" forces one, "reference" gives the
+    executable semantics (every pair materialised; any derivative). `strategy` forces one."""
     _check_options(target, strategy)
     return Program(check(parse(source, filename)), target, strategy)
 
 
-def compile_file(path: str | Path, target: str = "reference",
+def compile_file(path: str | Path, target: str | None = None,
                  strategy: str | None = None) -> Program:
     """Compile a `.it` file; see `compile_source`."""
     _check_options(target, strategy)

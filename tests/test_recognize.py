@@ -13,6 +13,7 @@ from itdsl.frontend import ir, load_file, load_source
 from itdsl.symbolic import recognize as rec
 from itdsl.symbolic import structure as st
 from itdsl.symbolic.recognize import RULES, recognize
+from itdsl.symbolic.strategies import NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -217,7 +218,7 @@ def test_table(name, source, strategy, facts):
 
 def test_table_is_large():
     assert len(CASES) >= 40
-    assert {c[2] for c in CASES} == set(rec.STRATEGIES)
+    assert {c[2] for c in CASES} == set(NAMES)
 
 
 def _check_rejections(v: rec.Verdict) -> None:

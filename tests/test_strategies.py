@@ -26,7 +26,7 @@ def pair(target_strategy=None):
 
 def test_inn_layer_runs_as_a_matmul_and_equals_the_reference():
     op, ref = pair()
-    assert op.strategy == "matmul" and op._library is not None
+    assert op.strategy == "matmul" and op._runner is not None
     op, ref = op.double(), ref.double()
     for U, V, batch in ((24, 31, (2,)), (7, 5, ()), (64, 16, (3, 2))):
         f = torch.randn(*batch, V, dtype=D, requires_grad=True)
@@ -44,7 +44,7 @@ def test_matmul_equals_the_dense_lowering():
     op, _ = pair()
     dense = itdsl.compile_file(INN, target="cpu", strategy="dense")["integral_linear"]
     dense.load_state_dict(op.state_dict())
-    assert dense.strategy == "dense" and dense._library is None
+    assert dense.strategy == "dense" and dense._runner is None
     f = torch.randn(4, 40)
     torch.testing.assert_close(op(f=f, U=33), dense(f=f, U=33), rtol=1e-5, atol=1e-5)
 
@@ -55,7 +55,7 @@ def test_the_sampled_matrix_is_kept_per_param_version_and_size():
     with torch.no_grad():
         a = op(f=f, U=12)
         assert op(f=f, U=12).equal(a)
-        kept = dict(op._library._kept)
+        kept = dict(op._runner._kept)
         assert kept  # the matrix and the per-point values of params only
         op.W.add_(0.5)  # a new param version: resampled
         ref.load_state_dict(op.state_dict())

@@ -25,15 +25,15 @@ from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 from ..frontend.printer import format_ir_operator
-from ..symbolic.library import library_form
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
+from ..symbolic.strategies import Call, get
 from .binding import RESERVED_KEYWORDS, bind, check_call
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
-from .plan_eval import PlanEvaluator, _ts, evaluate_plan, gradients, set_cotangent
-from .strategies import LibraryRunner, MatmulRunner
+from .plan_eval import PlanEvaluator, evaluate_plan, gradients, set_cotangent, tshape
+from .strategies import runner_for
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
@@ -74,6 +74,37 @@ def _need_cuda() -> None:
     if not torch.cuda.is_available():
         raise LoweringError("this operator was compiled for CUDA, but no CUDA device is "
                             "available here", hint="use target=\"cpu\"")
+
+
+def memory_budget() -> int:
+    """The bytes a strategy may materialise per call (an n×m matrix, say) before the tiled
+    kernels run the call instead: `itdsl.set_memory_budget`, else $ITDSL_MEMORY_BUDGET
+    (bytes, or with a K/M/G suffix), else 256 MiB."""
+    if _BUDGET is not None:
+        return _BUDGET
+    return parse_bytes(os.environ.get("ITDSL_MEMORY_BUDGET", "256M"))
+
+
+_BUDGET: int | None = None
+
+
+def set_memory_budget(nbytes: int | str | None) -> None:
+    """Set the memory budget of the strategies (bytes, or "512M"; None: back to the default)."""
+    global _BUDGET
+    _BUDGET = None if nbytes is None else parse_bytes(nbytes)
+
+
+def parse_bytes(v: int | str) -> int:
+    text = str(v).strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    try:
+        n = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InputError(f"a memory budget must be a number of bytes (optionally with K, M or "
+                         f"G), not {v!r}")
+    return n
 
 
 def _ensure_threads() -> None:
@@ -210,7 +241,7 @@ class OpDef:
         shapes = [(*bound.batch, n, *plan.out_shape)]
         for s in self.saved:
             st = plan.forward.step(s)
-            ts = _ts(st.shape)
+            ts = tshape(st.shape)
             if st.side is None:
                 shapes.append(ts)
             else:
@@ -277,9 +308,12 @@ def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[tor
 
 
 class CompiledOperator(nn.Module):
-    """An operator compiled for the CPU (LLVM) or CUDA; call it like the reference."""
+    """An operator compiled to fast code; call it like the reference. With `target` None the
+    device follows the tensors: kernels for the device of each call's tensors (the CPU's LLVM
+    kernels, or CUDA kernels for tensors on a GPU), built on first use per device and dtype;
+    "cpu" or "cuda" forces one."""
 
-    def __init__(self, plan: Plan, target: str):
+    def __init__(self, plan: Plan, target: str | None = None):
         super().__init__()
         op = plan.op
         for name in RESERVED_KEYWORDS:
@@ -289,39 +323,69 @@ class CompiledOperator(nn.Module):
         register_params(self, op)
         self.ir, self.plan, self.target = op, plan, target
         self.strategy = plan.strategy
-        name = op_name(plan, target)
-        with _LOCK:  # one registration per distinct operator and process
-            opdef = _REGISTERED.get(name)
-            if opdef is None:
-                opdef = _REGISTERED[name] = OpDef(plan, target)
-        self._opdef = opdef
-        form = library_form(plan)
-        self._library = (None if not form else MatmulRunner(plan, form)
-                         if plan.strategy == "matmul" else LibraryRunner(plan, form))
+        self._opdefs: dict[str, OpDef] = {}
+        self._entry = get(plan.strategy)
+        self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
+        self.last_run = None  # what ran the last call: "kernels" or the strategy's name
 
     def extra_repr(self) -> str:
-        return f"operator={self.ir.name}, target={self.target}, strategy={self.strategy}"
+        target = self.target or "the tensors' device"
+        return f"operator={self.ir.name}, target={target}, strategy={self.strategy}"
+
+    def opdef(self, target: str) -> OpDef:
+        """The custom ops of this operator for `target` (one registration per process)."""
+        opdef = self._opdefs.get(target)
+        if opdef is None:
+            name = op_name(self.plan, target)
+            with _LOCK:
+                opdef = _REGISTERED.get(name)
+                if opdef is None:
+                    opdef = _REGISTERED[name] = OpDef(self.plan, target)
+            self._opdefs[target] = opdef
+        return opdef
+
+    def _target(self, bound) -> str:
+        """The kernels' target for this call: the forced one, else the tensors' device."""
+        if self.target == "cuda" and bound.device.type != "cuda":
+            _need_cuda()
+            raise InputError(f"this operator was compiled for CUDA; its inputs are on "
+                             f"{bound.device}", hint="move them with `.cuda()`")
+        if self.target is not None:
+            return self.target
+        return "cuda" if bound.device.type == "cuda" else "cpu"
+
+    def choice(self, bound) -> str | None:
+        """None where the strategy's own algorithm runs this call, else why the tiled
+        kernels run it (the strategy's one per-call rule, over sizes, dtype and device)."""
+        if self._runner is None:
+            return "the strategy has no algorithm of its own"
+        sizes = {"x": bound.sizes[self.plan.x.domain]}
+        sizes.update({side: _side_size(self.plan, side, bound)
+                      for side in self.plan.spaces if side != "x"})
+        call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type,
+                    memory_budget())
+        return self._entry.choose(self.plan.form, call)
 
     def forward(self, *args, generator: torch.Generator | None = None,
                 **kwargs) -> torch.Tensor:
         check_call(args, generator)
-        opdef = self._opdef
         named = dict(self.named_parameters())
-        params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
-        bound = bind(self.ir, kwargs, params[0].dtype if params else None)
+        bound = bind(self.ir, kwargs, next(iter(named.values())).dtype if named else None)
         for name, p in named.items():
             if p.dtype != bound.dtype:
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "
                                  f"call `.to({bound.dtype})` on the module (or pass "
                                  f"{p.dtype} inputs)")
+        target = self._target(bound)
         if _empty(self.plan, bound):  # no work to tile: the Plan evaluator, differentiated
+            self.last_run = "empty"
             return _on_empty(self.plan, named, bound, generator)
-        if self._library is not None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
-            if self.target == "cuda" and bound.device.type != "cuda":
-                _need_cuda()
-                raise InputError(f"this operator was compiled for CUDA; its inputs are on "
-                                 f"{bound.device}", hint="move them with `.cuda()`")
-            return self._library(named, bound, generator)
+        if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
+            self.last_run = self.strategy
+            return self._runner(named, bound, generator)
+        self.last_run = "kernels"
+        opdef = self.opdef(target)
+        params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
         tensors = []
         for name in opdef.tensor_names:
             t = kwargs.get(name)

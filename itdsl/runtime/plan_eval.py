@@ -10,6 +10,7 @@ structure the compiled code will have, checked in float64.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -25,8 +26,12 @@ from .params import keys_basis
 from .reference import elementwise, gauss_legendre, grid_points, grid_weights
 
 
-def _ts(shape: tuple[int, ...]) -> tuple[int, ...]:
+def tshape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The trailing dims a value of `shape` has in the evaluator's layout (a scalar: `(1,)`)."""
     return shape if shape else (1,)
+
+
+_ts = tshape
 
 
 class _Side:
@@ -53,6 +58,7 @@ class PlanEvaluator:
         self.cols: slice | None = None  # evaluate pairs on these points of y only (a tile)
         self.special: set[str] = set()  # steps stored as [n, *shape], batch summed
         self.sides: dict[str, _Side] = {}
+        self.fields = bound.fields  # the inputs' values by name
         draws: dict[tuple, torch.Tensor] = {}
         for side, sp in plan.spaces.items():
             self.sides[side] = self._side(sp, draws, generator)
@@ -125,6 +131,32 @@ class PlanEvaluator:
             w = w / m
         return w
 
+    # ---- views: the same call, evaluated elsewhere (the strategies' runners) ---------------
+    def at(self, coords: dict[str, torch.Tensor]) -> PlanEvaluator:
+        """A view of this evaluator with the sides `coords` names placed at those
+        coordinates (`[k, D]`); for expressions of coordinates and params only (a
+        convolution's taps). This evaluator is unchanged."""
+        view = copy.copy(self)
+        view.sides = {**self.sides, **{side: _Side(c.shape[0], c, None)
+                                       for side, c in coords.items()}}
+        return view
+
+    def tile(self, cols: slice, params: dict | None = None, env: dict | None = None,
+             fields: dict | None = None) -> PlanEvaluator:
+        """A view of this evaluator on the points `cols` of the integrals' sides, with some
+        params, step values or fields replaced (by tensors autograd tracks, say). This
+        evaluator is unchanged."""
+        view = copy.copy(self)
+        view.cols = cols
+        view.params = {**self.params, **(params or {})}
+        view.env = {**self.env, **(env or {})}
+        view.fields = {**self.fields, **(fields or {})}
+        return view
+
+    def value(self, e: Node, rows: slice | None = None) -> torch.Tensor:
+        """The value of one expression `[*B?, X, Y, *ts]` (on the rows `rows` of x)."""
+        return self.eval_nodes([e], rows)[e]
+
     # ---- leaves -----------------------------------------------------------------------------
     def _place(self, t: torch.Tensor, side: str | None, shape, rows: slice | None) -> torch.Tensor:
         """A compact tensor `[*B, n, *ts]` of `side` placed into the pair layout."""
@@ -159,7 +191,7 @@ class PlanEvaluator:
                                  "needed")
             return self._place(s.coords, side, n.shape, rows)
         if op == "field":
-            return self._place(self.bound.fields[n.attrs[0]], side, n.shape, rows)
+            return self._place(self.fields[n.attrs[0]], side, n.shape, rows)
         if op == "weight":
             return self._place(s.weights.unsqueeze(-1), side, n.shape, rows)
         raise TypeError(op)  # pragma: no cover
@@ -265,7 +297,7 @@ class PlanEvaluator:
                 return v.reshape(_ts(st.shape)) if v.dim() <= len(_ts(st.shape)) else v
             nts = len(_ts(st.shape))
             v = v.squeeze(-nts - 1) if st.side == "x" else v.squeeze(-nts - 2)
-            return self._full(v, st.side, nts)
+            return self.full(v, st.side, nts)
         if st.kind == "total":
             if self._special(st.expr):
                 return self._matrix_total(st)
@@ -275,7 +307,7 @@ class PlanEvaluator:
             return v.sum(dim=tuple(range(v.dim() - nts))).reshape(_ts(st.shape))
         if st.kind == "max":
             if self.sides["x"].n == 0 or self.sides[st.over].n == 0:  # a max over nothing
-                return self._full(torch.zeros(1, 1, dtype=self.dtype, device=self.device), "x", 1)
+                return self.full(torch.zeros(1, 1, dtype=self.dtype, device=self.device), "x", 1)
             parts = []
             for rows in self._chunks():
                 vals = self.eval_nodes([st.expr, st.mask], rows)
@@ -286,7 +318,7 @@ class PlanEvaluator:
                 parts.append(s.amax(dim=-2))
             m = torch.cat(parts, dim=-2)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            return self._full(m, "x", 1)
+            return self.full(m, "x", 1)
         return self._pair_sum(st)
 
     def _extent(self, side: str) -> tuple[int, int]:
@@ -294,7 +326,7 @@ class PlanEvaluator:
         n = self.sides[side].n
         return (n, 1) if side == "x" else (1, n)
 
-    def _full(self, v: torch.Tensor, side: str, nts: int) -> torch.Tensor:
+    def full(self, v: torch.Tensor, side: str, nts: int) -> torch.Tensor:
         """Expand a compact `[*B?, n?, *ts]` to `[*batch, n, *ts]` (with `expand_batch`
         off, the batch dims stay as they are: a value the same for every batch entry
         stays one value)."""
@@ -323,7 +355,7 @@ class PlanEvaluator:
             if matrix:
                 return torch.zeros(ny if not over_y else 0, *ts, dtype=self.dtype,
                                    device=self.device)
-            return self._full(torch.zeros(1, *ts, dtype=self.dtype, device=self.device),
+            return self.full(torch.zeros(1, *ts, dtype=self.dtype, device=self.device),
                               st.side, nts)
         acc = None
         parts = []
@@ -348,7 +380,7 @@ class PlanEvaluator:
             out = torch.cat(parts, dim=0) if over_y else acc
             return out
         out = torch.cat(parts, dim=-nts - 1) if over_y else acc
-        return self._full(out, st.side, nts)
+        return self.full(out, st.side, nts)
 
     def run(self, prog: Program) -> None:
         for st in prog.steps:

@@ -30,8 +30,22 @@ def analyse(op: ir.Operator, strategy: str | None = None) -> Plan:
                             f"analysis found `{verdict.strategy}` ({verdict.reason})", op.span,
                             "leave `strategy` unset, or force \"dense\"")
     plan = build_plan(op, strategy or verdict.strategy, verdict)
+    find_form(plan)
     plan.seconds = time.perf_counter() - t0
     return plan
+
+
+def find_form(plan: Plan) -> None:
+    """Store the strategy's typed form in `plan`, found once here. A strategy whose algorithm
+    does not take the Plan's form (a kernel its structural separation does not split) runs on
+    the dense kernels, and the Plan says so: never a silent fallback at run time."""
+    from .strategies import get
+    entry = get(plan.strategy)
+    plan.form = entry.find(plan)
+    if plan.form is None and entry.name != "dense":
+        plan.notes.append(f"the analysis found `{entry.name}`, but its algorithm does not take "
+                          "this form of the kernel yet: the dense kernels run it")
+        plan.strategy = "dense"
 
 
 __all__ = ["analyse", "build_plan", "Plan", "Verdict"]

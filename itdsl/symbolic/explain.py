@@ -4,76 +4,8 @@ from __future__ import annotations
 
 from ..frontend.printer import format_ir_expr
 from .plan import Plan
-from .show import show as format_pexpr
 from .show import show_program
-
-ALGORITHMS = {
-    "attention": ("tiled online softmax: a running max and sum per x, causal tiles skipped; the "
-                  "backward recomputes the scores (flash attention)",
-                  "O(n·m·d) time, O(n·d) extra memory"),
-    "convolution": ("direct sum over the kernel's support (compact), or FFT (global); "
-                    "quadrature weights modulate f",
-                    "O(n·w·C) direct (w points in the support), O(n log n·C) by FFT"),
-    "recurrence": ("chunked linear scan: parallel inside a chunk, recurrent across chunks; the "
-                   "step is built from exp(-a·Δ)",
-                   "O(n·S·C) time for S states, O(S·C) state"),
-    "lowrank": ("two passes: Σ_y ψ(y) f(y)ᵀ once, then φ(x)·(that) per x",
-                "O((n+m)·r·C) time for rank r"),
-    "matmul": ("the kernel sampled once into an n×m matrix per param version and sizes, then a "
-               "GEMM (an Integral Neural Network layer)", "O(n·m·C) time, O(n·m) for the matrix"),
-    "dense": ("tiled, fused pair reduction: each tile of x sweeps the points of y, the kernel is "
-              "evaluated in registers and reduced at once", "O(n·m·p) time for p operations per "
-              "pair, O((n+m)·C) extra memory"),
-}
-
-
-def _runs_as(plan: Plan, form) -> list[str]:
-    """What computes the strategy (`form`: its library form, or None): which parts are
-    generated and which are library calls."""
-    from . import library as L
-    if plan.strategy == "dense":
-        return ["    runs as: generated TVM kernels (LLVM on the CPU, CUDA source for GPUs) for "
-                "the pair sums; per-point steps in torch"]
-    if not form:
-        return ["    runs as: the dense lowering (generated tiled pair kernels): this kernel's "
-                "form is not one the strategy's algorithm takes yet"]
-    head = "    runs as (torch, no generated kernel; torch autograd gives the gradients):"
-    if plan.strategy == "matmul":
-        return [head, "      the matrix sampled from the per-point tensors below (kept while "
-                "params and sizes stay), then torch.matmul (a library GEMM)"]
-    if isinstance(form, L.SoftmaxForm):
-        extra = f" + ({format_pexpr(form.rest)}) per tile" if form.rest is not None else ""
-        mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
-                "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
-                    form.causal, "mask evaluated per tile" if form.mask is not None else "no mask")
-        if form.sdpa:
-            return ["    runs as (torch, no generated kernel):",
-                    "      torch's scaled_dot_product_attention (a library flash kernel, forward "
-                    "and backward) on a(x), b(y), v(y); the sums are taken relative to the "
-                    "row's log-sum-exp"]
-        return ["    runs as (torch, no generated kernel):",
-                f"      scores = a(x)·b(y) by torch GEMM per tile (rank {L.rank(list(form.terms))})"
-                f"{extra}; {mask}",
-                "      online softmax over column tiles (running max and sum), Σ exp(s − max)·v "
-                "by GEMM; O(n·C) memory",
-                "      backward: its own flash backward (scores recomputed per tile, 5 GEMMs)"]
-    out = [head]
-    for f in form:
-        if isinstance(f, L.LowRankSum):
-            r = L.rank(list(f.terms))
-            how = ("chunked causal scan: per chunk a masked L×L product, across chunks a "
-                   "running Σ ψ(y) f(y)ᵀ" if f.causal else
-                   "two GEMMs: Σ_y ψ(y) f(y)ᵀ, then φ(x)·that")
-            out.append(f"      {f.sum.step}: rank {r}: {how}")
-        elif isinstance(f, L.DecaySum):
-            out.append(f"      {f.sum.step}: {len(f.exps)} decaying exponential(s): chunked scan "
-                       "built from exp(rate·Δ), Δ >= 0 (recursive over chunks)")
-        else:
-            how = (f"direct depthwise conv1d over the support |x − y| <= {f.half_width} (FFT "
-                   "when it spans many points)" if f.half_width is not None else "FFT (torch.fft)")
-            out.append(f"      {f.sum.step}: taps g(x − y) sampled on the grid, then {how}; "
-                       "quadrature weights modulate f")
-    return out
+from .strategies import get
 
 
 def _gradient_lines(plan: Plan) -> list[str]:
@@ -98,9 +30,11 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     lines = [f"operator {op.name}"]
     lines.append(f"  output {op.output.name}({op.output.var}: {op.output.domain}) = "
                  f"{format_ir_expr(op.output.body)}")
-    forced = v is not None and v.strategy != plan.strategy
+    forced = v is not None and v.strategy != plan.strategy and not plan.notes
     lines.append(f"  strategy: {plan.strategy}" + ("  (forced; the analysis found "
                                                     f"{v.strategy})" if forced else ""))
+    for note in plan.notes:
+        lines.append(f"    note:  {note}")
     if v is not None:
         lines.append(f"    rule:  {v.rule}")
         lines.append(f"    form:  {v.form}")
@@ -109,12 +43,12 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
             lines.append("    facts: " + ", ".join(f"{k}={val}" for k, val in v.details.items()))
         for rule, why in v.rejected:
             lines.append(f"    not {rule}: {why}")
-    alg, cx = ALGORITHMS[plan.strategy]
-    lines.append(f"  algorithm: {alg}")
-    lines.append(f"    complexity: {cx}")
-    from .library import library_form
-    form = library_form(plan)
-    lines += _runs_as(plan, form)
+    entry = get(plan.strategy)
+    lines.append(f"  algorithm: {entry.algorithm}")
+    lines.append(f"    complexity: {entry.complexity}")
+    lines += entry.runs_as(plan, plan.form)
+    if plan.form is not None:
+        lines.append(f"    which runs: {entry.choice}")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
@@ -132,7 +66,7 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
             lines.append(f"    {h.text}   [{where}, {h.cost} ops]")
     lines.append("  gradients (each a program of pair reductions; nothing is n×m):")
     lines += _gradient_lines(plan)
-    if plan.strategy != "dense" and form:
+    if plan.form is not None:
         lines.append("  (the programs below are what the dense lowering compiles; this strategy "
                      "runs its own algorithm, above, and differentiates that)")
     lines.append("  forward program:")

@@ -27,11 +27,11 @@ from .pexpr import Node
 
 @dataclass(frozen=True)
 class Verdict:
-    strategy: str  # "attention" | "recurrence" | "convolution" | "lowrank" | "matmul" | "dense"
+    strategy: str  # a name of `symbolic.strategies.REGISTRY`
     rule: str  # the rule that fired
     form: str  # the mathematical form it matched
     reason: str  # why, with the evidence
-    details: dict  # facts for later stages (JSON-like values)
+    details: dict  # the facts the rule found (JSON-like values, shown by explain)
     rejected: tuple[tuple[str, str], ...]  # (rule, why it did not match), earlier rules
 
 
@@ -116,6 +116,9 @@ class Plan:
     pair_ops_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # time the analysis took
+    # the strategy's typed form (symbolic/strategies/<strategy>.py), found once at analysis;
+    # None for dense
+    form: object = None
 
     @property
     def x(self) -> Space:

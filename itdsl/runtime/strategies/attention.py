@@ -1,0 +1,250 @@
+"""attention (`symbolic/strategies/attention.py`): the max step and the sums of a softmax at
+once, by torch's scaled_dot_product_attention for plain q·k attention, else by `_Softmax`, a
+tiled online softmax with a flash backward of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ...errors import UnsupportedError
+from ...symbolic import pexpr as P
+from ...symbolic.strategies.attention import SoftmaxForm
+from ..plan_eval import PlanEvaluator, tshape
+from . import tuning as T
+from .common import Runner, broadcast_lead, cat, factors, on, put
+
+
+class AttentionRunner(Runner):
+    """The forward steps in order; the max step and the softmax sums at the last of them (the
+    per-point steps the sums read come before it)."""
+
+    def run(self, ev: PlanEvaluator) -> None:
+        f = self.form
+        later = {f.max_step} | {ps.step for ps in f.sums[:-1]}
+        for st in self.plan.forward.steps:
+            if st.name in later:
+                continue
+            if st.name == f.sums[-1].step:
+                _softmax(ev, f)
+            else:
+                ev.env[st.name] = ev.run_step(st)
+
+
+runner = AttentionRunner
+
+
+def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
+    """The max step and the sums of an attention Plan at once: by torch's
+    scaled_dot_product_attention for plain attention, else by `_Softmax`."""
+    over = f.sums[0].over
+    A, B = factors(ev, f.terms, over)
+    insides = [ps.inside for ps in f.sums if ps.inside != P.ONE]
+    if insides:
+        V = cat([on(ev, e, over) for e in insides])
+    else:
+        V = B.new_zeros(*B.shape[:-1], 0)
+    A, B, V = broadcast_lead(A, B, V)
+    lead = A.shape[:-2]
+    if f.sdpa and T.USE_SDPA and insides:
+        return _sdpa(ev, f, A, B, V, lead)
+    keys, leaves = [], []
+    if f.rest is not None:
+        for n in P.toposort([f.rest]):
+            key = (n.op, n.attrs[0]) if n.op in ("param", "ref", "field") else None
+            if key is None or key in keys:
+                continue
+            t = (ev.params[key[1]] if n.op == "param" else ev.env[key[1]] if n.op == "ref"
+                 else ev.fields[key[1]])
+            keys.append(key)
+            leaves.append(t)
+    flat = [t.reshape(math.prod(lead), *t.shape[-2:]) for t in (A, B, V)]  # (V may be n × 0)
+    m0, acc, l = _Softmax.apply((ev, f, keys, lead), *flat, *leaves)
+    n = A.shape[-2]
+    ev.env[f.max_step] = m0.reshape(*lead, n, 1)
+    _put_sums(ev, f, acc.reshape(*lead, n, -1), l.reshape(*lead, n, 1))
+
+
+def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
+    """Plain attention by torch's scaled_dot_product_attention (its flash kernel, forward
+    and backward). It returns the normalised Σ exp(s − lse)·v: the Plan's sums are then
+    taken relative to the row's log-sum-exp instead of its max, which the ratio does not
+    see: the sums of v are the output, the sum of 1 is 1."""
+    n, m = A.shape[-2], B.shape[-2]
+    O = torch.nn.functional.scaled_dot_product_attention(
+        A.reshape(1, -1, n, A.shape[-1]), B.reshape(1, -1, m, B.shape[-1]),
+        V.reshape(1, -1, m, V.shape[-1]), is_causal=f.causal == "<=", scale=1.0)
+    O = O.reshape(*lead, n, V.shape[-1])
+    ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
+    _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
+
+
+def _put_sums(ev: PlanEvaluator, f: SoftmaxForm, acc: torch.Tensor, l: torch.Tensor) -> None:
+    """The softmax sums into the Plan: `acc` holds the insides side by side, `l` the sum of 1."""
+    col = 0
+    for ps in f.sums:
+        if ps.inside == P.ONE:
+            put(ev, ps, l)
+        else:
+            w = math.prod(tshape(ps.inside.shape))
+            put(ev, ps, acc[..., col:col + w])
+            col += w
+
+
+def _row_tiles(n: int, m: int, causal: str | None):
+    """Per tile of rows, its tiles of columns (cols, crosses the diagonal). Under a causal
+    mask the columns left of the row tile come in unmasked tiles, the square on its diagonal
+    is the one masked tile, and the tiles right of it are skipped."""
+    for r0 in range(0, n, T.ROWS):
+        r1 = min(n, r0 + T.ROWS)
+        if causal is None:
+            yield slice(r0, r1), [(slice(c0, min(m, c0 + T.COLS)), False)
+                                  for c0 in range(0, m, T.COLS)]
+            continue
+        left = min(r0, m)
+        tiles = [(slice(c0, min(left, c0 + T.COLS)), False) for c0 in range(0, left, T.COLS)]
+        last = min(m, r1 if causal == "<=" else r1 - 1)
+        if last > r0 or not tiles:  # (the first row of a strict mask: all masked)
+            tiles.append((slice(r0, max(last, r0 + 1)), True))
+        yield slice(r0, r1), tiles
+
+
+class _Softmax(torch.autograd.Function):
+    """Tiled online softmax: per tile of rows a running max, sum and Σ exp(s − max)·V over
+    the tiles of columns; returns (row max m, Σ exp(s − m)·V, Σ exp(s − m)). The backward
+    recomputes each tile's scores (flash attention) and keeps nothing n×m; m is a constant of
+    the Plan (the ratio does not depend on it), as in the dense backward."""
+
+    @staticmethod
+    def forward(ctx, info, A, B, V, *leaves):
+        ev, f, keys, lead = info
+        N, n, _ = A.shape
+        m_all, l_all = A.new_empty(N, n), A.new_empty(N, n)
+        clean = f.mask is None and f.rest is None  # then every score is finite
+        acc_all = A.new_empty(N, n, V.shape[-1])
+        for rows, tiles in _row_tiles(n, B.shape[1], f.causal):
+            m_i = l_i = a_i = None
+            for cols, cross in tiles:
+                S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross)
+                m_t = S.amax(-1)
+                m_new = m_t if m_i is None else torch.maximum(m_i, m_t)
+                m_safe = m_new if clean else m_new.nan_to_num(neginf=0.0)  # all masked so far
+                _probs(S, keep, m_safe)
+                if m_i is None:
+                    l_i, a_i = S.sum(-1), torch.bmm(S, V[:, cols])
+                else:
+                    scale = torch.exp(m_i - m_safe)
+                    l_i = torch.addcmul(S.sum(-1), l_i, scale)
+                    a_i.mul_(scale.unsqueeze(-1)).baddbmm_(S, V[:, cols])
+                m_i = m_new
+            if not clean:  # a row whose every live score is -inf has no mass: 0/0, as
+                dead = m_i == -math.inf  # torch's softmax gives (the clamp at -80 lent
+                l_i = l_i.masked_fill(dead, 0.0)  # its terms e^-80 each)
+                a_i.masked_fill_(dead.unsqueeze(-1), 0.0)
+            m_all[:, rows] = m_i.nan_to_num(neginf=0.0)
+            l_all[:, rows], acc_all[:, rows] = l_i, a_i
+        ctx.info = info
+        ctx.save_for_backward(A, B, V, m_all, l_all, *leaves)
+        return m_all, acc_all, l_all
+
+    @staticmethod
+    def backward(ctx, dm, dacc, dl):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative
+            raise UnsupportedError(
+                "second derivatives through itdsl's tiled online softmax are not implemented",
+                hint="plain q·k attention (torch's SDPA) has them, and so has "
+                     'target="reference"')
+        ev, f, keys, lead = ctx.info
+        A, B, V, m0, l0, *leaves = ctx.saved_tensors
+        want = [t.requires_grad for t in leaves]
+        dA, dB, dV = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(V)
+        dleaves = [torch.zeros_like(t) if w else None for t, w in zip(leaves, want)]
+        if dacc is None:
+            dacc = V.new_zeros(A.shape[0], A.shape[1], V.shape[-1])
+        if dl is None:
+            dl = torch.zeros_like(m0)
+        if f.mask is not None or f.rest is not None:  # (else every row has a term exp(0))
+            empty = l0 == 0  # rows with every score masked: nothing to differentiate (0/0)
+            dacc, dl = dacc.masked_fill(empty.unsqueeze(-1), 0.0), dl.masked_fill(empty, 0.0)
+        grad_rest = f.rest is not None and any(want)
+        for rows, tiles in _row_tiles(A.shape[1], B.shape[1], f.causal):
+            dO, Ar, dAr = dacc[:, rows], A[:, rows], dA[:, rows]
+            for cols, cross in tiles:
+                rest = None
+                if grad_rest:
+                    with torch.enable_grad():
+                        lv = [t.detach().requires_grad_(w) for t, w in zip(leaves, want)]
+                        S, keep, rest = _scores(ev, f, keys, lv, lead, A, B, rows, cols, cross,
+                                                keep_rest=True)
+                    S = S.detach()
+                else:
+                    S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross)
+                Pm = _probs(S, keep, m0[:, rows])  # the probabilities, recomputed
+                dV[:, cols].baddbmm_(Pm.transpose(1, 2), dO)
+                dS = torch.baddbmm(dl[:, rows].unsqueeze(-1), dO, V[:, cols].transpose(1, 2))
+                dS.mul_(Pm)
+                dAr.baddbmm_(dS, B[:, cols])
+                dB[:, cols].baddbmm_(dS.transpose(1, 2), Ar)
+                if rest is not None:
+                    got = iter(torch.autograd.grad(rest, [t for t in lv if t.requires_grad], dS,
+                                                   allow_unused=True))
+                    for i, w in enumerate(want):
+                        g = next(got) if w else None
+                        if g is not None:
+                            dleaves[i] += g
+        return (None, dA, dB, dV, *dleaves)
+
+
+def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: slice, cross: bool,
+            keep_rest: bool = False):
+    """(scores of one tile `[N, R, K]` with masked entries -inf, 1 where kept and 0 where
+    masked or None; with `keep_rest`, also the position term as computed, for its gradient)."""
+    S = A[:, rows] @ B[:, cols].transpose(1, 2)
+    rest = keep = None
+    if f.rest is not None:
+        rest = _tile_value(ev, f.rest, keys, leaves, lead, rows, cols, S.shape)
+        S = S + rest if keep_rest else S.add_(rest)
+    if f.causal is not None and cross:
+        mask = _causal_mask.__wrapped__ if torch.compiler.is_compiling() else _causal_mask
+        masked, keep = mask(rows.stop - rows.start, cols.stop - cols.start,
+                            cols.start - rows.start + (f.causal == "<"), S.dtype, S.device)
+        S = S.masked_fill_(masked, -math.inf)  # (a masked NaN score stays out of the max)
+    elif f.mask is not None and f.causal is None:
+        with torch.no_grad():
+            keep = (_tile_value(ev, f.mask, keys, leaves, lead, rows, cols, S.shape) != 0)
+        S = S.masked_fill_(~keep, -math.inf)
+        keep = keep.to(S.dtype)
+    return (S, keep, rest) if keep_rest else (S, keep)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(R: int, K: int, shift: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of an R×K tile whose entries with column c + shift > row r are masked: True
+    where masked (for the scores), and as a factor (1 or 0, for the probabilities)."""
+    masked = torch.ones(R, K, dtype=torch.bool, device=device).triu(1 - shift)
+    return masked, (~masked).to(dtype)
+
+
+def _probs(S: torch.Tensor, keep, m: torch.Tensor) -> torch.Tensor:
+    """exp(S − m) in place, 0 where masked. Arguments below −80 are raised to it: exp(−80)
+    ≈ 2e-35 is far below any rounding of a sum whose largest term is 1, and it keeps the
+    exponential off the slow paths of CPUs for -inf and for results that are subnormal."""
+    S.sub_(m.unsqueeze(-1)).clamp_min_(-80.0).exp_()
+    return S if keep is None else S.mul_(keep)
+
+
+def _tile_value(ev, e: P.Node, keys, leaves, lead, rows: slice, cols: slice, shape):
+    """A pair expression on one tile, `[N, R, K]`, reading `leaves` for its params, per-point
+    steps and fields."""
+    given: dict[str, dict] = {"param": {}, "ref": {}, "field": {}}
+    for (op, name), t in zip(keys, leaves):
+        given[op][name] = t
+    view = ev.tile(cols, params=given["param"], env=given["ref"], fields=given["field"])
+    v = view.value(e, rows)[..., 0]  # [*B?, R, K]
+    while v.dim() < 2:
+        v = v.unsqueeze(0)
+    v = v.expand(*lead, shape[1], shape[2]) if lead else v.expand(shape[1], shape[2])
+    return v.reshape(shape)

@@ -1,0 +1,7 @@
+"""The tunables of the strategies' runners, in one place (the tests shrink them)."""
+
+CHUNK = 64  # scan chunk: parallel inside, recurrent across
+SEGMENT = 64  # chunks per segment of a causal low-rank scan (segments run one by one)
+ROWS, COLS = 256, 512  # attention tiles (rows of x, columns of y)
+DIRECT_TAPS = 96  # a convolution with more taps than this runs by FFT
+USE_SDPA = True  # plain attention by torch's scaled_dot_product_attention (else its own tiles)

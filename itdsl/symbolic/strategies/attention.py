@@ -1,0 +1,166 @@
+"""Attention: out(x) = ∫ exp(s(x,y))·[mask]·v(y) / ∫ exp(s(x,y))·[mask], a softmax.
+
+Recognised on the IR (every integral a normalised ratio whose kernel is exponentials under
+brackets); on the Plan, the one max step (the shift m) and the sums of exp(s − m)·inside(y)
+under one mask, with s split into a GEMM part Σ_t a_t(x)·b_t(y) and an elementwise rest (a
+position term). The runtime (`itdsl/runtime/strategies/attention.py`) runs plain q·k
+attention by torch's SDPA and anything else by its own tiled online softmax."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ...frontend import ir
+from ...frontend.printer import format_ir_expr
+from .. import pexpr as P
+from ..pexpr import Node
+from ..plan import Plan
+from ..show import show
+from .entry import Match, Miss, Rule, Strategy
+from .forms import (
+    PairSum,
+    Term,
+    causal_mask,
+    pair_sums,
+    rank,
+    regular,
+    separate,
+    summands,
+)
+
+if TYPE_CHECKING:
+    from ..recognize import Analysis, Item
+
+
+# ---- recognition (on the IR) -----------------------------------------------------------------
+
+
+def _attention_item(A: Analysis, item: Item) -> Match | Miss:
+    if not item.unit.normalised:
+        return Miss("a plain integral, not a normalised ratio ∫K·v / ∫K")
+    smooth = item.smooth
+    if not smooth:
+        return Miss("K has no exponential factor")
+    for f in smooth:
+        if not (isinstance(f, ir.Op) and f.fn is ir.Fn.EXP):
+            return Miss(f"the kernel factor `{format_ir_expr(f)}` is not an exponential")
+    score = " + ".join(format_ir_expr(f.args[0]) for f in smooth)
+    masks = item.brackets
+    causal = False
+    if masks and item.scalar_coords:
+        iv = A.support(item, masks)
+        causal = iv is not None and iv.lo >= 0
+    mask = " * ".join(format_ir_expr(b) for b in masks) or None
+    why = f"K = exp({score})" + (f" masked by {mask}" if mask else "")
+    if causal:
+        why += f" (causal: the mask keeps {item.y} <= {item.x})"
+    return Match(why + "; the ratio is a softmax", {"causal": causal, "score": score,
+                                                     "mask": mask})
+
+
+def match_attention(A: Analysis) -> Match | Miss:
+    """out(x) = ∫ exp(s(x,y))·[mask]·v(y) / ∫ exp(s(x,y))·[mask]  ->  attention"""
+    ms, miss = A.per_item(_attention_item)
+    if miss is not None:
+        return miss
+    masks = [m.details["mask"] for m in ms if m.details["mask"]]
+    return Match(A.joined(ms), {"causal": all(m.details["causal"] for m in ms),
+                               "score": " ; ".join(m.details["score"] for m in ms),
+                               "mask": " ; ".join(masks) if masks else None})
+
+
+RULES = (Rule("softmax-attention", "attention",
+              "out(x) = ∫ exp(s(x,y))·[mask]·v(y) / ∫ exp(s(x,y))·[mask]", match_attention),)
+
+
+# ---- the form (on the Plan) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftmaxForm:
+    """Attention: sums of exp(s(x, y) − m(x))·inside(y) under one mask, m the masked row max
+    of s; s = Σ_t a_t(x)·b_t(y) (a GEMM) + rest(x, y) (elementwise, e.g. a position bias)."""
+
+    max_step: str
+    score: Node
+    terms: tuple[Term, ...]
+    rest: Node | None
+    mask: Node | None
+    causal: str | None
+    sums: tuple[PairSum, ...]
+
+    @property
+    def sdpa(self) -> bool:
+        """Plain scaled dot-product attention (one dot of the two sides, no mask or the
+        causal [y <= x], nothing else in the score): torch's scaled_dot_product_attention
+        computes it, a library kernel that does this inner work best."""
+        return (self.rest is None and self.causal in (None, "<=")
+                and (self.mask is None or self.causal == "<=") and len(self.terms) == 1
+                and self.terms[0].reduced and all(ps.outside == P.ONE for ps in self.sums))
+
+
+
+def find(plan: Plan) -> SoftmaxForm | None:
+    maxes = [st for st in plan.forward.steps if st.kind == "max"]
+    return _softmax(plan, maxes, pair_sums(plan))
+
+
+def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
+    if len(maxes) != 1 or not sums:
+        return None
+    mx = maxes[0]
+    m = P.ref(mx.name, "x", ())
+    mask = None if mx.mask is None or mx.mask.is_const else mx.mask
+    for ps in sums:
+        k = ps.kernel
+        if (ps.over != mx.over or ps.mask != mask or k.op != "exp" or k.args[0].op != "-"
+                or k.args[0].args[1] != m or k.args[0].args[0] != mx.expr):
+            return None
+    terms, rest = [], None
+    for sign, u in summands(mx.expr):
+        t = separate(u, "x", mx.over)
+        if t is not None and all(len(q.a.shape) <= 1 for q in t):
+            terms += [Term(P.mul(P.const(sign), q.a), q.b, q.reduced) for q in t]
+        else:
+            rest = P.mul(P.const(sign), u) if rest is None else P.add(rest, P.mul(P.const(sign), u))
+    if not terms:
+        return None
+    causal = causal_mask(mask, mx.over) if regular(plan, mx.over) else None  # else per tile
+    if rest is not None and any(n.op == "coord" and plan.op.domain(
+            plan.spaces[n.attrs[0]].domain).kind.value == "points" for n in P.toposort([rest])):
+        return None  # the tiles' own backward does not differentiate coordinates
+    order = [st.name for st in plan.forward.steps]
+    first, last = order.index(mx.name), max(order.index(ps.step) for ps in sums)
+    skipped = {mx.name} | {ps.step for ps in sums}
+    for st in plan.forward.steps[first:last]:  # (all computed at the last sum)
+        if st.name not in skipped and any(n.op == "ref" and n.attrs[0] in skipped
+                                          for n in P.toposort([st.expr])):
+            return None
+    return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))
+
+
+def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
+    if form.sdpa:
+        return ["    runs as (torch, no generated kernel):",
+                "      torch's scaled_dot_product_attention (a library flash kernel, forward "
+                "and backward) on a(x), b(y), v(y); the sums are taken relative to the "
+                "row's log-sum-exp"]
+    extra = f" + ({show(form.rest)}) per tile" if form.rest is not None else ""
+    mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
+            "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
+                form.causal, "mask evaluated per tile" if form.mask is not None else "no mask")
+    return ["    runs as (torch, no generated kernel):",
+            f"      scores = a(x)·b(y) by torch GEMM per tile (rank {rank(list(form.terms))})"
+            f"{extra}; {mask}",
+            "      online softmax over column tiles (running max and sum), Σ exp(s − max)·v "
+            "by GEMM; O(n·C) memory",
+            "      backward: its own flash backward (scores recomputed per tile, 5 GEMMs)"]
+
+
+STRATEGY = Strategy(
+    name="attention", rules=RULES,
+    algorithm="tiled online softmax: a running max and sum per x, causal tiles skipped; the "
+              "backward recomputes the scores (flash attention)",
+    complexity="O(n·m·d) time, O(n·d) extra memory",
+    find=find, runs_as=runs_as)

@@ -1,0 +1,108 @@
+"""Matmul (an Integral Neural Network layer): each integral of the output is
+`Σ_j A[i, j]·V[j]`, with A[i, j] everything that does not read the call's inputs (the
+kernel, the quadrature weight: coordinates and params only) and V[j] the factors that do.
+
+The runtime samples A once into an n×m matrix (kept per param version and sizes) and runs
+a GEMM, while the matrix fits the memory budget; beyond it the tiled kernels run the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ...frontend import ir
+from ...frontend.ast import DomainKind
+from .. import pexpr as P
+from ..pexpr import Node
+from ..plan import Plan
+from .entry import LIBRARY, Match, Miss, Rule, Strategy
+
+if TYPE_CHECKING:
+    from ..recognize import Analysis, Item
+from .entry import Call
+from .forms import reads_inputs
+
+# ---- recognition (on the IR) -----------------------------------------------------------------
+
+
+def _matmul_item(A: Analysis, item: Item) -> Match | Miss:
+    for dom in (item.xdom, item.ydom):
+        if dom.kind is not DomainKind.GRID:
+            return Miss(f"{dom.name} is {dom.kind.value}, not a grid")
+    miss = A.no_fields(item)
+    if miss is not None:
+        return miss
+    return Match(f"K reads no sampled field, and {item.xdom.name} × {item.ydom.name} are grids: "
+                 "sample K once")
+
+
+def match_matmul(A: Analysis) -> Match | Miss:
+    """K(u,v) = k(u, v; params), u and v on grids  ->  K sampled once, then a GEMM"""
+    ms, miss = A.per_item(_matmul_item)
+    return miss or Match(A.joined(ms), {})
+
+
+RULES = (Rule("coordinates-only", "matmul", "K(u,v) = k(u,v; params), u and v on grids",
+              match_matmul),)
+
+
+# ---- the form (on the Plan) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatmulTerm:
+    step: str  # the pair-sum step it replaces
+    over: str  # the side it sums over
+    kernel: Node  # A[i, j]: depends on x and y, reads no field
+    values: Node  # V[j]: depends on y (or nothing)
+
+
+def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
+    """The integrals of `plan` as (A, V) pairs, or None if it is not of that form."""
+    terms = []
+    for st in plan.forward.steps:
+        if st.kind == "max":
+            return None
+        if st.kind != "sum":
+            continue
+        kernel, values = P.ONE, P.ONE
+        for f in P.factors(st.expr):  # what reads the inputs is V; the rest is sampled
+            if "x" in f.deps or not reads_inputs(f, plan):
+                kernel = P.mul(kernel, f)
+            else:
+                values = P.mul(values, f)
+        fields = [n for n in P.toposort([kernel]) if n.op == "field"]
+        if fields or kernel.shape or plan.spaces[st.over].quad.rule is ir.QuadRule.GAUSS:
+            return None
+        terms.append(MatmulTerm(st.name, st.over, kernel, values))
+    return tuple(terms) or None
+
+
+def matrix_bytes(form, call: Call) -> int:
+    """The bytes of the sampled matrices: n×m per integral."""
+    n = call.sizes["x"]
+    return sum(n * call.sizes[t.over] for t in form) * call.itemsize
+
+
+def choose(form, call: Call) -> str | None:
+    need = matrix_bytes(form, call)
+    if need > call.budget:
+        return (f"the sampled matrix needs {need / 2**20:.0f} MiB, over the memory budget of "
+                f"{call.budget / 2**20:.0f} MiB")
+    return None
+
+
+def runs_as(plan: Plan, form) -> list[str]:
+    return [LIBRARY, "      the matrix sampled from the per-point tensors below (kept while params "
+                     "and sizes stay), then torch.matmul (a library GEMM)"]
+
+
+STRATEGY = Strategy(
+    name="matmul", rules=RULES,
+    algorithm="the kernel sampled once into an n×m matrix per param version and sizes, then a "
+              "GEMM (an Integral Neural Network layer)",
+    complexity="O(n·m·C) time, O(n·m) for the matrix",
+    find=find, runs_as=runs_as, choose=choose,
+    choice="per call: the sampled matrix while its n·m values fit the memory budget "
+           "(itdsl.set_memory_budget, $ITDSL_MEMORY_BUDGET), else the tiled kernels")
