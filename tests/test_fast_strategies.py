@@ -21,7 +21,6 @@ import itdsl
 import itdsl.runtime.strategies.tuning as S
 from itdsl.frontend import load_source
 from itdsl.runtime.strategies import Runner
-from itdsl.runtime.strategies.lowrank import causal_lowrank
 from itdsl.runtime.strategies.recurrence import decay_scan
 
 D = torch.float64
