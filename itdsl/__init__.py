@@ -5,7 +5,7 @@
     u = op(X=x, Y=y, b=b)              # compiled kernels for the tensors' device
 """
 
-from .api import Program, compile_file, compile_source, set_memory_budget
+from .api import Program, compile_file, compile_source
 from .errors import (
                      AnalysisError,
                      CheckError,
@@ -16,6 +16,7 @@ from .errors import (
                      ParseError,
                      UnsupportedError,
 )
+from .settings import set_memory_budget
 
 __version__ = "0.1.0"
 

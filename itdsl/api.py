@@ -87,14 +87,6 @@ class Program:
         return kernel_sources(plan, target, arch=arch, tir_target=tir_target)
 
 
-def set_memory_budget(nbytes: int | str | None) -> None:
-    """The bytes a strategy may materialise per call (a matmul's sampled n×m matrix) before
-    the tiled kernels run the call instead: a number, or a string such as "512M"; None
-    restores the default ($ITDSL_MEMORY_BUDGET, else 256 MiB). `explain` states the rule."""
-    from .runtime.module import set_memory_budget as set_budget
-    set_budget(nbytes)
-
-
 def _check_options(target: str | None, strategy: str | None) -> None:
     if target is not None and target not in TARGETS:
         raise ItdslError(f"unknown target `{target}`; choose one of {', '.join(TARGETS)}")

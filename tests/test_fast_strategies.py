@@ -284,7 +284,7 @@ def test_global_convolution_runs_by_fft():
         output o(t: T) = integral(u: T) g(t, u) * f(u) with simpson
     }"""
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     ref.load_state_dict(lib.state_dict())
     assert lib.strategy == "convolution" and lib._runner.form[0].half_width is None
     kw = {"f": torch.randn(2, 257, 3, dtype=D)}
@@ -314,7 +314,7 @@ def test_attention_relative_position_params_get_gradients(small_tiles):
         output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
     }"""
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     assert lib._runner is not None and lib._runner.form.rest is not None
     kw = _inputs(lib, 29, 29, (2,), torch.Generator().manual_seed(8))
     _check(lib, ref, kw)
@@ -376,7 +376,7 @@ def test_values_hoisted_after_the_max_step(monkeypatch, sdpa):
     for mask in ("1", "[s <= t]"):
         text = RATIO % ("index", mask, "tanh(v(s)) * exp(sum(k(s)))", "", "")
         lib = itdsl.compile_source(text, target="cpu")["k"].double()
-        ref = itdsl.compile_source(text)["k"].double()
+        ref = itdsl.compile_source(text, target="reference")["k"].double()
         assert lib._runner is not None
         _check(lib, ref, _inputs(lib, 13, 13, (2,), torch.Generator().manual_seed(13)))
 
@@ -390,7 +390,7 @@ def test_causal_bracket_over_gauss_nodes_is_not_a_position_mask():
         output o(t: T) = integral(s: T) a(t, s) * cos(3 * s) with gauss(5) / integral(s: T) a(t, s) with gauss(5)
     }"""
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     assert lib._runner is not None and lib._runner.form.causal is None
     q = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(14))
     out, want = lib(q=q), ref(q=q)
@@ -409,7 +409,7 @@ def test_point_coordinates_in_a_position_term_get_their_gradient():
         output o(x: X) = integral(y: Y) a(x, y) * v(y) / integral(y: Y) a(x, y)
     }"""
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     g = torch.Generator().manual_seed(15)
     kw = {"X": torch.rand(7, 2, dtype=D, generator=g), "Y": torch.rand(9, 2, dtype=D, generator=g)}
     kw.update(q=torch.randn(7, 4, dtype=D, generator=g), k=torch.randn(9, 4, dtype=D, generator=g),
@@ -421,7 +421,7 @@ def test_point_coordinates_in_a_position_term_get_their_gradient():
 def test_montecarlo_draws_follow_the_generator(mask):
     text = RATIO % ("index", mask, "v(s)", "with montecarlo(6)", "with montecarlo(6)")
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     assert lib._runner is not None
     kw = _inputs(lib, 12, 12, (), torch.Generator().manual_seed(16))
     outs = [op(generator=torch.Generator().manual_seed(0), **kw) for op in (lib, lib, ref)]

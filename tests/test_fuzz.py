@@ -485,7 +485,7 @@ def test_example_mutants_of_every_line():
 def _run_c(line: str, **kwargs) -> torch.Tensor:
     text = ("operator c {\n    domain X = index\n    domain Y = index\n    input w : Y -> R\n"
             "    input h : X -> R\n    " + line + "\n}\n")
-    return itdsl.compile_source(text)["c"](**kwargs)
+    return itdsl.compile_source(text, target="reference")["c"](**kwargs)
 
 
 @pytest.mark.parametrize("line, want", [
@@ -539,7 +539,7 @@ def test_deepest_accepted_program_runs():
             f"    kernel k0(x: X, y: X) = {nest('f(y) * 1e-9', spare)}\n{chain}"
             f"    output u(x: X) = integral(y: X) k{kernels}(x, y) * f(y) / "
             f"integral(y: X) k{kernels}(x, y)\n}}\n")
-    prog = itdsl.compile_source(text)
+    prog = itdsl.compile_source(text, target="reference")
     depth, stack = 0, [(prog.ir["a"].output.body, 1)]
     while stack:
         node, d = stack.pop()

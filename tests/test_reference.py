@@ -330,7 +330,7 @@ operator q {{
 
 def quad(rule, body, n, lo=0, hi=1):
     src = QUAD_SRC.format(rule=rule, body=body, lo=lo, hi=hi)
-    op = itdsl.compile_source(src)["q"]
+    op = itdsl.compile_source(src, target="reference")["q"]
     return op(f=torch.ones(n, dtype=D64), I=1).item()
 
 
@@ -356,7 +356,7 @@ def test_gauss_legendre_is_exact_for_polynomials():
         domain T = grid(0, 2)
         output g(i: I) = integral(t: T) (t^5 - t) with gauss(3)
     }"""
-    g = itdsl.compile_source(src)["q"](I=2)
+    g = itdsl.compile_source(src, target="reference")["q"](I=2)
     assert g.shape == (2,)
     assert g[0].item() == pytest.approx(2**6 / 6 - 2, rel=1e-6)
 
@@ -370,7 +370,7 @@ def test_weights_quadrature():
         input  b : Y -> R^2
         output g(x: X) = integral(y: Y) exp(-sqnorm(x - y)) * b(y) with weights(w)
     }"""
-    op = itdsl.compile_source(src)["q"]
+    op = itdsl.compile_source(src, target="reference")["q"]
     x, y, w, b = rand(4, 1), rand(6, 1), rand(6), rand(6, 2)
     fn = lambda: (torch.exp(-torch.cdist(x, y) ** 2) * w) @ b  # noqa: E731
     torch.testing.assert_close(op(X=x, Y=y, w=w, b=b), fn())
@@ -386,7 +386,7 @@ def test_montecarlo_importance_is_self_normalised_in_a_ratio():
         output g(i: I) = integral(j: I) exp(s(j)) * v(j) with montecarlo(4000, importance = exp(s(j)))
                        / integral(j: I) exp(s(j)) with montecarlo(4000, importance = exp(s(j)))
     }"""
-    op = itdsl.compile_source(src)["q"]
+    op = itdsl.compile_source(src, target="reference")["q"]
     v, s = torch.randn(30, 3, dtype=D64), torch.randn(30, dtype=D64)
     g = op(v=v, s=s, generator=torch.Generator().manual_seed(0))
     exact = torch.softmax(s, 0) @ v
@@ -408,7 +408,7 @@ def test_grid_coordinates_and_output_only_domain():
         input  f : V -> R
         output g(u: U) = u + integral(v: V) f(v)
     }"""
-    op = itdsl.compile_source(src)["q"]
+    op = itdsl.compile_source(src, target="reference")["q"]
     f = torch.randn(5)
     g = op(U=9, f=f)
     torch.testing.assert_close(g, torch.linspace(-1, 3, 9) + f.sum())

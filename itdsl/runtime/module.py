@@ -25,6 +25,7 @@ from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 from ..frontend.printer import format_ir_operator
+from ..settings import memory_budget
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import Plan, param_shapes
 from ..symbolic.strategies import Call, get
@@ -74,37 +75,6 @@ def _need_cuda() -> None:
     if not torch.cuda.is_available():
         raise LoweringError("this operator was compiled for CUDA, but no CUDA device is "
                             "available here", hint="use target=\"cpu\"")
-
-
-def memory_budget() -> int:
-    """The bytes a strategy may materialise per call (an n×m matrix, say) before the tiled
-    kernels run the call instead: `itdsl.set_memory_budget`, else $ITDSL_MEMORY_BUDGET
-    (bytes, or with a K/M/G suffix), else 256 MiB."""
-    if _BUDGET is not None:
-        return _BUDGET
-    return parse_bytes(os.environ.get("ITDSL_MEMORY_BUDGET", "256M"))
-
-
-_BUDGET: int | None = None
-
-
-def set_memory_budget(nbytes: int | str | None) -> None:
-    """Set the memory budget of the strategies (bytes, or "512M"; None: back to the default)."""
-    global _BUDGET
-    _BUDGET = None if nbytes is None else parse_bytes(nbytes)
-
-
-def parse_bytes(v: int | str) -> int:
-    text = str(v).strip().upper().removesuffix("B")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-    try:
-        n = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise InputError(f"a memory budget must be a number of bytes (optionally with K, M or "
-                         f"G), not {v!r}")
-    return n
 
 
 def _ensure_threads() -> None:

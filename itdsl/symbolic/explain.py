@@ -48,7 +48,8 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     lines.append(f"    complexity: {entry.complexity}")
     lines += entry.runs_as(plan, plan.form)
     if plan.form is not None:
-        lines.append(f"    which runs: {entry.choice}")
+        from ..settings import memory_budget
+        lines.append(f"    which runs: {entry.choice(memory_budget())}")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
@@ -67,8 +68,9 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     lines.append("  gradients (each a program of pair reductions; nothing is n×m):")
     lines += _gradient_lines(plan)
     if plan.form is not None:
-        lines.append("  (the programs below are what the dense lowering compiles; this strategy "
-                     "runs its own algorithm, above, and differentiates that)")
+        lines.append("  (the programs below are what the tiled kernels run, at the calls the rule "
+                     "above gives them; otherwise this strategy runs its own algorithm, above, "
+                     "and differentiates that)")
     lines.append("  forward program:")
     lines.append(show_program(plan.forward, "    "))
     lines.append("  backward program:")

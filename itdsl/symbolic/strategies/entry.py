@@ -63,7 +63,8 @@ class Strategy:
     # (form, Call) -> None where the strategy's runner computes the call, else why the tiled
     # kernels run it instead
     choose: Callable[[Any, Call], str | None] = lambda form, call: None
-    choice: str = "always its own algorithm"  # `choose` in words, for explain
+    # `choose` in words, for explain (given the memory budget in bytes)
+    choice: Callable[[int], str] = lambda budget: "always its own algorithm"
 
 
 def short(e, limit: int = 160) -> str:

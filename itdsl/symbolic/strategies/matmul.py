@@ -93,6 +93,12 @@ def choose(form, call: Call) -> str | None:
     return None
 
 
+def choice(budget: int) -> str:
+    return (f"per call: the sampled matrix while n·m·(bytes per value) <= the memory budget "
+            f"({budget / 2**20:g} MiB: n·m <= {budget // 8:,} in float64, {budget // 4:,} in "
+            "float32; itdsl.set_memory_budget, $ITDSL_MEMORY_BUDGET), else the tiled kernels")
+
+
 def runs_as(plan: Plan, form) -> list[str]:
     return [LIBRARY, "      the matrix sampled from the per-point tensors below (kept while params "
                      "and sizes stay), then torch.matmul (a library GEMM)"]
@@ -103,6 +109,4 @@ STRATEGY = Strategy(
     algorithm="the kernel sampled once into an n×m matrix per param version and sizes, then a "
               "GEMM (an Integral Neural Network layer)",
     complexity="O(n·m·C) time, O(n·m) for the matrix",
-    find=find, runs_as=runs_as, choose=choose,
-    choice="per call: the sampled matrix while its n·m values fit the memory budget "
-           "(itdsl.set_memory_budget, $ITDSL_MEMORY_BUDGET), else the tiled kernels")
+    find=find, runs_as=runs_as, choose=choose, choice=choice)
