@@ -222,7 +222,7 @@ class PairBuilder:
             return lambda b, i, j, ch: T[(b, i, j, *ch)]
         op = n.op
         if op == "const":
-            v = n.attrs[0]
+            v = n.value
             return lambda b, i, j, ch: self.c(v)
         if op == "zeros":
             return lambda b, i, j, ch: self.c(0.0)
@@ -238,7 +238,7 @@ class PairBuilder:
         if op == "bcast":
             return lambda b, i, j, ch: args[0](b, i, j, ())
         if op == "component":
-            k = n.attrs[0]
+            k = n.attr("index")
             return lambda b, i, j, ch: args[0](b, i, j, (k,))
         if op == "onehot":
             k, _ = n.attrs

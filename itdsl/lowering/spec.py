@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..functions import FUNCTIONS
 from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node, toposort
-from ..symbolic.plan import Program, Step
+from ..symbolic.plan import Program, Step, StepKind
 
 TILE_ROWS = 4  # CPU: rows per tile (the accumulator tile is TILE_ROWS x channels)
 TILE_COLS = 64  # columns per tile: the stages of a tile are TILE_ROWS x TILE_COLS
@@ -93,12 +93,12 @@ class Group:
 
 def _refs(st: Step) -> set[str]:
     roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-    return {n.attrs[0] for n in toposort(roots) if n.op in ("ref", "cot")}
+    return {n.name for n in toposort(roots) if n.op in ("ref", "cot")}
 
 
 def shift_names(plan) -> frozenset[str]:
     """The names of a Plan's max steps: the shifts its softmax sums subtract."""
-    return frozenset(st.name for st in plan.forward.steps if st.kind == "max")
+    return frozenset(st.name for st in plan.forward.steps if st.kind is StepKind.MAX)
 
 
 def pair_groups(prog: Program, shifts: frozenset[str] = frozenset()) -> list[Group]:
@@ -108,7 +108,7 @@ def pair_groups(prog: Program, shifts: frozenset[str] = frozenset()) -> list[Gro
     open_group: Group | None = None
     produced_since: set[str] = set()
     for st in prog.steps:
-        if st.kind in ("sum", "max"):
+        if st.kind in (StepKind.SUM, StepKind.MAX):
             # a matrix result (a param gradient) gets a kernel of its own: its accumulator
             # is laid out [row, r, c], not in the concatenated channels of vectors
             matrix = len(st.shape) == 2 or (open_group is not None
@@ -157,7 +157,8 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
         uses = [c for c in toposort(roots) if c.op == "linear" and c.args[0] is n]
         spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
                                     soa=role == "col" and n in in_stage,
-                                    transposed=bool(uses) and not any(u.attrs[2] for u in uses)))
+                                    transposed=bool(uses)
+                                    and not any(u.attr("transpose") for u in uses)))
     spec.staged = staged
     return spec
 
@@ -167,9 +168,9 @@ def _shifted(group: Group, roots: list[Node]) -> set[Node]:
     for m a max step. Each is computed in a stage, so it is rounded to the dtype before m
     is subtracted: a fused multiply-add across the subtraction would leave the row's
     largest term at exp(rounding error of s), not exp(0) (for s ~ 1e60, exp(±1e44))."""
-    out = {st.expr for st in group.steps if st.kind == "max"}
+    out = {st.expr for st in group.steps if st.kind is StepKind.MAX}
     for n in toposort(roots):
-        if n.op == "-" and n.args[1].op == "ref" and n.args[1].attrs[0] in group.shifts:
+        if n.op == "-" and n.args[1].op == "ref" and n.args[1].name in group.shifts:
             out.add(n.args[0])
     return {n for n in out if len(n.deps) == 2}
 

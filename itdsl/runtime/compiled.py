@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..symbolic.plan import Plan, Program
+from ..symbolic.plan import X_SIDE, Plan, Program, StepKind
 from .plan_eval import PlanEvaluator, _ts
 
 
@@ -63,7 +63,7 @@ class CompiledEvaluator(PlanEvaluator):
         """A leaf at every point of `side`: `[Bf, n, W]` for the full (flattened) batch."""
         v = self.eval_level(node, side)
         nts = len(_ts(node.shape))
-        v = v.squeeze(-nts - 1) if side == "x" else v.squeeze(-nts - 2)  # [*B?, n, *ts]
+        v = v.squeeze(-nts - 1) if side == X_SIDE else v.squeeze(-nts - 2)  # [*B?, n, *ts]
         n = self.sides[side].n
         v = v.expand(*torch.broadcast_shapes(v.shape[:-nts - 1], self.bound.batch), n,
                      *v.shape[-nts:])
@@ -105,6 +105,6 @@ class CompiledEvaluator(PlanEvaluator):
             lo += w
             ts = _ts(st.shape)
             part = part.reshape(*self.bound.batch, n, *ts)
-            if st.kind == "max":
+            if st.kind is StepKind.MAX:
                 part = torch.where(torch.isfinite(part), part, torch.zeros_like(part))
             self.env[st.name] = part

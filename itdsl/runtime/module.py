@@ -27,7 +27,7 @@ from ..frontend.ast import DomainKind
 from ..frontend.printer import format_ir_operator
 from ..settings import memory_budget
 from ..symbolic.pexpr import toposort
-from ..symbolic.plan import Plan, param_shapes
+from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
 from ..symbolic.strategies import Call, get
 from .binding import RESERVED_KEYWORDS, bind, check_call
 from .cache import canonical, kernel_key
@@ -93,7 +93,7 @@ class OpDef:
                             [i.name for i in op.inputs]
         self.int_names = [d.name for d in op.domains if d.kind is not DomainKind.POINTS]
         fwd_names = {st.name for st in plan.forward.steps}
-        used = {n.attrs[0] for st in plan.backward.steps
+        used = {n.name for st in plan.backward.steps
                 for n in toposort([st.expr] + ([st.mask] if st.mask is not None else []))
                 if n.op == "ref"}
         self.saved = sorted(used & fwd_names)
@@ -215,16 +215,17 @@ class OpDef:
             if st.side is None:
                 shapes.append(ts)
             else:
-                side_n = n if st.side == "x" else _side_size(plan, st.side, bound)
+                side_n = n if st.side == X_SIDE else _side_size(plan, st.side, bound)
                 shapes.append((*bound.batch, side_n, *ts))
         return shapes
 
     @property
-    def grad_keys(self) -> list[str]:
+    def grad_keys(self) -> list[GradKey]:
         """The gradient key of each tensor argument, then of each param."""
         domains = {d.name for d in self.op.domains}
-        return ([("coords:" if n in domains else "input:") + n for n in self.tensor_names]
-                + [f"param:{n}" for n in self.param_names])
+        return ([GradKey(GradKind.COORDS if n in domains else GradKind.INPUT, n)
+                 for n in self.tensor_names]
+                + [GradKey(GradKind.PARAM, n) for n in self.param_names])
 
     def collect_grads(self, ev, tensors, params, keys: set[str]) -> list[torch.Tensor]:
         grads = gradients(self.plan, ev, keys)
@@ -329,9 +330,9 @@ class CompiledOperator(nn.Module):
         kernels run it (the strategy's one per-call rule, over sizes, dtype and device)."""
         if self._runner is None:
             return "the strategy has no algorithm of its own"
-        sizes = {"x": bound.sizes[self.plan.x.domain]}
+        sizes = {X_SIDE: bound.sizes[self.plan.x.domain]}
         sizes.update({side: _side_size(self.plan, side, bound)
-                      for side in self.plan.spaces if side != "x"})
+                      for side in self.plan.spaces if side != X_SIDE})
         call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type,
                     memory_budget())
         return self._entry.choose(self.plan.form, call)

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..frontend import ir
 from ..frontend.ast import DomainKind
 from ..symbolic.pexpr import ELEMENTWISE, Node, toposort
-from ..symbolic.plan import Plan, Program, Step
+from ..symbolic.plan import X_SIDE, GradKind, Plan, Program, Step, StepKind
 from .binding import Bound
 from .params import keys_basis
 from .reference import elementwise, gauss_legendre, grid_points, grid_weights
@@ -163,9 +163,9 @@ class PlanEvaluator:
         nts = len(_ts(shape))
         if side is None:
             return t
-        if self.cols is not None and side != "x":
+        if self.cols is not None and side != X_SIDE:
             t = t.narrow(t.dim() - nts - 1, self.cols.start, self.cols.stop - self.cols.start)
-        if side == "x":
+        if side == X_SIDE:
             if rows is not None:
                 t = t.narrow(t.dim() - nts - 1, rows.start, rows.stop - rows.start)
             return t.unsqueeze(-nts - 1)
@@ -174,16 +174,16 @@ class PlanEvaluator:
     def _leaf(self, n: Node, rows: slice | None) -> torch.Tensor:
         op = n.op
         if op == "const":
-            return self._t([n.attrs[0]])
+            return self._t([n.value])
         if op == "zeros":
             return torch.zeros(_ts(n.shape), dtype=self.dtype, device=self.device)
         if op == "param":
-            p = self.params[n.attrs[0]].to(self.dtype)
+            p = self.params[n.name].to(self.dtype)
             return p.reshape(_ts(n.shape))
         if op in ("ref", "cot"):
-            name, side = n.attrs
+            name, side = n.name, n.side
             return self._place(self.env[name], side, n.shape, rows)
-        side = n.attrs[-1]
+        side = n.side
         s = self.sides[side]
         if op == "coord":
             if s.coords is None:
@@ -191,7 +191,7 @@ class PlanEvaluator:
                                  "needed")
             return self._place(s.coords, side, n.shape, rows)
         if op == "field":
-            return self._place(self.fields[n.attrs[0]], side, n.shape, rows)
+            return self._place(self.fields[n.name], side, n.shape, rows)
         if op == "weight":
             return self._place(s.weights.unsqueeze(-1), side, n.shape, rows)
         raise TypeError(op)  # pragma: no cover
@@ -218,7 +218,7 @@ class PlanEvaluator:
         if op == "bcast":
             return a[0].expand(*a[0].shape[:-1], n.shape[0])
         if op == "component":
-            i = n.attrs[0]
+            i = n.attr("index")
             return a[0][..., i:i + 1]
         if op == "onehot":
             i, w = n.attrs
@@ -249,7 +249,7 @@ class PlanEvaluator:
 
     # ---- reductions ----------------------------------------------------------------------
     def _chunks(self):
-        n = self.sides["x"].n
+        n = self.sides[X_SIDE].n
         for lo in range(0, n, self.chunk):
             yield slice(lo, min(n, lo + self.chunk))
 
@@ -261,7 +261,7 @@ class PlanEvaluator:
             return (self._matrix(expr.args[0], vals, keep, X, Y)
                     + self._matrix(expr.args[1], vals, keep, X, Y))
         if expr.op == "ref":
-            t = self._place(self.env[expr.attrs[0]], expr.attrs[1], expr.shape, None)
+            t = self._place(self.env[expr.name], expr.side, expr.shape, None)
             return self._keep(t, keep, len(_ts(expr.shape)), X, Y)
         if expr.op == "outer":
             col, cols = expr.attrs
@@ -286,28 +286,28 @@ class PlanEvaluator:
             return True
         if e.op == "+":
             return any(self._special(a) for a in e.args)
-        return e.op == "ref" and e.attrs[0] in self.special
+        return e.op == "ref" and e.name in self.special
 
     def run_step(self, st: Step) -> torch.Tensor:
-        if st.kind == "const" and self._special(st.expr):  # a param gradient per call
+        if st.kind is StepKind.CONST and self._special(st.expr):  # a param gradient per call
             return self._matrix(st.expr, self.eval_nodes([st.expr], None), None, 1, 1)[0]
-        if st.kind in ("point", "const"):
+        if st.kind in (StepKind.POINT, StepKind.CONST):
             v = self.eval_level(st.expr, st.side)
             if st.side is None:
                 return v.reshape(_ts(st.shape)) if v.dim() <= len(_ts(st.shape)) else v
             nts = len(_ts(st.shape))
-            v = v.squeeze(-nts - 1) if st.side == "x" else v.squeeze(-nts - 2)
+            v = v.squeeze(-nts - 1) if st.side == X_SIDE else v.squeeze(-nts - 2)
             return self.full(v, st.side, nts)
-        if st.kind == "total":
+        if st.kind is StepKind.TOTAL:
             if self._special(st.expr):
                 return self._matrix_total(st)
             v = self.eval_level(st.expr, st.over)
             nts = len(_ts(st.shape))
             v = v.expand(*v.shape[:-nts - 2], *self._extent(st.over), *_ts(st.shape))
             return v.sum(dim=tuple(range(v.dim() - nts))).reshape(_ts(st.shape))
-        if st.kind == "max":
-            if self.sides["x"].n == 0 or self.sides[st.over].n == 0:  # a max over nothing
-                return self.full(torch.zeros(1, 1, dtype=self.dtype, device=self.device), "x", 1)
+        if st.kind is StepKind.MAX:
+            if self.sides[X_SIDE].n == 0 or self.sides[st.over].n == 0:  # a max over nothing
+                return self.full(torch.zeros(1, 1, dtype=self.dtype, device=self.device), X_SIDE, 1)
             parts = []
             for rows in self._chunks():
                 vals = self.eval_nodes([st.expr, st.mask], rows)
@@ -318,13 +318,13 @@ class PlanEvaluator:
                 parts.append(s.amax(dim=-2))
             m = torch.cat(parts, dim=-2)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            return self.full(m, "x", 1)
+            return self.full(m, X_SIDE, 1)
         return self._pair_sum(st)
 
     def _extent(self, side: str) -> tuple[int, int]:
         """The (X, Y) extent of a value over all points of one side."""
         n = self.sides[side].n
-        return (n, 1) if side == "x" else (1, n)
+        return (n, 1) if side == X_SIDE else (1, n)
 
     def full(self, v: torch.Tensor, side: str, nts: int) -> torch.Tensor:
         """Expand a compact `[*B?, n?, *ts]` to `[*batch, n, *ts]` (with `expand_batch`
@@ -340,7 +340,7 @@ class PlanEvaluator:
     def _matrix_total(self, st: Step) -> torch.Tensor:
         vals = self.eval_nodes([st.expr], None)
         n = self.sides[st.over].n
-        X, Y = (n, 1) if st.over == "x" else (1, n)
+        X, Y = (n, 1) if st.over == X_SIDE else (1, n)
         return self._matrix(st.expr, vals, None, X, Y)[0]
 
     def _pair_sum(self, st: Step) -> torch.Tensor:
@@ -349,9 +349,9 @@ class PlanEvaluator:
         matrix = self._special(st.expr)
         if matrix:
             self.special.add(st.name)
-        over_y = st.side == "x"
+        over_y = st.side == X_SIDE
         ny = self.sides[st.over if over_y else st.side].n
-        if self.sides["x"].n == 0:  # no rows: a sum over x is 0, a sum per x is empty
+        if self.sides[X_SIDE].n == 0:  # no rows: a sum over x is 0, a sum per x is empty
             if matrix:
                 return torch.zeros(ny if not over_y else 0, *ts, dtype=self.dtype,
                                    device=self.device)
@@ -412,7 +412,7 @@ def set_cotangent(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> None:
     """Give the backward program its input: the cotangent of the output."""
     if plan.out_shape == ():
         dout = dout.unsqueeze(-1)
-    ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides["x"].n, *_ts(plan.out_shape))
+    ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides[X_SIDE].n, *_ts(plan.out_shape))
 
 
 def gradients(plan: Plan, ev: PlanEvaluator, keys=None) -> dict[str, torch.Tensor]:
@@ -427,12 +427,12 @@ def gradients(plan: Plan, ev: PlanEvaluator, keys=None) -> dict[str, torch.Tenso
         for name in names:
             t = ev.env[name]
             total = t if total is None else total + t
-        kind, name = key.split(":", 1)
-        if kind == "param":
+        name = key.name
+        if key.kind is GradKind.PARAM:
             total = total.reshape(ev.params[name].shape)
         else:
             shape = ev.bound.shapes[name]
-            if kind == "input" and plan.op.input(name).width is None:
+            if key.kind is GradKind.INPUT and plan.op.input(name).width is None:
                 total = total[..., 0]
             total = _sum_to(total, shape)
         grads[key] = total

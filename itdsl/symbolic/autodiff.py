@@ -52,9 +52,9 @@ def _local(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(args[0], P.vsum(c))]
     if op == "component":
         (a,) = args
-        return [(a, P.onehot(c, n.attrs[0], a.shape[0]))]
+        return [(a, P.onehot(c, n.attr("index"), a.shape[0]))]
     if op == "onehot":
-        return [(args[0], P.component(c, n.attrs[0]))]
+        return [(args[0], P.component(c, n.attr("index")))]
     if op == "concat":
         out, lo = [], 0
         for part in args:

@@ -17,7 +17,18 @@ from ..functions import MLP_ONLY
 from . import pexpr as P
 from .autodiff import vjp
 from .pexpr import Node
-from .plan import Hoisted, Plan, Program, Space, Step, param_shapes
+from .plan import (
+    X_SIDE,
+    GradKey,
+    GradKind,
+    Hoisted,
+    Plan,
+    Program,
+    Space,
+    Step,
+    StepKind,
+    param_shapes,
+)
 
 SQNORM_EXPAND_GAIN = 0.8  # expand |u - v|^2 only if it leaves <= 80% of the pair work
 
@@ -153,14 +164,14 @@ class _Forward:
         self.op = op
         self.rewrite = rewrite
         out = op.output
-        self.spaces: dict[str, Space] = {"x": Space("x", out.domain, out.var, None)}
+        self.spaces: dict[str, Space] = {X_SIDE: Space(X_SIDE, out.domain, out.var, None)}
         self.program = Program()
         self.integrals: list[tuple[str, str, Node]] = []  # (step name, side, summand)
         self.shifts: list[tuple[Node, Node]] = []  # (exp node, shifted replacement)
 
     def space(self, integral: ir.Integral) -> str:
         for side, sp in self.spaces.items():
-            if side != "x" and (sp.domain, sp.quad, sp.var) == (integral.domain, integral.quad,
+            if side != X_SIDE and (sp.domain, sp.quad, sp.var) == (integral.domain, integral.quad,
                                                                  integral.var):
                 return side
         side = f"y{len(self.spaces) - 1}"
@@ -173,14 +184,14 @@ class _Forward:
     def summand(self, integral: ir.Integral) -> tuple[str, Node]:
         """The integrand times the quadrature weight of y (1 for `sum`: no factor)."""
         side = self.space(integral)
-        lower = _Lower(self.op, {self.op.output.var: "x", integral.var: side}, self.rewrite)
+        lower = _Lower(self.op, {self.op.output.var: X_SIDE, integral.var: side}, self.rewrite)
         w = P.ONE if integral.quad.rule is ir.QuadRule.SUM else P.weight(side)
         return side, P.mul(w, lower(integral.body))
 
     def add_integral(self, side: str, summand: Node) -> Node:
         name = f"I{len(self.integrals)}"
         self.integrals.append((name, side, summand))
-        return P.ref(name, "x", summand.shape)
+        return P.ref(name, X_SIDE, summand.shape)
 
     def ratio(self, num: ir.Integral, den: ir.Integral) -> Node:
         """integral A / integral B; with a shared factor exp(s), both are computed as
@@ -198,42 +209,42 @@ class _Forward:
             for g in brackets:
                 mask = P.mul(mask, g)
             name = f"m{len([st for st in self.program.steps if st.kind == 'max'])}"
-            m = self.program.add(Step("max", name, "x", s, over=sn, mask=mask))
+            m = self.program.add(Step(StepKind.MAX, name, X_SIDE, s, over=sn, mask=mask))
             shifted = P.ew("exp", P.sub(s, m))
             a, b = P.substitute([a, b], {f: shifted})
         return P.div(self.add_integral(sn, a), self.add_integral(sd, b))
 
     def build(self) -> Node:
         """Lower the output (its integrals become pair-sum steps); return its expression."""
-        out = _Lower(self.op, {self.op.output.var: "x"}, self.rewrite, self)(self.op.output.body)
+        out = _Lower(self.op, {self.op.output.var: X_SIDE}, self.rewrite, self)(self.op.output.body)
         by_side = defaultdict(list)
         for name, side, summand in self.integrals:
             by_side[side].append((name, summand))
         for side, items in by_side.items():
             for name, summand in items:
-                self.program.add(Step("sum", name, "x", summand, over=side))
+                self.program.add(Step(StepKind.SUM, name, X_SIDE, summand, over=side))
         return out
 
 
 # ---- backward ---------------------------------------------------------------------------------
 
 
-def _grad_key(leaf: Node, spaces: dict[str, Space], op: ir.Operator) -> str | None:
+def _grad_key(leaf: Node, spaces: dict[str, Space], op: ir.Operator) -> GradKey | None:
     """Which gradient a leaf's cotangent contributes to (None: not an input of the call)."""
     if leaf.op == "field":
-        return f"input:{leaf.attrs[0]}"
+        return GradKey(GradKind.INPUT, leaf.name)
     if leaf.op == "param":
-        return f"param:{leaf.attrs[0]}"
+        return GradKey(GradKind.PARAM, leaf.name)
     if leaf.op == "coord":
-        dom = op.domain(spaces[leaf.attrs[0]].domain)
-        q = spaces[leaf.attrs[0]].quad
+        dom = op.domain(spaces[leaf.side].domain)
+        q = spaces[leaf.side].quad
         if dom.kind is DomainKind.POINTS and not (q and q.rule is ir.QuadRule.GAUSS):
-            return f"coords:{dom.name}"
+            return GradKey(GradKind.COORDS, dom.name)
         return None
     if leaf.op == "weight":
-        q = spaces[leaf.attrs[0]].quad
+        q = spaces[leaf.side].quad
         if q is not None and q.rule is ir.QuadRule.WEIGHTS:
-            return f"input:{q.weights}"
+            return GradKey(GradKind.INPUT, q.weights)
     return None
 
 
@@ -253,7 +264,7 @@ class _Backward:
         self.prog = Program()
         self.ref_cots: dict[str, list[Node]] = defaultdict(list)
         self.grads: dict[str, dict[str | None, list[Node]]] = defaultdict(lambda: defaultdict(list))
-        self.ref_cots["out"].append(P.cot("dout", "x", out_shape))
+        self.ref_cots["out"].append(P.cot("dout", X_SIDE, out_shape))
         self.forward_steps = {st.name: st for st in fwd.steps}
         self.n = 0
 
@@ -265,14 +276,14 @@ class _Backward:
         """Whether a leaf's cotangent is needed: a forward step's result that passes it on,
         or an input of the call. (Refs to backward steps are cotangents: constants here.)"""
         if leaf.op == "ref":
-            st = self.forward_steps.get(leaf.attrs[0])
-            return st is not None and st.kind != "max"
+            st = self.forward_steps.get(leaf.name)
+            return st is not None and st.kind is not StepKind.MAX
         return _grad_key(leaf, self.spaces, self.op) is not None
 
     def leaf(self, leaf: Node, c: Node, level: str | None) -> None:
         """Record cotangent `c` (an expression at `level`: a side, or None for per call)."""
         if leaf.op == "ref":
-            self.ref_cots[leaf.attrs[0]].append(c)
+            self.ref_cots[leaf.name].append(c)
         else:
             self.grads[_grad_key(leaf, self.spaces, self.op)][level].append(c)
 
@@ -284,7 +295,7 @@ class _Backward:
             if not _is_leaf(leaf) or P.is_zero(lc) or not self.wanted(leaf):
                 continue
             if st.side is not None and not leaf.deps:  # per point -> per call: a total
-                lc = self.prog.add(Step("total", self.fresh(f"d{_label(leaf)}"), None, lc,
+                lc = self.prog.add(Step(StepKind.TOTAL, self.fresh(f"d{_label(leaf)}"), None, lc,
                                         over=st.side))
                 self.leaf(leaf, lc, None)
             else:
@@ -297,7 +308,7 @@ class _Backward:
             if c is None:
                 continue
             # the incoming cotangent is a constant of this step's vjp: computed once per x
-            c = self.prog.add(Step("point", self.fresh(f"d{st.name}"), "x", c))
+            c = self.prog.add(Step(StepKind.POINT, self.fresh(f"d{st.name}"), X_SIDE, c))
             t = P.dot(c, st.expr) if st.expr.shape else P.mul(c, st.expr)
             phi = t if phi is None else P.add(phi, t)
         if phi is None:
@@ -307,16 +318,17 @@ class _Backward:
             if not _is_leaf(leaf) or P.is_zero(lc) or not self.wanted(leaf):
                 continue
             label = _label(leaf)
-            if leaf.deps == {"x"}:
-                self.leaf(leaf, self.prog.add(Step("sum", self.fresh(f"d{label}"), "x", lc,
-                                                   over=space)), "x")
+            if leaf.deps == {X_SIDE}:
+                self.leaf(leaf, self.prog.add(Step(StepKind.SUM, self.fresh(f"d{label}"), X_SIDE,
+                                                   lc, over=space)), X_SIDE)
             elif leaf.deps == {space}:
-                self.leaf(leaf, self.prog.add(Step("sum", self.fresh(f"d{label}"), space, lc,
-                                                   over="x")), space)
+                self.leaf(leaf, self.prog.add(Step(StepKind.SUM, self.fresh(f"d{label}"), space, lc,
+                                                   over=X_SIDE)), space)
             else:  # a param, or a per-call value: summed over every pair
-                per_x = self.prog.add(Step("sum", self.fresh(f"d{label}"), "x", lc, over=space))
-                self.leaf(leaf, self.prog.add(Step("total", self.fresh(f"d{label}"), None,
-                                                   per_x, over="x")), None)
+                per_x = self.prog.add(Step(StepKind.SUM, self.fresh(f"d{label}"), X_SIDE, lc,
+                                           over=space))
+                self.leaf(leaf, self.prog.add(Step(StepKind.TOTAL, self.fresh(f"d{label}"), None,
+                                                   per_x, over=X_SIDE)), None)
 
     def run(self) -> Program:
         steps = self.fwd.steps
@@ -324,18 +336,18 @@ class _Backward:
         for st in reversed(steps):
             if st.name in done:
                 continue
-            if st.kind in ("point", "const"):
+            if st.kind in (StepKind.POINT, StepKind.CONST):
                 self.point(st)
-            elif st.kind == "sum":
-                group = [s for s in steps if s.kind == "sum" and s.over == st.over
+            elif st.kind is StepKind.SUM:
+                group = [s for s in steps if s.kind is StepKind.SUM and s.over == st.over
                          and s.side == st.side]
                 done.update(s.name for s in group)
                 self.pair_sums(group)
         for key, levels in self.grads.items():
             names = []
             for level, parts in levels.items():
-                name = f"grad_{key.split(':', 1)[1]}" + ("" if level is None else f"_{level}")
-                kind = "const" if level is None else "point"
+                name = f"grad_{key.name}" + ("" if level is None else f"_{level}")
+                kind = StepKind.CONST if level is None else StepKind.POINT
                 self.prog.add(Step(kind, name, level, _sum(parts)))
                 names.append(name)
             self.prog.outputs[key] = names
@@ -350,7 +362,7 @@ def _is_leaf(n: Node) -> bool:
 
 
 def _label(leaf: Node) -> str:
-    return leaf.attrs[0] if leaf.op in ("field", "param", "ref") else leaf.op
+    return leaf.name if leaf.op in ("field", "param", "ref") else leaf.op
 
 
 def _sum(parts: list[Node]) -> Node | None:
@@ -370,7 +382,7 @@ def _hoist(prog: Program, hoisted: list[Hoisted], counter: list[int]) -> Program
     out = Program(outputs=prog.outputs)
     made: dict[Node, Node] = {}
     for st in prog.steps:
-        if st.kind not in ("sum", "max"):
+        if st.kind not in (StepKind.SUM, StepKind.MAX):
             out.steps.append(st)
             continue
         roots = [st.expr] + ([st.mask] if st.mask is not None else [])
@@ -383,7 +395,7 @@ def _hoist(prog: Program, hoisted: list[Hoisted], counter: list[int]) -> Program
             side = next(iter(n.deps)) if n.deps else None
             name = f"h{counter[0]}"
             counter[0] += 1
-            kind = "point" if side else "const"
+            kind = StepKind.POINT if side else StepKind.CONST
             r = P.ref(name, side, n.shape)
             out.steps.append(Step(kind, name, side, n))
             hoisted.append(Hoisted(side or "const", name, show(n), P.cost([n])))
@@ -413,7 +425,7 @@ def _pair_ops(prog: Program, naive: bool = False) -> dict[str, int]:
     work of one side is redone for every pair."""
     out = {}
     for st in prog.steps:
-        if st.kind in ("sum", "max"):
+        if st.kind in (StepKind.SUM, StepKind.MAX):
             roots = [st.expr] + ([st.mask] if st.mask is not None else [])
             out[st.name] = P.cost(roots) if naive else P.cost(roots, lambda n: len(n.deps) > 1)
     return out
@@ -423,14 +435,14 @@ def build_plan(op: ir.Operator, strategy: str | None = None, verdict=None) -> Pl
     """The Plan of a checked operator (forward, backward, hoisting, counts)."""
     fwd = _Forward(op, rewrite=True)
     out = fwd.build()
-    fwd.program.add(Step("point", "out", "x", out))
+    fwd.program.add(Step(StepKind.POINT, "out", X_SIDE, out))
     hoisted: list[Hoisted] = []
     counter = [0]
     forward = _hoist(fwd.program, hoisted, counter)
     backward = _hoist(_Backward(op, fwd.spaces, forward, out.shape).run(), hoisted, counter)
     # the same operator without rewrites or hoisting: what a naive pair loop would do
     naive = _Forward(op, rewrite=False)
-    naive.program.add(Step("point", "out", "x", naive.build()))
+    naive.program.add(Step(StepKind.POINT, "out", X_SIDE, naive.build()))
     naive_bwd = _Backward(op, naive.spaces, naive.program, out.shape).run()
     before = {**_pair_ops(naive.program, naive=True), **_pair_ops(naive_bwd, naive=True)}
     after = {**_pair_ops(forward), **_pair_ops(backward)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..frontend.printer import format_ir_expr
-from .plan import Plan
+from .plan import GradKind, Plan, StepKind
 from .show import show_program
 from .strategies import get
 
@@ -12,13 +12,12 @@ def _gradient_lines(plan: Plan) -> list[str]:
     by_name = {st.name: st for st in plan.backward.steps}
     lines = []
     for key, names in plan.backward.outputs.items():
-        kind, name = key.split(":", 1)
-        what = {"input": f"input `{name}`", "param": f"param `{name}`",
-                "coords": f"coordinates of `{name}`"}[kind]
+        what = {GradKind.INPUT: f"input `{key.name}`", GradKind.PARAM: f"param `{key.name}`",
+                GradKind.COORDS: f"coordinates of `{key.name}`"}[key.kind]
         passes = set()
         for dep in plan.backward.depends_on(names):
             st = by_name[dep]
-            if st.kind == "sum":
+            if st.kind is StepKind.SUM:
                 passes.add(f"Σ over {st.over} per {st.side}")
         how = "; ".join(sorted(passes)) or "per point, no pair reduction"
         lines.append(f"    ∂/∂ {what}: {', '.join(names)}   [{how}]")

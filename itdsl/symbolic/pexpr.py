@@ -36,11 +36,45 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable
+from enum import StrEnum
 
 from ..functions import FUNCTIONS
 
+
+class Op(StrEnum):
+    """The structural ops (the elementwise ones are the names of `itdsl.functions`). A
+    StrEnum: `Op.REF == "ref"`, so a node built from either is the same node."""
+
+    CONST = "const"
+    COORD = "coord"
+    FIELD = "field"
+    WEIGHT = "weight"
+    PARAM = "param"
+    REF = "ref"
+    COT = "cot"
+    DOT = "dot"
+    SUM = "sum"
+    COMPONENT = "component"
+    ONEHOT = "onehot"
+    CONCAT = "concat"
+    SLICE = "slice"
+    LINEAR = "linear"
+    OUTER = "outer"
+    BASIS = "basis"
+    BCAST = "bcast"
+    ZEROS = "zeros"
+
+
+# each op's attrs, by name, in order: `n.attr("col")`, and `n.name`, `n.side`, `n.value`
+ATTRS: dict[str, tuple[str, ...]] = {
+    Op.CONST: ("value",), Op.COORD: ("side",), Op.FIELD: ("name", "side"),
+    Op.WEIGHT: ("side",), Op.PARAM: ("name",), Op.REF: ("name", "side"),
+    Op.COT: ("name", "side"), Op.COMPONENT: ("index",), Op.ONEHOT: ("index", "width"),
+    Op.SLICE: ("lo", "hi"), Op.LINEAR: ("col", "k", "transpose"), Op.OUTER: ("col", "cols"),
+    Op.BASIS: ("nodes", "deriv"),
+}
 ELEMENTWISE = frozenset(FUNCTIONS)
-LEAVES = {"const", "coord", "field", "weight", "param", "ref", "cot"}
+LEAVES = frozenset({Op.CONST, Op.COORD, Op.FIELD, Op.WEIGHT, Op.PARAM, Op.REF, Op.COT})
 
 
 class Node:
@@ -82,9 +116,24 @@ class Node:
     def is_const(self) -> bool:
         return self.op == "const"
 
+    def attr(self, key: str):
+        """The attr `key` of this node's op (see `ATTRS`)."""
+        return self.attrs[ATTRS[self.op].index(key)]
+
     @property
     def value(self) -> float:
-        return self.attrs[0]
+        """A const's number."""
+        return self.attr("value")
+
+    @property
+    def name(self) -> str:
+        """The name a field, param, ref or cot reads."""
+        return self.attr("name")
+
+    @property
+    def side(self) -> str | None:
+        """The side a coord, field, weight, ref or cot is at (None: a per-call value)."""
+        return self.attr("side")
 
 
 _INTERN: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
@@ -94,6 +143,8 @@ def node(op: str, args: Iterable[Node] = (), attrs: tuple = (), shape: tuple[int
          deps: frozenset[str] | None = None) -> Node:
     """The one constructor: returns the existing node if an equal one is alive."""
     args = tuple(args)
+    if len(attrs) != len(ATTRS.get(op, ())):
+        raise ValueError(f"`{op}` takes the attrs {ATTRS.get(op, ())}, got {attrs}")
     if deps is None:
         deps = frozenset().union(*(a.deps for a in args)) if args else frozenset()
     key = (op, args, attrs, shape)
@@ -353,7 +404,7 @@ def vsum(a: Node) -> Node:
 
 def component(a: Node, i: int) -> Node:
     if a.op == "onehot":
-        return a.args[0] if a.attrs[0] == i else ZERO
+        return a.args[0] if a.attr("index") == i else ZERO
     if is_zero(a):
         return ZERO
     return node("component", (a,), attrs=(i,))
@@ -448,7 +499,7 @@ def rebuild(n: Node, args: tuple[Node, ...]) -> Node:
     if op in folding:
         return folding[op](*args)
     if op == "component":
-        return component(args[0], n.attrs[0])
+        return component(args[0], n.attr("index"))
     if op in ELEMENTWISE:
         return ew(op, *args)
     return node(op, args, attrs=n.attrs, shape=n.shape)

@@ -19,10 +19,55 @@ found (strategy, hoisting, operation counts).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from ..frontend import ir
 from ..frontend.ast import ParamKind
 from .pexpr import Node
+
+X_SIDE = "x"  # the output's side; an integral's sides are "y0", "y1", ... (`y_side`)
+
+
+def y_side(k: int) -> str:
+    """The side of the k-th integral's points."""
+    return f"y{k}"
+
+
+class StepKind(StrEnum):
+    """What a step computes (see the table above). A StrEnum: `StepKind.SUM == "sum"`."""
+
+    CONST = "const"
+    POINT = "point"
+    MAX = "max"
+    SUM = "sum"
+    TOTAL = "total"
+
+
+class GradKind(StrEnum):
+    INPUT = "input"  # an input field (or a `weights(w)` field)
+    PARAM = "param"  # a param tensor, by its torch name
+    COORDS = "coords"  # the coordinates of a points domain
+
+
+class GradKey(str):
+    """The key of one gradient the backward program computes: "input:f", "param:s.0.weight",
+    "coords:X" (a str, so it prints and compares as that), with its `kind` and `name`."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: GradKind | str, name: str):
+        return super().__new__(cls, f"{GradKind(kind).value}:{name}")
+
+    def __getnewargs__(self):
+        return (self.kind, self.name)
+
+    @property
+    def kind(self) -> GradKind:
+        return GradKind(self.partition(":")[0])
+
+    @property
+    def name(self) -> str:
+        return self.partition(":")[2]
 
 
 @dataclass(frozen=True)
@@ -48,12 +93,15 @@ class Space:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "const" | "point" | "max" | "sum" | "total"
+    kind: StepKind
     name: str
     side: str | None  # where the result lives (None: const/total)
     expr: Node
     over: str | None = None  # max/sum: the side summed over; total: the side summed
     mask: Node | None = None  # max: only where mask != 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", StepKind(self.kind))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -63,7 +111,8 @@ class Step:
 @dataclass
 class Program:
     steps: list[Step] = field(default_factory=list)
-    outputs: dict[str, list[str]] = field(default_factory=dict)  # result -> steps to add up
+    # each result (the backward: a GradKey) -> the steps to add up
+    outputs: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, step: Step) -> Node:
         from .pexpr import ref
@@ -90,7 +139,7 @@ class Program:
             out.add(name)
             st = by_name[name]
             roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-            todo.extend(n.attrs[0] for n in toposort(roots) if n.op == "ref")
+            todo.extend(n.name for n in toposort(roots) if n.op == "ref")
         return out
 
 
@@ -122,10 +171,10 @@ class Plan:
 
     @property
     def x(self) -> Space:
-        return self.spaces["x"]
+        return self.spaces[X_SIDE]
 
     def y_spaces(self) -> list[Space]:
-        return [s for k, s in self.spaces.items() if k != "x"]
+        return [s for k, s in self.spaces.items() if k != X_SIDE]
 
 
 def param_shapes(p: ir.Param) -> dict[str, tuple[int, ...]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .pexpr import ELEMENTWISE, Node, toposort
-from .plan import Program
+from .plan import Program, StepKind
 
 _INFIX = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4, "<": 0, "<=": 0, ">": 0, ">=": 0, "==": 0,
           "!=": 0, "and": 0, "or": 0}
@@ -22,18 +22,18 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
         return names[n]
     op, a = n.op, n.args
     if op == "const":
-        v = n.attrs[0]
+        v = n.value
         return _num(v) if v >= 0 else f"({_num(v)})"
     if op == "coord":
-        return n.attrs[0]
+        return n.side
     if op == "field":
-        return f"{n.attrs[0]}({n.attrs[1]})"
+        return f"{n.name}({n.side})"
     if op == "weight":
-        return f"w({n.attrs[0]})"
+        return f"w({n.side})"
     if op == "param":
-        return n.attrs[0]
+        return n.name
     if op in ("ref", "cot"):
-        name, side = n.attrs
+        name, side = n.name, n.side
         return name if side is None else f"{name}[{side}]"
     if op == "zeros":
         return "0"
@@ -46,7 +46,7 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
     if op == "neg":
         return "-" + _show(a[0], names, 3)
     if op == "component":
-        return f"{_show(a[0], names, 5)}[{n.attrs[0]}]"
+        return f"{_show(a[0], names, 5)}[{n.attr('index')}]"
     if op == "linear":
         col, k, tr = n.attrs
         W = _show(a[0], names, 5)
@@ -61,9 +61,9 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
         n_nodes, d = n.attrs
         return f"basis{n_nodes}{chr(39) * d}({_show(a[0], names, 0)})"
     if op == "onehot":
-        return f"e{n.attrs[0]}·{_show(a[0], names, 5)}"
+        return f"e{n.attr('index')}·{_show(a[0], names, 5)}"
     if op == "slice":
-        return f"{_show(a[0], names, 5)}[{n.attrs[0]}:{n.attrs[1]}]"
+        return f"{_show(a[0], names, 5)}[{n.attr('lo')}:{n.attr('hi')}]"
     if op == "bcast":
         return _show(a[0], names, level)
     if op in ELEMENTWISE or op in ("dot", "sum", "concat", "where"):
@@ -100,14 +100,14 @@ def show_program(prog: Program, indent: str = "  ", shapes: bool = False) -> str
         for let in lets:
             lines.append(f"{indent}  {let}")
         body = texts[0]
-        if st.kind == "point":
+        if st.kind is StepKind.POINT:
             lines.append(f"{indent}{st.name}[{st.side}] = {body}")
-        elif st.kind == "const":
+        elif st.kind is StepKind.CONST:
             lines.append(f"{indent}{st.name} = {body}")
-        elif st.kind == "max":
+        elif st.kind is StepKind.MAX:
             lines.append(f"{indent}{st.name}[{st.side}] = max over {st.over} of {body} "
                          f"where {texts[1]}")
-        elif st.kind == "sum":
+        elif st.kind is StepKind.SUM:
             lines.append(f"{indent}{st.name}[{st.side}] = sum over {st.over} of {body}")
         else:
             lines.append(f"{indent}{st.name} = sum over {st.over} of {body}")

@@ -27,7 +27,7 @@ from ..frontend.ast import DomainKind
 from ..functions import FUNCTIONS
 from . import pexpr as P
 from .pexpr import Node
-from .plan import Plan, Program, Step, param_shapes
+from .plan import X_SIDE, Plan, Program, Step, StepKind, param_shapes
 
 KINDS = ("const", "point", "max", "sum", "total")
 COT = "dout"  # the one cotangent a backward program reads: the output's
@@ -58,7 +58,7 @@ def verify_plan(plan: Plan) -> None:
     _program(plan, plan.forward, "forward", {}, seen)
     _check(COT not in fwd, "forward", f"no step may be named `{COT}` (the cotangent's name)")
     out = fwd.get("out")
-    _check(out is not None and out.kind == "point" and out.side == "x"
+    _check(out is not None and out.kind == "point" and out.side == X_SIDE
            and out.shape == plan.out_shape, "forward",
            f"a point step `out` per x of shape {plan.out_shape} gives the result")
     _check(not plan.forward.outputs, "forward", "the forward program's result is `out`, not "
@@ -66,7 +66,7 @@ def verify_plan(plan: Plan) -> None:
     _program(plan, plan.backward, "backward", fwd, seen)
     _gradients(plan)
     pair = {st.name for prog in (plan.forward, plan.backward) for st in prog.steps
-            if st.kind in ("sum", "max")}
+            if st.kind in (StepKind.SUM, StepKind.MAX)}
     _check(set(plan.pair_ops_after) == pair, "plan",
            "operations per pair are counted for exactly the pair steps")
     names = {st.name: st.side for prog in (plan.forward, plan.backward) for st in prog.steps}
@@ -76,14 +76,14 @@ def verify_plan(plan: Plan) -> None:
 
 
 def _spaces(plan: Plan, seen: dict[tuple, Node]) -> None:
-    _check("x" in plan.spaces and plan.spaces["x"].quad is None, "spaces",
+    _check(X_SIDE in plan.spaces and plan.spaces[X_SIDE].quad is None, "spaces",
            "x is the output's side, without a quadrature")
     op = plan.op
     for key, sp in plan.spaces.items():
         where = f"space {key}"
         _check(sp.side == key, where, "is filed under its own side")
         _check(any(d.name == sp.domain for d in op.domains), where, "ranges over a domain")
-        if key == "x":
+        if key == X_SIDE:
             _check((sp.domain, sp.var) == (op.output.domain, op.output.var), where,
                    "is the output's domain and variable")
             continue
@@ -116,25 +116,25 @@ def _program(plan: Plan, prog: Program, phase: str, visible: dict[str, Step],
 def _step(plan: Plan, st: Step, phase: str, where: str) -> None:
     sides = plan.spaces
     _check(st.kind in KINDS, where, f"kind `{st.kind}` is one of {', '.join(KINDS)}")
-    _check((st.mask is not None) == (st.kind == "max"), where,
+    _check((st.mask is not None) == (st.kind is StepKind.MAX), where,
            "a max step, and only a max step, has a mask")
-    if st.kind == "point":
+    if st.kind is StepKind.POINT:
         _check(st.side in sides and st.over is None, where, "a point step lives on a side")
-    elif st.kind == "const":
+    elif st.kind is StepKind.CONST:
         _check(st.side is None and st.over is None, where, "a const step has no side")
-    elif st.kind == "total":
+    elif st.kind is StepKind.TOTAL:
         _check(st.side is None and st.over in sides, where,
                "a total has no side and sums over one")
     else:
         _check(st.side in sides and st.over in sides and st.side != st.over
-               and "x" in (st.side, st.over), where,
+               and X_SIDE in (st.side, st.over), where,
                f"a {st.kind} step is per point of one side, over another, one of them x")
-    if st.kind == "max":
-        _check(phase == "forward" and st.side == "x", where,
+    if st.kind is StepKind.MAX:
+        _check(phase == "forward" and st.side == X_SIDE, where,
                "a max step (a softmax shift) is per x in the forward")
         _check(st.expr.shape == () and st.mask.shape == (), where,
                "a max step's value and mask are scalars")
-    if st.kind in ("sum", "max"):
+    if st.kind in (StepKind.SUM, StepKind.MAX):
         roots = [st.expr] + ([st.mask] if st.mask is not None else [])
         for n in (n for n in P.toposort(roots) if len(n.deps) == 2):
             for a in n.args:
@@ -168,10 +168,10 @@ def _leaf(plan: Plan, n: Node, where: str, steps: dict[str, Step], cots: set[str
         _check(n.shape == () and not n.deps, where, f"{n!r}: a constant is a scalar")
     elif n.op == "param":
         shapes = {k: v for p in op.params for k, v in param_shapes(p).items()}
-        _check(shapes.get(n.attrs[0]) == n.shape and not n.deps, where,
+        _check(shapes.get(n.name) == n.shape and not n.deps, where,
                f"{n!r}: a param of the operator, with its shape")
     elif n.op == "ref":
-        name, side = n.attrs
+        name, side = n.name, n.side
         st = steps.get(name)
         _check(st is not None, where, f"ref `{name}` names an earlier step")
         _check((st.side, st.shape) == (side, n.shape), where,
@@ -179,11 +179,11 @@ def _leaf(plan: Plan, n: Node, where: str, steps: dict[str, Step], cots: set[str
         _check(n.deps == (frozenset() if side is None else {side}), where,
                f"ref `{name}` depends on its side")
     elif n.op == "cot":
-        _check(n.attrs[0] in cots and n.attrs[1] == "x" and n.shape == plan.out_shape
+        _check(n.name in cots and n.side == X_SIDE and n.shape == plan.out_shape
                and n.deps == {"x"}, where,
                f"{n!r}: only the backward reads a cotangent: `{COT}`, per x, the output's shape")
     else:  # coord, field, weight: a value at a side's point
-        side = n.attrs[-1]
+        side = n.side
         _check(side in spaces and n.deps == {side}, where, f"{n!r}: at a point of a side")
         domain = op.domain(spaces[side].domain)
         if n.op == "coord":
@@ -191,7 +191,7 @@ def _leaf(plan: Plan, n: Node, where: str, steps: dict[str, Step], cots: set[str
                    f"{n!r}: a coordinate of its side's domain")
         elif n.op == "field":
             inputs = {i.name: i for i in op.inputs}
-            i = inputs.get(n.attrs[0])
+            i = inputs.get(n.name)
             _check(i is not None and i.domain == domain.name and n.shape == _shape(i.width),
                    where, f"{n!r}: an input on its side's domain, with its width")
         else:
@@ -217,7 +217,7 @@ def _shape_ok(n: Node) -> bool:
     if n.op == "sum":
         return len(a) == 1 and s == ()
     if n.op == "component":
-        return len(a) == 1 and len(a[0].shape) == 1 and 0 <= n.attrs[0] < a[0].shape[0] \
+        return len(a) == 1 and len(a[0].shape) == 1 and 0 <= n.attr("index") < a[0].shape[0] \
             and s == ()
     if n.op == "onehot":
         i, w = n.attrs
@@ -242,7 +242,7 @@ def _shape_ok(n: Node) -> bool:
         return len(a) == 2 and all(len(x.shape) <= 1 for x in a) \
             and col + _width(a[1].shape) <= cols and s == (_width(a[0].shape), cols)
     if n.op == "basis":
-        return len(a) == 1 and a[0].shape == () and s == (n.attrs[0],)
+        return len(a) == 1 and a[0].shape == () and s == (n.attr("nodes"),)
     if n.op == "bcast":
         return len(a) == 1 and a[0].shape == () and len(s) == 1
     return False  # an op pexpr does not build
@@ -259,7 +259,7 @@ def _gradients(plan: Plan) -> None:
         kind, _, name = key.partition(":")
         for st in (steps[n] for n in names):
             if kind == "param":
-                _check(name in params and st.kind == "const" and st.shape == params[name],
+                _check(name in params and st.kind is StepKind.CONST and st.shape == params[name],
                        where, f"step {st.name} is per call, of the param's shape "
                        f"{params.get(name)}")
                 continue
@@ -273,6 +273,6 @@ def _gradients(plan: Plan) -> None:
                 _check(d is not None and d.kind is DomainKind.POINTS, where,
                        "names a points domain")
                 domain, shape = d.name, _shape(d.coord_width)
-            _check(st.kind == "point" and plan.spaces[st.side].domain == domain
+            _check(st.kind is StepKind.POINT and plan.spaces[st.side].domain == domain
                    and st.shape == shape, where,
                    f"step {st.name} is per point of `{domain}`, of shape {shape}")

@@ -54,7 +54,7 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):
-            key = (n.op, n.attrs[0]) if n.op in ("param", "ref", "field") else None
+            key = (n.op, n.name) if n.op in ("param", "ref", "field") else None
             if key is None or key in keys:
                 continue
             t = (ev.params[key[1]] if n.op == "param" else ev.env[key[1]] if n.op == "ref"

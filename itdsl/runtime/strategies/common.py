@@ -12,7 +12,7 @@ import math
 import torch
 
 from ...symbolic import pexpr as P
-from ...symbolic.plan import Plan
+from ...symbolic.plan import X_SIDE, Plan
 from ...symbolic.strategies.forms import PairSum
 from ..binding import Bound
 from ..plan_eval import PlanEvaluator, tshape
@@ -33,7 +33,7 @@ def on(ev: PlanEvaluator, e: P.Node, side: str) -> torch.Tensor:
     nts = len(tshape(e.shape))
     while v.dim() < nts + 2:
         v = v.unsqueeze(0)
-    v = v.squeeze(-nts - 1) if side == "x" else v.squeeze(-nts - 2)
+    v = v.squeeze(-nts - 1) if side == X_SIDE else v.squeeze(-nts - 2)
     v = v.reshape(*v.shape[:v.dim() - nts], -1)
     return v.expand(*v.shape[:-2], ev.sides[side].n, v.shape[-1])
 
@@ -55,7 +55,7 @@ def factors(ev: PlanEvaluator, terms, over: str) -> tuple[torch.Tensor, torch.Te
     """A [*B?, n, R] and B [*B?, m, R] with kernel(x, y) = Σ_r A[x, r] B[y, r]."""
     As, Bs = [], []
     for t in terms:
-        a, b = on(ev, t.a, "x"), on(ev, t.b, over)
+        a, b = on(ev, t.a, X_SIDE), on(ev, t.b, over)
         w = max(a.shape[-1], b.shape[-1])
         As.append(a.expand(*a.shape[:-1], w))
         Bs.append(b.expand(*b.shape[:-1], w))
@@ -65,7 +65,7 @@ def factors(ev: PlanEvaluator, terms, over: str) -> tuple[torch.Tensor, torch.Te
 def put(ev: PlanEvaluator, ps: PairSum, out: torch.Tensor) -> None:
     """A sum's value (`[*B, n, W]`, before its outside factor) into the Plan's layout."""
     if ps.outside != P.ONE:
-        out = out * on(ev, ps.outside, "x")
+        out = out * on(ev, ps.outside, X_SIDE)
     ts = tshape(ev.plan.forward.step(ps.step).shape)
     out = out.expand(*out.shape[:-1], math.prod(ts))
     ev.env[ps.step] = out.reshape(*out.shape[:-1], *ts)
@@ -73,7 +73,7 @@ def put(ev: PlanEvaluator, ps: PairSum, out: torch.Tensor) -> None:
 
 def ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
     """Every step `nodes` read has been computed."""
-    return all(n.attrs[0] in ev.env for n in P.toposort(nodes) if n.op == "ref")
+    return all(n.name in ev.env for n in P.toposort(nodes) if n.op == "ref")
 
 
 class Runner:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...symbolic import pexpr as P
-from ...symbolic.plan import Plan, Step
+from ...symbolic.plan import X_SIDE, Plan, Step, StepKind
 from ...symbolic.strategies.forms import reads_inputs
 from ...symbolic.strategies.matmul import MatmulTerm
 from ..plan_eval import PlanEvaluator, tshape
@@ -25,7 +25,7 @@ def _split_static(plan: Plan) -> list[Step]:
     spline `c(u)`, say) made steps of their own, so that they can be kept too."""
     out = []
     for st in plan.forward.steps:
-        if st.kind != "point" or not reads_inputs(st.expr, plan):
+        if st.kind is not StepKind.POINT or not reads_inputs(st.expr, plan):
             out.append(st)
             continue
         mapping: dict = {}
@@ -52,7 +52,8 @@ class MatmulRunner(Runner):
         self.steps = _split_static(plan)
         # steps of params and coordinates only: sampled once per version, like the matrix
         self._static = {st.name for st in self.steps
-                        if st.kind in ("point", "const") and not reads_inputs(st.expr, plan)}
+                        if st.kind in (StepKind.POINT, StepKind.CONST)
+                        and not reads_inputs(st.expr, plan)}
 
     def run(self, ev: PlanEvaluator) -> None:
         params, bound = ev.params, ev.bound
@@ -82,7 +83,7 @@ class MatmulRunner(Runner):
                     A.shape[0], *V.shape[:-2], V.shape[-1]).movedim(0, -2)
             else:
                 out = torch.matmul(A, V)  # [*B, n, C]
-            ev.env[st.name] = ev.full(out.reshape(*out.shape[:-1], *ts), "x", len(ts))
+            ev.env[st.name] = ev.full(out.reshape(*out.shape[:-1], *ts), X_SIDE, len(ts))
 
     def _matrix(self, ev: PlanEvaluator, t: MatmulTerm, version) -> torch.Tensor:
         if version is not None:
@@ -90,7 +91,7 @@ class MatmulRunner(Runner):
             if kept is not None and kept[0] == version:
                 return kept[1]
         A = ev.eval_nodes([t.kernel], None)[t.kernel]  # [*B?, n|1, m|1, 1]
-        n, m = ev.sides["x"].n, ev.sides[t.over].n
+        n, m = ev.sides[X_SIDE].n, ev.sides[t.over].n
         A = A[..., 0].expand(*A.shape[:-3], n, m)
         if version is not None:
             self._kept[t.step] = (version, A.detach())

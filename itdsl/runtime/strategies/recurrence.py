@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ...symbolic.plan import X_SIDE
 from ...symbolic.strategies.recurrence import DecaySum
 from ..plan_eval import PlanEvaluator
 from . import tuning as T
@@ -48,7 +49,7 @@ def _decay(ev: PlanEvaluator, f: DecaySum, Y: torch.Tensor) -> torch.Tensor:
         E = ev.at({"x": pts, over: c[:1]}).value(expo)  # [2, 1, W]
         E = E.reshape(2, -1) if E.dim() >= 2 else E.reshape(1, -1).expand(2, -1)
         rate, g0 = E[1] - E[0], torch.exp(E[0])
-        k = on(ev, coef, "x")[..., :1, :].reshape(-1) * g0  # c_k · exp(E_k(0))
+        k = on(ev, coef, X_SIDE)[..., :1, :].reshape(-1) * g0  # c_k · exp(E_k(0))
         W = max(Y.shape[-1], rate.shape[-1], k.shape[-1])
         u = Y.expand(*Y.shape[:-1], W)
         y = decay_scan(u, rate.expand(W))

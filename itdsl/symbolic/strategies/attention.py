@@ -15,7 +15,7 @@ from ...frontend import ir
 from ...frontend.printer import format_ir_expr
 from .. import pexpr as P
 from ..pexpr import Node
-from ..plan import Plan
+from ..plan import X_SIDE, Plan, StepKind
 from ..show import show
 from .entry import Match, Miss, Rule, Strategy
 from .forms import (
@@ -102,7 +102,7 @@ class SoftmaxForm:
 
 
 def find(plan: Plan) -> SoftmaxForm | None:
-    maxes = [st for st in plan.forward.steps if st.kind == "max"]
+    maxes = [st for st in plan.forward.steps if st.kind is StepKind.MAX]
     return _softmax(plan, maxes, pair_sums(plan))
 
 
@@ -110,7 +110,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
     if len(maxes) != 1 or not sums:
         return None
     mx = maxes[0]
-    m = P.ref(mx.name, "x", ())
+    m = P.ref(mx.name, X_SIDE, ())
     mask = None if mx.mask is None or mx.mask.is_const else mx.mask
     for ps in sums:
         k = ps.kernel
@@ -119,7 +119,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
             return None
     terms, rest = [], None
     for sign, u in summands(mx.expr):
-        t = separate(u, "x", mx.over)
+        t = separate(u, X_SIDE, mx.over)
         if t is not None and all(len(q.a.shape) <= 1 for q in t):
             terms += [Term(P.mul(P.const(sign), q.a), q.b, q.reduced) for q in t]
         else:
@@ -128,13 +128,13 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
         return None
     causal = causal_mask(mask, mx.over) if regular(plan, mx.over) else None  # else per tile
     if rest is not None and any(n.op == "coord" and plan.op.domain(
-            plan.spaces[n.attrs[0]].domain).kind.value == "points" for n in P.toposort([rest])):
+            plan.spaces[n.side].domain).kind.value == "points" for n in P.toposort([rest])):
         return None  # the tiles' own backward does not differentiate coordinates
     order = [st.name for st in plan.forward.steps]
     first, last = order.index(mx.name), max(order.index(ps.step) for ps in sums)
     skipped = {mx.name} | {ps.step for ps in sums}
     for st in plan.forward.steps[first:last]:  # (all computed at the last sum)
-        if st.name not in skipped and any(n.op == "ref" and n.attrs[0] in skipped
+        if st.name not in skipped and any(n.op == "ref" and n.name in skipped
                                           for n in P.toposort([st.expr])):
             return None
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..plan import Plan
+from ..plan import Plan, StepKind
 from .entry import LIBRARY, Match, Miss, Rule, Strategy, short
 from .forms import (
     PairSum,
@@ -102,7 +102,7 @@ class ConvSum:
 
 def find(plan: Plan) -> tuple[ConvSum, ...] | None:
     sums = pair_sums(plan)
-    if not sums or any(st.kind == "max" for st in plan.forward.steps):
+    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
         return None
     half = plan.verdict.details.get("half_width") if plan.verdict is not None else None
     out = []

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ...frontend import ir
 from .. import pexpr as P
 from ..pexpr import Node
-from ..plan import Plan
+from ..plan import X_SIDE, Plan, StepKind
 
 
 def reads_inputs(e: Node, plan: Plan) -> bool:
@@ -21,9 +21,9 @@ def reads_inputs(e: Node, plan: Plan) -> bool:
         for n in P.toposort([todo.pop()]):
             if n.op in ("field", "cot"):
                 return True
-            if n.op == "ref" and n.attrs[0] not in seen and n.attrs[0] in steps:
-                seen.add(n.attrs[0])
-                todo.append(steps[n.attrs[0]].expr)
+            if n.op == "ref" and n.name not in seen and n.name in steps:
+                seen.add(n.name)
+                todo.append(steps[n.name].expr)
     return False
 
 
@@ -47,13 +47,13 @@ def pair_sums(plan: Plan) -> list[PairSum]:
     """The forward sum steps of `plan`, split into outside · [mask] · kernel · inside."""
     out = []
     for st in plan.forward.steps:
-        if st.kind != "sum":
+        if st.kind is not StepKind.SUM:
             continue
         outside, kernel, inside, mask = P.ONE, P.ONE, P.ONE, None
         for f in P.factors(st.expr):
             if st.over not in f.deps:
                 outside = P.mul(outside, f)
-            elif "x" not in f.deps:
+            elif X_SIDE not in f.deps:
                 inside = P.mul(inside, f)
             elif f.op in P.BRACKETS and f.shape == ():
                 mask = f if mask is None else P.node("and", (mask, f))
@@ -70,7 +70,7 @@ def causal_mask(mask: Node | None, over: str) -> str | None:
     a, b = mask.args
     if mask.op in (">=", ">"):
         a, b = b, a
-    if a.op == "coord" and b.op == "coord" and a.attrs == (over,) and b.attrs == ("x",):
+    if a.op == "coord" and b.op == "coord" and a.side == over and b.side == X_SIDE:
         return "<=" if mask.op in ("<=", ">=") else "<"
     return None
 
@@ -199,7 +199,7 @@ def rank(terms: list[Term]) -> int:
 
 def regular(plan: Plan, over: str) -> bool:
     """x and `over` range over the same grid or index domain with its own points."""
-    sx, sy = plan.spaces["x"], plan.spaces[over]
+    sx, sy = plan.spaces[X_SIDE], plan.spaces[over]
     dom = plan.op.domain(sy.domain)
     return (sx.domain == sy.domain and dom.kind.value in ("grid", "index")
             and sy.quad is not None and sy.quad.rule is not ir.QuadRule.GAUSS
@@ -208,7 +208,7 @@ def regular(plan: Plan, over: str) -> bool:
 
 def of_coords(e: Node) -> bool:
     """`e` reads the two sides only through their coordinates (params and per-call steps ok)."""
-    return all(n.op not in ("field", "weight", "cot") and not (n.op == "ref" and n.attrs[1])
+    return all(n.op not in ("field", "weight", "cot") and not (n.op == "ref" and n.side)
                for n in P.toposort([e]))
 
 

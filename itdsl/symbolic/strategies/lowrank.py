@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..plan import Plan
+from ..plan import X_SIDE, Plan, StepKind
 from .entry import LIBRARY, Match, Miss, Rule, Strategy
 from .forms import (
     PairSum,
@@ -72,13 +72,13 @@ class LowRankSum:
 
 def lowrank_sum(ps: PairSum, causal: str | None) -> LowRankSum | None:
     """`ps` with its kernel separated, or None where the separation finds no terms."""
-    terms = separate(ps.kernel, "x", ps.over) if ps.kernel.shape == () else None
+    terms = separate(ps.kernel, X_SIDE, ps.over) if ps.kernel.shape == () else None
     return None if terms is None else LowRankSum(ps, tuple(terms), causal)
 
 
 def find(plan: Plan) -> tuple[LowRankSum, ...] | None:
     sums = pair_sums(plan)
-    if not sums or any(st.kind == "max" for st in plan.forward.steps):
+    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
         return None
     out = []
     for ps in sums:

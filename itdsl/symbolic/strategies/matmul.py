@@ -15,7 +15,7 @@ from ...frontend import ir
 from ...frontend.ast import DomainKind
 from .. import pexpr as P
 from ..pexpr import Node
-from ..plan import Plan
+from ..plan import X_SIDE, Plan, StepKind
 from .entry import LIBRARY, Match, Miss, Rule, Strategy
 
 if TYPE_CHECKING:
@@ -62,13 +62,13 @@ def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
     """The integrals of `plan` as (A, V) pairs, or None if it is not of that form."""
     terms = []
     for st in plan.forward.steps:
-        if st.kind == "max":
+        if st.kind is StepKind.MAX:
             return None
-        if st.kind != "sum":
+        if st.kind is not StepKind.SUM:
             continue
         kernel, values = P.ONE, P.ONE
         for f in P.factors(st.expr):  # what reads the inputs is V; the rest is sampled
-            if "x" in f.deps or not reads_inputs(f, plan):
+            if X_SIDE in f.deps or not reads_inputs(f, plan):
                 kernel = P.mul(kernel, f)
             else:
                 values = P.mul(values, f)
@@ -81,7 +81,7 @@ def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
 
 def matrix_bytes(form, call: Call) -> int:
     """The bytes of the sampled matrices: n×m per integral."""
-    n = call.sizes["x"]
+    n = call.sizes[X_SIDE]
     return sum(n * call.sizes[t.over] for t in form) * call.itemsize
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from ...frontend.ast import DomainKind
 from .. import pexpr as P
 from ..pexpr import Node
-from ..plan import Plan
+from ..plan import X_SIDE, Plan, StepKind
 from .entry import LIBRARY, Match, Miss, Rule, Strategy, short
 from .forms import (
     PairSum,
@@ -173,7 +173,7 @@ def decay_terms(ps: PairSum) -> list[tuple[Node, Node]] | None:
     for sign, term in summands(ps.kernel):
         coef, expo = P.const(sign), None
         for f in P.factors(term):
-            if "x" not in f.deps and ps.over not in f.deps:
+            if X_SIDE not in f.deps and ps.over not in f.deps:
                 coef = P.mul(coef, f)
             elif f.op == "exp" and expo is None and {"x", ps.over} <= f.deps:
                 expo = f.args[0]
@@ -186,7 +186,7 @@ def decay_terms(ps: PairSum) -> list[tuple[Node, Node]] | None:
 
 def find(plan: Plan) -> tuple[LowRankSum | DecaySum, ...] | None:
     sums = pair_sums(plan)
-    if not sums or any(st.kind == "max" for st in plan.forward.steps):
+    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
         return None
     lowrank = plan.verdict is not None and plan.verdict.rule == CAUSAL_LOWRANK
     out = []
