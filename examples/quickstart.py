@@ -12,7 +12,7 @@ torch.manual_seed(0)
 
 # Gaussian kernel smoothing: u(x) = sum_y exp(-|x - y|^2 / 2s^2) b(y)
 t0 = time.perf_counter()
-gauss = itdsl.compile_file(HERE / "gauss.it", target="cpu")
+gauss = itdsl.compile_file(HERE / "gauss.it")
 op = gauss["gauss_smooth"]
 x, y, b = torch.rand(4000, 3), torch.rand(3000, 3), torch.randn(3000, 16)
 u = op(X=x, Y=y, b=b)
@@ -29,7 +29,7 @@ print(f"d loss / d s   = {op.s.grad.item():+.5f}  (param `s` of gauss.it, initia
 
 # Softmax attention written as a normalised integral, with batch and head dims. Plain
 # attention is recognised and handed to torch's own kernel (scaled_dot_product_attention).
-attention = itdsl.compile_file(HERE / "attention.it", target="cpu")
+attention = itdsl.compile_file(HERE / "attention.it")
 q, k, v = (torch.randn(2, 4, 256, 64) for _ in range(3))
 for name, causal in (("attention", False), ("causal_attention", True)):
     o = attention[name](q=q, k=k, v=v)
@@ -39,7 +39,7 @@ for name, causal in (("attention", False), ("causal_attention", True)):
           f"(strategy {attention[name].strategy})")
 
 # An exponential moving average is recognised as a recurrence and runs as a chunked scan.
-ema = itdsl.compile_file(HERE / "ema.it", target="cpu")["ema"]
+ema = itdsl.compile_file(HERE / "ema.it")["ema"]
 f = torch.randn(3, 20_000, 16)
 g = ema(f=f)
 lam, state, worst = torch.exp(-torch.nn.functional.softplus(ema.a.detach())), 0.0, 0.0

@@ -5,7 +5,7 @@ The paths (names used in reports):
 - `ref64`, `ref32`: the reference semantics (N x M pair tensors, autograd): the oracle.
 - `plan`: the Plan evaluator, forward and `evaluate_backward`, in float64.
 - `strategy64`, `strategy32`: the automatic strategy, when it runs in torch (the module's
-  `_library`); a "dense" strategy compiles kernels, which `tvm64` covers.
+  `_runner`); a "dense" strategy compiles kernels, which `tvm64` covers.
 - `tvm64`, `tvm32`: the TVM kernels (`strategy="dense"`), only when asked (they compile).
 - `analysis`: the symbolic analysis (`Program.plan`) itself, when it raises.
 
@@ -235,7 +235,7 @@ def run_paths(text: str, name: str, inputs: Inputs, seed: int, tvm: bool,
     report.strategy = plan.strategy
     chunk = random.Random(f"chunk:{seed}").choice((1, 2, 3, 64))
     res["plan"] = run_plan(plan, ref, op, inputs, seed, chunk)
-    if prog[name]._library is not None:  # the strategy runs in torch
+    if prog[name]._runner is not None:  # the strategy runs in torch
         for bits, dtype in (("64", F64), ("32", F32)):
             res["strategy" + bits] = run_module(_like(prog[name], ref, dtype), op, inputs,
                                                 dtype, seed)
