@@ -66,8 +66,8 @@ def op_name(plan: Plan, target: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    from ..cache.disk import versions
-    return versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    from ..cache.disk import versions as _versions
+    return _versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def _need_cuda() -> None:
