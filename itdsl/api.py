@@ -49,14 +49,14 @@ class Program:
         cache (so a new process skips the symbolic analysis, and sympy)."""
         op = self._op_ir(name)
         if name not in self._plans:
+            from .cache import plans
             from .frontend.printer import format_ir_operator
-            from .runtime import cache
-            key = cache.plan_key(format_ir_operator(op), self.strategy)
-            plan = cache.load_plan(key)
+            key = plans.plan_key(format_ir_operator(op), self.strategy)
+            plan = plans.load_plan(key)
             if plan is None:
                 from .symbolic import analyse
                 plan = analyse(op, self.strategy)
-                cache.store_plan(key, plan)
+                plans.store_plan(key, plan)
             self._plans[name] = plan
         return self._plans[name]
 

@@ -49,9 +49,9 @@ def _verifying(fn):
 
 
 def pytest_configure(config):
-    import itdsl.runtime.cache as cache
+    import itdsl.cache.plans as plans
     import itdsl.symbolic.build as build
-    for module, name in ((build, "build_plan"), (cache, "load_plan")):
+    for module, name in ((build, "build_plan"), (plans, "load_plan")):
         fn = getattr(module, name)
         if not getattr(fn, "verifying", False):
             setattr(module, name, _verifying(fn))

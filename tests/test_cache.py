@@ -1,4 +1,5 @@
-"""The on-disk compile cache: keys, hits without TVM or sympy, corruption, concurrency."""
+"""The on-disk compile cache: keys, hits without TVM or sympy (and Plans without torch),
+corruption, concurrency."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from util import EXAMPLES, ROOT
 
 import itdsl
+from itdsl.cache import disk
 from itdsl.lowering.spec import pair_groups, spec_of
 from itdsl.runtime import cache
 
@@ -80,7 +82,7 @@ def test_corrupt_or_truncated_entries_are_rebuilt(tmp_path):
     again = run_child(tmp_path)  # detected, removed, recompiled and re-analysed
     assert again["err"] < 1e-4 and again["tvm"]
     for lib in tmp_path.glob("*.so"):
-        assert (tmp_path / f"{lib.stem}.sha256").read_text() == cache._digest(lib)
+        assert (tmp_path / f"{lib.stem}.sha256").read_text() == disk.digest(lib)
 
 
 def test_two_processes_compiling_the_same_operator_both_succeed(tmp_path):
@@ -94,10 +96,10 @@ def test_two_processes_compiling_the_same_operator_both_succeed(tmp_path):
 
 def test_the_cache_directory_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("ITDSL_CACHE_DIR", str(tmp_path / "here"))
-    assert cache.cache_dir() == tmp_path / "here"
+    assert disk.cache_dir() == tmp_path / "here"
     monkeypatch.delenv("ITDSL_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache.cache_dir() == tmp_path / "xdg" / "itdsl"
+    assert disk.cache_dir() == tmp_path / "xdg" / "itdsl"
 
 
 def test_float64_and_float32_kernels_coexist():
@@ -129,3 +131,42 @@ def test_a_cache_directory_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch
         prog = itdsl.compile_file(GAUSS, target="reference")
         with pytest.raises(itdsl.ItdslError, match="ITDSL_CACHE_DIR=.* is a file, not a dir"):
             prog.plan("gauss_smooth")
+
+
+PLAN_CHILD = textwrap.dedent("""
+    import json, sys, itdsl
+    plan = itdsl.compile_source(sys.stdin.read()).plan("gauss_smooth")
+    print(json.dumps({"strategy": plan.strategy,
+                      "loaded": sorted(m for m in ("torch", "tvm", "tvm_ffi", "sympy",
+                                                   "itdsl.runtime", "itdsl.symbolic.recognize")
+                                       if m in sys.modules)}))
+""")
+
+
+def test_a_cached_plan_loads_without_torch_tvm_or_sympy(tmp_path):
+    """The Plan cache is the symbolic layer's: `Program.plan` on a warm cache imports neither
+    the runtime (torch) nor TVM, nor does it analyse (sympy)."""
+    env = {**os.environ, "ITDSL_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", PLAN_CHILD], input=GAUSS.read_text(), env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    cold, warm = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert cold["strategy"] == warm["strategy"] == "dense"
+    assert "itdsl.symbolic.recognize" in cold["loaded"]  # the first process analysed
+    assert list((tmp_path / "plans").glob("*.pkl"))
+    assert warm["loaded"] == [], f"a cached Plan loaded {warm['loaded']}"
+
+
+@pytest.mark.parametrize("module", ["itdsl.cache.plans", "itdsl.cache.disk", "itdsl.runtime.cache"])
+def test_the_cache_modules_import_first_without_a_circle(module):
+    """Each cache module imports in a fresh process before anything else of itdsl; the Plan
+    cache and its helpers bring in neither torch nor TVM."""
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('torch', 'tvm', 'tvm_ffi') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if module.startswith("itdsl.cache"):
+        assert r.stdout.strip() == "[]"

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from fuzzing.corpus import CORPUS, header, replay
-from fuzzing.generate import generate
+from fuzzing.generate import EXCLUDED, generate
 from fuzzing.paths import Failure, Report, run_case
 
 import itdsl
 from itdsl.frontend import check, parse
+from itdsl.functions import ACTIVATIONS, FUNCTIONS
 
 BASE = 1_000_000  # the sample's first seed
 TORCH_SAMPLE = 600
@@ -69,14 +70,15 @@ def _verdict(report: Report) -> None:
         pytest.xfail("; ".join(sorted(bugs)))
 
 
-# Every construct of the language, as text the generator writes (docs/language.md).
+# Every construct of the language, as text the generator writes (docs/language.md); every
+# function of the table written `name(...)` and every activation, but those the generator
+# excludes (with its reason).
 CONSTRUCTS = ["points(", "grid(", "= index", "with sum", "with mean", "weights(", "riemann",
               "trapezoid", "simpson", "gauss(", "montecarlo(", "importance =", ": R =", ": R^",
-              *(f"act = {a}" for a in ("gelu", "relu", "tanh", "sigmoid", "softplus", "silu",
-                                       "identity")),
-              *(f"{f}(" for f in ("exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid",
-                                  "relu", "gelu", "softplus", "min", "max", "dot", "norm",
-                                  "sqnorm", "sum")),
+              *(f"act = {a}" for a in ACTIVATIONS),
+              *(f"{f.name}(" for f in FUNCTIONS.values()
+                if f.syntax == "call" and f.name not in EXCLUDED),
+              *(f"{f}(" for f in ("dot", "norm", "sqnorm", "sum")),
               ")[", "pi", " and ", " or ", "[y <= x]", "[y < x]", "/ integral", "kernel "]
 
 

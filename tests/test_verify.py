@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fuzzing.generate import generate
 
-import itdsl.runtime.cache
+import itdsl.cache.plans
 import itdsl.symbolic.build
 from itdsl.errors import ItdslError
 from itdsl.frontend import load_file, load_source
@@ -30,7 +30,7 @@ FUZZ_SEEDS = range(200)
 
 def test_the_hook_is_on():
     assert getattr(itdsl.symbolic.build.build_plan, "verifying", False)
-    assert getattr(itdsl.runtime.cache.load_plan, "verifying", False)
+    assert getattr(itdsl.cache.plans.load_plan, "verifying", False)
 
 
 def test_the_verifier_imports_neither_torch_nor_tvm():

@@ -67,7 +67,7 @@ def op_name(plan: Plan, target: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    from .cache import _versions
+    from ..cache.disk import versions as _versions
     return _versions() + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 

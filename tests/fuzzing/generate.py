@@ -18,10 +18,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-UNARY = ("exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "gelu",
-         "softplus")
-ACTIVATIONS = ("gelu", "relu", "tanh", "sigmoid", "softplus", "silu", "identity")
-CMPS = ("<", "<=", ">", ">=", "==", "!=")
+from itdsl.functions import ACTIVATIONS, FUNCTIONS
+
+# The functions written `name(args)` come from the table (itdsl/functions/), so that a new one
+# is fuzzed without editing this file; its order is the table's, fixed, so seeds stay
+# reproducible. Functions that cannot be generated well-typed would be listed here, each with
+# why (none today). The arithmetic infix operators (+ - * / ^, prefix -) have hand-written
+# forms below (guarded denominators and bases); `internal` entries (erf, sign, where) have no
+# syntax in `.it`.
+EXCLUDED: dict[str, str] = {}
+CALLS = [f for f in FUNCTIONS.values()
+         if f.syntax == "call" and f.condition is None and f.name not in EXCLUDED]
+UNARY = tuple(f.name for f in CALLS if f.arity == 1)  # exp, log, ..., atan, ..., softplus
+BINARY = tuple(f.name for f in CALLS if f.arity == 2)  # min, max
+CMPS = tuple(f.name for f in FUNCTIONS.values() if f.condition == "compare")
+LOGIC = tuple(f.name for f in FUNCTIONS.values() if f.condition == "logic")  # and, or
 CONSTS = ("0.5", "2", "1.5", "0.3", "3", "pi", "1e-3", "0.25")
 RAW = 0.12  # how often a function gets its argument unguarded (NaN and inf on purpose)
 
@@ -199,7 +210,7 @@ class _Gen:
                 base = base if self.r.random() < RAW else f"(abs({base}) + 0.5)"
             return f"{_atom(base)}^{exp}"
         if kind == "minmax":
-            return f"{self.pick('min', 'max')}({e()}, {e(self.pick(width, None))})"
+            return f"{self.r.choice(BINARY)}({e()}, {e(self.pick(width, None))})"
         if kind == "bracket":
             return f"[{self.condition(scope, sub, fieldless)}] * {_atom(e())}"
         if kind == "reduce":
@@ -224,7 +235,8 @@ class _Gen:
         return self.r.choice(leaves)
 
     def unary(self, fn: str, arg: str) -> str:
-        if self.r.random() >= RAW:  # keep the argument where the function is tame
+        # keep the argument where the function is tame (the others are tame everywhere)
+        if self.r.random() >= RAW:
             if fn == "exp":
                 arg = self.pick(f"-({arg})^2", f"tanh({arg})", f"-abs({arg})", f"{arg} / 4")
             elif fn in ("log", "sqrt"):
@@ -251,7 +263,7 @@ class _Gen:
             first += f" {self.pick('<', '<=')} {side()}"
         parts = [first]
         while self.r.random() < 0.3:
-            parts += [self.pick("and", "or"), f"{side()} {self.r.choice(CMPS)} {side()}"]
+            parts += [self.r.choice(LOGIC), f"{side()} {self.r.choice(CMPS)} {side()}"]
         if self.r.random() < 0.1 and len(parts) > 1:
             return f"({' '.join(parts[:3])}) {' '.join(parts[3:])}".strip()
         return " ".join(parts)
