@@ -45,10 +45,12 @@ _VERSIONS: str | None = None
 
 
 def _sources(stage: str) -> list[Path]:
-    """The source files of a stage, with the table of elementwise functions (whose sympy,
-    derivative and TVM forms the symbolic layer and the lowering read)."""
+    """The source files of a stage, with the tables of elementwise functions (whose sympy,
+    derivative and TVM forms the symbolic layer and the lowering read) and of domain kinds
+    and quadratures (what the Plan builder asks of a rule)."""
     root = Path(__file__).parent.parent
-    return sorted((root / stage).glob("*.py")) + sorted((root / "functions").glob("*.py"))
+    return sorted((root / stage).glob("*.py")) + [
+        f for table in ("functions", "domains") for f in sorted((root / table).glob("*.py"))]
 
 
 def _versions() -> str:
