@@ -64,6 +64,12 @@ class Rule:
         return self.nodes is not None
 
     @property
+    def on_domain_points(self) -> bool:
+        """The side is the domain's own points, each weighted before the call is seen (no
+        nodes of its own, no draws): what a convolution or a scan over positions needs."""
+        return not (self.own_nodes or self.sampled)
+
+    @property
     def positional(self) -> tuple[Arg, ...]:
         return tuple(a for a in self.args if a.keyword is None)
 

@@ -341,7 +341,7 @@ def _one_grid(item: _Item, what: str) -> Miss | None:
         return Miss(f"{item.xdom.name} is points({item.xdom.dim}); {what} needs an index or "
                     "grid domain")
     rule = item.unit.integral.quad.rule
-    if rule.entry.own_nodes or rule.entry.sampled:
+    if not rule.entry.on_domain_points:
         return Miss(f"the `{rule.value}` quadrature does not integrate over the points of "
                     f"{item.xdom.name}")
     return None
