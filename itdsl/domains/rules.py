@@ -50,6 +50,12 @@ def _gauss(d, n: int) -> tuple[np.ndarray, np.ndarray]:
     return (d.lo + d.hi) / 2 + (d.hi - d.lo) / 2 * x, (d.hi - d.lo) / 2 * w
 
 
+def _midpoint(d, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centres a + (i + 1/2)·(b − a)/n of n equal cells of [a, b], each weighted (b − a)/n."""
+    h = (d.hi - d.lo) / n
+    return d.lo + (np.arange(n) + 0.5) * h, np.full(n, h)
+
+
 RULES = [
     Rule(name="sum", weights=lambda d, m: np.ones(m), unit=True),
     Rule(name="mean", weights=lambda d, m: np.full(m, 1.0 / max(m, 1)),
@@ -62,6 +68,9 @@ RULES = [
     Rule(name="gauss", kinds=frozenset({"grid"}), nodes=_gauss,
          args=(Arg(field="n", kind="count", what="the number of nodes", placeholder="n",
                    limit=MAX_NODES, noun="the number of Gauss nodes"),)),
+    Rule(name="midpoint", kinds=frozenset({"grid"}), nodes=_midpoint,
+         args=(Arg(field="n", kind="count", what="the number of cells", placeholder="n",
+                   limit=MAX_NODES, noun="the number of midpoint cells"),)),
     # S indices drawn with replacement, uniformly or ∝ the importance, each weighted
     # μ_j / (S·p_j), μ the domain's measure (runtime/sampling.py draws them)
     Rule(name="montecarlo", kinds=frozenset({"points", "index"}), sampled=True,
