@@ -4,7 +4,8 @@ The Plan evaluator (itdsl/runtime/plan_eval.py) runs the forward and backward
 programs the symbolic layer derived (pair reductions in chunks of x, no N x M
 tensor); the reference (itdsl/runtime/reference.py) computes the definition with
 N x M pair tensors, and torch.autograd differentiates it. They share no code
-beyond the call binding and the spline interpolation.
+beyond the call binding, the spline interpolation, the elementwise functions' torch
+forms and the quadrature points, weights and draws (runtime/sampling.py).
 """
 
 from __future__ import annotations

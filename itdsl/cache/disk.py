@@ -43,9 +43,12 @@ def cache_dir() -> Path:
 
 
 def sources(stage: str) -> list[Path]:
-    """The source files of a stage (`"symbolic"`, `"lowering"`), with the table of elementwise
-    functions (whose sympy, derivative and TVM forms the symbolic layer and the lowering read)."""
-    return sorted((_ROOT / stage).glob("*.py")) + sorted((_ROOT / "functions").glob("*.py"))
+    """The source files of a stage (`"symbolic"`, `"lowering"`, with their subpackages such
+    as `symbolic/strategies/`), with the tables of elementwise functions (whose sympy,
+    derivative and TVM forms the symbolic layer and the lowering read) and of domain kinds
+    and quadratures (what the Plan builder asks of a rule)."""
+    return sorted((_ROOT / stage).rglob("*.py")) + [
+        f for table in ("functions", "domains") for f in sorted((_ROOT / table).glob("*.py"))]
 
 
 _VERSIONS: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..domains import KINDS, Kind
 from ..errors import Span
 
 _NOSPAN = Span()
@@ -142,10 +143,16 @@ class Integral(Expr):
 # ---- declarations ---------------------------------------------------------------
 
 
-class DomainKind(Enum):
-    POINTS = "points"
-    GRID = "grid"
-    INDEX = "index"
+class _KindMember(Enum):
+    @property
+    def entry(self) -> Kind:
+        """What the kind is (`itdsl.domains`: its points, spacing, measure, default rule)."""
+        return KINDS[self.value]
+
+
+# One member per domain kind of `itdsl.domains` (DomainKind.GRID, ...; the value is the name).
+DomainKind = _KindMember("DomainKind", [(k.name.upper(), k.name) for k in KINDS.values()],
+                         module=__name__)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,14 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 
+from ..domains import rules_on
 from ..errors import MAX_RENDERED, CheckError, ItdslError, Span, did_you_mean, raise_all
 from ..functions import FUNCTIONS
 from . import ast, ir
-from .ast import DomainKind, ParamKind
+from .ast import ParamKind
 
 MAX_EXPONENT = 64  # a constant exponent beyond this is surely a typo, and blows up algebra
-MAX_GAUSS_NODES = 1024
-MAX_SAMPLES = 1 << 24
 # Kernel calls are inlined, so a chain of kernels that each call the previous one twice
 # grows exponentially; these bound one declaration's expression once its kernels are inlined.
 MAX_IR_NODES = 100_000
@@ -29,14 +28,6 @@ MAX_IR_DEPTH = 160  # the reference and the symbolic layer recurse ~4 frames a l
 REDUCE_FNS = {f.value: f for f in ir.RFn}
 CALL_KEYWORDS = ("self", "generator")  # taken by the operator modules' forward()
 BUILTINS = ({"pi"} | set(ir.CALL_FNS) | set(REDUCE_FNS))
-QUAD_DOMAINS = {
-    ir.QuadRule.SUM: None, ir.QuadRule.MEAN: None, ir.QuadRule.WEIGHTS: None,
-    ir.QuadRule.RIEMANN: {DomainKind.GRID}, ir.QuadRule.TRAPEZOID: {DomainKind.GRID},
-    ir.QuadRule.SIMPSON: {DomainKind.GRID}, ir.QuadRule.GAUSS: {DomainKind.GRID},
-    ir.QuadRule.MONTECARLO: {DomainKind.POINTS, DomainKind.INDEX},
-}
-DEFAULT_QUAD = {DomainKind.INDEX: ir.QuadRule.SUM, DomainKind.POINTS: ir.QuadRule.MEAN,
-                DomainKind.GRID: ir.QuadRule.TRAPEZOID}
 
 
 class _Bad(Exception):
@@ -489,9 +480,9 @@ class _OperatorChecker:
     def quadrature(self, q: ast.Quadrature | None, dom: ir.Domain, var: str,
                    body: ir.Expr | None, span: Span) -> ir.Quad:
         """The quadrature of an integral over `dom`; `body` is its integrand (None if that
-        failed to check)."""
+        failed to check). What each rule takes and where it applies: `itdsl.domains`."""
         if q is None:
-            return ir.Quad(rule=DEFAULT_QUAD[dom.kind], span=span)
+            return ir.Quad(rule=ir.QuadRule(dom.kind.entry.default), span=span)
         try:
             rule = ir.QuadRule(q.rule)
         except ValueError:
@@ -503,57 +494,52 @@ class _OperatorChecker:
         keywords = {a.key: a for a in args if a.key is not None}
         if not self.quad_form(q, rule, dom, positional):
             raise _Bad
-        kw = {"rule": rule, "explicit": True, "span": q.span}
-        if rule is ir.QuadRule.WEIGHTS:
-            return ir.Quad(weights=self.weights(positional[0].value, dom), **kw)
-        if rule is ir.QuadRule.GAUSS:
+        entry = rule.entry
+        sampled = None
+        if entry.own_nodes:
             sampled = next((node for node in (() if body is None else ir.walk(body))
                             if isinstance(node, ir.FieldAt) and node.var == var), None)
             if sampled is not None:  # reported first: the integrand comes before the rule
-                self.error(f"`gauss` evaluates the integrand between the points of "
+                self.error(f"`{rule.value}` evaluates the integrand between the points of "
                            f"`{dom.name}`, but the field `{sampled.field}` is only known at "
                            "them", sampled.span,
                            "use `trapezoid` or `simpson` to integrate sampled fields")
-            n = self.count(positional[0].value, "the number of Gauss nodes", MAX_GAUSS_NODES)
-            if sampled is not None:
-                raise _Bad
-            return ir.Quad(n=n, **kw)
-        if rule is ir.QuadRule.MONTECARLO:
-            s = self.attempt(self.count, positional[0].value, "the number of samples",
-                             MAX_SAMPLES)
-            a = keywords.get("importance")
-            imp = None if a is None else self.attempt(self.importance, a.value, var, dom)
-            if s is None or (a is not None and imp is None):
-                raise _Bad
-            return ir.Quad(samples=s, importance=imp, **kw)
-        return ir.Quad(**kw)
+        given = [*zip(entry.positional, positional),
+                 *((a, keywords[a.keyword]) for a in entry.args if a.keyword in keywords)]
+        values = {a.field: self.attempt(self.quad_arg, a, written.value, var, dom)
+                  for a, written in given}
+        if sampled is not None or any(v is None for v in values.values()):
+            raise _Bad
+        return ir.Quad(rule=rule, explicit=True, span=q.span, **values)
+
+    def quad_arg(self, arg, e: ast.Expr, var: str, dom: ir.Domain):
+        """One argument of a quadrature, checked as its kind says (`itdsl.domains.Arg`)."""
+        if arg.kind == "count":
+            return self.count(e, arg.noun or arg.what, arg.limit)
+        if arg.kind == "field":
+            return self.weights(e, dom)
+        return self.importance(e, var, dom)
 
     def quad_form(self, q: ast.Quadrature, rule: ir.QuadRule, dom: ir.Domain,
                   positional: list[ast.QuadArg]) -> bool:
         """Report a quadrature on a domain it does not work on, or with the wrong arguments;
         say whether it has neither problem."""
         fits = True
-        allowed = QUAD_DOMAINS[rule]
-        if allowed is not None and dom.kind not in allowed:
+        entry = rule.entry
+        if not entry.applies_to(dom.kind.value):
             fits = False
-            kinds = " or ".join(f"`{k.value}`" for k in sorted(allowed, key=lambda k: k.value))
+            kinds = " or ".join(f"`{k}`" for k in sorted(entry.kinds))
             self.error(f"quadrature `{rule.value}` works only on {kinds} domains, but "
                        f"`{dom.name}` is `{dom.kind.value}`", q.span,
                        f"on `{dom.kind.value}` use " + ", ".join(
-                           f"`{r.value}`" for r, a in QUAD_DOMAINS.items()
-                           if a is None or dom.kind in a))
-        takes = {ir.QuadRule.WEIGHTS: (1, ()), ir.QuadRule.GAUSS: (1, ()),
-                 ir.QuadRule.MONTECARLO: (1, ("importance",))}.get(rule, (0, ()))
-        n_pos, kw_ok = takes
-        usage = {ir.QuadRule.WEIGHTS: "`weights(w)`", ir.QuadRule.GAUSS: "`gauss(n)`",
-                 ir.QuadRule.MONTECARLO: "`montecarlo(S)` or `montecarlo(S, importance = EXPR)`"}
-        hint = f"write {usage.get(rule, f'`{rule.value}`')}"
-        if len(positional) != n_pos or (q.args is not None and not q.args):
-            what = {ir.QuadRule.WEIGHTS: " (the weights field)",
-                    ir.QuadRule.GAUSS: " (the number of nodes)",
-                    ir.QuadRule.MONTECARLO: " (the number of samples)"}.get(rule, "")
+                           f"`{r.name}`" for r in rules_on(dom.kind.value)))
+        want = entry.positional
+        kw_ok = entry.options
+        hint = f"write {entry.usage}"
+        if len(positional) != len(want) or (q.args is not None and not q.args):
+            what = f" ({', '.join(a.what for a in want)})" if want else ""
             fits = False
-            self.error(f"quadrature `{rule.value}` takes {_plural(n_pos, 'argument')}{what}, "
+            self.error(f"quadrature `{rule.value}` takes {_plural(len(want), 'argument')}{what}, "
                        f"got {len(positional)}", q.span, hint)
         seen: set[str] = set()
         for a in q.args or ():

@@ -11,7 +11,7 @@
                | MlpCall(param, args)      args concatenated
                | SplineCall(param, args)
                | Integral(var, domain, body, quad)
-    Quad      := rule [weights field] [gauss n] [montecarlo samples, importance Expr]
+    Quad      := rule [weights field] [n nodes] [samples, importance Expr]   (itdsl.domains)
 
 Kernel calls are inlined (with their point variables renamed) by the checker,
 so an integrand is one expression in the output's and the integral's variables.
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ..domains import RULES, Rule
 from ..errors import Span
 from ..functions import FUNCTIONS
 from .ast import DomainKind, Init, ParamKind, span_field
@@ -46,15 +47,16 @@ class RFn(Enum):
     SUM = "sum"
 
 
-class QuadRule(Enum):
-    SUM = "sum"
-    MEAN = "mean"
-    WEIGHTS = "weights"
-    RIEMANN = "riemann"
-    TRAPEZOID = "trapezoid"
-    SIMPSON = "simpson"
-    GAUSS = "gauss"
-    MONTECARLO = "montecarlo"
+class _RuleMember(Enum):
+    @property
+    def entry(self) -> Rule:
+        """What the rule is (`itdsl.domains`: its arguments, kinds, nodes, weights, draws)."""
+        return RULES[self.value]
+
+
+# One member per quadrature rule of `itdsl.domains` (QuadRule.GAUSS, ...; the value is the name).
+QuadRule = _RuleMember("QuadRule", [(r.name.upper(), r.name) for r in RULES.values()],
+                       module=__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,10 +157,11 @@ class SplineCall(Expr):
 @dataclass(frozen=True, kw_only=True)
 class Quad:
     rule: QuadRule
-    weights: str | None = None  # WEIGHTS: the input field holding them
-    n: int | None = None  # GAUSS: number of nodes
-    samples: int | None = None  # MONTECARLO: S
-    importance: Expr | None = None  # MONTECARLO: sampling density up to a constant
+    # the rule's arguments (`Rule.args` in itdsl.domains says which it takes)
+    weights: str | None = None  # weights(w): the input field holding them
+    n: int | None = None  # a rule with nodes of its own (gauss): their number
+    samples: int | None = None  # montecarlo: S
+    importance: Expr | None = None  # montecarlo: sampling density up to a constant
     explicit: bool = False  # written with `with` (else the domain's default)
     span: Span = span_field()
 

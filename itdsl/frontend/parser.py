@@ -15,6 +15,7 @@ from pathlib import Path
 import lark
 from lark import Token, Tree
 
+from ..domains import KINDS, RULES
 from ..errors import ItdslError, ParseError, Span, did_you_mean, raise_all
 from ..functions import ACTIVATIONS
 from . import ast
@@ -27,7 +28,9 @@ DOMAIN_KINDS = {k.value: k for k in ast.DomainKind}
 PARAM_CTORS = ("mlp", "spline")
 INIT_KINDS = {"normal": 1, "uniform": 2}
 DECL_WORDS = ("domain", "input", "param", "kernel", "output")
-QUAD_WORDS = ("sum", "mean", "weights", "riemann", "trapezoid", "simpson", "gauss", "montecarlo")
+QUAD_WORDS = tuple(RULES)
+RESERVED = ("operator", *DECL_WORDS, "integral", "with", "and", "or")
+
 UNICODE_LOOKALIKES = {
     "\u2212": "a Unicode minus sign; write `-`", "\u00d7": "a multiplication sign; write `*`",
     "\u00b7": "a middle dot; write `*`", "\u2264": "a Unicode `≤`; write `<=`",
@@ -36,7 +39,12 @@ UNICODE_LOOKALIKES = {
     "\u2018": "a curly quote", "\u2019": "a curly quote", "\u201c": "a curly quote",
     "\u201d": "a curly quote", "\u222b": "an integral sign; write `integral(y: Y) ...`",
 }
-RESERVED = ("operator", *DECL_WORDS, "integral", "with", "and", "or")
+
+
+def _either(words) -> str:
+    """"a, b or c"."""
+    words = list(words)
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
 
 
 @lru_cache(maxsize=1)
@@ -325,13 +333,11 @@ class _Builder:
         if k is None:
             self.error(f"unknown domain kind `{kind}`", kind,
                        did_you_mean(str(kind), DOMAIN_KINDS) or
-                       "a domain is `points(D)`, `grid(a, b)` or `index`")
+                       "a domain is " + _either(f"`{k.usage}`" for k in KINDS.values()))
             return None
         argv = [] if args is None else list(args.children)
-        want = {ast.DomainKind.POINTS: 1, ast.DomainKind.GRID: 2, ast.DomainKind.INDEX: 0}[k]
-        usage = {ast.DomainKind.POINTS: "points(D)", ast.DomainKind.GRID: "grid(a, b)",
-                 ast.DomainKind.INDEX: "index"}[k]
-        if len(argv) != want or (k is ast.DomainKind.INDEX and args is not None):
+        want, usage = k.entry.arity, k.entry.usage
+        if len(argv) != want or (want == 0 and args is not None):
             self.error(f"`{kind}` takes {want} argument{'s' if want != 1 else ''}, got {len(argv)}",
                        kind, f"write `{usage}`")
             return None

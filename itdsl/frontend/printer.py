@@ -219,13 +219,16 @@ def _f_raw(e: ir.Expr) -> tuple[str, int]:
     if isinstance(e, ir.Integral):
         q = e.quad
         rule = q.rule.value
-        if q.rule is ir.QuadRule.WEIGHTS:
-            rule += f"({q.weights})"
-        elif q.rule is ir.QuadRule.GAUSS:
-            rule += f"({q.n})"
-        elif q.rule is ir.QuadRule.MONTECARLO:
-            imp = "" if q.importance is None else f", importance = {format_ir_expr(q.importance)}"
-            rule += f"({q.samples}{imp})"
+        args = []  # as written: the positional arguments, then the options given
+        for a in q.rule.entry.args:
+            v = getattr(q, a.field)
+            text = format_ir_expr(v) if isinstance(v, ir.Expr) else str(v)
+            if a.keyword is None:
+                args.append(text)
+            elif v is not None:
+                args.append(f"{a.keyword} = {text}")
+        if args:
+            rule += "(" + ", ".join(args) + ")"
         if not q.explicit:
             rule += " (default)"
         return f"(integral({e.var}: {e.domain}) {_f(e.body, OR)} with {rule})", POSTFIX

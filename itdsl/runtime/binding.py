@@ -17,12 +17,9 @@ import torch
 
 from ..errors import InputError
 from ..frontend import ir
-from ..frontend.ast import DomainKind
 
 RESERVED_KEYWORDS = ("generator", "self")  # keywords of the modules' forward()
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-UNDEFINED_ON_EMPTY = {ir.QuadRule.MEAN: "the mean over no points is undefined",
-                      ir.QuadRule.MONTECARLO: "no point can be sampled from it"}
 
 
 @dataclass
@@ -109,7 +106,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         if d.name not in kwargs:
             continue
         v = kwargs[d.name]
-        if d.kind is DomainKind.POINTS:
+        if d.kind.entry.given:
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"`{d.name}` takes the coordinates of the points as a tensor "
                                  f"[..., n, {d.dim}], got {type(v).__name__}")
@@ -125,7 +122,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             if isinstance(v, torch.Tensor) or not isinstance(v, int) or isinstance(v, bool):
                 raise InputError(f"`{d.name}` is a {d.kind.value} domain: pass its number of "
                                  f"points as an int (`{d.name}=24`), got {type(v).__name__}")
-            least = 2 if d.kind is DomainKind.GRID else 0  # (an empty index, as an empty field)
+            least = d.kind.entry.min_size  # (an empty index, as an empty field)
             if v < least:
                 raise InputError(f"`{d.name}` needs at least {least} points, got {v}")
             set_size(d.name, v, f"`{d.name}={v}`")
@@ -153,24 +150,26 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                     f"trailing 1 (`{i.name}.squeeze(-1)`), or declare it `R^1`")
         set_size(i.domain, f.shape[-2], f"input `{i.name}`", hint)
     for d in op.domains:
-        if d.kind is DomainKind.POINTS and d.name in need_coords and d.name not in coords:
+        if d.kind.entry.given and d.name in need_coords and d.name not in coords:
             raise InputError(f"operator `{op.name}` needs the coordinates of `{d.name}`: pass "
                              f"`{d.name}=` a tensor [..., n, {d.dim}]")
-    # Every domain the output or an integral ranges over needs a size (gauss has its nodes).
+    # Every domain the output or an integral ranges over needs a size (not a rule with
+    # nodes of its own, gauss: the integrand is evaluated at its nodes).
     ranged = {op.output.domain} | {n.domain for n in ir.walk(op.output.body)
                                    if isinstance(n, ir.Integral)
-                                   and n.quad.rule is not ir.QuadRule.GAUSS}
+                                   and not n.quad.rule.entry.own_nodes}
     for name in sorted(ranged):
         if name not in sizes:
             d = op.domain(name)
-            how = (f"`{name}=` its coordinates" if d.kind is DomainKind.POINTS
+            how = (f"`{name}=` its coordinates" if d.kind.entry.given
                    else f"its size, e.g. `{name}=24`")
             raise InputError(f"the number of points of `{name}` is unknown: no input lives on "
                              f"it; pass {how}")
     for name, (n, src) in sizes.items():
         d = op.domain(name)
-        if d.kind is DomainKind.GRID and n < 2:
-            raise InputError(f"the grid `{name}` needs at least 2 points, but {src} has {n}")
+        if n < d.kind.entry.min_size:
+            raise InputError(f"the {d.kind.value} `{name}` needs at least "
+                             f"{d.kind.entry.min_size} points, but {src} has {n}")
     # dtype and device: one for all tensors
     dtype = device = None
     for name, t in tensors:
@@ -194,7 +193,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     counts = {k: v[0] for k, v in sizes.items()}
     _check_empty(op, counts)
     for d in op.domains:  # sizes given as numbers: the points and the output are allocated
-        if d.name in kwargs and d.kind is not DomainKind.POINTS:
+        if d.name in kwargs and not d.kind.entry.given:
             width = (op.output.width or 1) if d.name == op.output.domain else 1
             check_size(math.prod(batch) * counts[d.name] * width, dtype, device,
                        f"`{d.name}={counts[d.name]}`")
@@ -203,12 +202,13 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
 
 
 def _check_empty(op: ir.Operator, sizes: dict[str, int]) -> None:
-    """An integral whose rule needs points (mean, montecarlo) over a domain with none."""
+    """An integral whose rule needs points (mean, montecarlo: `Rule.empty`) over a domain
+    with none."""
     for n in ir.walk(op.output.body):
         if isinstance(n, ir.Integral) and sizes.get(n.domain) == 0 \
-                and n.quad.rule in UNDEFINED_ON_EMPTY:
+                and n.quad.rule.entry.empty is not None:
             raise InputError(f"`integral({n.var}: {n.domain})` with `{n.quad.rule.value}` has no "
-                             f"points of `{n.domain}`: {UNDEFINED_ON_EMPTY[n.quad.rule]}",
+                             f"points of `{n.domain}`: {n.quad.rule.entry.empty}",
                              n.quad.span if n.quad.explicit else n.span,
                              f"pass at least one point of `{n.domain}`, or integrate with "
                              "`sum` (0 over no points)")

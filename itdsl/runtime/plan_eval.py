@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..frontend import ir
-from ..frontend.ast import DomainKind
 from ..symbolic.pexpr import ELEMENTWISE, Node, toposort
 from ..symbolic.plan import X_SIDE, GradKind, Plan, Program, Step, StepKind
 from .binding import Bound
 from .params import keys_basis
-from .reference import elementwise, gauss_legendre, grid_points, grid_weights
+from .reference import elementwise
+from .sampling import draw, side_points
 
 
 def tshape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -68,68 +68,34 @@ class PlanEvaluator:
         return torch.as_tensor(x, dtype=self.dtype, device=self.device)
 
     def _side(self, sp, draws, generator) -> _Side:
+        """The points and weights of one side (runtime/sampling.py); montecarlo weights
+        given beforehand, or drawn once per domain and rule."""
         d = self.plan.op.domain(sp.domain)
         q = sp.quad
-        if q is not None and q.rule is ir.QuadRule.GAUSS:
-            nodes, w = gauss_legendre(q.n, d.lo, d.hi)
-            return _Side(q.n, self._t(nodes).reshape(-1, 1), self._t(w))
-        n = self.bound.sizes[d.name]
-        if d.kind is DomainKind.POINTS:
-            coords = self.bound.coords.get(d.name)
-            coords = None if coords is None else coords.to(self.dtype)
-        elif d.kind is DomainKind.GRID:
-            coords = self._t(grid_points(d, n)).reshape(-1, 1)
-        else:
-            coords = torch.arange(n, dtype=self.dtype, device=self.device).reshape(-1, 1)
-        side = _Side(n, coords, None)
-        if q is None:
+        pts = side_points(d, q, self.bound)
+        side = _Side(pts.n, pts.coords, pts.weights)
+        if q is None or not q.rule.entry.sampled:
             return side
-        if q.rule is ir.QuadRule.SUM:
-            w = torch.ones(n, dtype=self.dtype, device=self.device)
-        elif q.rule is ir.QuadRule.MEAN:
-            w = torch.full((n,), 1.0 / n, dtype=self.dtype, device=self.device)
-        elif q.rule is ir.QuadRule.WEIGHTS:
-            w = self.bound.fields[q.weights][..., 0]
-        elif q.rule is ir.QuadRule.MONTECARLO and sp.side in self.given_weights:
-            w = self.given_weights[sp.side]
-        elif q.rule is ir.QuadRule.MONTECARLO:
-            key = (d.name, q.samples, sp.importance)
-            if key not in draws:
-                draws[key] = self._draw(sp, side, d, generator)
-            w = draws[key]
-        else:
-            w = self._t(grid_weights(q.rule, d.lo, d.hi, n))
-        side.weights = w
+        if sp.side in self.given_weights:
+            side.weights = self.given_weights[sp.side]
+            return side
+        key = (d.name, q.samples, sp.importance)
+        if key not in draws:
+            draws[key] = self._draw(sp, side, d, generator)
+        side.weights = draws[key]
         return side
 
     def _draw(self, sp, side: _Side, d: ir.Domain, generator) -> torch.Tensor:
-        """Montecarlo weights `mu_j count_j / (S p_j)` (see docs/language.md)."""
-        S, m = sp.quad.samples, side.n
-        if sp.importance is None:
-            idx = torch.randint(m, (S,), generator=generator, device=self.device)
-            w = torch.bincount(idx, minlength=m).to(self.dtype) * (m / S)
-        else:
+        """Montecarlo weights `[*B?, m]` (runtime/sampling.py `draw`)."""
+        m = side.n
+
+        def importance() -> torch.Tensor:
             self.sides[sp.side] = side
-            with torch.no_grad():
-                imp = self.eval_level(sp.importance, sp.side)  # [*B?, 1, m, 1]
+            imp = self.eval_level(sp.importance, sp.side)  # [*B?, 1, m, 1]
             lead = imp.shape[:-3]
-            p = imp.expand(*lead, 1, m, 1).reshape(-1, m)
-            if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
-                raise InputError(f"the importance of an integral over `{d.name}` must be "
-                                 "finite and >= 0 at every point", sp.quad.span)
-            total = p.sum(-1, keepdim=True)
-            if bool((total <= 0).any()):
-                raise InputError(f"the importance of an integral over `{d.name}` is 0 at every "
-                                 "point: nothing can be sampled", sp.quad.span)
-            p = p / total
-            idx = torch.multinomial(p, S, replacement=True, generator=generator)
-            counts = torch.zeros_like(p).scatter_add_(-1, idx, torch.ones_like(idx,
-                                                                               dtype=self.dtype))
-            w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(self.dtype).tiny)),
-                            torch.zeros_like(p)).reshape(*lead, m)
-        if d.kind is DomainKind.POINTS:
-            w = w / m
-        return w
+            return imp.expand(*lead, 1, m, 1).reshape(*lead, m)
+
+        return draw(sp.quad, d, m, importance, generator, self.bound)
 
     # ---- views: the same call, evaluated elsewhere (the strategies' runners) ---------------
     def at(self, coords: dict[str, torch.Tensor]) -> PlanEvaluator:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InputError
 from ..frontend import ir
-from ..frontend.ast import DomainKind
 from ..functions import FUNCTIONS
 from .binding import RESERVED_KEYWORDS, Bound, bind, check_call, check_size
 from .params import register_params, spline_eval
+from .sampling import draw, side_points
 
 X_AXIS, Y_AXIS = -3, -2
 
@@ -33,44 +32,19 @@ def elementwise(name: str, args: list[torch.Tensor], dtype: torch.dtype) -> torc
     return out.to(dtype) if out.dtype == torch.bool else out
 
 
-def grid_points(d: ir.Domain, n: int) -> np.ndarray:
-    return d.lo + (d.hi - d.lo) * np.arange(n) / (n - 1)
-
-
-def grid_weights(rule: ir.QuadRule, lo: float, hi: float, n: int) -> np.ndarray:
-    """Composite quadrature weights on the n-point uniform grid of [lo, hi]."""
-    h = (hi - lo) / (n - 1)
-    w = np.full(n, h)
-    if rule is ir.QuadRule.RIEMANN:  # left Riemann sum
-        w[-1] = 0.0
-    elif rule is ir.QuadRule.TRAPEZOID or (rule is ir.QuadRule.SIMPSON and n < 4 and n % 2 == 0):
-        w[0] = w[-1] = h / 2
-    elif rule is ir.QuadRule.SIMPSON:
-        w = np.zeros(n)
-        # Simpson's 1/3 rule on an even number of intervals; with an odd number, the
-        # last three intervals take Simpson's 3/8 rule.
-        k = n if n % 2 == 1 else n - 3
-        if k >= 3:
-            w[:k:2] += 2 * h / 3
-            w[1:k:2] += 4 * h / 3
-            w[0] -= h / 3
-            w[k - 1] -= h / 3
-        if k != n:
-            w[k - 1:] += 3 * h / 8 * np.array([1, 3, 3, 1])
-    return w
-
-
-def gauss_legendre(n: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    x, w = np.polynomial.legendre.leggauss(n)
-    return (lo + hi) / 2 + (hi - lo) / 2 * x, (hi - lo) / 2 * w
-
-
 @dataclass
 class _Var:
     domain: ir.Domain
     axis: int
     n: int
-    coords: torch.Tensor | None = None  # override (gauss nodes)
+    coords: torch.Tensor | None  # [*B?, n, D] (None: a points domain the call gave none of)
+    weights: torch.Tensor | None = None  # [*B?, n] of an integral's rule (None: drawn)
+
+
+def _var(d: ir.Domain, quad: ir.Quad | None, axis: int, ctx: _Ctx) -> _Var:
+    """The points of `d` that an integral with `quad` (None: the output) runs over."""
+    pts = side_points(d, quad, ctx.bound)
+    return _Var(d, axis, pts.n, pts.coords, pts.weights)
 
 
 @dataclass
@@ -132,7 +106,7 @@ def evaluate(module: ReferenceOperator, bound: Bound,
     out = op.output
     ctx = _Ctx(module=module, bound=bound, generator=generator)
     n = bound.sizes[out.domain]
-    ctx.vars[out.var] = _Var(op.domain(out.domain), X_AXIS, n)
+    ctx.vars[out.var] = _var(op.domain(out.domain), None, X_AXIS, ctx)
     value = _eval(out.body, ctx)  # [*B, n or 1, 1, C]
     value = value.squeeze(Y_AXIS)
     width = out.width or 1
@@ -148,16 +122,7 @@ def _const(x, ctx: _Ctx) -> torch.Tensor:
 
 
 def _coord(var: _Var, ctx: _Ctx) -> torch.Tensor:
-    d = var.domain
-    if var.coords is not None:
-        pts = var.coords.reshape(-1, 1)
-    elif d.kind is DomainKind.POINTS:
-        return _place(ctx.bound.coords[d.name].to(ctx.bound.dtype), var.axis)
-    elif d.kind is DomainKind.GRID:
-        pts = _const(grid_points(d, var.n), ctx).reshape(-1, 1)
-    else:
-        pts = torch.arange(var.n, dtype=ctx.bound.dtype, device=ctx.bound.device).reshape(-1, 1)
-    return _place(pts, var.axis)
+    return _place(var.coords, var.axis)
 
 
 def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
@@ -288,18 +253,11 @@ def _check_pairs(e: ir.Integral, m: int, ctx: _Ctx) -> None:
 
 
 def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
-    d = ctx.module.ir.domain(e.domain)
-    q = e.quad
-    if q.rule is ir.QuadRule.GAUSS:
-        nodes, w = gauss_legendre(q.n, d.lo, d.hi)
-        var = _Var(d, Y_AXIS, q.n, coords=_const(nodes, ctx))
-    else:
-        var = _Var(d, Y_AXIS, ctx.bound.sizes[d.name])
+    var = _var(ctx.module.ir.domain(e.domain), e.quad, Y_AXIS, ctx)
     _check_pairs(e, var.n, ctx)
     ctx.vars[e.var] = var
     try:
-        weights = _weights(e, var, ctx) if q.rule is not ir.QuadRule.GAUSS else \
-            _const(w, ctx).reshape(-1, 1)
+        weights = _weights(e, var, ctx)
         if _masks(e.body):  # the bracket masks the quadrature weight too
             terms = _masked_product(_factors(e.body), ctx, [weights])
         else:
@@ -312,65 +270,31 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
 
 
 def _weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
-    """Quadrature weights, broadcastable against `[*B, n, m, C]`."""
-    q, m, d = e.quad, var.n, var.domain
-    if q.rule is ir.QuadRule.SUM:
-        return _const(1.0, ctx)
-    if q.rule is ir.QuadRule.MEAN:
-        return _const(1.0 / m, ctx)
-    if q.rule is ir.QuadRule.WEIGHTS:
-        return _place(ctx.bound.fields[q.weights], Y_AXIS)
-    if q.rule is ir.QuadRule.MONTECARLO:
-        return _montecarlo_weights(e, var, ctx)
-    return _const(grid_weights(q.rule, d.lo, d.hi, m), ctx).reshape(-1, 1)
-
-
-def _montecarlo_weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
-    """Weights `mu_j count_j / (S p_j)` of S indices drawn with replacement, `mu` the measure of
-    the domain (1/m on `points`, whose default rule is `mean`; 1 on `index`): an unbiased
-    estimate of what the default rule computes. The draws are shared by every integral of
-    the call over the same domain and rule, so a ratio of two is self-normalised."""
+    """Quadrature weights `[*B?, 1, m, 1]`, broadcastable against `[*B, n, m, C]`: the
+    rule's (runtime/sampling.py), or drawn once per call, domain and rule (montecarlo),
+    so that a ratio of two integrals with the same draws is self-normalised."""
+    if var.weights is not None:
+        return _place(var.weights.unsqueeze(-1), Y_AXIS)
     q, m = e.quad, var.n
     key = (e.domain, q.samples, q.importance)
-    if key in ctx.draws:
-        return ctx.draws[key]
-    S = q.samples
-    dev, dt = ctx.bound.device, ctx.bound.dtype
-    if q.importance is None:
-        idx = torch.randint(m, (S,), generator=ctx.generator, device=dev)
-        counts = torch.bincount(idx, minlength=m).to(dt)
-        w = (counts * (m / S)).reshape(-1, 1)  # count_j / (S p_j) with p_j = 1/m
-    else:
-        with torch.no_grad():
-            imp = _eval(q.importance, ctx)  # [*B, 1, m, 1] (batch dims if it reads fields)
+    if key not in ctx.draws:
+        def importance() -> torch.Tensor:  # [*B?, m] (batch dims if it reads fields)
+            imp = _eval(q.importance, ctx)  # [*B?, 1, m, 1]
             lead = imp.shape[:-3]
-            imp = imp.expand(*lead, 1, m, 1).reshape(-1, m)
-            if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
-                raise InputError(f"the importance of `integral({e.var}: {e.domain})` must be "
-                                 "finite and >= 0 at every point", q.span)
-            total = imp.sum(-1, keepdim=True)
-            if bool((total <= 0).any()):
-                raise InputError(f"the importance of `integral({e.var}: {e.domain})` is 0 at "
-                                 "every point: nothing can be sampled", q.span)
-            p = imp / total
-            idx = torch.multinomial(p, S, replacement=True, generator=ctx.generator)
-            counts = torch.zeros_like(p).scatter_add_(-1, idx, torch.ones_like(idx, dtype=dt))
-            w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(dt).tiny)),
-                            torch.zeros_like(p))
-            w = w.reshape(*lead, 1, m, 1)
-    if var.domain.kind is DomainKind.POINTS:
-        w = w / m  # the measure of `points` is the mean (its default rule); of `index`, the sum
-    ctx.draws[key] = w
-    return w
+            return imp.expand(*lead, 1, m, 1).reshape(*lead, m)
+
+        w = draw(q, var.domain, m, importance, ctx.generator, ctx.bound)
+        ctx.draws[key] = _place(w.unsqueeze(-1), Y_AXIS)
+    return ctx.draws[key]
 
 
 def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     """`integral A / integral B`, with shared exponentials shifted by their max over y."""
     d = ctx.module.ir.domain(num.domain)
     shifts = {}
-    if num.quad.rule is not ir.QuadRule.GAUSS and ctx.bound.sizes[d.name] > 0:
+    if not num.quad.rule.entry.own_nodes and ctx.bound.sizes[d.name] > 0:
         _check_pairs(num, ctx.bound.sizes[d.name], ctx)
-        ctx.vars[num.var] = _Var(d, Y_AXIS, ctx.bound.sizes[d.name])
+        ctx.vars[num.var] = _var(d, num.quad, Y_AXIS, ctx)
         try:
             shifts = _ratio_shift(num, den, ctx)
         finally:

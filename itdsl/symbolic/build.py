@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..frontend import ir
-from ..frontend.ast import DomainKind
 from ..functions import MLP_ONLY
 from . import pexpr as P
 from .autodiff import vjp
@@ -185,7 +184,7 @@ class _Forward:
         """The integrand times the quadrature weight of y (1 for `sum`: no factor)."""
         side = self.space(integral)
         lower = _Lower(self.op, {self.op.output.var: X_SIDE, integral.var: side}, self.rewrite)
-        w = P.ONE if integral.quad.rule is ir.QuadRule.SUM else P.weight(side)
+        w = P.ONE if integral.quad.rule.entry.unit else P.weight(side)
         return side, P.mul(w, lower(integral.body))
 
     def add_integral(self, side: str, summand: Node) -> Node:
@@ -238,12 +237,12 @@ def _grad_key(leaf: Node, spaces: dict[str, Space], op: ir.Operator) -> GradKey 
     if leaf.op == "coord":
         dom = op.domain(spaces[leaf.side].domain)
         q = spaces[leaf.side].quad
-        if dom.kind is DomainKind.POINTS and not (q and q.rule is ir.QuadRule.GAUSS):
+        if dom.kind.entry.given and not (q and q.rule.entry.own_nodes):  # the call's coordinates
             return GradKey(GradKind.COORDS, dom.name)
         return None
     if leaf.op == "weight":
         q = spaces[leaf.side].quad
-        if q is not None and q.rule is ir.QuadRule.WEIGHTS:
+        if q is not None and q.rule.entry.from_input:
             return GradKey(GradKind.INPUT, q.weights)
     return None
 

@@ -337,11 +337,11 @@ def one_grid(item: Item, what: str) -> Miss | None:
     if item.xdom.name != item.ydom.name:
         return Miss(f"{item.x} and {item.y} live on different domains {item.xdom.name} and "
                     f"{item.ydom.name}; {what} needs one domain")
-    if item.xdom.kind is DomainKind.POINTS:
+    if not item.xdom.kind.entry.regular:
         return Miss(f"{item.xdom.name} is points({item.xdom.dim}); {what} needs an index or "
                     "grid domain")
     rule = item.unit.integral.quad.rule
-    if rule in (ir.QuadRule.MONTECARLO, ir.QuadRule.GAUSS):
+    if not rule.entry.on_domain_points:
         return Miss(f"the `{rule.value}` quadrature does not integrate over the points of "
                     f"{item.xdom.name}")
     return None

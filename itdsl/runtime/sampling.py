@@ -1,0 +1,86 @@
+"""The points, quadrature weights and Monte Carlo draws of an integral's side, as tensors.
+
+Written once for every torch path (the reference, the Plan evaluator and through it the
+compiled operators and the strategies), so that they see the same nodes and weights and
+consume a call's generator identically by construction. What each domain kind and rule
+is comes from `itdsl.domains`; this module only turns it into tensors and draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..frontend import ir
+from .binding import Bound
+
+
+@dataclass
+class Points:
+    """The points one side of a Plan (or one integral of the reference) runs over."""
+
+    n: int
+    coords: torch.Tensor | None  # [*B?, n, D]; None: a points domain whose coordinates the
+    #                              call did not give (the operator does not read them)
+    weights: torch.Tensor | None  # [*B?, n]; None: the output's side, or drawn (`draw`)
+
+
+def _tensor(x, bound: Bound) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=bound.dtype, device=bound.device)
+
+
+def side_points(d: ir.Domain, quad: ir.Quad | None, bound: Bound) -> Points:
+    """The points of domain `d` an integral with `quad` runs over (`quad` None: the output's
+    points), with its weights unless they are drawn (`quad.rule.entry.sampled`)."""
+    rule = None if quad is None else quad.rule.entry
+    if rule is not None and rule.own_nodes:
+        nodes, w = rule.nodes(d, quad.n)
+        return Points(quad.n, _tensor(nodes, bound).reshape(-1, 1), _tensor(w, bound))
+    n = bound.sizes[d.name]
+    kind = d.kind.entry
+    if kind.given:
+        coords = bound.coords.get(d.name)
+        coords = None if coords is None else coords.to(bound.dtype)
+    else:
+        coords = _tensor(kind.points(d, n), bound).reshape(-1, 1)
+    if rule is None or rule.sampled:
+        weights = None
+    elif rule.from_input:
+        weights = bound.fields[quad.weights][..., 0]
+    else:
+        weights = _tensor(rule.weights(d, n), bound)
+    return Points(n, coords, weights)
+
+
+def draw(quad: ir.Quad, d: ir.Domain, m: int, importance: Callable[[], torch.Tensor] | None,
+         generator: torch.Generator | None, bound: Bound) -> torch.Tensor:
+    """Montecarlo weights `mu_j count_j / (S p_j)` `[*B?, m]` of S indices drawn with
+    replacement from the m points of `d`, uniformly or with p_j ∝ `importance()` (a tensor
+    `[*B?, m]`, evaluated without gradients), `mu` the domain's measure (1/m on `points`,
+    whose default rule is `mean`; 1 on `index`): an unbiased estimate of what the default
+    rule computes (docs/language.md)."""
+    S, dev, dt = quad.samples, bound.device, bound.dtype
+    if quad.importance is None:
+        idx = torch.randint(m, (S,), generator=generator, device=dev)
+        w = torch.bincount(idx, minlength=m).to(dt) * (m / S)  # count_j / (S p_j), p_j = 1/m
+    else:
+        with torch.no_grad():
+            imp = importance()
+        lead = imp.shape[:-1]
+        p = imp.reshape(-1, m)
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+            raise InputError(f"the importance of an integral over `{d.name}` must be finite "
+                             "and >= 0 at every point", quad.span)
+        total = p.sum(-1, keepdim=True)
+        if bool((total <= 0).any()):
+            raise InputError(f"the importance of an integral over `{d.name}` is 0 at every "
+                             "point: nothing can be sampled", quad.span)
+        p = p / total
+        idx = torch.multinomial(p, S, replacement=True, generator=generator)
+        counts = torch.zeros_like(p).scatter_add_(-1, idx, torch.ones_like(idx, dtype=dt))
+        w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(dt).tiny)),
+                        torch.zeros_like(p)).reshape(*lead, m)
+    return w * d.kind.entry.measure(d, m)

@@ -1,0 +1,263 @@
+"""Quadrature rules (itdsl/domains) on every path: the midpoint rule against independent
+numpy computations (reference, Plan evaluator, target="cpu"), forward and gradients; and
+the Monte Carlo draws, which the reference and the Plan evaluator take from one function
+(runtime/sampling.py) and so must agree on exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_plan import check_plan_against_reference
+
+import itdsl
+from itdsl.domains import KINDS, RULES, rules_on
+from itdsl.frontend import ir, load_source, parse
+from itdsl.frontend.ast import DomainKind
+from itdsl.frontend.printer import format_ir_operator, print_program
+from itdsl.runtime.binding import bind
+from itdsl.runtime.plan_eval import evaluate_plan
+from itdsl.runtime.reference import ReferenceOperator
+from itdsl.runtime.sampling import side_points
+from itdsl.symbolic.build import build_plan
+
+D = torch.float64
+
+MIDPOINT = """operator m {
+    domain X = points(1)
+    domain T = grid(-1, 2)
+    input  f : X -> R^2
+    param  a : R = 0.7
+    output g(x: X) = f(x) * integral(t: T) sin(pi * t) * exp(-a * (t - x[0])^2) with midpoint(7)
+}"""
+
+
+def midpoint_numpy(x: np.ndarray, f: np.ndarray, a: float, n: int = 7,
+                   lo: float = -1.0, hi: float = 2.0) -> np.ndarray:
+    """MIDPOINT's output, computed here: cell centres of [lo, hi], weight (hi − lo)/n."""
+    h = (hi - lo) / n
+    c = lo + (np.arange(n) + 0.5) * h
+    integral = (h * np.sin(np.pi * c) * np.exp(-a * (c[None, :] - x[:, :1]) ** 2)).sum(-1)
+    return f * integral[:, None]
+
+
+def inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(X=torch.rand(5, 1, dtype=D, generator=g) * 3 - 1,
+                f=torch.randn(5, 2, dtype=D, generator=g))
+
+
+# ---- the entry ---------------------------------------------------------------------------------
+
+
+def test_midpoint_nodes_and_weights_are_the_cell_centres():
+    d = ir.Domain(name="T", kind=DomainKind.GRID, lo=-1.0, hi=2.0)
+    for n in (1, 2, 7, 1024):
+        nodes, w = RULES["midpoint"].nodes(d, n)
+        h = 3.0 / n
+        np.testing.assert_allclose(nodes, [-1.0 + (i + 0.5) * h for i in range(n)],
+                                   rtol=0, atol=1e-15)
+        np.testing.assert_allclose(w, np.full(n, h), rtol=0, atol=0)
+    assert RULES["midpoint"].own_nodes and not RULES["midpoint"].on_domain_points
+    assert [r.name for r in rules_on("points")] == ["sum", "mean", "weights", "montecarlo"]
+    assert "midpoint" in [r.name for r in rules_on("grid")]
+    assert RULES["midpoint"].usage == "`midpoint(n)`"
+
+
+def test_every_kind_defaults_to_a_rule_that_applies_to_it():
+    for k in KINDS.values():
+        assert RULES[k.default].applies_to(k.name)
+    assert [r.value for r in ir.QuadRule] == list(RULES)
+    assert [k.value for k in DomainKind] == list(KINDS)
+
+
+def test_a_midpoint_side_has_its_nodes_whatever_the_call_size():
+    op = load_source(MIDPOINT).operators[0]
+    for size in ({}, {"T": 3}, {"T": 50}):
+        bound = bind(op, {**inputs(), **size})
+        pts = side_points(op.domain("T"), op.output.body.args[1].quad, bound)
+        assert pts.n == 7
+        torch.testing.assert_close(pts.coords[:, 0], torch.tensor(
+            [-1 + (i + 0.5) * 3 / 7 for i in range(7)], dtype=D), rtol=0, atol=1e-15)
+        torch.testing.assert_close(pts.weights, torch.full((7,), 3 / 7, dtype=D))
+
+
+def test_midpoint_prints_and_round_trips():
+    prog = parse(MIDPOINT)
+    assert parse(print_program(prog)) == prog
+    assert "with midpoint(7))" in format_ir_operator(load_source(MIDPOINT).operators[0])
+
+
+# ---- forward: a known integral, and the numpy sum ------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 4, 16, 64])
+def test_midpoint_integrates_sin_to_second_order(n):
+    """∫₀¹ sin(πt) dt = 2/π; the midpoint sum exceeds the integral by −(b − a)h²/24 · f''(ξ),
+    here between 0 and π²/(24 n²)."""
+    src = f"""operator q {{
+        domain I = index
+        domain T = grid(0, 1)
+        input  c : I -> R
+        output g(i: I) = c(i) * integral(t: T) sin(pi * t) with midpoint({n})
+    }}"""
+    got = itdsl.compile_source(src)["q"](c=torch.ones(1, dtype=D))[0].item()
+    h = 1 / n
+    assert got == pytest.approx(sum(h * math.sin(math.pi * (i + 0.5) * h) for i in range(n)),
+                                rel=1e-14)
+    assert 0 <= got - 2 / math.pi <= math.pi ** 2 / (24 * n * n)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_midpoint_forward_equals_numpy(target):
+    op = itdsl.compile_source(MIDPOINT, target=target)["m"].double()
+    kw = inputs()
+    want = midpoint_numpy(kw["X"].numpy(), kw["f"].numpy(), op.a.item())
+    got = op(**kw, T=4)  # the size of T is not used: the nodes are the rule's
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_midpoint_reference_needs_no_size_of_its_domain():
+    op = itdsl.compile_source(MIDPOINT)["m"].double()
+    kw = inputs()
+    torch.testing.assert_close(op(**kw), op(**kw, T=2), rtol=0, atol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "runtime/module.py `_empty` asks the call's size of every side that is not "
+    "`gauss` (it tests QuadRule.GAUSS, not `rule.own_nodes`); being rewritten elsewhere"))
+def test_midpoint_compiled_needs_no_size_of_its_domain():
+    op = itdsl.compile_source(MIDPOINT, target="cpu")["m"].double()
+    kw = inputs()
+    want = midpoint_numpy(kw["X"].numpy(), kw["f"].numpy(), op.a.item())
+    np.testing.assert_allclose(op(**kw).detach().numpy(), want, rtol=1e-12)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+
+def test_midpoint_plan_equals_reference_forward_and_gradients():
+    op = load_source(MIDPOINT).operators[0]
+    assert check_plan_against_reference(op, inputs()) == 3  # X, f and a
+
+
+def test_midpoint_plan_evaluator_equals_numpy():
+    op = load_source(MIDPOINT).operators[0]
+    module = ReferenceOperator(op).double()
+    kw = inputs()
+    out, _ = evaluate_plan(build_plan(op), module, bind(op, kw, D), chunk=2)
+    want = midpoint_numpy(kw["X"].numpy(), kw["f"].numpy(), module.a.item())
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_midpoint_gradcheck(target):
+    module = itdsl.compile_source(MIDPOINT, target=target)["m"].double()
+    kw = inputs(1)
+
+    def call(X, f, a):
+        return torch.func.functional_call(module, {"a": a}, (), {"X": X, "f": f, "T": 3})
+
+    args = (kw["X"].requires_grad_(), kw["f"].requires_grad_(),
+            torch.tensor([0.9], dtype=D, requires_grad=True))
+    assert torch.autograd.gradcheck(call, args, eps=1e-6, atol=1e-8)
+
+
+def test_midpoint_compiled_gradients_equal_the_reference():
+    ref = itdsl.compile_source(MIDPOINT)["m"].double()
+    cpu = itdsl.compile_source(MIDPOINT, target="cpu")["m"].double()
+    grads = []
+    for op in (ref, cpu):
+        kw = {k: v.clone().requires_grad_() for k, v in inputs(2).items()}
+        out = op(**kw, T=5)
+        leaves = [kw["X"], kw["f"], op.a]
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for g, want in zip(*reversed(grads)):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+def test_midpoint_on_the_output_grid_samples_the_kernel_at_its_nodes():
+    """x on the grid T, y on midpoint nodes of T: no convolution (the nodes are not T's
+    points), the matmul strategy samples K between x's points and the nodes."""
+    src = """operator k {
+        domain T = grid(0, 1)
+        input  v : T -> R
+        output o(t: T) = v(t) * integral(s: T) exp(-(t - s)^2) * sin(3 * s) with midpoint(5)
+    }"""
+    v = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(3))
+    t, c = np.linspace(0, 1, 9), (np.arange(5) + 0.5) / 5
+    want = v.numpy() * (0.2 * np.exp(-(t[:, None] - c) ** 2) * np.sin(3 * c)).sum(-1)
+    for target in ("reference", "cpu"):
+        op = itdsl.compile_source(src, target=target)["k"].double()
+        assert op.strategy != "convolution"
+        np.testing.assert_allclose(op(v=v).detach().numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "symbolic/library.py `_regular` lets a rule with nodes of its own through (it tests "
+    "GAUSS and MONTECARLO by name, not `rule.on_domain_points`), so the attention runner "
+    "applies [s <= t] by position; being rewritten elsewhere"))
+def test_causal_bracket_over_midpoint_nodes_is_not_a_position_mask():
+    text = """operator k {
+        domain T = grid(0, 1)
+        input q : T -> R
+        kernel a(t: T, s: T) = exp(q(t) * s) * [s <= t]
+        output o(t: T) = integral(s: T) a(t, s) * cos(3 * s) with midpoint(5) / integral(s: T) a(t, s) with midpoint(5)
+    }"""
+    lib = itdsl.compile_source(text, target="cpu")["k"].double()
+    ref = itdsl.compile_source(text)["k"].double()
+    q = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(14))
+    out, want = lib(q=q), ref(q=q)
+    assert torch.isnan(want[0]) and torch.isnan(out[0])  # no node below t = 0
+    torch.testing.assert_close(out[1:], want[1:], rtol=1e-9, atol=1e-10)
+
+
+# ---- Monte Carlo: one draw for every path ------------------------------------------------------
+
+DRAWS = {
+    # g(i) = Σ_j w_j [j == i] = w_i: the output is the weights drawn
+    "index-uniform": ("""operator w {
+        domain I = index
+        input  c : I -> R
+        output g(i: I) = c(i) * integral(j: I) [j == i] with montecarlo(40)
+    }""", lambda g: dict(c=torch.ones(11, dtype=D))),
+    "points-uniform": ("""operator w {
+        domain X = points(1)
+        output g(x: X) = integral(y: X) [y[0] == x[0]] with montecarlo(40)
+    }""", lambda g: dict(X=torch.randn(11, 1, dtype=D, generator=g))),
+    "index-importance": ("""operator w {
+        domain I = index
+        input  s : I -> R
+        output g(i: I) = integral(j: I) [j == i] with montecarlo(40, importance = exp(s(j)))
+    }""", lambda g: dict(s=torch.randn(3, 11, dtype=D, generator=g))),
+    "points-importance": ("""operator w {
+        domain X = points(1)
+        output g(x: X) = integral(y: X) [y[0] == x[0]] with montecarlo(40, importance = y[0]^2 + 0.1)
+    }""", lambda g: dict(X=torch.randn(11, 1, dtype=D, generator=g))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DRAWS))
+def test_reference_and_plan_evaluator_draw_the_same_weights(name):
+    src, make = DRAWS[name]
+    op = load_source(src).operators[0]
+    kw = make(torch.Generator().manual_seed(5))
+    module = ReferenceOperator(op).double()
+    g_ref, g_plan = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    ref = module(**kw, generator=g_ref)
+    plan, _ = evaluate_plan(build_plan(op), module, bind(op, kw, D), g_plan)
+    assert torch.equal(ref, plan)
+    assert torch.equal(g_ref.get_state(), g_plan.get_state())  # consumed alike
+    cpu = itdsl.compile_source(src, target="cpu")["w"].double()
+    assert torch.equal(cpu(**kw, generator=torch.Generator().manual_seed(7)), ref)
+    m = 11
+    if name.startswith("index-uniform"):
+        idx = torch.randint(m, (40,), generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(ref, torch.bincount(idx, minlength=m).to(D) * m / 40,
+                                   rtol=1e-15, atol=0)
+    if name.startswith("points-uniform"):
+        idx = torch.randint(m, (40,), generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(ref, torch.bincount(idx, minlength=m).to(D) / 40,
+                                   rtol=1e-15, atol=0)
