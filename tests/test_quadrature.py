@@ -120,14 +120,11 @@ def test_midpoint_forward_equals_numpy(target):
 
 
 def test_midpoint_reference_needs_no_size_of_its_domain():
-    op = itdsl.compile_source(MIDPOINT)["m"].double()
+    op = itdsl.compile_source(MIDPOINT, target="reference")["m"].double()
     kw = inputs()
     torch.testing.assert_close(op(**kw), op(**kw, T=2), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "runtime/module.py `_empty` asks the call's size of every side that is not "
-    "`gauss` (it tests QuadRule.GAUSS, not `rule.own_nodes`); being rewritten elsewhere"))
 def test_midpoint_compiled_needs_no_size_of_its_domain():
     op = itdsl.compile_source(MIDPOINT, target="cpu")["m"].double()
     kw = inputs()
@@ -166,7 +163,7 @@ def test_midpoint_gradcheck(target):
 
 
 def test_midpoint_compiled_gradients_equal_the_reference():
-    ref = itdsl.compile_source(MIDPOINT)["m"].double()
+    ref = itdsl.compile_source(MIDPOINT, target="reference")["m"].double()
     cpu = itdsl.compile_source(MIDPOINT, target="cpu")["m"].double()
     grads = []
     for op in (ref, cpu):
@@ -195,10 +192,6 @@ def test_midpoint_on_the_output_grid_samples_the_kernel_at_its_nodes():
         np.testing.assert_allclose(op(v=v).detach().numpy(), want, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "symbolic/library.py `_regular` lets a rule with nodes of its own through (it tests "
-    "GAUSS and MONTECARLO by name, not `rule.on_domain_points`), so the attention runner "
-    "applies [s <= t] by position; being rewritten elsewhere"))
 def test_causal_bracket_over_midpoint_nodes_is_not_a_position_mask():
     text = """operator k {
         domain T = grid(0, 1)
@@ -207,7 +200,7 @@ def test_causal_bracket_over_midpoint_nodes_is_not_a_position_mask():
         output o(t: T) = integral(s: T) a(t, s) * cos(3 * s) with midpoint(5) / integral(s: T) a(t, s) with midpoint(5)
     }"""
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
-    ref = itdsl.compile_source(text)["k"].double()
+    ref = itdsl.compile_source(text, target="reference")["k"].double()
     q = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(14))
     out, want = lib(q=q), ref(q=q)
     assert torch.isnan(want[0]) and torch.isnan(out[0])  # no node below t = 0

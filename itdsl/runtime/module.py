@@ -22,8 +22,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError, LoweringError, UnsupportedError
-from ..frontend import ir
-from ..frontend.ast import DomainKind
 from ..frontend.printer import format_ir_operator
 from ..settings import memory_budget
 from ..symbolic.pexpr import toposort
@@ -89,9 +87,9 @@ class OpDef:
         self.plan, self.op, self.target = plan, plan.op, target
         self.kernels: dict[torch.dtype, KernelSet] = {}
         op = plan.op
-        self.tensor_names = [d.name for d in op.domains if d.kind is DomainKind.POINTS] + \
+        self.tensor_names = [d.name for d in op.domains if d.kind.entry.given] + \
                             [i.name for i in op.inputs]
-        self.int_names = [d.name for d in op.domains if d.kind is not DomainKind.POINTS]
+        self.int_names = [d.name for d in op.domains if not d.kind.entry.given]
         fwd_names = {st.name for st in plan.forward.steps}
         used = {n.name for st in plan.backward.steps
                 for n in toposort([st.expr] + ([st.mask] if st.mask is not None else []))
@@ -99,7 +97,7 @@ class OpDef:
         self.saved = sorted(used & fwd_names)
         self.param_names = [n for p in op.params for n in param_shapes(p)]
         self.mc_sides = [s for s, sp in plan.spaces.items()
-                         if sp.quad is not None and sp.quad.rule is ir.QuadRule.MONTECARLO]
+                         if sp.quad is not None and sp.quad.rule.entry.sampled]
         self.name = op_name(plan, target)
         self._register()
 
@@ -238,9 +236,8 @@ class OpDef:
 
 def _side_size(plan: Plan, side: str, bound) -> int:
     sp = plan.spaces[side]
-    if sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS:
-        return sp.quad.n
-    return bound.sizes[sp.domain]
+    m = bound.sizes.get(sp.domain, 0)
+    return m if sp.quad is None else sp.quad.rule.entry.size(sp.quad, m)
 
 
 def _on_empty(plan: Plan, params: dict, bound, generator) -> torch.Tensor:
@@ -259,7 +256,7 @@ def _empty(plan: Plan, bound) -> bool:
     """The call has no output points, no batch entries, or an integral over no points."""
     return math.prod(bound.batch) == 0 or any(
         bound.sizes[sp.domain] == 0 for sp in plan.spaces.values()
-        if not (sp.quad is not None and sp.quad.rule is ir.QuadRule.GAUSS))
+        if not (sp.quad is not None and sp.quad.rule.entry.own_nodes))
 
 
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:

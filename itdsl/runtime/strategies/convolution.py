@@ -24,7 +24,7 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
     D = n - 1
     if f.half_width is not None and n > 1:
         dom = ev.plan.op.domain(ev.plan.spaces[over].domain)
-        h = 1.0 if dom.kind.value == "index" else (dom.hi - dom.lo) / (n - 1)  # the spacing
+        h = dom.kind.entry.spacing(dom, n)
         D = min(n - 1, int(math.ceil(f.half_width / h - 1e-9)) + 1)
 
     def taps(xs, ys):

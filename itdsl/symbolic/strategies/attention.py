@@ -128,7 +128,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
         return None
     causal = causal_mask(mask, mx.over) if regular(plan, mx.over) else None  # else per tile
     if rest is not None and any(n.op == "coord" and plan.op.domain(
-            plan.spaces[n.side].domain).kind.value == "points" for n in P.toposort([rest])):
+            plan.spaces[n.side].domain).kind.entry.given for n in P.toposort([rest])):
         return None  # the tiles' own backward does not differentiate coordinates
     order = [st.name for st in plan.forward.steps]
     first, last = order.index(mx.name), max(order.index(ps.step) for ps in sums)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...frontend import ir
 from .. import pexpr as P
 from ..pexpr import Node
 from ..plan import X_SIDE, Plan, StepKind
@@ -201,9 +200,8 @@ def regular(plan: Plan, over: str) -> bool:
     """x and `over` range over the same grid or index domain with its own points."""
     sx, sy = plan.spaces[X_SIDE], plan.spaces[over]
     dom = plan.op.domain(sy.domain)
-    return (sx.domain == sy.domain and dom.kind.value in ("grid", "index")
-            and sy.quad is not None and sy.quad.rule is not ir.QuadRule.GAUSS
-            and sy.quad.rule is not ir.QuadRule.MONTECARLO)
+    return (sx.domain == sy.domain and dom.kind.entry.regular
+            and sy.quad is not None and sy.quad.rule.entry.on_domain_points)
 
 
 def of_coords(e: Node) -> bool:

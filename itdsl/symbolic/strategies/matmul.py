@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...frontend import ir
 from ...frontend.ast import DomainKind
 from .. import pexpr as P
 from ..pexpr import Node
@@ -73,7 +72,7 @@ def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
             else:
                 values = P.mul(values, f)
         fields = [n for n in P.toposort([kernel]) if n.op == "field"]
-        if fields or kernel.shape or plan.spaces[st.over].quad.rule is ir.QuadRule.GAUSS:
+        if fields or kernel.shape or plan.spaces[st.over].quad.rule.entry.own_nodes:
             return None
         terms.append(MatmulTerm(st.name, st.over, kernel, values))
     return tuple(terms) or None
