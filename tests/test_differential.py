@@ -23,6 +23,7 @@ from fuzzing.generate import EXCLUDED, generate
 from fuzzing.paths import Failure, Report, run_case
 
 import itdsl
+from itdsl.domains import RULES
 from itdsl.frontend import check, parse
 from itdsl.functions import ACTIVATIONS, FUNCTIONS
 
@@ -71,10 +72,11 @@ def _verdict(report: Report) -> None:
 
 
 # Every construct of the language, as text the generator writes (docs/language.md); every
-# function of the table written `name(...)` and every activation, but those the generator
+# quadrature rule of `itdsl.domains`, every function of the table written `name(...)` and
+# every activation, but those the generator
 # excludes (with its reason).
-CONSTRUCTS = ["points(", "grid(", "= index", "with sum", "with mean", "weights(", "riemann",
-              "trapezoid", "simpson", "gauss(", "montecarlo(", "importance =", ": R =", ": R^",
+CONSTRUCTS = ["points(", "grid(", "= index", *(f"with {r.name}" for r in RULES.values()),
+              "importance =", ": R =", ": R^",
               *(f"act = {a}" for a in ACTIVATIONS),
               *(f"{f.name}(" for f in FUNCTIONS.values()
                 if f.syntax == "call" and f.name not in EXCLUDED),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from itdsl.domains import RULES, rules_on
 from itdsl.functions import ACTIVATIONS, FUNCTIONS
 
 # The functions written `name(args)` come from the table (itdsl/functions/), so that a new one
@@ -297,27 +298,33 @@ class _Gen:
 
     # ---- integrals and outputs --------------------------------------------------------------
     def quadrature(self, ydom: str) -> tuple[str, bool]:
-        """A `with` clause (possibly empty) for an integral over `ydom`; and whether the
-        integrand must read no field on it (gauss evaluates at its own nodes)."""
+        """A `with` clause (possibly empty) for an integral over `ydom`, from the rules of
+        `itdsl.domains` that apply to its kind; and whether the integrand must read no field
+        on it (a rule with nodes of its own, such as gauss, evaluates it there)."""
         kind = self.d.domains[ydom][0]
-        rules = ["", "", "sum", "mean", "weights", "montecarlo", "montecarlo_imp"]
-        if kind == "grid":
-            rules = ["", "sum", "mean", "weights", "riemann", "trapezoid", "simpson", "gauss"]
-        rule = self.r.choice(rules)
-        if rule == "weights":
+        names = ["", ""] if kind != "grid" else [""]  # (the default rule, more often)
+        for rule in rules_on(kind):
+            names.append(rule.name)
+            if "importance" in rule.options:
+                names.append(rule.name + "+importance")
+        name = self.r.choice(names)
+        if not name:
+            return "", False
+        rule = RULES[name.removesuffix("+importance")]
+        if rule.from_input:
             w = next((f for f, (d, _) in self.d.inputs.items()
                       if f.startswith("w") and d == ydom), None)
             w = w or self.input(f"w{len(self.d.inputs)}", ydom, None)
-            return f" with weights({w})", False
-        if rule == "gauss":
-            return f" with gauss({self.r.randint(1, 6)})", True
-        if rule == "montecarlo":
-            return f" with montecarlo({self.r.randint(1, 9)})", False
-        if rule == "montecarlo_imp":
+            return f" with {rule.name}({w})", False
+        if rule.own_nodes:
+            return f" with {rule.name}({self.r.randint(1, 6)})", True
+        if rule.sampled and name.endswith("+importance"):
             imp = self.expr(None, {"y": ydom}, 1)
             imp = self.pick(f"exp(tanh({imp}))", f"({imp})^2 + 0.1", f"abs({imp}) + 1")
-            return f" with montecarlo({self.r.randint(2, 9)}, importance = {imp})", False
-        return (f" with {rule}" if rule else ""), False
+            return f" with {rule.name}({self.r.randint(2, 9)}, importance = {imp})", False
+        if rule.sampled:
+            return f" with {rule.name}({self.r.randint(1, 9)})", False
+        return f" with {rule.name}", False
 
     def integrand(self, width: int | None, scope: dict[str, str], fieldless) -> str:
         """Factors: mostly a kernel of (x, y) (declared or not) times a value at y."""
