@@ -18,7 +18,7 @@ weights and nodes are numpy arrays of the declared domain (`d.lo`, `d.hi`) and a
 from __future__ import annotations
 
 from . import kinds, rules
-from .entry import Arg, Kind, Rule
+from .entry import Arg, DeclarationError, Kind, Rule
 from .rules import MAX_NODES, MAX_SAMPLES
 
 
@@ -59,4 +59,5 @@ def _consistent() -> None:
 
 _consistent()
 
-__all__ = ["KINDS", "MAX_NODES", "MAX_SAMPLES", "RULES", "Arg", "Kind", "Rule", "rules_on"]
+__all__ = ["KINDS", "MAX_NODES", "MAX_SAMPLES", "RULES", "Arg", "DeclarationError", "Kind",
+           "Rule", "rules_on"]

@@ -8,6 +8,20 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class DeclarationError(ValueError):
+    """A domain declaration's arguments are wrong: `message`, a `hint`, and the index of the
+    argument at fault (None: the declaration as a whole)."""
+
+    def __init__(self, message: str, hint: str | None = None, arg: int | None = None):
+        super().__init__(message)
+        self.message, self.hint, self.arg = message, hint, arg
+
+
+def fmt(v: float) -> str:
+    """A declaration's number as written: 3, not 3.0."""
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Kind:
     """One kind of domain (`domain X = points(2)`). `points`, `spacing` and `measure` receive
@@ -24,6 +38,12 @@ class Kind:
     spacing: Callable[..., float] | None = None  # (d, n) -> distance between neighbours
     measure: Callable[..., float] | None = None  # (d, n) -> what one point weighs, which
     #                 `montecarlo` weights are relative to (None: montecarlo does not apply)
+    # the declaration's numbers -> the domain's fields (`dim`, `lo`, `hi`), or DeclarationError
+    declare: Callable[[list[float]], dict] = lambda vals: {}
+    text: Callable[..., str]  # (d, num) -> the declaration as the printer writes it, its
+    #                 numbers by `num`
+    sample: Callable[..., np.ndarray]  # (d, n, rng) -> [n, D] random points of the domain,
+    #                 for the recognisers' numeric checks
 
 
 @dataclass(frozen=True, kw_only=True)

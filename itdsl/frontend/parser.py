@@ -15,7 +15,8 @@ from pathlib import Path
 import lark
 from lark import Token, Tree
 
-from ..domains import KINDS, RULES
+from ..domains import KINDS, RULES, DeclarationError
+from ..domains.entry import fmt
 from ..errors import ItdslError, ParseError, Span, did_you_mean, raise_all
 from ..functions import ACTIVATIONS
 from . import ast
@@ -344,23 +345,12 @@ class _Builder:
         vals = [self.constant(a) for a in argv]
         if any(v is None for v in vals):
             return None
-        if k is ast.DomainKind.POINTS:
-            dim = self.positive_int(vals[0], argv[0], "the dimension of `points`", 64)
-            return None if dim is None else ast.DomainDecl(kind=k, dim=dim, **common)
-        if k is ast.DomainKind.GRID:
-            lo, hi = vals
-            if not lo < hi:
-                self.error(f"a grid needs a < b, got grid({_fmt(lo)}, {_fmt(hi)})", args,
-                           f"write `grid({_fmt(hi)}, {_fmt(lo)})`" if lo > hi else
-                           "a grid spans an interval of positive length")
-                return None
-            if not math.isfinite(hi - lo):
-                self.error(f"grid({_fmt(lo)}, {_fmt(hi)}) is longer than the largest float "
-                           "(b − a overflows)", args, "rescale the coordinate: a grid's "
-                           "length must be a finite number")
-                return None
-            return ast.DomainDecl(kind=k, lo=lo, hi=hi, **common)
-        return ast.DomainDecl(kind=k, **common)
+        try:
+            fields = k.entry.declare(vals)
+        except DeclarationError as e:
+            self.error(e.message, argv[e.arg] if e.arg is not None else args, e.hint)
+            return None
+        return ast.DomainDecl(kind=k, **fields, **common)
 
     def input_decl(self, t: Tree) -> ast.Decl | None:
         name, domain, vtype = t.children
@@ -652,5 +642,4 @@ def _a(word: str) -> str:
     return "an" if word[:1].lower() in "aeio" or word == "mlp" else "a"
 
 
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(v)
+_fmt = fmt  # a number in a message as written

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from . import ast, ir
-from .ast import BinOp, DomainKind, ParamKind
+from .ast import BinOp, ParamKind
 
 # Precedence levels, loosest first.
 OR, AND, CMP, SUM, TERM, UNARY, POW, POSTFIX = range(8)
@@ -48,11 +48,7 @@ def _vtype(width: int | None) -> str:
 
 
 def domain_text(d: ast.DomainDecl | ir.Domain) -> str:
-    if d.kind is DomainKind.POINTS:
-        return f"points({d.dim})"
-    if d.kind is DomainKind.GRID:
-        return f"grid({num(d.lo)}, {num(d.hi)})"
-    return "index"
+    return d.kind.entry.text(d, num)
 
 
 def param_type_text(p: ast.ParamDecl | ir.Param) -> str:

@@ -225,11 +225,7 @@ class Analysis:
         return vals
 
     def points(self, dom: ir.Domain, n: int, rng) -> np.ndarray:
-        if dom.kind is DomainKind.INDEX:
-            return rng.permutation(4 * n + 16)[:n, None].astype(float)
-        if dom.kind is DomainKind.GRID:
-            return rng.uniform(dom.lo, dom.hi, size=(n, 1))
-        return rng.normal(size=(n, dom.dim))
+        return dom.kind.entry.sample(dom, n, rng)
 
 
 def _bracket_interval(b: sp.Expr, d: sp.Symbol) -> _Interval | None:
