@@ -168,3 +168,25 @@ def test_a_forced_cuda_target_without_a_gpu_is_a_clear_error():
     op = itdsl.compile_file(EXAMPLES / "gauss.it", target="cuda")["gauss_smooth"]
     with pytest.raises(itdsl.ItdslError, match="CUDA"):
         op(X=torch.randn(3, 3), Y=torch.randn(4, 3), b=torch.randn(4, 16))
+
+
+def test_torch_compile_traces_calls_that_pass_sizes():
+    """Sizes by keyword (grids, index domains) on every path: the sampled matrix, the scan, the
+    dense kernels; the custom ops are registered when the module is built, not traced."""
+    inn = itdsl.compile_file(EXAMPLES / "inn_linear.it")["integral_linear"]
+    f = torch.randn(4, 24)
+    torch.testing.assert_close(torch.compile(lambda f: inn(f=f, U=9), fullgraph=True)(f),
+                               inn(f=f, U=9))
+    ema = itdsl.compile_file(EXAMPLES / "ema.it")["ema"]
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    torch.compile(lambda f: ema(f=f, T=40), fullgraph=True)(x).sum().backward()
+    assert x.grad is not None
+    dense = itdsl.compile_source("""operator d {
+        domain T = index
+        input f : T -> R
+        output g(t: T) = integral(s: T) exp(-(t - s)^2) * sin(t * s) * f(s)
+    }""")["d"]
+    assert dense.strategy == "dense"
+    y = torch.randn(30)
+    torch.testing.assert_close(torch.compile(lambda f: dense(f=f, T=30), fullgraph=True)(y),
+                               dense(f=y, T=30))

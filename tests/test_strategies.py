@@ -67,6 +67,20 @@ def test_the_sampled_matrix_is_kept_per_param_version_and_size():
     assert op.W.grad is not None and op.W.grad.abs().sum() > 0
 
 
+def test_writes_through_data_resample_the_matrix():
+    """`.data` writes keep a param's version counter: the kept matrix must still go."""
+    op, ref = pair()
+    f = torch.randn(3, 20)
+    with torch.no_grad():
+        op(f=f, U=12)
+        op.W.data.mul_(2.0)  # in place, version counter unchanged
+        ref.load_state_dict(op.state_dict())
+        torch.testing.assert_close(op(f=f, U=12), ref(f=f, U=12), rtol=1e-5, atol=1e-6)
+        op.W.data = op.W.data * -0.5  # a new tensor
+        ref.load_state_dict(op.state_dict())
+        torch.testing.assert_close(op(f=f, U=12), ref(f=f, U=12), rtol=1e-5, atol=1e-6)
+
+
 def _matmul_table():
     from test_recognize import CASES
     return [(c[0], c[1]) for c in CASES if c[2] == "matmul"]

@@ -63,20 +63,30 @@ def check_call(args: tuple, generator) -> None:
                               "reproducible montecarlo draws")
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+PHYSICAL_MEMORY = _physical_memory()  # read once: torch.compile cannot trace os.sysconf
+
+
 def memory_bytes(device: torch.device) -> int | None:
     """The memory of `device` (physical memory for the CPU), or None if unknown."""
+    if device.type != "cuda":
+        return PHYSICAL_MEMORY
     try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover
+        return torch.cuda.get_device_properties(device).total_memory
+    except (AttributeError, RuntimeError):  # pragma: no cover
         return None
 
 
 def check_size(elements: int, dtype: torch.dtype, device: torch.device, what: str,
                hint: str | None = None) -> None:
     """Fail clearly, before allocating, if `elements` values of `dtype` exceed the memory."""
-    need = elements * torch.empty((), dtype=dtype).element_size()
+    need = elements * dtype.itemsize
     have = memory_bytes(device)
     if have is not None and need > have:
         raise InputError(f"{what} needs {need / 2**30:,.1f} GiB, more than the "

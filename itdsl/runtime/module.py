@@ -292,6 +292,11 @@ class CompiledOperator(nn.Module):
         self.ir, self.plan, self.target = op, plan, target
         self.strategy = plan.strategy
         self._opdefs: dict[str, OpDef] = {}
+        # the custom ops are registered here, not on a first call (which torch.compile may
+        # trace): for the forced target, else for the CPU and, where there is one, CUDA
+        for t in ([target] if target else ["cpu"] + (["cuda"] if torch.cuda.is_available()
+                                                      else [])):
+            self.opdef(t)
         self._entry = get(plan.strategy)
         self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
         self.last_run = None  # what ran the last call: "kernels" or the strategy's name
