@@ -163,6 +163,24 @@ class Analysis:
             out = out.on_integers()
         return out
 
+    def edges(self, item: Item, brackets) -> tuple[float, ...] | None:
+        """Every t − s at which one of the brackets may change its value (the finite ends of
+        the intervals each holds on), or None if a bracket is not of a form understood here."""
+        t, s, d = self.lag(item)
+        out: set[float] = set()
+        for b in brackets:
+            g = self.tr.expr(b).xreplace({s: t - d})
+            if t in g.free_symbols:
+                return None
+            for f in sp.Mul.make_args(g):
+                iv = _bracket_interval(f, d)
+                if iv is None:
+                    if f.is_number:
+                        continue
+                    return None
+                out.update(float(e) for e in (iv.lo, iv.hi) if not math.isinf(e))
+        return tuple(sorted(out))
+
     def separation(self, item: Item, factors) -> Match | Miss:
         """Split K = Σ c_ij φ_i(x) ψ_j(y) and read the rank of the coefficient matrix."""
         key = ("sep", tuple(id(f) for f in factors))

@@ -27,20 +27,23 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
         h = dom.kind.entry.spacing(dom, n)
         D = min(n - 1, int(math.ceil(f.half_width / h - 1e-9)) + 1)
 
-    def taps(xs, ys):
-        at = ev.at({"x": xs, over: ys})
-        vals = at.value(ps.kernel)
-        if ps.mask is not None:
-            m = at.value(ps.mask)
-            vals = torch.where(m != 0, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+    def taps(e, xs, ys):
+        vals = ev.at({"x": xs, over: ys}).value(e)
         while vals.dim() < 3:
             vals = vals.unsqueeze(0)
         vals = vals.expand(xs.shape[0], ys.shape[0], vals.shape[-1])
         return vals.reshape(xs.shape[0] * ys.shape[0], -1)  # [k, W]
 
-    pos = taps(c[:D + 1], c[:1])  # g(0..D)
-    neg = taps(c[:1], c[1:D + 1]) if D > 0 else pos[:0]  # g(-1..-D)
-    g = torch.cat([neg.flip(0), pos], dim=0)  # g(-D..D)
+    def signed(e):  # e at the pairs (d, 0) and (0, -d): [2D + 1, W] for d = -D..D
+        pos = taps(e, c[:D + 1], c[:1])
+        neg = taps(e, c[:1], c[1:D + 1]) if D > 0 else pos[:0]
+        return torch.cat([neg.flip(0), pos], dim=0)
+
+    g = signed(ps.kernel)  # g(-D..D)
+    mask = None
+    if ps.mask is not None:
+        mask = signed(ps.mask) != 0
+        g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
     W = max(g.shape[-1], Y.shape[-1])
     g, Y = g.expand(2 * D + 1, W), Y.expand(*Y.shape[:-1], W)
     lead = Y.shape[:-2]
@@ -52,7 +55,50 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
         fx = torch.fft.rfft(x, n=size)
         fg = torch.fft.rfft(g.t(), n=size)  # [W, size//2+1]
         out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n]
-    return out.transpose(1, 2).reshape(*lead, n, W)
+    out = out.transpose(1, 2).reshape(*lead, n, W)
+    if mask is not None and f.edges:
+        out = _edge_pairs(ev, f, c, D, g, mask, Y, out)
+    return out
+
+
+def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch.Tensor,
+                mask: torch.Tensor, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The mask decided pair by pair on the diagonals where a bracket's edge falls (the
+    reference and the kernels round each pair's x − y on its own: with an edge on a grid
+    point, some pairs of one diagonal are in and some out). The taps decided each diagonal
+    once; where a pair decides otherwise, its term is added or taken away."""
+    over, n = f.sum.over, c.shape[0]
+    dom = ev.plan.op.domain(ev.plan.spaces[over].domain)
+    h = dom.kind.entry.spacing(dom, n) if n > 1 else 1.0
+    diagonals = {d for e in f.edges if e != 0 for d in (math.floor(e / h), math.ceil(e / h))
+                 if 0 < abs(d) <= D}  # (x − y = 0 only on the diagonal itself: exact)
+    for d in sorted(diagonals):
+        rows = torch.arange(max(0, d), min(n, n + d), device=c.device)  # pairs (i, i − d)
+        if rows.numel() == 0:
+            continue
+        keep = torch.cat([_pair_values(ev, f.sum.mask, over, c, r0, min(r0 + T.PAIR_ROWS,
+                                                                          int(rows[-1]) + 1), d)
+                          for r0 in range(int(rows[0]), int(rows[-1]) + 1, T.PAIR_ROWS)]) != 0
+        tap = bool(mask[d + D].reshape(-1)[0])
+        flip = keep != tap  # pairs that decide otherwise than the tap
+        if not bool(flip.any()):
+            continue
+        sign = (keep.to(out.dtype) - float(tap))[flip]  # +1: add the term, −1: take it away
+        gd = ev.at({"x": c[d:d + 1] if d > 0 else c[:1],
+                    over: c[:1] if d > 0 else c[-d:-d + 1]}).value(f.sum.kernel).reshape(-1)
+        i = rows[flip]
+        term = Y[..., i - d, :] * (sign[:, None] * gd)
+        out = out.index_add(-2, i, term.expand(*out.shape[:-2], i.numel(), out.shape[-1]))
+    return out
+
+
+def _pair_values(ev: PlanEvaluator, e, over: str, c: torch.Tensor, r0: int, r1: int,
+                 d: int) -> torch.Tensor:
+    """`e` (of coordinates and params) at the pairs (i, i − d) for i in [r0, r1)."""
+    v = ev.at({"x": c[r0:r1], over: c[r0 - d:r1 - d]}).value(e)[..., 0]
+    while v.dim() < 2:
+        v = v.unsqueeze(0)
+    return v.expand(r1 - r0, r1 - r0).diagonal()
 
 
 class ConvolutionRunner(SumsRunner):

@@ -55,7 +55,8 @@ def _convolution_item(A: Analysis, item: Item) -> Match | Miss:
     if iv is not None:
         why += f", supported on d = t − s in {iv.text()}"
     why += " (compact: direct)" if half is not None else " (global: FFT)"
-    return Match(why, {"causal": causal, "half_width": half, "kernel": str(g)})
+    return Match(why, {"causal": causal, "half_width": half, "kernel": str(g),
+                       "edges": A.edges(item, item.brackets)})
 
 
 def _translation_guard(A: Analysis, item: Item) -> str | None:
@@ -79,10 +80,12 @@ def match_convolution(A: Analysis) -> Match | Miss:
     if miss is not None:
         return miss
     halves = [m.details["half_width"] for m in ms]
+    edges = [m.details["edges"] for m in ms]
     return Match(A.joined(ms), {
         "causal": all(m.details["causal"] for m in ms),
         "half_width": None if None in halves else max(halves),
-        "kernel": " ; ".join(m.details["kernel"] for m in ms)})
+        "kernel": " ; ".join(m.details["kernel"] for m in ms),
+        "edges": None if None in edges else tuple(sorted({e for es in edges for e in es}))})
 
 
 RULES = (Rule("translation-invariant", "convolution",
@@ -98,19 +101,25 @@ class ConvSum:
 
     sum: PairSum
     half_width: float | None  # the support |x − y| <= half_width in coordinates (None: global)
+    # every x − y at which a bracket of the mask may change its value (None: not known). Where
+    # one falls on a grid point, the reference and the kernels round each pair's x − y on its
+    # own; the runner decides the mask pair by pair on those diagonals too, as they do
+    edges: tuple[float, ...] | None = None
 
 
 def find(plan: Plan) -> tuple[ConvSum, ...] | None:
     sums = pair_sums(plan)
     if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
         return None
-    half = plan.verdict.details.get("half_width") if plan.verdict is not None else None
+    facts = plan.verdict.details if plan.verdict is not None else {}
+    half, edges = facts.get("half_width"), facts.get("edges")
     out = []
     for ps in sums:
         if not (regular(plan, ps.over) and of_coords(ps.kernel)
                 and (ps.mask is None or of_coords(ps.mask))):
             return None
-        out.append(ConvSum(ps, half if isinstance(half, float) else None))
+        out.append(ConvSum(ps, half if isinstance(half, float) else None,
+                           None if edges is None else tuple(edges)))
     return tuple(out)
 
 
