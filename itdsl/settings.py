@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from .errors import InputError
@@ -29,13 +30,16 @@ def set_memory_budget(nbytes: int | str | None) -> None:
 
 
 def parse_bytes(v: int | str, what: str) -> int:
-    text = str(v).strip().upper().removesuffix("B")
+    """Bytes from an int, or a string with an optional K, M or G (KB, KiB, …: powers of 1024)."""
+    text = str(v).strip().upper()
+    for suffix in ("IB", "B"):
+        text = text.removesuffix(suffix)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
     try:
-        n = int(float(text[:-1] if scale > 1 else text) * scale)
+        x = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
-        n = -1
-    if n < 0:
-        raise InputError(f"{what} must be a number of bytes, optionally with K, M or G "
-                         f"(\"512M\"), not {v!r}")
-    return n
+        x = math.nan
+    if isinstance(v, bool) or not (math.isfinite(x) and x >= 0) or (scale == 1 and x != int(x)):
+        raise InputError(f"{what} must be a whole number of bytes >= 0, optionally with K, M "
+                         f"or G (\"512M\"), not {v!r}")
+    return int(x)

@@ -106,7 +106,9 @@ def test_matmul_samples_its_matrix_only_within_the_memory_budget():
     torch.testing.assert_close(op(f=f, U=200), torch.from_numpy(_by_numpy(f.numpy(), 200)))
     assert op.last_run == "matmul"
     try:
-        itdsl.set_memory_budget(200 * 300 * 8 - 1)  # one byte short of the matrix
+        k = sum(t.pair_values for t in op.plan.form)  # values per pair while sampling
+        assert k > 1
+        itdsl.set_memory_budget(200 * 300 * 8 * k - 1)  # one byte short
         f.requires_grad_(True)
         out = op(f=f, U=200)
         assert op.last_run == "kernels"
@@ -115,34 +117,43 @@ def test_matmul_samples_its_matrix_only_within_the_memory_budget():
         ones = np.eye(300)
         want = _by_numpy(ones, 200).sum(-1)
         torch.testing.assert_close(g, torch.from_numpy(want).expand(2, 300))
-        itdsl.set_memory_budget("1M")
+        itdsl.set_memory_budget(200 * 300 * 8 * k)
         op(f=f, U=200)
-        assert op.last_run == "matmul"  # 480 kB fit
+        assert op.last_run == "matmul"  # just fits
     finally:
         itdsl.set_memory_budget(None)
 
 
 def test_a_grid_whose_matrix_would_not_fit_runs_tiled():
-    """6,000 × 6,000 in float64 is 288 MB, over the default 256 MiB: the tiled kernels."""
+    """6,000 × 6,000 in float64 is 288 MB (and sampling it more), over the default 256 MiB: the
+    tiled kernels."""
     op = itdsl.compile_source(GRID)["smooth"].double()
     f = torch.randn(6000, dtype=D)
     with torch.no_grad():
         out = op(f=f, U=6000)
     assert op.last_run == "kernels"
     torch.testing.assert_close(out, torch.from_numpy(_by_numpy(f.numpy(), 6000)))
-    assert "n·m <= 33,554,432 in float64" in itdsl.compile_source(GRID).explain("smooth")
+    k = sum(t.pair_values for t in op.plan.form)
+    assert f"n·m <= {2**28 // (8 * k):,} in float64" in itdsl.compile_source(GRID).explain("smooth")
 
 
 def test_memory_budgets_are_checked(monkeypatch):
-    for bad in ("lots", "-5", "12Q"):
+    for bad in ("lots", "-5", "12Q", float("inf"), float("nan"), 1.5, True):
         with pytest.raises(itdsl.InputError, match="memory budget"):
             itdsl.set_memory_budget(bad)
     monkeypatch.setenv("ITDSL_MEMORY_BUDGET", "2k")
     from itdsl.settings import memory_budget
     assert memory_budget() == 2048
+    for text, want in (("1KiB", 1024), ("1.5M", 3 * 2**19), ("3GB", 3 * 2**30), (4096, 4096)):
+        itdsl.set_memory_budget(text)
+        assert memory_budget() == want
+    itdsl.set_memory_budget(None)
     monkeypatch.setenv("ITDSL_MEMORY_BUDGET", "none")
     with pytest.raises(itdsl.InputError, match="ITDSL_MEMORY_BUDGET"):
         memory_budget()
+    # only a strategy whose rule reads the budget fails on a bad one
+    conv = itdsl.compile_file(EXAMPLES / "bump_conv.it")["bump_conv"]
+    conv(f=torch.randn(20, 8))
 
 
 # ---- the device follows the tensors --------------------------------------------------------------

@@ -23,7 +23,6 @@ from torch import nn
 
 from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend.printer import format_ir_operator
-from ..settings import memory_budget
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
 from ..symbolic.strategies import Call, get
@@ -335,8 +334,7 @@ class CompiledOperator(nn.Module):
         sizes = {X_SIDE: bound.sizes[self.plan.x.domain]}
         sizes.update({side: _side_size(self.plan, side, bound)
                       for side in self.plan.spaces if side != X_SIDE})
-        call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type,
-                    memory_budget())
+        call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type)
         return self._entry.choose(self.plan.form, call)
 
     def forward(self, *args, generator: torch.Generator | None = None,

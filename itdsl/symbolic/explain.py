@@ -48,7 +48,7 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     lines += entry.runs_as(plan, plan.form)
     if plan.form is not None:
         from ..settings import memory_budget
-        lines.append(f"    which runs: {entry.choice(memory_budget())}")
+        lines.append(f"    which runs: {entry.choice(plan.form, memory_budget())}")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))

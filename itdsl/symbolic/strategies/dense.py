@@ -27,4 +27,4 @@ STRATEGY = Strategy(
     algorithm="tiled, fused pair reduction: each tile of x sweeps the points of y, the kernel "
               "is evaluated in registers and reduced at once",
     complexity="O(n·m·p) time for p operations per pair, O((n+m)·C) extra memory",
-    find=not_taken, runs_as=runs_as, choice=lambda budget: "always the tiled kernels")
+    find=not_taken, runs_as=runs_as, choice=lambda form, budget: "always the tiled kernels")

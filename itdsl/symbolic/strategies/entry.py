@@ -41,13 +41,17 @@ class Rule:
 class Call:
     """What a per-call choice looks at: the points of each side (`x` and the integrals'), the
     batch entries, the bytes of one value, the tensors' device type ("cpu", "cuda") and the
-    memory budget in bytes."""
+    memory budget in bytes (read when a rule asks for it)."""
 
     sizes: dict[str, int]
     batch: int
     itemsize: int
     device: str
-    budget: int
+
+    @property
+    def budget(self) -> int:
+        from ...settings import memory_budget
+        return memory_budget()
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,8 @@ class Strategy:
     # (form, Call) -> None where the strategy's runner computes the call, else why the tiled
     # kernels run it instead
     choose: Callable[[Any, Call], str | None] = lambda form, call: None
-    # `choose` in words, for explain (given the memory budget in bytes)
-    choice: Callable[[int], str] = lambda budget: "always its own algorithm"
+    # `choose` in words, for explain (given the form and the memory budget in bytes)
+    choice: Callable[[Any, int], str] = lambda form, budget: "always its own algorithm"
 
 
 def short(e, limit: int = 160) -> str:

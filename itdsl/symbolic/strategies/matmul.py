@@ -8,6 +8,7 @@ a GEMM, while the matrix fits the memory budget; beyond it the tiled kernels run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,19 @@ class MatmulTerm:
     over: str  # the side it sums over
     kernel: Node  # A[i, j]: depends on x and y, reads no field
     values: Node  # V[j]: depends on y (or nothing)
+    pair_values: int = 1  # values per pair (i, j) that exist while A is sampled
+
+
+def pair_values(kernel: Node, over: str) -> int:
+    """The values per pair sampling `kernel` holds at once: every node of both sides (the
+    evaluator keeps them until the matrix is done), and a channel product per dot or sum."""
+    total = 0
+    for n in P.toposort([kernel]):
+        if {X_SIDE, over} <= n.deps:
+            total += math.prod(n.shape) if n.shape else 1
+            if n.op in (P.Op.DOT, P.Op.SUM):
+                total += math.prod(n.args[0].shape) if n.args[0].shape else 1
+    return max(total, 1)
 
 
 def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
@@ -74,14 +88,14 @@ def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
         fields = [n for n in P.toposort([kernel]) if n.op == "field"]
         if fields or kernel.shape or plan.spaces[st.over].quad.rule.entry.own_nodes:
             return None
-        terms.append(MatmulTerm(st.name, st.over, kernel, values))
+        terms.append(MatmulTerm(st.name, st.over, kernel, values, pair_values(kernel, st.over)))
     return tuple(terms) or None
 
 
 def matrix_bytes(form, call: Call) -> int:
-    """The bytes of the sampled matrices: n×m per integral."""
+    """The bytes sampling the matrices takes: n×m times the values per pair, per integral."""
     n = call.sizes[X_SIDE]
-    return sum(n * call.sizes[t.over] for t in form) * call.itemsize
+    return sum(n * call.sizes[t.over] * t.pair_values for t in form) * call.itemsize
 
 
 def choose(form, call: Call) -> str | None:
@@ -92,10 +106,12 @@ def choose(form, call: Call) -> str | None:
     return None
 
 
-def choice(budget: int) -> str:
-    return (f"per call: the sampled matrix while n·m·(bytes per value) <= the memory budget "
-            f"({budget / 2**20:g} MiB: n·m <= {budget // 8:,} in float64, {budget // 4:,} in "
-            "float32; itdsl.set_memory_budget, $ITDSL_MEMORY_BUDGET), else the tiled kernels")
+def choice(form, budget: int) -> str:
+    k = sum(t.pair_values for t in form)
+    return (f"per call: the sampled matrix while sampling it, {k} value(s) per pair, fits the "
+            f"memory budget ({budget / 2**20:g} MiB: n·m <= {budget // (8 * k):,} in float64, "
+            f"{budget // (4 * k):,} in float32; itdsl.set_memory_budget, "
+            "$ITDSL_MEMORY_BUDGET), else the tiled kernels")
 
 
 def runs_as(plan: Plan, form) -> list[str]:
