@@ -201,3 +201,25 @@ def test_torch_compile_traces_calls_that_pass_sizes():
     y = torch.randn(30)
     torch.testing.assert_close(torch.compile(lambda f: dense(f=f, T=30), fullgraph=True)(y),
                                dense(f=y, T=30))
+
+
+@pytest.mark.parametrize("rule", ["gauss(7)", "midpoint(9)"])
+def test_a_rule_with_nodes_of_its_own_samples_its_matrix_there(rule):
+    """An INN layer integrated by gauss or midpoint: the matrix sampled at the rule's nodes
+    (no size of V needed), equal to the reference, forward and gradients."""
+    src = f"""operator q {{
+        domain U = grid(0, 1)
+        domain V = grid(-1, 2)
+        param W : spline(8, 12)
+        input c : U -> R
+        output g(u: U) = c(u) * integral(v: V) W(u, v) * sin(3 * v) with {rule}
+    }}"""
+    op = itdsl.compile_source(src)["q"].double()
+    ref = itdsl.compile_source(src, target="reference")["q"].double()
+    ref.load_state_dict(op.state_dict())
+    c = torch.randn(2, 17, dtype=D, requires_grad=True)
+    a, b = op(c=c), ref(c=c)
+    assert op.strategy == "matmul" and op.last_run == "matmul"
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for x, y in zip(torch.autograd.grad(a.sum(), [c, op.W]), torch.autograd.grad(b.sum(), [c, ref.W])):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)

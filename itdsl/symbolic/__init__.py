@@ -39,12 +39,14 @@ def find_form(plan: Plan) -> None:
     """Store the strategy's typed form in `plan`, found once here. A strategy whose algorithm
     does not take the Plan's form (a kernel its structural separation does not split) runs on
     the dense kernels, and the Plan says so: never a silent fallback at run time."""
-    from .strategies import get
+    from .strategies import Miss, get
     entry = get(plan.strategy)
-    plan.form = entry.find(plan)
+    found = entry.find(plan)
+    plan.form = None if isinstance(found, Miss) else found
     if plan.form is None and entry.name != "dense":
+        why = f" ({found.why})" if isinstance(found, Miss) else ""
         plan.notes.append(f"the analysis found `{entry.name}`, but its algorithm does not take "
-                          "this form of the kernel yet: the dense kernels run it")
+                          f"this form of the kernel{why}: the dense kernels run it")
         plan.strategy = "dense"
 
 

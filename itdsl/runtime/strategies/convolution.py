@@ -73,22 +73,15 @@ def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch
     diagonals = {d for e in f.edges if e != 0 for d in (math.floor(e / h), math.ceil(e / h))
                  if 0 < abs(d) <= D}  # (x − y = 0 only on the diagonal itself: exact)
     for d in sorted(diagonals):
-        rows = torch.arange(max(0, d), min(n, n + d), device=c.device)  # pairs (i, i − d)
-        if rows.numel() == 0:
-            continue
-        keep = torch.cat([_pair_values(ev, f.sum.mask, over, c, r0, min(r0 + T.PAIR_ROWS,
-                                                                          int(rows[-1]) + 1), d)
-                          for r0 in range(int(rows[0]), int(rows[-1]) + 1, T.PAIR_ROWS)]) != 0
-        tap = bool(mask[d + D].reshape(-1)[0])
-        flip = keep != tap  # pairs that decide otherwise than the tap
-        if not bool(flip.any()):
-            continue
-        sign = (keep.to(out.dtype) - float(tap))[flip]  # +1: add the term, −1: take it away
+        lo, hi = max(0, d), min(n, n + d)  # the rows i with a pair (i, i − d)
+        keep = torch.cat([_pair_values(ev, f.sum.mask, over, c, r0, min(r0 + T.PAIR_ROWS, hi),
+                                       d) for r0 in range(lo, hi, T.PAIR_ROWS)]) != 0
+        tap = mask[d + D].reshape(-1)[:1].to(out.dtype)  # the diagonal's decision, once
+        sign = keep.to(out.dtype) - tap  # +1: add the pair's term, −1: take it away, 0: same
         gd = ev.at({"x": c[d:d + 1] if d > 0 else c[:1],
                     over: c[:1] if d > 0 else c[-d:-d + 1]}).value(f.sum.kernel).reshape(-1)
-        i = rows[flip]
-        term = Y[..., i - d, :] * (sign[:, None] * gd)
-        out = out.index_add(-2, i, term.expand(*out.shape[:-2], i.numel(), out.shape[-1]))
+        term = Y[..., lo - d:hi - d, :] * (sign[:, None] * gd)  # (no branch on values: it
+        out = out + torch.nn.functional.pad(term, (0, 0, lo, n - hi))  # traces as one graph)
     return out
 
 

@@ -101,14 +101,14 @@ class SoftmaxForm:
 
 
 
-def find(plan: Plan) -> SoftmaxForm | None:
+def find(plan: Plan) -> SoftmaxForm | Miss:
     maxes = [st for st in plan.forward.steps if st.kind is StepKind.MAX]
     return _softmax(plan, maxes, pair_sums(plan))
 
 
-def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
+def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
     if len(maxes) != 1 or not sums:
-        return None
+        return Miss(f"the Plan has {len(maxes)} max steps; one softmax has one")
     mx = maxes[0]
     m = P.ref(mx.name, X_SIDE, ())
     mask = None if mx.mask is None or mx.mask.is_const else mx.mask
@@ -116,7 +116,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
         k = ps.kernel
         if (ps.over != mx.over or ps.mask != mask or k.op != "exp" or k.args[0].op != "-"
                 or k.args[0].args[1] != m or k.args[0].args[0] != mx.expr):
-            return None
+            return Miss(f"the sum {ps.step} is not exp(s − max) under the max step's mask")
     terms, rest = [], None
     for sign, u in summands(mx.expr):
         t = separate(u, X_SIDE, mx.over)
@@ -125,18 +125,19 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | None:
         else:
             rest = P.mul(P.const(sign), u) if rest is None else P.add(rest, P.mul(P.const(sign), u))
     if not terms:
-        return None
+        return Miss("no part of the score separates into a(x)·b(y) (a GEMM)")
     causal = causal_mask(mask, mx.over) if regular(plan, mx.over) else None  # else per tile
     if rest is not None and any(n.op == "coord" and plan.op.domain(
             plan.spaces[n.side].domain).kind.entry.given for n in P.toposort([rest])):
-        return None  # the tiles' own backward does not differentiate coordinates
+        return Miss("the position term reads coordinates of a points domain, which the tiles' "
+                    "own backward does not differentiate")
     order = [st.name for st in plan.forward.steps]
     first, last = order.index(mx.name), max(order.index(ps.step) for ps in sums)
     skipped = {mx.name} | {ps.step for ps in sums}
     for st in plan.forward.steps[first:last]:  # (all computed at the last sum)
         if st.name not in skipped and any(n.op == "ref" and n.name in skipped
                                           for n in P.toposort([st.expr])):
-            return None
+            return Miss(f"the step {st.name} between the max and the last sum reads them")
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))
 
 

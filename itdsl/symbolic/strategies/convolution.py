@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..plan import Plan, StepKind
+from ..plan import Plan
 from .entry import LIBRARY, Match, Miss, Rule, Strategy, short
 from .forms import (
     PairSum,
+    irregular,
     of_coords,
-    pair_sums,
+    plain_sums,
     regular,
 )
 
@@ -107,17 +108,18 @@ class ConvSum:
     edges: tuple[float, ...] | None = None
 
 
-def find(plan: Plan) -> tuple[ConvSum, ...] | None:
-    sums = pair_sums(plan)
-    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
-        return None
+def find(plan: Plan) -> tuple[ConvSum, ...] | Miss:
+    sums = plain_sums(plan)
+    if isinstance(sums, Miss):
+        return sums
     facts = plan.verdict.details if plan.verdict is not None else {}
     half, edges = facts.get("half_width"), facts.get("edges")
     out = []
     for ps in sums:
-        if not (regular(plan, ps.over) and of_coords(ps.kernel)
-                and (ps.mask is None or of_coords(ps.mask))):
-            return None
+        if not regular(plan, ps.over):
+            return Miss(irregular(plan, ps.over))
+        if not (of_coords(ps.kernel) and (ps.mask is None or of_coords(ps.mask))):
+            return Miss(f"the kernel of {ps.step} reads more than coordinates and params")
         out.append(ConvSum(ps, half if isinstance(half, float) else None,
                            None if edges is None else tuple(edges)))
     return tuple(out)

@@ -62,7 +62,7 @@ class Strategy:
     rules: tuple[Rule, ...]
     algorithm: str  # what computes it, for explain
     complexity: str
-    find: Callable[[Any], Any]  # Plan -> its typed form, or None (not a form this takes)
+    find: Callable[[Any], Any]  # Plan -> its typed form, or a Miss saying why it is not one
     runs_as: Callable[[Any, Any], list[str]]  # (Plan, form) -> explain's "runs as" lines
     # (form, Call) -> None where the strategy's runner computes the call, else why the tiled
     # kernels run it instead

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .. import pexpr as P
 from ..pexpr import Node
 from ..plan import X_SIDE, Plan, StepKind
+from .entry import Miss
 
 
 def reads_inputs(e: Node, plan: Plan) -> bool:
@@ -202,6 +203,28 @@ def regular(plan: Plan, over: str) -> bool:
     dom = plan.op.domain(sy.domain)
     return (sx.domain == sy.domain and dom.kind.entry.regular
             and sy.quad is not None and sy.quad.rule.entry.on_domain_points)
+
+
+def irregular(plan: Plan, over: str) -> str:
+    """Why x and `over` do not range over one grid or index domain's own points."""
+    sx, sy = plan.spaces[X_SIDE], plan.spaces[over]
+    dom = plan.op.domain(sy.domain)
+    if sx.domain != sy.domain:
+        return f"the output's points ({sx.domain}) and the integral's ({sy.domain}) differ"
+    if not dom.kind.entry.regular:
+        return f"{dom.name} is a {dom.kind.value} domain, not a grid or an index"
+    return (f"the `{sy.quad.rule.value}` rule does not integrate over the points of {dom.name} "
+            "(its nodes are its own, or drawn)")
+
+
+def plain_sums(plan: Plan) -> list[PairSum] | Miss:
+    """The forward pair sums, or why there are none a sum-by-sum algorithm takes."""
+    sums = pair_sums(plan)
+    if not sums:
+        return Miss("the output has no pair sum")
+    if any(st.kind is StepKind.MAX for st in plan.forward.steps):
+        return Miss("the Plan has a max step (a softmax shift)")
+    return sums
 
 
 def of_coords(e: Node) -> bool:

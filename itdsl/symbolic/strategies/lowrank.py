@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..plan import X_SIDE, Plan, StepKind
+from ..plan import X_SIDE, Plan
 from .entry import LIBRARY, Match, Miss, Rule, Strategy
 from .forms import (
     PairSum,
     Term,
-    pair_sums,
+    plain_sums,
     rank,
     separate,
 )
@@ -76,15 +76,18 @@ def lowrank_sum(ps: PairSum, causal: str | None) -> LowRankSum | None:
     return None if terms is None else LowRankSum(ps, tuple(terms), causal)
 
 
-def find(plan: Plan) -> tuple[LowRankSum, ...] | None:
-    sums = pair_sums(plan)
-    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
-        return None
+def find(plan: Plan) -> tuple[LowRankSum, ...] | Miss:
+    sums = plain_sums(plan)
+    if isinstance(sums, Miss):
+        return sums
     out = []
     for ps in sums:
-        f = lowrank_sum(ps, None) if ps.mask is None else None
+        if ps.mask is not None:
+            return Miss(f"the sum {ps.step} has a bracket of both points")
+        f = lowrank_sum(ps, None)
         if f is None:
-            return None
+            return Miss(f"the kernel of {ps.step} does not separate structurally into "
+                        "Σ a(x)·b(y)")
         out.append(f)
     return tuple(out)
 

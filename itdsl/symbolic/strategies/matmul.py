@@ -71,12 +71,12 @@ def pair_values(kernel: Node, over: str) -> int:
     return max(total, 1)
 
 
-def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
-    """The integrals of `plan` as (A, V) pairs, or None if it is not of that form."""
+def find(plan: Plan) -> tuple[MatmulTerm, ...] | Miss:
+    """The integrals of `plan` as (A, V) pairs, or why it is not of that form."""
     terms = []
     for st in plan.forward.steps:
         if st.kind is StepKind.MAX:
-            return None
+            return Miss("the Plan has a max step (a softmax shift)")
         if st.kind is not StepKind.SUM:
             continue
         kernel, values = P.ONE, P.ONE
@@ -86,10 +86,12 @@ def find(plan: Plan) -> tuple[MatmulTerm, ...] | None:
             else:
                 values = P.mul(values, f)
         fields = [n for n in P.toposort([kernel]) if n.op == "field"]
-        if fields or kernel.shape or plan.spaces[st.over].quad.rule.entry.own_nodes:
-            return None
+        if fields:
+            return Miss(f"the kernel of {st.name} reads a field")
+        if kernel.shape:
+            return Miss(f"the kernel of {st.name} is vector-valued")
         terms.append(MatmulTerm(st.name, st.over, kernel, values, pair_values(kernel, st.over)))
-    return tuple(terms) or None
+    return tuple(terms) or Miss("the output has no pair sum")
 
 
 def matrix_bytes(form, call: Call) -> int:

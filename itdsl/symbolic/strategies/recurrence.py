@@ -21,13 +21,14 @@ import numpy as np
 from ...frontend.ast import DomainKind
 from .. import pexpr as P
 from ..pexpr import Node
-from ..plan import X_SIDE, Plan, StepKind
+from ..plan import X_SIDE, Plan
 from .entry import LIBRARY, Match, Miss, Rule, Strategy, short
 from .forms import (
     PairSum,
     causal_mask,
+    irregular,
     of_coords,
-    pair_sums,
+    plain_sums,
     regular,
     summands,
 )
@@ -184,23 +185,26 @@ def decay_terms(ps: PairSum) -> list[tuple[Node, Node]] | None:
 
 
 
-def find(plan: Plan) -> tuple[LowRankSum | DecaySum, ...] | None:
-    sums = pair_sums(plan)
-    if not sums or any(st.kind is StepKind.MAX for st in plan.forward.steps):
-        return None
+def find(plan: Plan) -> tuple[LowRankSum | DecaySum, ...] | Miss:
+    sums = plain_sums(plan)
+    if isinstance(sums, Miss):
+        return sums
     lowrank = plan.verdict is not None and plan.verdict.rule == CAUSAL_LOWRANK
     out = []
     for ps in sums:
         causal = causal_mask(ps.mask, ps.over)
-        if not (causal and regular(plan, ps.over)):
-            return None
+        if not causal:
+            return Miss(f"the sum {ps.step} is not under a causal bracket [y <= x]")
+        if not regular(plan, ps.over):
+            return Miss(irregular(plan, ps.over))
         if lowrank:
             f = lowrank_sum(ps, causal)
         else:
             exps = decay_terms(ps)
             f = None if exps is None else DecaySum(ps, tuple(exps), causal)
         if f is None:
-            return None
+            return Miss(f"the kernel of {ps.step} is not " + (
+                "separated structurally" if lowrank else "a sum of exponentials of x − y"))
         out.append(f)
     return tuple(out)
 
