@@ -107,6 +107,15 @@ class PlanEvaluator:
                                        for side, c in coords.items()}}
         return view
 
+    def at_pairs(self, coords: dict[str, torch.Tensor]) -> PlanEvaluator:
+        """A view placing the sides `coords` names at P pairs of points, (x_k, y_k) for the
+        k-th rows of the `[P, D]` coordinates (as a batch of P single points), for
+        expressions of coordinates and params only: a value is `[P, 1, 1, *ts]`."""
+        view = copy.copy(self)
+        view.sides = {**self.sides, **{side: _Side(1, c.unsqueeze(-2), None)
+                                       for side, c in coords.items()}}
+        return view
+
     def tile(self, cols: slice, params: dict | None = None, env: dict | None = None,
              fields: dict | None = None) -> PlanEvaluator:
         """A view of this evaluator on the points `cols` of the integrals' sides, with some

@@ -74,8 +74,8 @@ def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch
                  if 0 < abs(d) <= D}  # (x − y = 0 only on the diagonal itself: exact)
     for d in sorted(diagonals):
         lo, hi = max(0, d), min(n, n + d)  # the rows i with a pair (i, i − d)
-        keep = torch.cat([_pair_values(ev, f.sum.mask, over, c, r0, min(r0 + T.PAIR_ROWS, hi),
-                                       d) for r0 in range(lo, hi, T.PAIR_ROWS)]) != 0
+        keep = ev.at_pairs({"x": c[lo:hi], over: c[lo - d:hi - d]}).value(f.sum.mask)
+        keep = keep.reshape(*keep.shape[:-3], -1)[..., 0].expand(hi - lo) != 0
         tap = mask[d + D].reshape(-1)[:1].to(out.dtype)  # the diagonal's decision, once
         sign = keep.to(out.dtype) - tap  # +1: add the pair's term, −1: take it away, 0: same
         gd = ev.at({"x": c[d:d + 1] if d > 0 else c[:1],
@@ -83,15 +83,6 @@ def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch
         term = Y[..., lo - d:hi - d, :] * (sign[:, None] * gd)  # (no branch on values: it
         out = out + torch.nn.functional.pad(term, (0, 0, lo, n - hi))  # traces as one graph)
     return out
-
-
-def _pair_values(ev: PlanEvaluator, e, over: str, c: torch.Tensor, r0: int, r1: int,
-                 d: int) -> torch.Tensor:
-    """`e` (of coordinates and params) at the pairs (i, i − d) for i in [r0, r1)."""
-    v = ev.at({"x": c[r0:r1], over: c[r0 - d:r1 - d]}).value(e)[..., 0]
-    while v.dim() < 2:
-        v = v.unsqueeze(0)
-    return v.expand(r1 - r0, r1 - r0).diagonal()
 
 
 class ConvolutionRunner(SumsRunner):
