@@ -8,6 +8,7 @@ is comes from `itdsl.domains`; this module only turns it into tensors and draws.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,22 +38,40 @@ def side_points(d: ir.Domain, quad: ir.Quad | None, bound: Bound) -> Points:
     points), with its weights unless they are drawn (`quad.rule.entry.sampled`)."""
     rule = None if quad is None else quad.rule.entry
     if rule is not None and rule.own_nodes:
-        nodes, w = rule.nodes(d, quad.n)
-        return Points(quad.n, _tensor(nodes, bound).reshape(-1, 1), _tensor(w, bound))
+        nodes, w = _fixed(d, quad, quad.n, bound.dtype, bound.device)
+        return Points(quad.n, nodes, w)
     n = bound.sizes[d.name]
     kind = d.kind.entry
     if kind.given:
         coords = bound.coords.get(d.name)
         coords = None if coords is None else coords.to(bound.dtype)
     else:
-        coords = _tensor(kind.points(d, n), bound).reshape(-1, 1)
+        coords = _fixed(d, None, n, bound.dtype, bound.device)[0]
     if rule is None or rule.sampled:
         weights = None
     elif rule.from_input:
         weights = bound.fields[quad.weights][..., 0]
     else:
-        weights = _tensor(rule.weights(d, n), bound)
+        weights = _fixed(d, quad, n, bound.dtype, bound.device)[1]
     return Points(n, coords, weights)
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed(d: ir.Domain, quad: ir.Quad | None, n: int, dtype: torch.dtype,
+           device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(coordinates `[n, 1]`, weights `[n]`) that depend on the declaration and the size only:
+    a rule's own nodes, a grid's or an index's points, fixed weights; made once per size,
+    dtype and device (read only: no caller writes into them)."""
+    def tensor(x):
+        return torch.as_tensor(x, dtype=dtype, device=device)
+    rule = None if quad is None else quad.rule.entry
+    if rule is not None and rule.own_nodes:
+        nodes, w = rule.nodes(d, n)
+        return tensor(nodes).reshape(-1, 1), tensor(w)
+    kind = d.kind.entry
+    coords = None if kind.given else tensor(kind.points(d, n)).reshape(-1, 1)
+    weights = tensor(rule.weights(d, n)) if rule is not None and rule.weights else None
+    return coords, weights
 
 
 def draw(quad: ir.Quad, d: ir.Domain, m: int, importance: Callable[[], torch.Tensor] | None,
