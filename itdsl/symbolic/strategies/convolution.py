@@ -132,8 +132,8 @@ def runs_as(plan: Plan, form) -> list[str]:
                "when it spans many points)" if f.half_width is not None else "FFT (torch.fft)")
         out.append(f"      {f.sum.step}: taps g(x − y) sampled on the grid, then {how}; "
                    "quadrature weights modulate f")
-        if f.sum.mask is not None and f.edges:
-            edges = ", ".join(f"{e:g}" for e in f.edges if e != 0)
+        edges = ", ".join(f"{e:g}" for e in f.edges or () if e != 0)
+        if f.sum.mask is not None and edges:
             out.append(f"        at sizes where a bracket edge (x − y = {edges}) falls on grid "
                        "points, the mask on those diagonals is decided pair by pair")
     return out
