@@ -183,7 +183,10 @@ def _progress(total: int):
         from tqdm import tqdm
         # not on a terminal (CI logs, `make fuzz > log`): a line a minute, not a redraw a second
         tty = sys.stderr.isatty()
-        return tqdm(total=total, unit="prog", smoothing=0.05, mininterval=1 if tty else 60)
+        # (miniters=1: tqdm's adaptive count would otherwise wait for hundreds of programs
+        # once the slow ones, through the kernels, begin)
+        return tqdm(total=total, unit="prog", smoothing=0.05, mininterval=1 if tty else 60,
+                    miniters=1)
     except ImportError:
         return None
 
