@@ -182,7 +182,9 @@ def _let_fenced(roots: list[Node], group: Group) -> set[Node]:
     depth: dict[Node, int] = {}
     fenced: set[Node] = set()
     for n in toposort(roots):
-        if n.deps != pair or n.op not in P.ELEMENTWISE:
+        # a value of one side counts too where the kernel computes it (a max step's score
+        # of y only is not hoisted out of its reduction)
+        if not n.deps or not n.deps <= pair or n.op not in P.ELEMENTWISE:
             depth[n] = 0  # a leaf, a reduction's stage, or computed outside the kernel
             continue
         own = LET_DEPTH.get(n.op, 0)
@@ -207,7 +209,7 @@ def staged_nodes(roots: list[Node], fenced: set[Node] = frozenset()) -> list[Nod
     out: list[Node] = []
     chosen: set[Node] = set()
     for n in order:
-        if len(n.deps) < 2:
+        if len(n.deps) < 2 and n not in fenced:  # (a fenced value of one side: a max step's)
             continue
         pick = n.op == "linear" or (n.op in ("dot", "sum")
                                     and n.args[0].shape[0] > INLINE_REDUCTION)
