@@ -49,7 +49,7 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         V = B.new_zeros(*B.shape[:-1], 0)
     A, B, V = broadcast_lead(A, B, V)
     lead = A.shape[:-2]
-    if f.sdpa and T.USE_SDPA and insides:
+    if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _finite(A, B)):
         return _sdpa(ev, f, A, B, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
@@ -66,6 +66,13 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     n = A.shape[-2]
     ev.env[f.max_step] = m0.reshape(*lead, n, 1)
     _put_sums(ev, f, acc.reshape(*lead, n, -1), l.reshape(*lead, n, 1))
+
+
+def _finite(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Scores with an inf or NaN factor go to the own tiles, which give torch's softmax
+    values (NaN where it does); SDPA's flash kernel answers otherwise. (Under
+    torch.compile the check, a branch on values, is left out.)"""
+    return bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
 
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:

@@ -86,7 +86,10 @@ def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch
         gd = ev.at({"x": c[d:d + 1] if d > 0 else c[:1],
                     over: c[:1] if d > 0 else c[-d:-d + 1]}).value(f.sum.kernel).reshape(-1)
         term = Y[..., lo - d:hi - d, :] * (sign[:, None] * gd)  # (no branch on values: it
-        out = out + torch.nn.functional.pad(term, (0, 0, lo, n - hi))  # traces as one graph)
+        # traces as one graph; a pair deciding as its tap adds an exact 0, not 0 · inf)
+        term = torch.where(sign[:, None] != 0, term, torch.zeros((), dtype=term.dtype,
+                                                                 device=term.device))
+        out = out + torch.nn.functional.pad(term, (0, 0, lo, n - hi))
     return out
 
 
