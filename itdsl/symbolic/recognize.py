@@ -188,29 +188,78 @@ class Analysis:
             item.cache[key] = _separate(self, item, factors)
         return item.cache[key]
 
-    # -- checks the rules share (see the functions below) --
-    def one_grid(self, item: Item, what: str) -> Miss | None:
-        return one_grid(item, what)
+    # -- checks the rules share --
+    @staticmethod
+    def numeric_rank(mat: np.ndarray, rtol: float = 1e-9) -> int:
+        sv = np.linalg.svd(mat, compute_uv=False)
+        return int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0
+
+    def sampled_rank(self, item: Item, factors, n: int) -> int | None:
+        """The numeric rank of K sampled at n × n random points (max over channels)."""
+        rng = np.random.default_rng(self.rng_seed)
+        xp, yp = self.points(item.xdom, n, rng), self.points(item.ydom, n, rng)
+        grid = np.arange(n)
+        env = self.env(item, xp, yp, rng, np.repeat(grid, n), np.tile(grid, n))
+        vals = self.kernel_values(item, env, n * n, factors)
+        if not np.all(np.isfinite(vals)):
+            return None
+        return max(self.numeric_rank(vals[:, w].reshape(n, n)) for w in range(vals.shape[1]))
+
+    @staticmethod
+    def one_grid(item: Item, what: str) -> Miss | None:
+        """x and y on one index or grid domain, integrated on its own points."""
+        if item.xdom.name != item.ydom.name:
+            return Miss(f"{item.x} and {item.y} live on different domains {item.xdom.name} and "
+                        f"{item.ydom.name}; {what} needs one domain")
+        if not item.xdom.kind.entry.regular:
+            return Miss(f"{item.xdom.name} is points({item.xdom.dim}); {what} needs an index or "
+                        "grid domain")
+        rule = item.unit.integral.quad.rule
+        if not rule.entry.on_domain_points:
+            return Miss(f"the `{rule.value}` quadrature does not integrate over the points of "
+                        f"{item.xdom.name}")
+        return None
 
     def no_fields(self, item: Item) -> Miss | None:
-        return no_fields(item, self)
+        found = self.kernel_fields(item)
+        if found:
+            names = ", ".join(f"`{format_ir_expr(f)}`" for f in found)
+            return Miss(f"K reads the sampled field{'s' if len(found) > 1 else ''} {names}")
+        return None
 
     def causal_bracket(self, item: Item) -> Miss | None:
-        return causal_bracket(self, item)
+        """K has exactly one bracket, and it means s <= t."""
+        bs = item.brackets
+        if not bs:
+            return Miss(f"K has no causal bracket [{item.y} <= {item.x}]")
+        if len(bs) > 1:
+            shown = " ".join(f"`{format_ir_expr(b)}`" for b in bs)
+            return Miss(f"K has several brackets {shown}; the recurrence form has one, "
+                        f"[{item.y} <= {item.x}]")
+        iv = self.support(item, bs)
+        if iv != CAUSAL_SUPPORT:
+            where = "an unrecognised set" if iv is None else iv.text()
+            return Miss(f"the bracket `{format_ir_expr(bs[0])}` holds for t − s in {where}, "
+                        f"not [0, ∞) as [{item.y} <= {item.x}]")
+        return None
 
     def per_item(self, check) -> tuple[list[Match], Miss | None]:
-        return per_item(self, check)
+        if not self.items:
+            return [], Miss("the output has no integral")
+        matches = []
+        for i, item in enumerate(self.items):
+            m = check(self, item)
+            if isinstance(m, Miss):
+                prefix = "" if len(self.items) == 1 else f"integral {i + 1}: "
+                return [], Miss(prefix + m.why)
+            matches.append(m)
+        return matches, None
 
     @staticmethod
     def joined(matches: list[Match]) -> str:
-        return joined(matches)
-
-    def sampled_rank(self, item: Item, factors, n: int) -> int | None:
-        return sampled_rank(self, item, factors, n)
-
-    @staticmethod
-    def numeric_rank(mat: np.ndarray, rtol: float = 1e-9) -> int:
-        return numeric_rank(mat, rtol)
+        if len(matches) == 1:
+            return matches[0].reason
+        return "; ".join(f"integral {i + 1}: {m.reason}" for i, m in enumerate(matches))
 
     # -- numeric guards --
     def env(self, item: Item, xp: np.ndarray, yp: np.ndarray, rng,
@@ -324,85 +373,6 @@ def _separate(A: Analysis, item: Item, factors) -> Match | Miss:
     rank = generic_rank(entries, len(rows), len(cols))
     return Match(f"K expands to {len(terms)} terms in {len(rows)} functions of {item.x} and "
                  f"{len(cols)} of {item.y}; coefficient matrix rank {rank}", {"rank": rank})
-
-
-def numeric_rank(mat: np.ndarray, rtol: float = 1e-9) -> int:
-    sv = np.linalg.svd(mat, compute_uv=False)
-    return int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0
-
-
-def sampled_rank(A: Analysis, item: Item, factors, n: int) -> int | None:
-    """The numeric rank of K sampled at n × n random points (max over channels)."""
-    rng = np.random.default_rng(A.rng_seed)
-    xp, yp = A.points(item.xdom, n, rng), A.points(item.ydom, n, rng)
-    grid = np.arange(n)
-    env = A.env(item, xp, yp, rng, np.repeat(grid, n), np.tile(grid, n))
-    vals = A.kernel_values(item, env, n * n, factors)
-    if not np.all(np.isfinite(vals)):
-        return None
-    return max(numeric_rank(vals[:, w].reshape(n, n)) for w in range(vals.shape[1]))
-
-
-# ---- shared checks ---------------------------------------------------------------------------
-
-
-def one_grid(item: Item, what: str) -> Miss | None:
-    """x and y on one index or grid domain, integrated on its own points."""
-    if item.xdom.name != item.ydom.name:
-        return Miss(f"{item.x} and {item.y} live on different domains {item.xdom.name} and "
-                    f"{item.ydom.name}; {what} needs one domain")
-    if not item.xdom.kind.entry.regular:
-        return Miss(f"{item.xdom.name} is points({item.xdom.dim}); {what} needs an index or "
-                    "grid domain")
-    rule = item.unit.integral.quad.rule
-    if not rule.entry.on_domain_points:
-        return Miss(f"the `{rule.value}` quadrature does not integrate over the points of "
-                    f"{item.xdom.name}")
-    return None
-
-
-def no_fields(item: Item, A: Analysis) -> Miss | None:
-    found = A.kernel_fields(item)
-    if found:
-        names = ", ".join(f"`{format_ir_expr(f)}`" for f in found)
-        return Miss(f"K reads the sampled field{'s' if len(found) > 1 else ''} {names}")
-    return None
-
-
-def causal_bracket(A: Analysis, item: Item) -> Miss | None:
-    """K has exactly one bracket, and it means s <= t."""
-    bs = item.brackets
-    if not bs:
-        return Miss(f"K has no causal bracket [{item.y} <= {item.x}]")
-    if len(bs) > 1:
-        shown = " ".join(f"`{format_ir_expr(b)}`" for b in bs)
-        return Miss(f"K has several brackets {shown}; the recurrence form has one, "
-                    f"[{item.y} <= {item.x}]")
-    iv = A.support(item, bs)
-    if iv != CAUSAL_SUPPORT:
-        where = "an unrecognised set" if iv is None else iv.text()
-        return Miss(f"the bracket `{format_ir_expr(bs[0])}` holds for t − s in {where}, "
-                    f"not [0, ∞) as [{item.y} <= {item.x}]")
-    return None
-
-
-def per_item(A: Analysis, check) -> tuple[list[Match], Miss | None]:
-    if not A.items:
-        return [], Miss("the output has no integral")
-    matches = []
-    for i, item in enumerate(A.items):
-        m = check(A, item)
-        if isinstance(m, Miss):
-            prefix = "" if len(A.items) == 1 else f"integral {i + 1}: "
-            return [], Miss(prefix + m.why)
-        matches.append(m)
-    return matches, None
-
-
-def joined(matches: list[Match]) -> str:
-    if len(matches) == 1:
-        return matches[0].reason
-    return "; ".join(f"integral {i + 1}: {m.reason}" for i, m in enumerate(matches))
 
 
 def recognize(op: ir.Operator) -> Verdict:
