@@ -17,6 +17,8 @@ weights and nodes are numpy arrays of the declared domain (`d.lo`, `d.hi`) and a
 
 from __future__ import annotations
 
+from enum import Enum
+
 from . import kinds, rules
 from .entry import Arg, DeclarationError, Kind, Rule
 from .rules import MAX_NODES, MAX_SAMPLES
@@ -33,6 +35,22 @@ def _table(entries: list, what: str) -> dict:
 
 KINDS: dict[str, Kind] = _table(kinds.KINDS, "domain kind")
 RULES: dict[str, Rule] = _table(rules.RULES, "quadrature")
+
+
+class TableEnum(Enum):
+    """A member per entry of a table (`NAME = "name"`), with the entry itself as `.entry`."""
+
+    @property
+    def entry(self):
+        return type(self)._table[self.value]
+
+
+def table_enum(name: str, table: dict, module: str) -> type[TableEnum]:
+    """The Enum `name` (defined in `module`, so that its members pickle) of `table`'s entries:
+    `ast.DomainKind` of `KINDS`, `ir.QuadRule` of `RULES`."""
+    cls = TableEnum(name, [(key.upper(), key) for key in table], module=module)
+    cls._table = table
+    return cls
 
 
 def rules_on(kind: str) -> list[Rule]:
@@ -60,4 +78,4 @@ def _consistent() -> None:
 _consistent()
 
 __all__ = ["KINDS", "MAX_NODES", "MAX_SAMPLES", "RULES", "Arg", "DeclarationError", "Kind",
-           "Rule", "rules_on"]
+           "Rule", "TableEnum", "rules_on", "table_enum"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..domains import KINDS, Kind
+from ..domains import KINDS, table_enum
 from ..errors import Span
 
 _NOSPAN = Span()
@@ -143,16 +143,9 @@ class Integral(Expr):
 # ---- declarations ---------------------------------------------------------------
 
 
-class _KindMember(Enum):
-    @property
-    def entry(self) -> Kind:
-        """What the kind is (`itdsl.domains`: its points, spacing, measure, default rule)."""
-        return KINDS[self.value]
-
-
-# One member per domain kind of `itdsl.domains` (DomainKind.GRID, ...; the value is the name).
-DomainKind = _KindMember("DomainKind", [(k.name.upper(), k.name) for k in KINDS.values()],
-                         module=__name__)
+# One member per domain kind of `itdsl.domains` (DomainKind.GRID, ...; the value is the name),
+# `.entry` what the kind is (its points, spacing, measure, default rule).
+DomainKind = table_enum("DomainKind", KINDS, __name__)
 
 
 @dataclass(frozen=True, kw_only=True)

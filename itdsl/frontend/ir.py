@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..domains import RULES, Rule
+from ..domains import RULES, table_enum
 from ..errors import Span
 from ..functions import FUNCTIONS
 from .ast import DomainKind, Init, ParamKind, span_field
@@ -47,16 +47,9 @@ class RFn(Enum):
     SUM = "sum"
 
 
-class _RuleMember(Enum):
-    @property
-    def entry(self) -> Rule:
-        """What the rule is (`itdsl.domains`: its arguments, kinds, nodes, weights, draws)."""
-        return RULES[self.value]
-
-
-# One member per quadrature rule of `itdsl.domains` (QuadRule.GAUSS, ...; the value is the name).
-QuadRule = _RuleMember("QuadRule", [(r.name.upper(), r.name) for r in RULES.values()],
-                       module=__name__)
+# One member per quadrature rule of `itdsl.domains` (QuadRule.GAUSS, ...; the value is the
+# name), `.entry` what the rule is (its arguments, kinds, nodes, weights, draws).
+QuadRule = table_enum("QuadRule", RULES, __name__)
 
 
 @dataclass(frozen=True, kw_only=True)
