@@ -24,7 +24,6 @@ from .forms import (
     irregular,
     of_coords,
     plain_sums,
-    regular,
 )
 
 if TYPE_CHECKING:
@@ -116,8 +115,9 @@ def find(plan: Plan) -> tuple[ConvSum, ...] | Miss:
     half, edges = facts.get("half_width"), facts.get("edges")
     out = []
     for ps in sums:
-        if not regular(plan, ps.over):
-            return Miss(irregular(plan, ps.over))
+        why = irregular(plan, ps.over)
+        if why is not None:
+            return Miss(why)
         if not (of_coords(ps.kernel) and (ps.mask is None or of_coords(ps.mask))):
             return Miss(f"the kernel of {ps.step} reads more than coordinates and params")
         out.append(ConvSum(ps, half if isinstance(half, float) else None,

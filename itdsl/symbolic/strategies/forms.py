@@ -199,22 +199,22 @@ def rank(terms: list[Term]) -> int:
 
 def regular(plan: Plan, over: str) -> bool:
     """x and `over` range over the same grid or index domain with its own points."""
-    sx, sy = plan.spaces[X_SIDE], plan.spaces[over]
-    dom = plan.op.domain(sy.domain)
-    return (sx.domain == sy.domain and dom.kind.entry.regular
-            and sy.quad is not None and sy.quad.rule.entry.on_domain_points)
+    return irregular(plan, over) is None
 
 
-def irregular(plan: Plan, over: str) -> str:
-    """Why x and `over` do not range over one grid or index domain's own points."""
+def irregular(plan: Plan, over: str) -> str | None:
+    """Why x and `over` do not range over one grid or index domain's own points (None: they
+    do)."""
     sx, sy = plan.spaces[X_SIDE], plan.spaces[over]
     dom = plan.op.domain(sy.domain)
     if sx.domain != sy.domain:
         return f"the output's points ({sx.domain}) and the integral's ({sy.domain}) differ"
     if not dom.kind.entry.regular:
         return f"{dom.name} is a {dom.kind.value} domain, not a grid or an index"
-    return (f"the `{sy.quad.rule.value}` rule does not integrate over the points of {dom.name} "
-            "(its nodes are its own, or drawn)")
+    if sy.quad is None or not sy.quad.rule.entry.on_domain_points:
+        return (f"the `{sy.quad.rule.value}` rule does not integrate over the points of "
+                f"{dom.name} (its nodes are its own, or drawn)")
+    return None
 
 
 def plain_sums(plan: Plan) -> list[PairSum] | Miss:

@@ -29,7 +29,6 @@ from .forms import (
     irregular,
     of_coords,
     plain_sums,
-    regular,
     summands,
 )
 
@@ -195,8 +194,9 @@ def find(plan: Plan) -> tuple[LowRankSum | DecaySum, ...] | Miss:
         causal = causal_mask(ps.mask, ps.over)
         if not causal:
             return Miss(f"the sum {ps.step} is not under a causal bracket [y <= x]")
-        if not regular(plan, ps.over):
-            return Miss(irregular(plan, ps.over))
+        why = irregular(plan, ps.over)
+        if why is not None:
+            return Miss(why)
         if lowrank:
             f = lowrank_sum(ps, causal)
         else:
