@@ -181,8 +181,8 @@ def test_integrand_extends_over_products_only():
     ratio = expr_of("integral(y: Y) k(x, y) * f(y) / integral(y: Y) k(x, y)")
     assert ratio == ast.Binary(
         op=BinOp.DIV,
-        left=ast.Integral(var=y, body=_mul(kxy, _call("f", _name("y"))), quad=None),
-        right=ast.Integral(var=y, body=kxy, quad=None))
+        left=ast.Integral(vars=(y,), body=_mul(kxy, _call("f", _name("y"))), quad=None),
+        right=ast.Integral(vars=(y,), body=kxy, quad=None))
     plus = expr_of("integral(y: Y) f(y) + s")
     assert isinstance(plus, ast.Binary) and plus.op is BinOp.ADD
     assert isinstance(plus.left, ast.Integral) and plus.right == _name("s")

@@ -303,7 +303,7 @@ def test_split_and_pairs():
     op = load_file(EXAMPLES / "attention.it")["causal_attention"]
     (pair,) = st.normalised_pairs(op.output.body)
     assert [st.is_bracket(f) for f in st.split_integrand(pair.denominator).pair] == [False, True]
-    assert pair.values == (ir.FieldAt(field="v", var="s", width=64),)
+    assert pair.values == (ir.FieldAt(field="v", at=(ir.Affine(terms=((1, "s"),)),), width=64),)
     units = st.integral_units(op.output.body)
     assert len(units) == 1 and units[0].normalised
 

@@ -29,7 +29,7 @@ class Kind:
 
     name: str  # in `.it`, and its `DomainKind` member in capitals
     usage: str  # the declaration as written, for messages: "grid(a, b)"
-    arity: int  # how many arguments the declaration takes
+    arity: tuple[int, ...]  # the numbers of arguments the declaration may take
     default: str  # the name of the quadrature an integral over it takes without `with`
     given: bool  # the call passes the points' coordinates (a tensor), else their number (an int)
     min_size: int  # the fewest points a call may have
@@ -38,8 +38,19 @@ class Kind:
     spacing: Callable[..., float] | None = None  # (d, n) -> distance between neighbours
     measure: Callable[..., float] | None = None  # (d, n) -> what one point weighs, which
     #                 `montecarlo` weights are relative to (None: montecarlo does not apply)
-    # the declaration's numbers -> the domain's fields (`dim`, `lo`, `hi`), or DeclarationError
-    declare: Callable[[list[float]], dict] = lambda vals: {}
+    # the declaration's arguments (numbers, or tuples of numbers written `(a, b)`) -> the
+    # domain's fields (`dim`, `lo`, `hi`, `boxes`, `sizes`), or DeclarationError
+    declare: Callable[[list], dict] = lambda vals: {}
+    # a declared domain -> its 1-D axes, each as the fields of a domain of this kind with one
+    # axis (the points of a product of axes are flattened in row-major order: the last axis
+    # runs fastest); None: the domain is one axis
+    split: Callable[..., list[dict]] | None = None
+    # a declared domain -> the width of a point's coordinate (None: a scalar)
+    width: Callable[..., int | None] = lambda d: None
+    # a declared domain -> its axes' sizes when the declaration fixes them (a stencil's), else
+    # None (the call gives them)
+    fixed: Callable[..., tuple[int, ...] | None] = lambda d: None
+    integer: bool = False  # its coordinates are integers (a lattice's point, an offset)
     text: Callable[..., str]  # (d, num) -> the declaration as the printer writes it, its
     #                 numbers by `num`
     sample: Callable[..., np.ndarray]  # (d, n, rng) -> [n, D] random points of the domain,

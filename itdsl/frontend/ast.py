@@ -105,6 +105,13 @@ class Logic(Expr):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Tuple(Expr):
+    """`(a, b, ...)`: the interval of a tensor-product grid's axis, `grid((0, 1), (0, 2))`."""
+
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Bracket(Expr):
     """An Iverson bracket `[cond]`: 1 where `cond` holds, else 0."""
 
@@ -135,9 +142,12 @@ class Quadrature(Expr):
 
 @dataclass(frozen=True, kw_only=True)
 class Integral(Expr):
-    var: Binder
+    """`integral(v: V, t: T) body with q`: `quad` is one rule (for every variable), a
+    parenthesised list of one rule per variable (a tuple), or None (each domain's default)."""
+
+    vars: tuple[Binder, ...]
     body: Expr
-    quad: Quadrature | None
+    quad: Quadrature | tuple[Quadrature, ...] | None
 
 
 # ---- declarations ---------------------------------------------------------------
@@ -158,14 +168,16 @@ class Decl:
 @dataclass(frozen=True, kw_only=True)
 class DomainDecl(Decl):
     kind: DomainKind
-    dim: int | None = None  # points(D)
+    dim: int | None = None  # points(D), index(D) for D >= 2
     lo: float | None = None  # grid(lo, hi)
     hi: float | None = None
+    boxes: tuple[tuple[float, float], ...] = ()  # grid((a1, b1), (a2, b2)): one per axis
+    sizes: tuple[int, ...] = ()  # stencil(k1, k2)
 
 
 @dataclass(frozen=True, kw_only=True)
 class InputDecl(Decl):
-    domain: str
+    domains: tuple[str, ...]  # `V * P`: a field on the product, axes in this order
     width: int | None  # None: a scalar field (R)
     domain_span: Span = span_field()
 
@@ -191,7 +203,9 @@ class ParamDecl(Decl):
     width: int | None = None  # REAL: None for R, C for R^C
     sizes: tuple[int, ...] = ()  # MLP: layer widths; SPLINE: grid of coefficients
     act: str | None = None  # MLP activation
+    per: str | None = None  # SPLINE: `per = T`, one spline per point of the domain T
     init: Init | None = None
+    per_span: Span = span_field()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,7 +216,7 @@ class KernelDecl(Decl):
 
 @dataclass(frozen=True, kw_only=True)
 class OutputDecl(Decl):
-    var: Binder
+    vars: tuple[Binder, ...]  # `output g(u: U, p: P)`: a field on the product U * P
     body: Expr
 
 

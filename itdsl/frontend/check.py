@@ -179,7 +179,7 @@ class _OperatorChecker:
 
     def decl_DomainDecl(self, d: ast.DomainDecl) -> None:
         self.domains[d.name] = ir.Domain(name=d.name, kind=d.kind, dim=d.dim, lo=d.lo, hi=d.hi,
-                                         span=d.span)
+                                         boxes=d.boxes, sizes=d.sizes, span=d.span)
 
     def lookup_domain(self, name: str, span: Span) -> ir.Domain | None:
         dom = self.domains.get(name)
@@ -207,12 +207,24 @@ class _OperatorChecker:
                    "declared before use")
 
     def decl_InputDecl(self, d: ast.InputDecl) -> None:
-        if self.lookup_domain(d.domain, d.domain_span) is not None:
-            self.inputs[d.name] = ir.Input(name=d.name, domain=d.domain, width=d.width, span=d.span)
+        found = [self.lookup_domain(name, d.domain_span) for name in d.domains]
+        if all(dom is not None for dom in found):
+            self.inputs[d.name] = ir.Input(name=d.name, domains=d.domains, width=d.width,
+                                           span=d.span)
 
     def decl_ParamDecl(self, d: ast.ParamDecl) -> None:
+        if d.per is not None:
+            dom = self.lookup_domain(d.per, d.per_span)
+            if dom is None:
+                return
+            if dom.fixed is None:
+                self.error(f"`per = {d.per}` needs a domain of fixed size, but `{d.per}` is "
+                           f"`{dom.kind.value}`, sized by the call", d.per_span,
+                           "one spline per point of a stencil: `domain T = stencil(3, 3)`, "
+                           "`param W : spline(16, 16, per = T)`")
+                return
         self.params[d.name] = ir.Param(name=d.name, kind=d.kind, width=d.width, sizes=d.sizes,
-                                       act=d.act, init=d.init, span=d.span)
+                                       act=d.act, per=d.per, init=d.init, span=d.span)
 
     def binders(self, binders, what: str) -> dict[str, str] | None:
         scope: dict[str, str] = {}
@@ -225,7 +237,7 @@ class _OperatorChecker:
                            f"`{b.name}`", b.span, "give the point another name")
                 ok = False
             elif b.name in scope:
-                self.error(f"`{b.name}` names both points of {what}", b.span,
+                self.error(f"`{b.name}` names two points of {what}", b.span,
                            "give each point its own name, e.g. `(x: X, y: Y)`")
                 ok = False
             else:
@@ -246,18 +258,19 @@ class _OperatorChecker:
                                          y_domain=y.domain, body=body, span=d.span)
 
     def decl_OutputDecl(self, d: ast.OutputDecl) -> None:
-        scope = self.binders([d.var], f"output `{d.name}`")
+        scope = self.binders(d.vars, f"output `{d.name}`")
         if scope is None:
             return
-        self.integral_vars = {n.var.name: n.var for n in _ast_nodes(d.body)
-                              if isinstance(n, ast.Integral)}
+        self.integral_vars = {b.name: b for n in _ast_nodes(d.body)
+                              if isinstance(n, ast.Integral) for b in n.vars}
         try:
             body = self.expr(d.body, _Scope(vars=scope, in_output=True))
             self.expansion(body, f"output `{d.name}`", d.name_span)
         except _Bad:
             return
-        self.output = ir.Output(name=d.name, var=d.var.name, domain=d.var.domain, body=body,
-                                span=d.span)
+        self.output = ir.Output(name=d.name, vars=tuple(ir.Bind(var=v, domain=dom)
+                                                        for v, dom in scope.items()),
+                                body=body, span=d.span)
 
     def expansion(self, body: ir.Expr, what: str, span: Span) -> int:
         """The number of nodes of `body`; fail if it is too large or too deep."""
@@ -330,11 +343,11 @@ class _OperatorChecker:
             return ir.ParamRef(param=e.id, width=p.width, span=e.span)
         what = self._what(e.id)
         if e.id in self.inputs:
-            dom = self.inputs[e.id].domain
-            var = next((v for v, d in scope.vars.items() if d == dom), None)
-            self.fail(f"`{e.id}` is a field: evaluate it at a point of {dom}", e.span,
-                      f"write `{e.id}({var})`" if var else
-                      f"integrate over {dom}: `integral(y: {dom}) {e.id}(y)`")
+            doms = self.inputs[e.id].domains
+            at = [next((v for v, d in scope.vars.items() if d == dom), None) for dom in doms]
+            self.fail(f"`{e.id}` is a field: evaluate it at a point of {' * '.join(doms)}",
+                      e.span, f"write `{e.id}({', '.join(at)})`" if all(at) else
+                      f"integrate over {doms[0]}: `integral(y: {doms[0]}) ...`")
         if p is not None or e.id in self.kernels or e.id in ir.UNARY_FNS or e.id in REDUCE_FNS:
             if e.id in self.kernels:
                 hint = f"write `{e.id}(x, y)` with two points"
@@ -422,6 +435,12 @@ class _OperatorChecker:
             self.attempt(self.condition if is_condition else self.expr, side, scope)
         raise _Bad
 
+    def e_Tuple(self, e: ast.Tuple, scope: _Scope) -> ir.Expr:
+        self.each(self.expr, e.items, scope)  # the items' own errors first
+        self.fail("a tuple `(a, b)` is only an axis of a grid's declaration", e.span,
+                  "write `domain S = grid((0, 1), (0, 1))`; in an expression, build a vector "
+                  "with its components, or parenthesise one value")
+
     def e_Bracket(self, e: ast.Bracket, scope: _Scope) -> ir.Expr:
         return replace(self.condition(e.cond, scope), span=e.span)
 
@@ -458,24 +477,59 @@ class _OperatorChecker:
                       "a kernel is a function of two points; integrate it in the output")
         if scope.integral_var is not None:
             self.fail("integrals cannot be nested", e.span,
-                      "write the inner integral as an operator of its own")
-        b = e.var
-        dom = self.lookup_domain(b.domain, b.span)
-        if dom is None:
+                      "integrate over several variables at once: `integral(v: V, t: T) ...`")
+        doms = [self.lookup_domain(b.domain, b.span) for b in e.vars]
+        if any(d is None for d in doms):
             raise _Bad
-        if b.name in scope.vars:
-            self.fail(f"the integration variable `{b.name}` is already the output's point",
-                      b.span, "give it another name, e.g. `integral(y: Y)`")
-        if b.name in self.decl_of or b.name in BUILTINS:
-            self.fail(f"the integration variable `{b.name}` hides the {self._what(b.name)} "
-                      f"`{b.name}`", b.span, "give it another name")
-        inner = _Scope(vars={**scope.vars, b.name: dom.name}, in_output=True, integral_var=b.name)
+        seen: set[str] = set()
+        for b in e.vars:
+            if b.name in scope.vars:
+                self.fail(f"the integration variable `{b.name}` is already the output's point",
+                          b.span, "give it another name, e.g. `integral(y: Y)`")
+            if b.name in self.decl_of or b.name in BUILTINS:
+                self.fail(f"the integration variable `{b.name}` hides the "
+                          f"{self._what(b.name)} `{b.name}`", b.span, "give it another name")
+            if b.name in seen:
+                self.fail(f"`{b.name}` names two variables of the integral", b.span,
+                          "give each variable its own name: `integral(v: V, t: T)`")
+            seen.add(b.name)
+        own = {b.name: d.name for b, d in zip(e.vars, doms)}
+        inner = _Scope(vars={**scope.vars, **own}, in_output=True,
+                       integral_var=e.vars[0].name)
         body = self.attempt(self.expr, e.body, inner)
-        quad = self.attempt(self.quadrature, e.quad, dom, b.name, body, e.span)
-        if body is None or quad is None:
+        quads = self.attempt(self.quadratures, e, doms, body)
+        if body is None or quads is None:
             raise _Bad
-        return ir.Integral(var=b.name, domain=dom.name, body=body, quad=quad, width=body.width,
-                           span=e.span)
+        return ir.Integral(vars=tuple(ir.Bind(var=b.name, domain=d.name)
+                                      for b, d in zip(e.vars, doms)),
+                           body=body, quads=quads, width=body.width, span=e.span)
+
+    def quadratures(self, e: ast.Integral, doms: list[ir.Domain],
+                    body: ir.Expr | None) -> tuple[ir.Quad, ...]:
+        """One rule per variable of the integral: as listed `with (R1, R2)`, one rule for
+        all `with R`, or each domain's default."""
+        q, n = e.quad, len(e.vars)
+        if isinstance(q, tuple):
+            if len(q) != n:
+                names = ", ".join(b.name for b in e.vars)
+                self.fail(f"the integral over {_plural(n, 'variable')} ({names}) has "
+                          f"{_plural(len(q), 'rule')}", q[0].span.to(q[-1].span),
+                          f"write one rule per variable, in order: `with ("
+                          + ", ".join(d.kind.entry.default for d in doms) + ")`, or one rule "
+                          "for all: `with sum`")
+            rules = list(q)
+        else:
+            rules = [q] * n
+        out = self.each(lambda item: self.quadrature(item[0], item[1], item[2].name, body,
+                                                     e.span), zip(rules, doms, e.vars))
+        if n > 1:
+            for quad in out:
+                if quad.rule.entry.sampled:
+                    self.fail(f"`{quad.rule.value}` samples the points of one domain, but this "
+                              f"integral runs over {n} variables", quad.span,
+                              "integrate with `montecarlo` over one variable: "
+                              "`integral(y: Y) ... with montecarlo(S)`")
+        return tuple(out)
 
     def quadrature(self, q: ast.Quadrature | None, dom: ir.Domain, var: str,
                    body: ir.Expr | None, span: Span) -> ir.Quad:
@@ -498,7 +552,7 @@ class _OperatorChecker:
         sampled = None
         if entry.own_nodes:
             sampled = next((node for node in (() if body is None else ir.walk(body))
-                            if isinstance(node, ir.FieldAt) and node.var == var), None)
+                            if isinstance(node, ir.FieldAt) and var in node.vars), None)
             if sampled is not None:  # reported first: the integrand comes before the rule
                 self.error(f"`{rule.value}` evaluates the integrand between the points of "
                            f"`{dom.name}`, but the field `{sampled.field}` is only known at "
@@ -562,8 +616,9 @@ class _OperatorChecker:
         if f is None:
             self.fail("`weights(w)` needs the name of an input field", w.span,
                       f"declare `input w : {dom.name} -> R` and write `weights(w)`")
-        if f.domain != dom.name:
-            self.fail(f"the weights `{f.name}` live on {f.domain}, but the integral runs "
+        if f.domains != (dom.name,):
+            self.fail(f"the weights `{f.name}` live on {' * '.join(f.domains)}, but the "
+                      "integral runs "
                       f"over {dom.name}", w.span,
                       f"the weights of an integral over {dom.name} are a field "
                       f"`input {f.name} : {dom.name} -> R`")
@@ -674,13 +729,88 @@ class _OperatorChecker:
 
     def field_at(self, e: ast.Call, scope: _Scope) -> ir.Expr:
         field = self.inputs[e.func]
-        if not self.arity(e, 1):
+        doms = field.domains
+        if len(e.args) != len(doms):
+            product = " * ".join(doms)
+            self.error(f"`{field.name}` lives on {product}: it is read at "
+                       f"{_plural(len(doms), 'point')}, got {len(e.args)}", e.span,
+                       f"write `{field.name}(" + ", ".join(
+                           next((v for v, d in scope.vars.items() if d == dom), dom.lower())
+                           for dom in doms) + ")`, one point per domain, in order")
+            self.each(self.expr, e.args, scope)  # the arguments may hold errors of their own
             raise _Bad
-        var, dom = self.point_arg(e.args[0], scope, f"the field `{field.name}`", field.domain)
-        if dom != field.domain:
-            self.fail(f"`{field.name}` lives on {field.domain} but `{var}` is a point of {dom}",
-                      e.span, self._point_hint(scope, field.domain))
-        return ir.FieldAt(field=field.name, var=var, width=field.width, span=e.span)
+        at = self.each(lambda item: self.read_point(item[0], item[1], scope, field, e.span),
+                       zip(e.args, doms))
+        plain = all(a.var is not None and scope.vars[a.var] == dom for a, dom in zip(at, doms))
+        return ir.FieldAt(field=field.name, at=tuple(at), plain=plain, width=field.width,
+                          span=e.span)
+
+    def read_point(self, a: ast.Expr, domain: str, scope: _Scope, field: ir.Input,
+                   call: Span) -> ir.Affine:
+        """The point of `domain` at which `field` is read: a point variable of `domain`, or,
+        on an index lattice, an integer affine point `c*q + t - d` of lattice points."""
+        dom = self.domains[domain]
+        if isinstance(a, ast.Name) and a.id in scope.vars and scope.vars[a.id] == domain:
+            return ir.Affine(terms=((1, a.id),))
+        if not dom.lattice or dom.fixed is not None:
+            if isinstance(a, ast.Name) and a.id in scope.vars:
+                one = len(field.domains) == 1
+                self.fail(f"`{field.name}` lives on {' * '.join(field.domains)} but `{a.id}` is "
+                          f"a point of {scope.vars[a.id]}"
+                          + ("" if one else f" (it is read at a point of {domain} here)"),
+                          call if one else a.span, self._point_hint(scope, domain))
+            self.point_arg(a, scope, f"the field `{field.name}`", domain)  # fails: explains
+        terms, offset = self.affine(a, scope, field, dom)
+        terms = {v: c for v, c in terms.items() if c != 0}
+        if not terms:
+            self.fail(f"`{field.name}` is read at a constant point", a.span,
+                      "read a field at a point that moves: `" + field.name + "(p + t)`")
+        return ir.Affine(terms=tuple((c, v) for v, c in terms.items()), offset=offset)
+
+    def affine(self, a: ast.Expr, scope: _Scope, field: ir.Input,
+               dom: ir.Domain) -> tuple[dict[str, int], int]:
+        """`a` as Σ c·var + d with integer c and d and variables of lattices (index or
+        stencil) of the same number of axes as `dom`."""
+        usage = (f"an index lattice is read at an integer affine point, `{field.name}(p + t)`, "
+                 f"`{field.name}(2*q + t - 1)`: points of lattices and stencils, integer "
+                 "coefficients and offsets")
+        if isinstance(a, ast.Number):
+            if a.value != int(a.value):
+                self.fail(f"`{field.name}` is read at a non-integer point ({a.value:g} is not "
+                          "an integer)", a.span, usage)
+            return {}, int(a.value)
+        if isinstance(a, ast.Name) and a.id in scope.vars:
+            vdom = self.domains[scope.vars[a.id]]
+            if not vdom.lattice:
+                self.fail(f"`{field.name}` is read at a non-integer point: `{a.id}` is a point of "
+                          f"the {vdom.kind.value} `{vdom.name}`", a.span, usage)
+            if vdom.coord_width != dom.coord_width:
+                axes = lambda d: d.coord_width or 1  # noqa: E731
+                self.fail(f"`{a.id}` is a point of {axes(vdom)} axes but `{dom.name}` has "
+                          f"{axes(dom)}", a.span, usage)
+            return {a.id: 1}, 0
+        if isinstance(a, ast.Neg):
+            t, d = self.affine(a.operand, scope, field, dom)
+            return {v: -c for v, c in t.items()}, -d
+        if isinstance(a, ast.Binary) and a.op in (ast.BinOp.ADD, ast.BinOp.SUB):
+            (t1, d1), (t2, d2) = self.each(lambda x: self.affine(x, scope, field, dom),
+                                           (a.left, a.right))
+            sign = 1 if a.op is ast.BinOp.ADD else -1
+            out = dict(t1)
+            for v, c in t2.items():
+                out[v] = out.get(v, 0) + sign * c
+            return out, d1 + sign * d2
+        if isinstance(a, ast.Binary) and a.op is ast.BinOp.MUL:
+            (t1, d1), (t2, d2) = self.each(lambda x: self.affine(x, scope, field, dom),
+                                           (a.left, a.right))
+            if t1 and t2:
+                self.fail(f"`{field.name}` is read at a product of points", a.span, usage)
+            (t, d), k = ((t1, d1), d2) if not t2 else ((t2, d2), d1)
+            return {v: c * k for v, c in t.items()}, d * k
+        if isinstance(a, ast.Name) and a.id not in scope.vars:
+            self.expr(a, scope)  # an unknown or misplaced name: its own error
+        self.fail(f"`{field.name}` must be read at an integer affine point, not at this "
+                  "expression", a.span, usage)
 
     def _point_hint(self, scope: _Scope, domain: str) -> str | None:
         same = [v for v, d in scope.vars.items() if d == domain]
@@ -724,16 +854,28 @@ class _OperatorChecker:
             out = p.sizes[-1]
             return ir.MlpCall(param=p.name, args=tuple(args), width=None if out == 1 else out,
                               span=e.span)
-        fits = len(e.args) == len(p.sizes)
+        want = len(p.sizes) + (p.per is not None)
+        fits = len(e.args) == want
         if not fits:
-            self.error(f"the spline `{p.name}` is a function of "
-                       f"{_plural(len(p.sizes), 'variable')}, got "
+            what = _plural(len(p.sizes), 'variable')
+            if p.per is not None:
+                what += f" and a point of {p.per}"
+            self.error(f"the spline `{p.name}` is a function of {what}, got "
                        f"{_plural(len(e.args), 'argument')}", e.span,
                        f"`{p.name}` is declared `{_spline_text(p)}`")
-        args = self.each(self.spline_arg, e.args, scope)
+        coords = e.args[:len(p.sizes)] if p.per is not None and fits else e.args
+        args = self.each(self.spline_arg, coords, scope)
         if not fits:
             raise _Bad
-        return ir.SplineCall(param=p.name, args=tuple(args), width=None, span=e.span)
+        at = None
+        if p.per is not None:
+            at, dom = self.point_arg(e.args[-1], scope, f"the spline `{p.name}`'s last argument",
+                                     p.per)
+            if dom != p.per:
+                self.fail(f"the last argument of `{p.name}` is a point of {p.per}, but `{at}` "
+                          f"is a point of {dom}", e.args[-1].span,
+                          self._point_hint(scope, p.per))
+        return ir.SplineCall(param=p.name, args=tuple(args), at=at, width=None, span=e.span)
 
     def spline_arg(self, a: ast.Expr, scope: _Scope) -> ir.Expr:
         arg = self.expr(a, scope)
@@ -744,13 +886,20 @@ class _OperatorChecker:
 
 
 def _spline_text(p: ir.Param) -> str:
-    return "spline(" + ", ".join(map(str, p.sizes)) + ")"
+    per = "" if p.per is None else f", per = {p.per}"
+    return "spline(" + ", ".join(map(str, p.sizes)) + per + ")"
 
 
 def _rename(e: ir.Expr, renames: dict[str, str]) -> ir.Expr:
     """`e` with its point variables renamed (kernel inlining)."""
-    if isinstance(e, ir.Coord | ir.FieldAt):
+    if isinstance(e, ir.Coord):
         return replace(e, var=renames.get(e.var, e.var))
+    if isinstance(e, ir.FieldAt):
+        return replace(e, at=tuple(ir.Affine(terms=tuple((c, renames.get(v, v)) for c, v in a.terms),
+                                             offset=a.offset) for a in e.at))
+    if isinstance(e, ir.SplineCall) and e.at is not None:
+        return replace(e, args=tuple(_rename(a, renames) for a in e.args),
+                       at=renames.get(e.at, e.at))
     if isinstance(e, ir.Op | ir.Reduce | ir.MlpCall | ir.SplineCall):
         return replace(e, args=tuple(_rename(a, renames) for a in e.args))
     if isinstance(e, ir.Component):

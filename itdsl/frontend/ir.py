@@ -2,16 +2,22 @@
 
     Program   := Operator*
     Operator  := domains inputs params kernels output
-    Domain    := points(D) | grid(lo, hi) | index
-    Output    := name (var: Domain) = Expr                      (width: None = R, C = R^C)
-    Expr      := Const | Coord(var) | FieldAt(field, var) | ParamRef(param)
+    Domain    := points(D) | grid(lo, hi) | grid(boxes) | index | index(D) | stencil(sizes)
+    Input     := name : Domain * ... -> R | R^C               (a field on a product)
+    Output    := name (Bind, ...) = Expr                      (width: None = R, C = R^C)
+    Bind      := var : Domain
+    Expr      := Const | Coord(var) | FieldAt(field, Affine...) | ParamRef(param)
                | Op(fn, args)              elementwise, scalars broadcast over vectors
                | Reduce(fn, args)          dot / norm / sqnorm / sum -> scalar
                | Component(arg, index)
                | MlpCall(param, args)      args concatenated
-               | SplineCall(param, args)
-               | Integral(var, domain, body, quad)
+               | SplineCall(param, args, at)   at: the point of a `per` domain
+               | Integral(Bind..., body, Quad...)   one rule per variable
+    Affine    := Σ c·var + d               an integer point of an index lattice (d on every axis)
     Quad      := rule [weights field] [n nodes] [samples, importance Expr]   (itdsl.domains)
+
+A point variable of a domain of several axes (`index(2)`, `grid((a1, b1), (a2, b2))`,
+`stencil(3, 3)`) is one point of the product of its axes: its coordinate is a vector.
 
 Kernel calls are inlined (with their point variables renamed) by the checker,
 so an integrand is one expression in the output's and the integral's variables.
@@ -59,20 +65,63 @@ class Domain:
     dim: int | None = None
     lo: float | None = None
     hi: float | None = None
+    boxes: tuple[tuple[float, float], ...] = ()
+    sizes: tuple[int, ...] = ()
     span: Span = span_field()
 
     @property
     def coord_width(self) -> int | None:
-        """Width of a point's coordinate: D for points(D), None (a scalar) otherwise."""
-        return self.dim if self.kind is DomainKind.POINTS else None
+        """Width of a point's coordinate: D for points(D), index(D) and the products of D
+        axes, None (a scalar) for the domains of one axis."""
+        return self.kind.entry.width(self)
+
+    @property
+    def axes(self) -> tuple[Domain, ...]:
+        """The 1-D domains whose product this domain is (itself if it has one axis); its
+        points are theirs flattened in row-major order (the last axis runs fastest)."""
+        parts = self.kind.entry.split
+        split = parts(self) if parts is not None else None
+        if split is None:
+            return (self,)
+        return tuple(Domain(name=f"{self.name}[{k}]", kind=self.kind, **fields)
+                     for k, fields in enumerate(split))
+
+    @property
+    def fixed(self) -> tuple[int, ...] | None:
+        """The axes' sizes when the declaration fixes them (a stencil), else None."""
+        return self.kind.entry.fixed(self)
+
+    @property
+    def lattice(self) -> bool:
+        """Its points are integer vectors a field can be read at with an affine point."""
+        return self.kind.entry.integer
+
+
+def _single(what: str, items: tuple):
+    if len(items) != 1:
+        raise ValueError(f"{what} has {len(items)} of them; read the tuple")
+    return items[0]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Input:
     name: str
-    domain: str
+    domains: tuple[str, ...]  # a field on their product, axes in this order
     width: int | None
     span: Span = span_field()
+
+    @property
+    def domain(self) -> str:
+        """The domain of a field on one domain."""
+        return _single(f"input `{self.name}` lives on a product of domains:", self.domains)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bind:
+    """A point variable bound to a domain: `(u: U)`."""
+
+    var: str
+    domain: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +131,7 @@ class Param:
     width: int | None = None
     sizes: tuple[int, ...] = ()
     act: str | None = None
+    per: str | None = None  # a spline per point of this domain (`per = T`)
     init: Init | None = None
     span: Span = span_field()
 
@@ -107,9 +157,45 @@ class Coord(Expr):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Affine:
+    """An integer affine point Σ c_k·var_k + offset of an index lattice (the offset added on
+    every axis); a plain read `f(x)` is the single term (1, x)."""
+
+    terms: tuple[tuple[int, str], ...]
+    offset: int = 0
+
+    @property
+    def var(self) -> str | None:
+        """The variable of a bare point `x` (else None)."""
+        if self.offset == 0 and len(self.terms) == 1 and self.terms[0][0] == 1:
+            return self.terms[0][1]
+        return None
+
+    @property
+    def vars(self) -> tuple[str, ...]:
+        return tuple(v for _, v in self.terms)
+
+
+@dataclass(frozen=True, kw_only=True)
 class FieldAt(Expr):
+    """A field read at one point of each of its domains. `plain`: every point is a variable of
+    the field's own domain (no arithmetic, nothing outside it)."""
+
     field: str
-    var: str
+    at: tuple[Affine, ...]
+    plain: bool = True
+
+    @property
+    def var(self) -> str:
+        """The point of a plain read of a field on one domain."""
+        v = _single(f"the read of `{self.field}` at several points", self.at).var
+        if not self.plain or v is None:
+            raise ValueError(f"the read of `{self.field}` is at an affine point")
+        return v
+
+    @property
+    def vars(self) -> tuple[str, ...]:
+        return tuple(v for a in self.at for v in a.vars)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +231,7 @@ class MlpCall(Expr):
 class SplineCall(Expr):
     param: str
     args: tuple[Expr, ...]
+    at: str | None = None  # `per = T`: the point variable of T selecting the spline
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,10 +248,28 @@ class Quad:
 
 @dataclass(frozen=True, kw_only=True)
 class Integral(Expr):
-    var: str
-    domain: str
+    """The iterated integral over every point of the product of its variables' domains, each
+    with its rule (the weight of a point is the product of the rules' weights)."""
+
+    vars: tuple[Bind, ...]
     body: Expr
-    quad: Quad
+    quads: tuple[Quad, ...]  # one per variable
+
+    @property
+    def var(self) -> str:
+        return _single("the integral over several variables", self.vars).var
+
+    @property
+    def domain(self) -> str:
+        return _single("the integral over several variables", self.vars).domain
+
+    @property
+    def quad(self) -> Quad:
+        return _single("the integral over several variables", self.quads)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.var for b in self.vars)
 
 
 # ---- operators ---------------------------------------------------------------------------
@@ -186,10 +291,25 @@ class Kernel:
 @dataclass(frozen=True, kw_only=True)
 class Output:
     name: str
-    var: str
-    domain: str
+    vars: tuple[Bind, ...]  # a field on the product of their domains
     body: Expr
     span: Span = span_field()
+
+    @property
+    def var(self) -> str:
+        return _single(f"the output `{self.name}` has several variables:", self.vars).var
+
+    @property
+    def domain(self) -> str:
+        return _single(f"the output `{self.name}` has several variables:", self.vars).domain
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.var for b in self.vars)
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(b.domain for b in self.vars)
 
     @property
     def width(self) -> int | None:
@@ -241,8 +361,7 @@ def children(e: Expr) -> tuple[Expr, ...]:
     if isinstance(e, Component):
         return (e.arg,)
     if isinstance(e, Integral):
-        imp = e.quad.importance
-        return (e.body,) if imp is None else (e.body, imp)
+        return (e.body, *(q.importance for q in e.quads if q.importance is not None))
     return ()
 
 
@@ -257,14 +376,18 @@ def walk(e: Expr):
 
 def free_vars(e: Expr) -> frozenset[str]:
     """The point variables `e` depends on (an integral's own variable is bound)."""
-    if isinstance(e, Coord | FieldAt):
+    if isinstance(e, Coord):
         return frozenset({e.var})
+    if isinstance(e, FieldAt):
+        return frozenset(e.vars)
     if isinstance(e, Integral):
         inner = free_vars(e.body)
-        if e.quad.importance is not None:
-            inner |= free_vars(e.quad.importance)
-        return inner - {e.var}
-    out: frozenset[str] = frozenset()
+        for q in e.quads:
+            if q.importance is not None:
+                inner |= free_vars(q.importance)
+        return inner - set(e.names)
+    out: frozenset[str] = frozenset({e.at}) if isinstance(e, SplineCall) and e.at else \
+        frozenset()
     for c in children(e):
         out |= free_vars(c)
     return out

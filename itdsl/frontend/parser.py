@@ -338,27 +338,36 @@ class _Builder:
             return None
         argv = [] if args is None else list(args.children)
         want, usage = k.entry.arity, k.entry.usage
-        if len(argv) != want or (want == 0 and args is not None):
-            self.error(f"`{kind}` takes {want} argument{'s' if want != 1 else ''}, got {len(argv)}",
-                       kind, f"write `{usage}`")
+        if len(argv) not in want:
+            counts = " or ".join(map(str, want))
+            self.error(f"`{kind}` takes {counts} argument{'s' if want != (1,) else ''}, got "
+                       f"{len(argv)}", kind, f"write `{usage}`")
             return None
-        vals = [self.constant(a) for a in argv]
+        vals = [self.domain_arg(a) for a in argv]
         if any(v is None for v in vals):
             return None
         try:
             fields = k.entry.declare(vals)
         except DeclarationError as e:
-            self.error(e.message, argv[e.arg] if e.arg is not None else args, e.hint)
+            self.error(e.message, argv[e.arg] if e.arg is not None else kind, e.hint)
             return None
         return ast.DomainDecl(kind=k, **fields, **common)
 
+    def domain_arg(self, t: Tree | Token) -> float | tuple[float, ...] | None:
+        """A declaration's argument: a constant, or a tuple of constants `(a, b)`."""
+        if isinstance(t, Tree) and t.data == "tuple":
+            items = [self.constant(c) for c in t.children]
+            return None if any(v is None for v in items) else tuple(items)
+        return self.constant(t)
+
     def input_decl(self, t: Tree) -> ast.Decl | None:
-        name, domain, vtype = t.children
+        name, domains, vtype = t.children
         width = self.value_type(vtype)
         if width is False:
             return None
-        return ast.InputDecl(name=str(name), domain=str(domain), width=width, span=self.span(t),
-                             name_span=self.span(name), domain_span=self.span(domain))
+        return ast.InputDecl(name=str(name), domains=tuple(str(d) for d in domains.children),
+                             width=width, span=self.span(t), name_span=self.span(name),
+                             domain_span=self.span(domains))
 
     def value_type(self, t: Tree) -> int | None | bool:
         """`R` -> None, `R^C` -> C; False after reporting an error."""
@@ -422,16 +431,29 @@ class _Builder:
                 return None
             return ast.ParamDecl(kind=ast.ParamKind.MLP, sizes=tuple(sizes), act=act,
                                  init=init_v, **common)
-        # spline(n1) or spline(n1, n2)
-        if options or not 1 <= len(sizes_args) <= 2 or any(len(a.children) != 1
-                                                             for a in sizes_args):
-            self.error("a spline is `spline(n)` or `spline(n1, n2)`", ptype)
+        # spline(n1) or spline(n1, n2), optionally `per = T`
+        per, per_span = None, None
+        for opt in options:
+            key, val = opt.children
+            if str(key) != "per":
+                self.error(f"unknown spline option `{key}`", key,
+                           "the option is `per = T`: one spline per point of the domain T")
+                return None
+            if per is not None:
+                self.error("the option `per` is given twice", key, "a spline has one `per`")
+                return None
+            per, per_span = str(val), self.span(val)
+        if not 1 <= len(sizes_args) <= 2 or any(len(a.children) != 1 for a in sizes_args):
+            self.error("a spline is `spline(n)`, `spline(n1, n2)` or `spline(n1, n2, per = T)`",
+                       ptype)
             return None
         sizes = [self.positive_int(_number(a.children[0]), a, "a spline size", 4096, minimum=2)
                  for a in sizes_args]
         if any(s is None for s in sizes):
             return None
-        return ast.ParamDecl(kind=ast.ParamKind.SPLINE, sizes=tuple(sizes), init=init_v, **common)
+        extra = {} if per is None else {"per": per, "per_span": per_span}
+        return ast.ParamDecl(kind=ast.ParamKind.SPLINE, sizes=tuple(sizes), init=init_v,
+                             **extra, **common)
 
     def init(self, t: Tree) -> ast.Init | None:
         span = self.span(t)
@@ -476,8 +498,11 @@ class _Builder:
 
     def output_decl(self, t: Tree) -> ast.Decl:
         name, b, body = t.children
-        return ast.OutputDecl(name=str(name), var=self.binder(b), body=self.expr(body),
+        return ast.OutputDecl(name=str(name), vars=self.binders(b), body=self.expr(body),
                               span=self.span(t), name_span=self.span(name))
+
+    def binders(self, t: Tree) -> tuple[ast.Binder, ...]:
+        return tuple(self.binder(b) for b in t.children)
 
     def binder(self, t: Tree) -> ast.Binder:
         name, domain = t.children
@@ -566,15 +591,20 @@ class _Builder:
         ops = tuple(ast.CmpOp(str(k)) for k in kids[1::2])
         return ast.Compare(ops=ops, operands=operands, span=self.span(t))
 
+    def e_tuple(self, t):
+        return ast.Tuple(items=tuple(self.expr(c) for c in t.children), span=self.span(t))
+
     def e_open_integral(self, t):
-        binder, integrand = t.children
-        return ast.Integral(var=self.binder(binder), body=self.integrand(integrand), quad=None,
-                            span=self.span(t))
+        binders, integrand = t.children
+        return ast.Integral(vars=self.binders(binders), body=self.integrand(integrand),
+                            quad=None, span=self.span(t))
 
     def e_closed_integral(self, t):
-        binder, integrand, quad = t.children
-        return ast.Integral(var=self.binder(binder), body=self.integrand(integrand),
-                            quad=self.quadrature(quad), span=self.span(t))
+        binders, integrand, quad = t.children
+        q = (tuple(self.quadrature(c) for c in quad.children) if quad.data == "quad_list"
+             else self.quadrature(quad))
+        return ast.Integral(vars=self.binders(binders), body=self.integrand(integrand),
+                            quad=q, span=self.span(t))
 
     def integrand(self, t: Tree) -> ast.Expr:
         factors = [self.expr(c) for c in t.children]

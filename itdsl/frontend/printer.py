@@ -56,14 +56,20 @@ def param_type_text(p: ast.ParamDecl | ir.Param) -> str:
         return _vtype(p.width)
     if p.kind is ParamKind.MLP:
         return "mlp(" + " -> ".join(map(str, p.sizes)) + f", act = {p.act})"
-    return "spline(" + ", ".join(map(str, p.sizes)) + ")"
+    per = "" if p.per is None else f", per = {p.per}"
+    return "spline(" + ", ".join(map(str, p.sizes)) + per + ")"
+
+
+def binders_text(binders) -> str:
+    """`u: U, p: P` of AST binders or IR binds."""
+    return ", ".join(f"{getattr(b, 'name', None) or b.var}: {b.domain}" for b in binders)
 
 
 def print_decl(d: ast.Decl) -> str:
     if isinstance(d, ast.DomainDecl):
         return f"domain {d.name} = {domain_text(d)}"
     if isinstance(d, ast.InputDecl):
-        return f"input {d.name} : {d.domain} -> {_vtype(d.width)}"
+        return f"input {d.name} : {' * '.join(d.domains)} -> {_vtype(d.width)}"
     if isinstance(d, ast.ParamDecl):
         return f"param {d.name} : {param_type_text(d)}{_init(d.init)}"
     if isinstance(d, ast.KernelDecl):
@@ -71,7 +77,7 @@ def print_decl(d: ast.Decl) -> str:
         return (f"kernel {d.name}({a.name}: {a.domain}, {b.name}: {b.domain}) = "
                 f"{print_expr(d.body)}")
     if isinstance(d, ast.OutputDecl):
-        return f"output {d.name}({d.var.name}: {d.var.domain}) = {print_expr(d.body)}"
+        return f"output {d.name}({binders_text(d.vars)}) = {print_expr(d.body)}"
     raise TypeError(d)
 
 
@@ -95,6 +101,8 @@ def _p_raw(e: ast.Expr, product_follows: bool) -> tuple[str, int]:
         return e.id, POSTFIX
     if isinstance(e, ast.Call):
         return f"{e.func}(" + ", ".join(_p(a, OR, False) for a in e.args) + ")", POSTFIX
+    if isinstance(e, ast.Tuple):
+        return "(" + ", ".join(_p(a, OR, False) for a in e.items) + ")", POSTFIX
     if isinstance(e, ast.Component):
         return f"{_p(e.base, POSTFIX, True)}[{e.index}]", POSTFIX
     if isinstance(e, ast.Bracket):
@@ -121,7 +129,9 @@ def _p_raw(e: ast.Expr, product_follows: bool) -> tuple[str, int]:
         lv = OR if e.op is ast.BoolOp.OR else AND
         return f"{_p(e.left, lv, False)} {e.op.value} {_p(e.right, lv + 1, False)}", lv
     if isinstance(e, ast.Integral):
-        head = f"integral({e.var.name}: {e.var.domain}) {_integrand(e.body)}"
+        head = f"integral({binders_text(e.vars)}) {_integrand(e.body)}"
+        if isinstance(e.quad, tuple):
+            return f"{head} with (" + ", ".join(map(_quad, e.quad)) + ")", UNARY
         if e.quad is not None:
             return f"{head} with {_quad(e.quad)}", UNARY
         return head, UNARY
@@ -160,14 +170,14 @@ def format_ir_operator(op: ir.Operator) -> str:
     for d in op.domains:
         lines.append(f"  domain {d.name} = {domain_text(d)}")
     for i in op.inputs:
-        lines.append(f"  input  {i.name} : {i.domain} -> {_vtype(i.width)}")
+        lines.append(f"  input  {i.name} : {' * '.join(i.domains)} -> {_vtype(i.width)}")
     for p in op.params:
         lines.append(f"  param  {p.name} : {param_type_text(p)}{_init(p.init)}")
     for k in op.kernels:
         lines.append(f"  kernel {k.name}({k.x}: {k.x_domain}, {k.y}: {k.y_domain}) : "
                      f"{_vtype(k.body.width)} = {format_ir_expr(k.body)}")
     o = op.output
-    lines.append(f"  output {o.name}({o.var}: {o.domain}) : {_vtype(o.width)} =")
+    lines.append(f"  output {o.name}({binders_text(o.vars)}) : {_vtype(o.width)} =")
     lines.append(f"    {format_ir_expr(o.body)}")
     return "\n".join(lines) + "\n"
 
@@ -191,14 +201,17 @@ def _f_raw(e: ir.Expr) -> tuple[str, int]:
     if isinstance(e, ir.Coord):
         return e.var, POSTFIX
     if isinstance(e, ir.FieldAt):
-        return f"{e.field}({e.var})", POSTFIX
+        return f"{e.field}(" + ", ".join(map(affine_text, e.at)) + ")", POSTFIX
     if isinstance(e, ir.ParamRef):
         return e.param, POSTFIX
     if isinstance(e, ir.Component):
         return f"{_f(e.arg, POSTFIX)}[{e.index}]", POSTFIX
     if isinstance(e, ir.Reduce | ir.MlpCall | ir.SplineCall):
         name = e.fn.value if isinstance(e, ir.Reduce) else e.param
-        return f"{name}(" + ", ".join(_f(a, OR) for a in e.args) + ")", POSTFIX
+        args = [_f(a, OR) for a in e.args]
+        if isinstance(e, ir.SplineCall) and e.at is not None:
+            args.append(e.at)
+        return f"{name}(" + ", ".join(args) + ")", POSTFIX
     if isinstance(e, ir.Op):
         if e.fn is ir.Fn.NEG:
             return "-" + _f(e.args[0], UNARY), UNARY
@@ -213,19 +226,35 @@ def _f_raw(e: ir.Expr) -> tuple[str, int]:
             return text, lv
         return f"{e.fn.value}(" + ", ".join(_f(a, OR) for a in e.args) + ")", POSTFIX
     if isinstance(e, ir.Integral):
-        q = e.quad
-        rule = q.rule.value
-        args = []  # as written: the positional arguments, then the options given
-        for a in q.rule.entry.args:
-            v = getattr(q, a.field)
-            text = format_ir_expr(v) if isinstance(v, ir.Expr) else str(v)
-            if a.keyword is None:
-                args.append(text)
-            elif v is not None:
-                args.append(f"{a.keyword} = {text}")
-        if args:
-            rule += "(" + ", ".join(args) + ")"
-        if not q.explicit:
-            rule += " (default)"
-        return f"(integral({e.var}: {e.domain}) {_f(e.body, OR)} with {rule})", POSTFIX
+        rules = [quad_text(q) for q in e.quads]
+        rule = rules[0] if len(rules) == 1 else "(" + ", ".join(rules) + ")"
+        return f"(integral({binders_text(e.vars)}) {_f(e.body, OR)} with {rule})", POSTFIX
     raise TypeError(e)
+
+
+def quad_text(q: ir.Quad) -> str:
+    """A rule as written: its positional arguments, then the options given."""
+    rule = q.rule.value
+    args = []
+    for a in q.rule.entry.args:
+        v = getattr(q, a.field)
+        text = format_ir_expr(v) if isinstance(v, ir.Expr) else str(v)
+        if a.keyword is None:
+            args.append(text)
+        elif v is not None:
+            args.append(f"{a.keyword} = {text}")
+    if args:
+        rule += "(" + ", ".join(args) + ")"
+    return rule if q.explicit else rule + " (default)"
+
+
+def affine_text(a: ir.Affine) -> str:
+    """`2*q + t - 1`."""
+    text = ""
+    for c, v in a.terms:
+        term = v if abs(c) == 1 else f"{abs(c)}*{v}"
+        text += (("-" if c < 0 else "") + term) if not text else (
+            f" - {term}" if c < 0 else f" + {term}")
+    if a.offset:
+        text += f" - {-a.offset}" if a.offset < 0 else f" + {a.offset}"
+    return text

@@ -1,10 +1,14 @@
 """Binding a call's keyword arguments to an operator's domains and inputs.
 
 Every compiled form of an operator is called the same way: domains by name
-(coordinates `[..., n, D]` for `points`, an `int` size for `grid`/`index`),
-input fields by name (`[..., n, C]`, or `[..., n]` for `R`). This module checks
-a call and says exactly what is wrong with it: which input, what shape was
-expected and what was given.
+(coordinates `[..., n, D]` for `points`, an `int` size for `grid`/`index`, a tuple
+`(n1, n2)` for a domain of several axes, nothing for a stencil), input fields by name
+(`[..., n, C]`, or `[..., n]` for `R`; a field on `V * P` with P = index(2) is
+`[..., n_V, H, W, C]`). This module checks a call and says exactly what is wrong with
+it: which input, what shape was expected and what was given.
+
+The bound fields are flattened over their domains' axes, `[..., N, C]` with N the
+product of the axes' sizes in row-major order: the layout every side of a Plan has.
 """
 
 from __future__ import annotations
@@ -26,13 +30,23 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 class Bound:
     """A checked call: tensors and sizes for every domain and input."""
 
-    sizes: dict[str, int]  # domain -> number of points
+    sizes: dict[str, int]  # domain -> number of points (the product of its axes' sizes)
     coords: dict[str, torch.Tensor]  # points domain -> [..., n, D]
-    fields: dict[str, torch.Tensor]  # input -> [..., n, C] (a trailing 1 for scalar fields)
+    fields: dict[str, torch.Tensor]  # input -> [..., N, C] (a trailing 1 for scalar fields),
+    #                                  flattened over the axes of its domains
     batch: torch.Size
     dtype: torch.dtype
     device: torch.device
     shapes: dict[str, torch.Size]  # every tensor argument's shape as given
+    axes: dict[str, tuple[int, ...]] = None  # domain -> the sizes of its axes
+
+    def __post_init__(self):
+        if self.axes is None:
+            self.axes = {name: (n,) for name, n in self.sizes.items()}
+
+    def field_axes(self, op: ir.Operator, name: str) -> tuple[int, ...]:
+        """The axes' sizes of the input `name` (its domains' axes, in order)."""
+        return tuple(n for d in op.input(name).domains for n in self.axes[d])
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -43,6 +57,30 @@ def used_coords(op: ir.Operator) -> set[str]:
     """Domains whose point coordinates the operator reads."""
     nodes = list(ir.walk(op.output.body))
     return {n.domain for n in nodes if isinstance(n, ir.Coord)}
+
+
+def axes_text(d: ir.Domain) -> str:
+    """How a call passes the size of `d`: "24" or "(H, W)"."""
+    k = len(d.axes)
+    return "an int" if k == 1 else "a tuple of " + str(k) + " ints"
+
+
+def _example(d: ir.Domain) -> str:
+    k = len(d.axes)
+    return f"`{d.name}=24`" if k == 1 else f"`{d.name}=({', '.join(['16'] * k)})`"
+
+
+def input_text(i: ir.Input, op: ir.Operator) -> str:
+    """The shape a call passes for input `i`: "[..., n, 3]", "[..., n_V, H0, H1]"."""
+    axes = []
+    for name in i.domains:
+        d = op.domain(name)
+        k = len(d.axes)
+        axes += [f"n_{name}"] if k == 1 else [f"{name}{j}" for j in range(k)]
+    if len(axes) == 1:
+        axes = ["n"]
+    return "[..., " + ", ".join(axes + ([] if i.width is None else [str(i.width)])) + "]"
+
 
 
 def _dense(what: str, v: torch.Tensor) -> None:
@@ -99,13 +137,17 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     if unknown:
         raise InputError(f"operator `{op.name}` got an unexpected argument `{unknown[0]}`; it "
                          f"takes {', '.join(f'`{k}`' for k in known)}")
-    sizes: dict[str, tuple[int, str]] = {}  # domain -> (n, where it came from)
+    sizes: dict[str, tuple[tuple[int, ...], str]] = {}  # domain -> (axes, where from)
+    for d in op.domains:
+        if d.fixed is not None:
+            sizes[d.name] = (d.fixed, f"the declaration of `{d.name}`")
 
-    def set_size(domain: str, n: int, source: str, hint: str | None = None) -> None:
+    def set_size(domain: str, n: tuple[int, ...], source: str, hint: str | None = None) -> None:
         if domain in sizes and sizes[domain][0] != n:
             have, src = sizes[domain]
-            raise InputError(f"{source} has {n} points of `{domain}`, but {src} has {have}",
-                             hint=hint)
+            show = (lambda t: str(t[0]) if len(t) == 1 else str(t))  # noqa: E731
+            raise InputError(f"{source} has {show(n)} points of `{domain}`, but {src} has "
+                             f"{show(have)}", hint=hint)
         sizes.setdefault(domain, (n, source))
 
     tensors: list[tuple[str, torch.Tensor]] = []
@@ -127,59 +169,80 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             coords[d.name] = v
             tensors.append((d.name, v))
             batches.append((d.name, v.shape[:-2]))
-            set_size(d.name, v.shape[-2], f"`{d.name}`")
+            set_size(d.name, (v.shape[-2],), f"`{d.name}`")
+        elif d.fixed is not None:
+            raise InputError(f"`{d.name}` is a stencil: its points are fixed by its "
+                             "declaration, and a call passes nothing for it",
+                             hint=f"drop `{d.name}=` from the call")
         else:
-            if isinstance(v, torch.Tensor) or not isinstance(v, int) or isinstance(v, bool):
-                raise InputError(f"`{d.name}` is a {d.kind.value} domain: pass its number of "
-                                 f"points as an int (`{d.name}=24`), got {type(v).__name__}")
+            k = len(d.axes)
+            vals = v if isinstance(v, tuple) and k > 1 else (v,)
+            if len(vals) != k or any([isinstance(x, torch.Tensor) or not isinstance(x, int)
+                                     or isinstance(x, bool) for x in vals]):
+                got = type(v).__name__ + (f" of {len(v)}" if isinstance(v, tuple) else "")
+                raise InputError(f"`{d.name}` is a {d.kind.value} domain"
+                                 + (f" of {k} axes" if k > 1 else "")
+                                 + ": pass its number of points "
+                                 + ("along each axis " if k > 1 else "")
+                                 + f"as {axes_text(d)} ({_example(d)}), got {got}")
             least = d.kind.entry.min_size  # (an empty index, as an empty field)
-            if v < least:
-                raise InputError(f"`{d.name}` needs at least {least} points, got {v}")
-            set_size(d.name, v, f"`{d.name}={v}`")
+            if any([x < least for x in vals]):
+                raise InputError(f"`{d.name}` needs at least {least} points"
+                                 + (" along each axis" if k > 1 else "") + f", got {v}")
+            set_size(d.name, vals, f"`{d.name}={v}`")
     fields: dict[str, torch.Tensor] = {}
     for i in op.inputs:
         if i.name not in kwargs:
             raise InputError(f"operator `{op.name}` is missing the input `{i.name}` "
                              f"({i.domain} -> {'R' if i.width is None else f'R^{i.width}'})")
         v = kwargs[i.name]
-        want = f"[..., n, {i.width}]" if i.width is not None else "[..., n]"
+        want = input_text(i, op)
+        typ = f"{' * '.join(i.domains)} -> {'R' if i.width is None else f'R^{i.width}'}"
         if not isinstance(v, torch.Tensor):
             raise InputError(f"input `{i.name}` should be a tensor {want}, got {type(v).__name__}")
         _dense(f"input `{i.name}`", v)
-        ok = v.dim() >= 2 and v.shape[-1] == i.width if i.width is not None else v.dim() >= 1
+        k = sum([len(op.domain(name).axes) for name in i.domains])  # point axes
+        ok = v.dim() >= k + 1 and v.shape[-1] == i.width if i.width is not None else v.dim() >= k
         if not ok:
-            raise InputError(f"input `{i.name}` should have shape {want} ({i.domain} -> "
-                             f"{'R' if i.width is None else f'R^{i.width}'}), got {_shape(v)}")
+            raise InputError(f"input `{i.name}` should have shape {want} ({typ}), got "
+                             f"{_shape(v)}")
         f = v if i.width is not None else v.unsqueeze(-1)
-        fields[i.name] = f
         tensors.append((i.name, v))
-        batches.append((i.name, f.shape[:-2]))
+        batches.append((i.name, f.shape[:-k - 1]))
         hint = None
-        if i.width is None and v.dim() >= 2 and v.shape[-1] == 1:
+        if i.width is None and v.dim() >= 2 and v.shape[-1] == 1 and k == 1:
             hint = (f"`{i.name}` is a scalar field (R): pass it as [..., n], without a "
                     f"trailing 1 (`{i.name}.squeeze(-1)`), or declare it `R^1`")
-        set_size(i.domain, f.shape[-2], f"input `{i.name}`", hint)
+        at = f.dim() - k - 1
+        for name in i.domains:
+            na = len(op.domain(name).axes)
+            set_size(name, tuple(f.shape[at:at + na]), f"input `{i.name}`", hint)
+            at += na
+        fields[i.name] = f.reshape(*f.shape[:-k - 1], -1, f.shape[-1]) if k > 1 else f
     for d in op.domains:
         if d.kind.entry.given and d.name in need_coords and d.name not in coords:
             raise InputError(f"operator `{op.name}` needs the coordinates of `{d.name}`: pass "
                              f"`{d.name}=` a tensor [..., n, {d.dim}]")
     # Every domain the output or an integral ranges over needs a size (not a rule with
     # nodes of its own, gauss: the integrand is evaluated at its nodes).
-    ranged = {op.output.domain} | {n.domain for n in ir.walk(op.output.body)
-                                   if isinstance(n, ir.Integral)
-                                   and not n.quad.rule.entry.own_nodes}
+    ranged = set(op.output.domains) | {b.domain for n in ir.walk(op.output.body)
+                                       if isinstance(n, ir.Integral)
+                                       for b, q in zip(n.vars, n.quads)
+                                       if not q.rule.entry.own_nodes}
     for name in sorted(ranged):
         if name not in sizes:
             d = op.domain(name)
             how = (f"`{name}=` its coordinates" if d.kind.entry.given
-                   else f"its size, e.g. `{name}=24`")
+                   else f"its size, e.g. {_example(d)}")
             raise InputError(f"the number of points of `{name}` is unknown: no input lives on "
                              f"it; pass {how}")
     for name, (n, src) in sizes.items():
         d = op.domain(name)
-        if n < d.kind.entry.min_size:
+        if min(n) < d.kind.entry.min_size:
             raise InputError(f"the {d.kind.value} `{name}` needs at least "
-                             f"{d.kind.entry.min_size} points, but {src} has {n}")
+                             f"{d.kind.entry.min_size} points"
+                             + (" along each axis" if len(n) > 1 else "")
+                             + f", but {src} has {n[0] if len(n) == 1 else n}")
     # dtype and device: one for all tensors
     dtype = device = None
     for name, t in tensors:
@@ -200,25 +263,31 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     except RuntimeError:
         shown = ", ".join(f"`{n}` {list(b)}" for n, b in batches)
         raise InputError(f"the leading (batch) dimensions do not broadcast: {shown}") from None
-    counts = {k: v[0] for k, v in sizes.items()}
+    axes = {k: v[0] for k, v in sizes.items()}
+    counts = {k: math.prod(v) for k, v in axes.items()}
     _check_empty(op, counts)
     for d in op.domains:  # sizes given as numbers: the points and the output are allocated
         if d.name in kwargs and not d.kind.entry.given:
-            width = (op.output.width or 1) if d.name == op.output.domain else 1
+            width = (op.output.width or 1) if d.name in op.output.domains else 1
             check_size(math.prod(batch) * counts[d.name] * width, dtype, device,
-                       f"`{d.name}={counts[d.name]}`")
+                       f"`{d.name}={kwargs[d.name]}`")
+    out = math.prod([counts[name] for name in op.output.domains])  # (a list: dynamo traces it)
+    check_size(math.prod(batch) * out * (op.output.width or 1), dtype, device,
+               f"the output on {' * '.join(op.output.domains)}")
     return Bound(sizes=counts, coords=coords, fields=fields, batch=batch, dtype=dtype,
-                 device=device, shapes={name: t.shape for name, t in tensors})
+                 device=device, shapes={name: t.shape for name, t in tensors}, axes=axes)
 
 
 def _check_empty(op: ir.Operator, sizes: dict[str, int]) -> None:
     """An integral whose rule needs points (mean, montecarlo: `Rule.empty`) over a domain
     with none."""
     for n in ir.walk(op.output.body):
-        if isinstance(n, ir.Integral) and sizes.get(n.domain) == 0 \
-                and n.quad.rule.entry.empty is not None:
-            raise InputError(f"`integral({n.var}: {n.domain})` with `{n.quad.rule.value}` has no "
-                             f"points of `{n.domain}`: {n.quad.rule.entry.empty}",
-                             n.quad.span if n.quad.explicit else n.span,
-                             f"pass at least one point of `{n.domain}`, or integrate with "
-                             "`sum` (0 over no points)")
+        if not isinstance(n, ir.Integral):
+            continue
+        for b, q in zip(n.vars, n.quads):
+            if sizes.get(b.domain) == 0 and q.rule.entry.empty is not None:
+                raise InputError(f"`integral({b.var}: {b.domain})` with `{q.rule.value}` has no "
+                                 f"points of `{b.domain}`: {q.rule.entry.empty}",
+                                 q.span if q.explicit else n.span,
+                                 f"pass at least one point of `{b.domain}`, or integrate with "
+                                 "`sum` (0 over no points)")

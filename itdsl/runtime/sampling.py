@@ -35,43 +35,65 @@ def _tensor(x, bound: Bound) -> torch.Tensor:
 
 def side_points(d: ir.Domain, quad: ir.Quad | None, bound: Bound) -> Points:
     """The points of domain `d` an integral with `quad` runs over (`quad` None: the output's
-    points), with its weights unless they are drawn (`quad.rule.entry.sampled`)."""
+    points), with its weights unless they are drawn (`quad.rule.entry.sampled`). A domain of
+    several axes is the product of its axes, flattened row-major: a point's coordinate is
+    the vector of its axes' coordinates, its weight the product of the axes' weights."""
     rule = None if quad is None else quad.rule.entry
     if rule is not None and rule.own_nodes:
-        nodes, w = _fixed(d, quad, quad.n, bound.dtype, bound.device)
-        return Points(quad.n, nodes, w)
+        k = len(d.axes)
+        nodes, w = _fixed(d, quad, (quad.n,) * k, bound.dtype, bound.device)
+        return Points(quad.n ** k, nodes, w)
     n = bound.sizes[d.name]
     kind = d.kind.entry
+    axes = bound.axes[d.name]
     if kind.given:
         coords = bound.coords.get(d.name)
         coords = None if coords is None else coords.to(bound.dtype)
     else:
-        coords = _fixed(d, None, n, bound.dtype, bound.device)[0]
+        coords = _fixed(d, None, axes, bound.dtype, bound.device)[0]
     if rule is None or rule.sampled:
         weights = None
     elif rule.from_input:
         weights = bound.fields[quad.weights][..., 0]
     else:
-        weights = _fixed(d, quad, n, bound.dtype, bound.device)[1]
+        weights = _fixed(d, quad, axes, bound.dtype, bound.device)[1]
     return Points(n, coords, weights)
 
 
 @functools.lru_cache(maxsize=256)
-def _fixed(d: ir.Domain, quad: ir.Quad | None, n: int, dtype: torch.dtype,
+def _fixed(d: ir.Domain, quad: ir.Quad | None, axes: tuple[int, ...], dtype: torch.dtype,
            device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(coordinates `[n, 1]`, weights `[n]`) that depend on the declaration and the size only:
-    a rule's own nodes, a grid's or an index's points, fixed weights; made once per size,
-    dtype and device (read only: no caller writes into them)."""
+    """(coordinates `[n, k]`, weights `[n]`) that depend on the declaration and the sizes of
+    its k axes only: a rule's own nodes, a grid's or an index's points, fixed weights (the
+    tensor products of the axes'); made once per size, dtype and device (read only: no
+    caller writes into them)."""
     def tensor(x):
         return torch.as_tensor(x, dtype=dtype, device=device)
     rule = None if quad is None else quad.rule.entry
-    if rule is not None and rule.own_nodes:
-        nodes, w = rule.nodes(d, n)
-        return tensor(nodes).reshape(-1, 1), tensor(w)
     kind = d.kind.entry
-    coords = None if kind.given else tensor(kind.points(d, n)).reshape(-1, 1)
-    weights = tensor(rule.weights(d, n)) if rule is not None and rule.weights else None
-    return coords, weights
+    coords, weights = [], []
+    for axis, n in zip(d.axes, axes):
+        if rule is not None and rule.own_nodes:
+            c, w = rule.nodes(axis, n)
+        else:
+            c = None if kind.given else kind.points(axis, n)
+            w = rule.weights(axis, n) if rule is not None and rule.weights else None
+        coords.append(c)
+        weights.append(w)
+    if coords[0] is None:
+        c = None
+    elif len(coords) == 1:
+        c = tensor(coords[0]).reshape(-1, 1)
+    else:
+        grids = torch.meshgrid(*(tensor(x) for x in coords), indexing="ij")
+        c = torch.stack([g.reshape(-1) for g in grids], dim=-1)
+    if weights[0] is None:
+        w = None
+    else:
+        w = tensor(weights[0])
+        for x in weights[1:]:
+            w = torch.outer(w, tensor(x)).reshape(-1)
+    return c, w
 
 
 def draw(quad: ir.Quad, d: ir.Domain, m: int, importance: Callable[[], torch.Tensor] | None,
