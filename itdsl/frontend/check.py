@@ -514,7 +514,7 @@ class _OperatorChecker:
                 names = ", ".join(b.name for b in e.vars)
                 self.fail(f"the integral over {_plural(n, 'variable')} ({names}) has "
                           f"{_plural(len(q), 'rule')}", q[0].span.to(q[-1].span),
-                          f"write one rule per variable, in order: `with ("
+                          "write one rule per variable, in order: `with ("
                           + ", ".join(d.kind.entry.default for d in doms) + ")`, or one rule "
                           "for all: `with sum`")
             rules = list(q)
@@ -895,8 +895,9 @@ def _rename(e: ir.Expr, renames: dict[str, str]) -> ir.Expr:
     if isinstance(e, ir.Coord):
         return replace(e, var=renames.get(e.var, e.var))
     if isinstance(e, ir.FieldAt):
-        return replace(e, at=tuple(ir.Affine(terms=tuple((c, renames.get(v, v)) for c, v in a.terms),
-                                             offset=a.offset) for a in e.at))
+        return replace(e, at=tuple(
+            ir.Affine(terms=tuple((c, renames.get(v, v)) for c, v in a.terms), offset=a.offset)
+            for a in e.at))
     if isinstance(e, ir.SplineCall) and e.at is not None:
         return replace(e, args=tuple(_rename(a, renames) for a in e.args),
                        at=renames.get(e.at, e.at))
