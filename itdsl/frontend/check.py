@@ -213,6 +213,7 @@ class _OperatorChecker:
                                            span=d.span)
 
     def decl_ParamDecl(self, d: ast.ParamDecl) -> None:
+        per_shape = ()
         if d.per is not None:
             dom = self.lookup_domain(d.per, d.per_span)
             if dom is None:
@@ -223,8 +224,10 @@ class _OperatorChecker:
                            "one spline per point of a stencil: `domain T = stencil(3, 3)`, "
                            "`param W : spline(16, 16, per = T)`")
                 return
+            per_shape = dom.fixed
         self.params[d.name] = ir.Param(name=d.name, kind=d.kind, width=d.width, sizes=d.sizes,
-                                       act=d.act, per=d.per, init=d.init, span=d.span)
+                                       act=d.act, per=d.per, per_shape=per_shape, init=d.init,
+                                       span=d.span)
 
     def binders(self, binders, what: str) -> dict[str, str] | None:
         scope: dict[str, str] = {}

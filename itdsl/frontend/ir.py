@@ -132,8 +132,14 @@ class Param:
     sizes: tuple[int, ...] = ()
     act: str | None = None
     per: str | None = None  # a spline per point of this domain (`per = T`)
+    per_shape: tuple[int, ...] = ()  # ... whose axes have these (fixed) sizes
     init: Init | None = None
     span: Span = span_field()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """A spline's coefficients: `[*per_shape, n1, n2]`."""
+        return (*self.per_shape, *self.sizes)
 
 
 # ---- expressions ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `R` and `R^C` params are `nn.Parameter`s (shape `()` and `(C,)`), an `mlp` is an
 `nn.Sequential` of `nn.Linear` and activation modules, a `spline(n1, n2)` is an
-`nn.Parameter` of its `n1 x n2` coefficients.
+`nn.Parameter` of its `n1 x n2` coefficients (`spline(n1, n2, per = T)`: `[k1, k2, n1, n2]`,
+one spline per point of the stencil T).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def make_param(p: ir.Param) -> nn.Module | nn.Parameter:
                 layers.append(ACTIVATION_MODULES[p.act](nn))
         return nn.Sequential(*layers)
     bound = 1.0 / math.sqrt(p.sizes[-1])  # like nn.Linear's default, fan-in = last axis
-    return nn.Parameter(_fill(torch.empty(p.sizes), p.init, ("uniform", (-bound, bound))))
+    return nn.Parameter(_fill(torch.empty(p.shape), p.init, ("uniform", (-bound, bound))))
 
 
 def register_params(module: nn.Module, op: ir.Operator) -> None:

@@ -182,7 +182,7 @@ def param_shapes(p: ir.Param) -> dict[str, tuple[int, ...]]:
     if p.kind is ParamKind.REAL:
         return {p.name: () if p.width is None else (p.width,)}
     if p.kind is ParamKind.SPLINE:
-        return {p.name: tuple(p.sizes)}
+        return {p.name: p.shape}
     out = {}
     for layer, (a, b) in enumerate(zip(p.sizes, p.sizes[1:])):
         out[f"{p.name}.{2 * layer}.weight"] = (b, a)
