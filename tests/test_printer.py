@@ -191,7 +191,7 @@ def test_integrand_extends_over_products_only():
 def test_negated_open_integral():
     y = ast.Binder(name="y", domain="Y")
     assert expr_of("-integral(y: Y) f(y) * 2") == ast.Neg(operand=ast.Integral(
-        var=y, body=_mul(_call("f", _name("y")), _num(2)), quad=None))
+        vars=(y,), body=_mul(_call("f", _name("y")), _num(2)), quad=None))
     assert expr_of("-integral(y: Y) f(y)") == expr_of("-(integral(y: Y) f(y))")
 
 

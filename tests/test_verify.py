@@ -155,7 +155,7 @@ def test_backward_step_named_like_a_forward_step(plan):
 
 def test_pair_step_depending_on_a_third_side(plan):
     I0 = plan.forward.step("I0")  # over y0: reading y1 is a third side
-    expr = P.mul(I0.expr, P.weight("y1"))
+    expr = P.mul(I0.expr, P.weight("y1", "z"))
     _rejects(_replace(plan, "I0", expr=expr), "forward step I0", "y1", "outside the step's sides")
 
 
@@ -181,7 +181,8 @@ def test_sides_inconsistent_with_the_kind(plan):
 
 def test_max_step_without_a_mask(plan):
     I0 = plan.forward.step("I0")
-    m = Step("max", "m0", "x", P.dot(P.coord("x", (2,)), P.coord("y0", (2,))), over="y0")
+    m = Step("max", "m0", "x", P.dot(P.coord("x", "x", (2,)), P.coord("y0", "y", (2,))),
+             over="y0")
     steps = [m, I0, *plan.forward.steps[1:]]
     _rejects(_forward(plan, steps), "forward step m0", "mask")
     with_mask = dataclasses.replace(m, mask=P.ONE)

@@ -30,7 +30,15 @@ from .binding import RESERVED_KEYWORDS, bind, check_call
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
-from .plan_eval import PlanEvaluator, evaluate_plan, gradients, set_cotangent, tshape
+from .plan_eval import (
+    PlanEvaluator,
+    evaluate_plan,
+    gradients,
+    output_axes,
+    set_cotangent,
+    tshape,
+    unflatten_output,
+)
 from .strategies import runner_for
 
 _LOCK = threading.Lock()
@@ -88,15 +96,18 @@ class OpDef:
         op = plan.op
         self.tensor_names = [d.name for d in op.domains if d.kind.entry.given] + \
                             [i.name for i in op.inputs]
-        self.int_names = [d.name for d in op.domains if not d.kind.entry.given]
+        # the sizes given as numbers: one int per axis (-1: not given); a stencil has none
+        self.int_names = [d.name for d in op.domains
+                          if not d.kind.entry.given and d.fixed is None]
+        self.int_axes = [len(op.domain(n).axes) for n in self.int_names]
         fwd_names = {st.name for st in plan.forward.steps}
-        used = {n.name for st in plan.backward.steps
-                for n in toposort([st.expr] + ([st.mask] if st.mask is not None else []))
+        used = {n.name for st in plan.backward.steps for n in toposort(st.roots)
                 if n.op == "ref"}
         self.saved = sorted(used & fwd_names)
         self.param_names = [n for p in op.params for n in param_shapes(p)]
         self.mc_sides = [s for s, sp in plan.spaces.items()
-                         if sp.quad is not None and sp.quad.rule.entry.sampled]
+                         if any(f.quad is not None and f.quad.rule.entry.sampled
+                                for f in sp.factors)]
         self.name = op_name(plan, target)
         self._register()
 
@@ -105,8 +116,21 @@ class OpDef:
         # a points domain whose coordinates were not given travels as an empty 1-D tensor
         kw = {n: t for n, t in zip(self.tensor_names, tensors) if not (t.dim() == 1 and
                                                                         t.numel() == 0)}
-        kw.update({n: v for n, v in zip(self.int_names, ints) if v >= 0})
+        at = 0
+        for n, k in zip(self.int_names, self.int_axes):
+            v = tuple(ints[at:at + k])
+            at += k
+            if v[0] >= 0:
+                kw[n] = v[0] if k == 1 else v
         return kw
+
+    def ints(self, kwargs: dict) -> list[int]:
+        """The sizes a call gave as numbers, one int per axis (-1: not given)."""
+        out = []
+        for n, k in zip(self.int_names, self.int_axes):
+            v = kwargs.get(n, -1)
+            out += list(v) if isinstance(v, tuple) else [v] * k
+        return out
 
     def kernelset(self, dtype: torch.dtype) -> KernelSet:
         with _LOCK:
@@ -141,6 +165,7 @@ class OpDef:
             out = ev.env["out"]
             if self.plan.out_shape == ():
                 out = out[..., 0]
+            out = unflatten_output(self.plan, ev.bound, out)
             return _unaliased([out] + [ev.env[s] for s in self.saved],
                               list(tensors) + list(params) + list(weights))
 
@@ -204,8 +229,8 @@ class OpDef:
 
     def forward_shapes(self, bound) -> list[tuple]:
         plan = self.plan
-        n = bound.sizes[plan.x.domain]
-        shapes = [(*bound.batch, n, *plan.out_shape)]
+        n = _side_size(plan, X_SIDE, bound)
+        shapes = [(*bound.batch, *output_axes(plan, bound), *plan.out_shape)]
         for s in self.saved:
             st = plan.forward.step(s)
             ts = tshape(st.shape)
@@ -234,9 +259,15 @@ class OpDef:
 
 
 def _side_size(plan: Plan, side: str, bound) -> int:
-    sp = plan.spaces[side]
-    m = bound.sizes.get(sp.domain, 0)
-    return m if sp.quad is None else sp.quad.rule.entry.size(sp.quad, m)
+    """The number of points of a side: the product of its variables' (own nodes: n per
+    axis)."""
+    n = 1
+    for f in plan.spaces[side].factors:
+        m = bound.sizes.get(f.domain, 0)
+        if f.quad is not None and f.quad.rule.entry.own_nodes:
+            m = f.quad.n ** len(plan.op.domain(f.domain).axes)
+        n *= m
+    return n
 
 
 def _on_empty(plan: Plan, params: dict, bound, generator) -> torch.Tensor:
@@ -254,8 +285,7 @@ def _on_empty(plan: Plan, params: dict, bound, generator) -> torch.Tensor:
 def _empty(plan: Plan, bound) -> bool:
     """The call has no output points, no batch entries, or an integral over no points."""
     return math.prod(bound.batch) == 0 or any(
-        bound.sizes[sp.domain] == 0 for sp in plan.spaces.values()
-        if not (sp.quad is not None and sp.quad.rule.entry.own_nodes))
+        _side_size(plan, side, bound) == 0 for side in plan.spaces)
 
 
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -331,9 +361,7 @@ class CompiledOperator(nn.Module):
         kernels run it (the strategy's one per-call rule, over sizes, dtype and device)."""
         if self._runner is None:
             return "the strategy has no algorithm of its own"
-        sizes = {X_SIDE: bound.sizes[self.plan.x.domain]}
-        sizes.update({side: _side_size(self.plan, side, bound)
-                      for side in self.plan.spaces if side != X_SIDE})
+        sizes = {side: _side_size(self.plan, side, bound) for side in self.plan.spaces}
         call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type)
         return self._entry.choose(self.plan.form, call)
 
@@ -362,7 +390,7 @@ class CompiledOperator(nn.Module):
             t = kwargs.get(name)
             tensors.append(t.contiguous() if t is not None else
                            torch.empty(0, dtype=bound.dtype, device=bound.device))
-        ints = [kwargs[n] if n in kwargs else -1 for n in opdef.int_names]
+        ints = opdef.ints(kwargs)
         weights = []
         if opdef.mc_sides:
             with torch.no_grad():

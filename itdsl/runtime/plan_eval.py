@@ -35,10 +35,34 @@ _ts = tshape
 
 
 class _Side:
-    """The points of one side: coordinates `[*B?, n, D]`, weights `[*B?, n]`, count."""
+    """The points of one side: coordinates `[*B?, n, D]`, weights `[*B?, n]`, count; for each
+    variable of a side of several (a product of domains, flattened row-major), its
+    coordinates, weights and positions on its domain's axes at every point of the side."""
 
-    def __init__(self, n: int, coords: torch.Tensor | None, weights: torch.Tensor | None):
+    def __init__(self, n: int, coords: torch.Tensor | None, weights: torch.Tensor | None,
+                 factors: dict[str, _Factor] | None = None):
         self.n, self.coords, self.weights = n, coords, weights
+        self.factors = factors or {}
+
+    def coords_of(self, var: str) -> torch.Tensor | None:
+        f = self.factors.get(var)
+        return self.coords if f is None else f.coords
+
+    def weights_of(self, var: str) -> torch.Tensor | None:
+        if len(self.factors) <= 1:  # one variable: the side's (drawn or given) weights
+            return self.weights
+        return self.factors[var].weights
+
+    def pos_of(self, var: str) -> torch.Tensor:
+        return self.factors[var].pos
+
+
+class _Factor:
+    """One variable's values at every point of its side: coordinates `[*B?, n, D]`, weights
+    `[*B?, n]` (None: none), positions `[n, A]` on the A axes of its domain."""
+
+    def __init__(self, coords, weights, pos):
+        self.coords, self.weights, self.pos = coords, weights, pos
 
 
 class PlanEvaluator:
@@ -70,10 +94,14 @@ class PlanEvaluator:
     def _side(self, sp, draws, generator) -> _Side:
         """The points and weights of one side (runtime/sampling.py); montecarlo weights
         given beforehand, or drawn once per domain and rule."""
+        if len(sp.factors) > 1:
+            return self._product_side(sp)
         d = self.plan.op.domain(sp.domain)
         q = sp.quad
         pts = side_points(d, q, self.bound)
         side = _Side(pts.n, pts.coords, pts.weights)
+        side.factors[sp.var] = _Factor(pts.coords, pts.weights,
+                                       self._positions(pts.n, self._axes(d, q), 1, pts.n))
         if q is None or not q.rule.entry.sampled:
             return side
         if sp.side in self.given_weights:
@@ -83,6 +111,45 @@ class PlanEvaluator:
         if key not in draws:
             draws[key] = self._draw(sp, side, d, generator)
         side.weights = draws[key]
+        return side
+
+    def _axes(self, d: ir.Domain, q: ir.Quad | None) -> tuple[int, ...]:
+        """The sizes of the axes of `d` an integral with `q` runs over."""
+        if q is not None and q.rule.entry.own_nodes:
+            return (q.n,) * len(d.axes)
+        return self.bound.axes[d.name]
+
+    def _positions(self, n: int, axes: tuple[int, ...], stride: int, count: int) -> torch.Tensor:
+        """`[n, A]`: on a side of n points where one variable of `count` points (its domain's
+        `axes`) advances every `stride` points, that variable's position on each axis."""
+        i = torch.arange(n, device=self.device) // stride % max(count, 1)
+        cols, inner = [], count
+        for a in axes:
+            inner //= max(a, 1)
+            cols.append(i // max(inner, 1) % max(a, 1))
+        return torch.stack(cols, -1).to(self.dtype)
+
+    def _product_side(self, sp) -> _Side:
+        """A side of several variables: the product of their domains' points, flattened
+        row-major, each variable's coordinates, weights and positions spread over it."""
+        parts = []
+        for f in sp.factors:
+            d = self.plan.op.domain(f.domain)
+            parts.append((f, d, side_points(d, f.quad, self.bound)))
+        n = math.prod([pts.n for _, _, pts in parts])
+        side = _Side(n, None, None)
+        stride = n
+        weights = None
+        for f, d, pts in parts:
+            stride //= max(pts.n, 1)
+            idx = torch.arange(n, device=self.device) // max(stride, 1) % max(pts.n, 1)
+            coords = None if pts.coords is None else pts.coords[..., idx, :]
+            w = None if pts.weights is None else pts.weights[..., idx]
+            side.factors[f.var] = _Factor(coords, w, self._positions(n, self._axes(d, f.quad),
+                                                                     stride, pts.n))
+            if w is not None:
+                weights = w if weights is None else weights * w
+        side.weights = weights
         return side
 
     def _draw(self, sp, side: _Side, d: ir.Domain, generator) -> torch.Tensor:
@@ -161,14 +228,17 @@ class PlanEvaluator:
         side = n.side
         s = self.sides[side]
         if op == "coord":
-            if s.coords is None:
-                raise InputError(f"the coordinates of `{self.plan.spaces[side].domain}` are "
-                                 "needed")
-            return self._place(s.coords, side, n.shape, rows)
+            c = s.coords_of(n.var)
+            if c is None:
+                dom = self.plan.spaces[side].factor(n.var).domain
+                raise InputError(f"the coordinates of `{dom}` are needed")
+            return self._place(c, side, n.shape, rows)
+        if op == "pos":
+            return self._place(s.pos_of(n.var), side, n.shape, rows)
         if op == "field":
             return self._place(self.fields[n.name], side, n.shape, rows)
         if op == "weight":
-            return self._place(s.weights.unsqueeze(-1), side, n.shape, rows)
+            return self._place(s.weights_of(n.var).unsqueeze(-1), side, n.shape, rows)
         raise TypeError(op)  # pragma: no cover
 
     # ---- expressions --------------------------------------------------------------------------
@@ -211,7 +281,61 @@ class PlanEvaluator:
         if op == "basis":
             n_nodes, deriv = n.attrs
             return keys_basis(a[0], n_nodes, deriv)
+        if op == "read":
+            return self._read(n.name, a)
         raise TypeError(f"cannot evaluate {op}")  # pragma: no cover
+
+    # ---- reads at computed points, and their gradients ------------------------------------
+    def _flat_index(self, name: str, index: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The row-major flat index `[X, Y]` into the field (or gradient) `name` of the
+        integer point `index` (values `[..., X, Y, 1]`), N (one past the last point) where
+        it is outside the axes; and N."""
+        axes = self.target_axes(name)
+        lead = torch.broadcast_shapes(*(i.shape[-3:-1] for i in index))
+        flat = torch.zeros(lead, dtype=torch.long, device=self.device)
+        inside = torch.ones(lead, dtype=torch.bool, device=self.device)
+        for i, size in zip(index, axes):
+            i = i.reshape(i.shape[-3:-1]).round().long()  # exact integers (also in float32)
+            inside = inside & (i >= 0) & (i < size)
+            flat = flat * size + i
+        total = math.prod(axes)
+        return torch.where(inside, flat, total), total
+
+    def target_axes(self, name: str) -> tuple[int, ...]:
+        """The axes of what a read reads or a scatter fills: an input, a gradient key."""
+        kind, _, short = name.rpartition(":")
+        if kind == GradKind.COORDS:
+            return (self.bound.sizes[short],)
+        return self.bound.field_axes(self.plan.op, short)
+
+    def _read(self, name: str, index: list[torch.Tensor]) -> torch.Tensor:
+        """Field `name` `[*B, N, C]` at the points `index`: `[*B, X, Y, C]`, 0 outside."""
+        flat, total = self._flat_index(name, index)
+        f = self.fields[name]
+        f = torch.cat([f, torch.zeros_like(f[..., :1, :])], dim=-2)  # row N: the padding
+        out = f.index_select(-2, flat.reshape(-1))
+        return out.reshape(*f.shape[:-2], *flat.shape, f.shape[-1])
+
+    def _scatter(self, st: Step) -> torch.Tensor:
+        """Σ over the points (pairs) the step's index depends on of its value, each added at
+        its index of the target: `[*batch, N, *ts]`."""
+        ts = _ts(st.shape)
+        total = math.prod(self.target_axes(st.target))
+        deps = frozenset().union(*(i.deps for i in st.index))
+        lead = tuple(self.bound.batch)
+        acc = torch.zeros(*lead, total + 1, *ts, dtype=self.dtype, device=self.device)
+        chunks = self._chunks() if X_SIDE in deps else [None]
+        if X_SIDE in deps and self.sides[X_SIDE].n == 0:
+            chunks = []
+        for rows in chunks:
+            vals = self.eval_nodes([st.expr, *st.index], rows)
+            flat, _ = self._flat_index(st.target, [vals[i] for i in st.index])
+            v = vals[st.expr]
+            v = v.expand(*torch.broadcast_shapes(v.shape[:-len(ts) - 2], lead), *flat.shape,
+                         *ts)
+            v = v.reshape(*v.shape[:-len(ts) - 2], -1, *ts)
+            acc.index_add_(acc.dim() - len(ts) - 1, flat.reshape(-1), v)
+        return acc.narrow(acc.dim() - len(ts) - 1, 0, total)
 
     def eval_level(self, expr: Node, side: str | None) -> torch.Tensor:
         """`expr` at one side's points (or per call): `[*B, X, Y, *ts]` with one axis of size 1
@@ -273,6 +397,8 @@ class PlanEvaluator:
             nts = len(_ts(st.shape))
             v = v.squeeze(-nts - 1) if st.side == X_SIDE else v.squeeze(-nts - 2)
             return self.full(v, st.side, nts)
+        if st.kind is StepKind.SCATTER:
+            return self._scatter(st)
         if st.kind is StepKind.TOTAL:
             if self._special(st.expr):
                 return self._matrix_total(st)
@@ -380,11 +506,30 @@ def evaluate_plan(plan: Plan, params, bound: Bound, generator=None,
     out = ev.env["out"]
     if plan.out_shape == ():
         out = out[..., 0]
-    return out, ev
+    return unflatten_output(plan, bound, out), ev
+
+
+def output_axes(plan: Plan, bound: Bound) -> tuple[int, ...]:
+    """The axes of the output's points: its domains' axes, in order."""
+    return tuple(n for d in plan.op.output.domains for n in bound.axes[d])
+
+
+def unflatten_output(plan: Plan, bound: Bound, out: torch.Tensor) -> torch.Tensor:
+    """`[*B, n, *ts]` over the flattened output side -> `[*B, *axes, *ts]`."""
+    axes = output_axes(plan, bound)
+    if len(axes) == 1:
+        return out
+    nts = len(plan.out_shape)
+    return out.reshape(*out.shape[:out.dim() - nts - 1], *axes, *out.shape[out.dim() - nts:])
 
 
 def set_cotangent(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> None:
     """Give the backward program its input: the cotangent of the output."""
+    k = len(output_axes(plan, ev.bound))
+    if k > 1:  # [*B, *axes, *ts] -> [*B, n, *ts]
+        nts = len(plan.out_shape)
+        dout = dout.reshape(*dout.shape[:dout.dim() - nts - k], -1,
+                            *dout.shape[dout.dim() - nts:])
     if plan.out_shape == ():
         dout = dout.unsqueeze(-1)
     ev.env["dout"] = dout.expand(*ev.bound.batch, ev.sides[X_SIDE].n, *_ts(plan.out_shape))
@@ -407,8 +552,12 @@ def gradients(plan: Plan, ev: PlanEvaluator, keys=None) -> dict[str, torch.Tenso
             total = total.reshape(ev.params[name].shape)
         else:
             shape = ev.bound.shapes[name]
-            if key.kind is GradKind.INPUT and plan.op.input(name).width is None:
-                total = total[..., 0]
+            if key.kind is GradKind.INPUT:
+                axes = ev.bound.field_axes(plan.op, name)
+                if len(axes) > 1:  # [*B, N, C] -> [*B, *axes, C]
+                    total = total.reshape(*total.shape[:-2], *axes, total.shape[-1])
+                if plan.op.input(name).width is None:
+                    total = total[..., 0]
             total = _sum_to(total, shape)
         grads[key] = total
     return grads

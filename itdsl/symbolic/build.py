@@ -9,6 +9,7 @@ The pipeline of one operator (`build_plan`) is linear:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from ..frontend import ir
@@ -18,6 +19,7 @@ from .autodiff import vjp
 from .pexpr import Node
 from .plan import (
     X_SIDE,
+    Factor,
     GradKey,
     GradKind,
     Hoisted,
@@ -40,11 +42,12 @@ class _Lower:
     """Converts IR expressions into plan expressions for given point-variable sides."""
 
     def __init__(self, op: ir.Operator, sides: dict[str, str], rewrite: bool,
-                 forward: _Forward | None = None):
+                 forward: _Forward | None = None, spaces: dict[str, Space] | None = None):
         self.op = op
         self.sides = sides  # point variable -> side
         self.rewrite = rewrite
         self.forward = forward  # in an output: where integrals become steps
+        self.spaces = spaces if spaces is not None else forward.spaces
 
     def __call__(self, e: ir.Expr) -> Node:
         return getattr(self, "e_" + type(e).__name__)(e)
@@ -56,10 +59,42 @@ class _Lower:
         return P.const(e.value)
 
     def e_Coord(self, e):
-        return P.coord(self.sides[e.var], _shape(self.op.domain(e.domain).coord_width))
+        return P.coord(self.sides[e.var], e.var, _shape(self.op.domain(e.domain).coord_width))
 
     def e_FieldAt(self, e):
-        return P.field(e.field, self.sides[e.var], _shape(e.width))
+        """The field at the side's own point when it lives on exactly the side's domains and
+        is read at the side's variables; else a read at the integer point of its axes."""
+        field = self.op.input(e.field)
+        sides = {self.sides[v] for v in e.vars}
+        if e.plain and len(sides) == 1:
+            sp = self.spaces[sides.pop()]
+            if sp.vars == tuple(a.var for a in e.at) and sp.domains == field.domains:
+                return P.field(e.field, sp.side, _shape(e.width))
+        index = []
+        for a, name in zip(e.at, field.domains):
+            index += self.axes_of(a, self.op.domain(name))
+        return P.read(e.field, index, _shape(e.width))
+
+    def axes_of(self, a: ir.Affine, dom: ir.Domain) -> list[Node]:
+        """The integer indices, one per axis of `dom`, of the point `a` (a variable of `dom`:
+        its positions; an affine point of a lattice: Σ c·coord + offset per axis)."""
+        k = len(dom.axes)
+        if a.var is not None and self.op.domain(self._domain_of(a.var)) == dom:
+            p = P.pos(self.sides[a.var], a.var, k)
+            return [p] if k == 1 else [P.component(p, i) for i in range(k)]
+        out = []
+        for i in range(k):
+            total = P.const(a.offset)
+            for c, v in a.terms:
+                x = P.coord(self.sides[v], v, _shape(self.op.domain(self._domain_of(v))
+                                                     .coord_width))
+                xi = x if k == 1 else P.component(x, i)
+                total = P.add(total, xi if c == 1 else P.mul(P.const(c), xi))
+            out.append(total)
+        return out
+
+    def _domain_of(self, var: str) -> str:
+        return self.spaces[self.sides[var]].factor(var).domain
 
     def e_ParamRef(self, e):
         return P.param(e.param, _shape(e.width))
@@ -106,12 +141,36 @@ class _Lower:
         basis(u).(C basis(v)) in 2-D: dot products and a matrix-vector product, which
         hoist, differentiate and lower like everything else."""
         p = self.op.param(e.param)
-        C = P.param(p.name, tuple(p.sizes))
         args = [self(a) for a in e.args]
         bu = P.basis(args[0], p.sizes[0])
+        if e.at is not None:
+            return self.spline_per(p, bu, args, e.at)
+        C = P.param(p.name, tuple(p.sizes))
         if len(args) == 1:
             return P.dot(bu, C)
         return P.dot(bu, P.linear(C, P.basis(args[1], p.sizes[1])))
+
+    def spline_per(self, p: ir.Param, bu: Node, args: list[Node], at: str | None = None) -> Node:
+        """W(u, v, t) of `spline(n1, n2, per = T)`: the spline W[k] of t's position k on T,
+        as Σ_k [k(t) == k] · basis(u).(W[k] basis(v)) with the K splines' rows stacked into
+        one [K·n1, n2] matrix (so W[k] basis(v), per point of v and t, hoists)."""
+        K, n1 = math.prod(p.per_shape), p.sizes[0]
+        t = at
+        pos = P.pos(self.sides[t], t, len(p.per_shape))
+        flat, stride = P.ZERO, 1
+        for i in reversed(range(len(p.per_shape))):
+            pi = pos if len(p.per_shape) == 1 else P.component(pos, i)
+            flat = P.add(flat, pi if stride == 1 else P.mul(P.const(stride), pi))
+            stride *= p.per_shape[i]
+        if len(args) == 1:
+            rows = P.param(p.name, (K * n1,))
+        else:
+            rows = P.linear(P.param(p.name, (K * n1, p.sizes[1])), P.basis(args[1], p.sizes[1]))
+        picked = None
+        for k in range(K):
+            part = P.mul(P.ew("==", flat, P.const(k)), P.vslice(rows, k * n1, (k + 1) * n1))
+            picked = part if picked is None else P.add(picked, part)
+        return P.dot(bu, picked)
 
     def e_MlpCall(self, e):
         p = self.op.param(e.param)
@@ -163,28 +222,36 @@ class _Forward:
         self.op = op
         self.rewrite = rewrite
         out = op.output
-        self.spaces: dict[str, Space] = {X_SIDE: Space(X_SIDE, out.domain, out.var, None)}
+        self.spaces: dict[str, Space] = {
+            X_SIDE: Space(X_SIDE, tuple(Factor(b.var, b.domain, None) for b in out.vars))}
         self.program = Program()
         self.integrals: list[tuple[str, str, Node]] = []  # (step name, side, summand)
         self.shifts: list[tuple[Node, Node]] = []  # (exp node, shifted replacement)
 
     def space(self, integral: ir.Integral) -> str:
+        factors = tuple(Factor(b.var, b.domain, q) for b, q in zip(integral.vars,
+                                                                  integral.quads))
         for side, sp in self.spaces.items():
-            if side != X_SIDE and (sp.domain, sp.quad, sp.var) == (integral.domain, integral.quad,
-                                                                 integral.var):
+            if side != X_SIDE and sp.factors == factors:
                 return side
         side = f"y{len(self.spaces) - 1}"
-        imp = integral.quad.importance
+        self.spaces[side] = Space(side, factors)
+        imp = factors[0].quad.importance if len(factors) == 1 else None
         if imp is not None:
-            imp = _Lower(self.op, {integral.var: side}, self.rewrite)(imp)
-        self.spaces[side] = Space(side, integral.domain, integral.var, integral.quad, imp)
+            imp = _Lower(self.op, {integral.var: side}, self.rewrite, spaces=self.spaces)(imp)
+            self.spaces[side] = Space(side, factors, imp)
         return side
 
     def summand(self, integral: ir.Integral) -> tuple[str, Node]:
-        """The integrand times the quadrature weight of y (1 for `sum`: no factor)."""
+        """The integrand times the quadrature weights of y (each variable's; none for `sum`)."""
         side = self.space(integral)
-        lower = _Lower(self.op, {self.op.output.var: X_SIDE, integral.var: side}, self.rewrite)
-        w = P.ONE if integral.quad.rule.entry.unit else P.weight(side)
+        sides = {**{v: X_SIDE for v in self.op.output.names},
+                 **{v: side for v in integral.names}}
+        lower = _Lower(self.op, sides, self.rewrite, spaces=self.spaces)
+        w = P.ONE
+        for b, q in zip(integral.vars, integral.quads):
+            if not q.rule.entry.unit:
+                w = P.mul(w, P.weight(side, b.var))
         return side, P.mul(w, lower(integral.body))
 
     def add_integral(self, side: str, summand: Node) -> Node:
@@ -215,7 +282,8 @@ class _Forward:
 
     def build(self) -> Node:
         """Lower the output (its integrals become pair-sum steps); return its expression."""
-        out = _Lower(self.op, {self.op.output.var: X_SIDE}, self.rewrite, self)(self.op.output.body)
+        out = _Lower(self.op, {v: X_SIDE for v in self.op.output.names}, self.rewrite,
+                     self)(self.op.output.body)
         by_side = defaultdict(list)
         for name, side, summand in self.integrals:
             by_side[side].append((name, summand))
@@ -230,20 +298,31 @@ class _Forward:
 
 def _grad_key(leaf: Node, spaces: dict[str, Space], op: ir.Operator) -> GradKey | None:
     """Which gradient a leaf's cotangent contributes to (None: not an input of the call)."""
-    if leaf.op == "field":
+    if leaf.op in ("field", "read"):
         return GradKey(GradKind.INPUT, leaf.name)
     if leaf.op == "param":
         return GradKey(GradKind.PARAM, leaf.name)
     if leaf.op == "coord":
-        dom = op.domain(spaces[leaf.side].domain)
-        q = spaces[leaf.side].quad
+        f = spaces[leaf.side].factor(leaf.var)
+        dom, q = op.domain(f.domain), f.quad
         if dom.kind.entry.given and not (q and q.rule.entry.own_nodes):  # the call's coordinates
             return GradKey(GradKind.COORDS, dom.name)
         return None
     if leaf.op == "weight":
-        q = spaces[leaf.side].quad
+        q = spaces[leaf.side].factor(leaf.var).quad
         if q is not None and q.rule.entry.from_input:
             return GradKey(GradKind.INPUT, q.weights)
+    return None
+
+
+def _scatter_index(leaf: Node, spaces: dict[str, Space]) -> tuple[Node, ...] | None:
+    """Where the cotangent of a leaf goes in its gradient's tensor when that tensor is not
+    laid out like the leaf's side: a read's point; the position of a coordinate's or a
+    weight's point on a side of several variables. None: the side's own layout."""
+    if leaf.op == "read":
+        return leaf.args
+    if leaf.op in ("coord", "weight") and len(spaces[leaf.side].factors) > 1:
+        return (P.pos(leaf.side, leaf.var, 1),)  # a points domain or an axis: one axis
     return None
 
 
@@ -265,6 +344,7 @@ class _Backward:
         self.grads: dict[str, dict[str | None, list[Node]]] = defaultdict(lambda: defaultdict(list))
         self.ref_cots["out"].append(P.cot("dout", X_SIDE, out_shape))
         self.forward_steps = {st.name: st for st in fwd.steps}
+        self.scattered: dict[GradKey, list[str]] = defaultdict(list)  # scatter steps
         self.n = 0
 
     def fresh(self, stem: str) -> str:
@@ -283,8 +363,15 @@ class _Backward:
         """Record cotangent `c` (an expression at `level`: a side, or None for per call)."""
         if leaf.op == "ref":
             self.ref_cots[leaf.name].append(c)
-        else:
-            self.grads[_grad_key(leaf, self.spaces, self.op)][level].append(c)
+            return
+        key = _grad_key(leaf, self.spaces, self.op)
+        index = _scatter_index(leaf, self.spaces)
+        if index is None:
+            self.grads[key][level].append(c)
+            return
+        name = self.fresh(f"d{key.name}")
+        self.prog.add(Step(StepKind.SCATTER, name, None, c, index=index, target=key))
+        self.scattered[key].append(name)
 
     def point(self, st: Step) -> None:
         c = _sum(self.ref_cots.pop(st.name, []))
@@ -317,7 +404,9 @@ class _Backward:
             if not _is_leaf(leaf) or P.is_zero(lc) or not self.wanted(leaf):
                 continue
             label = _label(leaf)
-            if leaf.deps == {X_SIDE}:
+            if leaf.op == "read" and len(leaf.deps) == 2:  # into the field, pair by pair
+                self.leaf(leaf, lc, None)
+            elif leaf.deps == {X_SIDE}:
                 self.leaf(leaf, self.prog.add(Step(StepKind.SUM, self.fresh(f"d{label}"), X_SIDE,
                                                    lc, over=space)), X_SIDE)
             elif leaf.deps == {space}:
@@ -350,6 +439,8 @@ class _Backward:
                 self.prog.add(Step(kind, name, level, _sum(parts)))
                 names.append(name)
             self.prog.outputs[key] = names
+        for key, names in self.scattered.items():
+            self.prog.outputs.setdefault(key, []).extend(names)
         # cotangents that reach no gradient (of an index's or a grid's coordinates, say)
         live = self.prog.needed(self.prog.outputs)
         self.prog.steps = [st for st in self.prog.steps if st.name in live]
@@ -357,11 +448,13 @@ class _Backward:
 
 
 def _is_leaf(n: Node) -> bool:
-    return n.op in P.LEAVES and n.op not in ("cot", "const")
+    """A leaf of differentiation: an input (or a read of one: its integer indices carry no
+    gradient), a param, a coordinate, a weight, an earlier step."""
+    return (n.op in P.LEAVES and n.op not in ("cot", "const", "pos")) or n.op == "read"
 
 
 def _label(leaf: Node) -> str:
-    return leaf.name if leaf.op in ("field", "param", "ref") else leaf.op
+    return leaf.name if leaf.op in ("field", "param", "ref", "read") else leaf.op
 
 
 def _sum(parts: list[Node]) -> Node | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..frontend.printer import format_ir_expr
+from ..frontend.printer import binders_text, format_ir_expr
 from .plan import GradKind, Plan, StepKind
 from .show import show_program
 from .strategies import get
@@ -19,6 +19,8 @@ def _gradient_lines(plan: Plan) -> list[str]:
             st = by_name[dep]
             if st.kind is StepKind.SUM:
                 passes.add(f"Σ over {st.over} per {st.side}")
+            elif st.kind is StepKind.SCATTER:
+                passes.add("added at the points it was read at")
         how = "; ".join(sorted(passes)) or "per point, no pair reduction"
         lines.append(f"    ∂/∂ {what}: {', '.join(names)}   [{how}]")
     return lines
@@ -27,7 +29,7 @@ def _gradient_lines(plan: Plan) -> list[str]:
 def explain(plan: Plan, seconds: float | None = None) -> str:
     op, v = plan.op, plan.verdict
     lines = [f"operator {op.name}"]
-    lines.append(f"  output {op.output.name}({op.output.var}: {op.output.domain}) = "
+    lines.append(f"  output {op.output.name}({binders_text(op.output.vars)}) = "
                  f"{format_ir_expr(op.output.body)}")
     forced = v is not None and v.strategy != plan.strategy and not plan.notes
     lines.append(f"  strategy: {plan.strategy}" + ("  (forced; the analysis found "

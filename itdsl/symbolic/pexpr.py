@@ -10,9 +10,15 @@ set `deps` of the sides it depends on: "x" (the output's points), "y0", "y1", ..
 
 ops (attrs in brackets):
     const [value]                         a number
-    coord [side]                          the coordinate of the side's point
-    field [name, side]                    an input field at the side's point
-    weight [side]                         the quadrature weight of the side's point
+    coord [side, var]                     the coordinate of the side's point of variable var
+                                          (a side is the product of its variables' domains)
+    pos [side, var]                       the position of that point on each axis of var's
+                                          domain (integers from 0; a vector for several axes)
+    field [name, side]                    an input field at the side's point (the field lives
+                                          on exactly the side's domains, read at its variables)
+    read(i_1, ..., i_k) [name]            an input field at the integer point (i_1, ..., i_k)
+                                          of its axes, 0 outside them (zero padding)
+    weight [side, var]                    the quadrature weight of var's rule at the point
     param [name]                          a learnable tensor (R, R^C, mlp weights, spline coefs)
     ref [name, side]                      the result of an earlier step of the program
     cot [name, side]                      a cotangent fed to a backward program
@@ -47,7 +53,9 @@ class Op(StrEnum):
 
     CONST = "const"
     COORD = "coord"
+    POS = "pos"
     FIELD = "field"
+    READ = "read"
     WEIGHT = "weight"
     PARAM = "param"
     REF = "ref"
@@ -67,14 +75,15 @@ class Op(StrEnum):
 
 # each op's attrs, by name, in order: `n.attr("col")`, and `n.name`, `n.side`, `n.value`
 ATTRS: dict[str, tuple[str, ...]] = {
-    Op.CONST: ("value",), Op.COORD: ("side",), Op.FIELD: ("name", "side"),
-    Op.WEIGHT: ("side",), Op.PARAM: ("name",), Op.REF: ("name", "side"),
+    Op.CONST: ("value",), Op.COORD: ("side", "var"), Op.POS: ("side", "var"),
+    Op.FIELD: ("name", "side"), Op.READ: ("name",),
+    Op.WEIGHT: ("side", "var"), Op.PARAM: ("name",), Op.REF: ("name", "side"),
     Op.COT: ("name", "side"), Op.COMPONENT: ("index",), Op.ONEHOT: ("index", "width"),
     Op.SLICE: ("lo", "hi"), Op.LINEAR: ("col", "k", "transpose"), Op.OUTER: ("col", "cols"),
     Op.BASIS: ("nodes", "deriv"),
 }
 ELEMENTWISE = frozenset(FUNCTIONS)
-LEAVES = frozenset({Op.CONST, Op.COORD, Op.FIELD, Op.WEIGHT, Op.PARAM, Op.REF, Op.COT})
+LEAVES = frozenset({Op.CONST, Op.COORD, Op.POS, Op.FIELD, Op.WEIGHT, Op.PARAM, Op.REF, Op.COT})
 
 
 class Node:
@@ -135,6 +144,11 @@ class Node:
         """The side a coord, field, weight, ref or cot is at (None: a per-call value)."""
         return self.attr("side")
 
+    @property
+    def var(self) -> str:
+        """The variable a coord, pos or weight belongs to."""
+        return self.attr("var")
+
 
 _INTERN: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 
@@ -175,16 +189,30 @@ def _lift(v) -> Node:
     return v if isinstance(v, Node) else const(v)
 
 
-def coord(side: str, shape: tuple[int, ...]) -> Node:
-    return node("coord", attrs=(side,), shape=shape, deps=frozenset({side}))
+def coord(side: str, var: str, shape: tuple[int, ...]) -> Node:
+    return node("coord", attrs=(side, var), shape=shape, deps=frozenset({side}))
+
+
+def pos(side: str, var: str, axes: int) -> Node:
+    """The positions of var's point on each of its domain's `axes` axes."""
+    return node("pos", attrs=(side, var), shape=() if axes == 1 else (axes,),
+                deps=frozenset({side}))
 
 
 def field(name: str, side: str, shape: tuple[int, ...]) -> Node:
     return node("field", attrs=(name, side), shape=shape, deps=frozenset({side}))
 
 
-def weight(side: str) -> Node:
-    return node("weight", attrs=(side,), deps=frozenset({side}))
+def read(name: str, index: list[Node], shape: tuple[int, ...]) -> Node:
+    """Field `name` at the integer point `index` (one scalar per axis of the field), 0 where
+    an index is outside its axis."""
+    if any(i.shape != () for i in index):
+        raise ValueError("a read's indices are scalars, one per axis")
+    return node("read", tuple(index), attrs=(name,), shape=shape)
+
+
+def weight(side: str, var: str) -> Node:
+    return node("weight", attrs=(side, var), deps=frozenset({side}))
 
 
 def param(name: str, shape: tuple[int, ...]) -> Node:
@@ -516,6 +544,8 @@ def node_cost(n: Node) -> int:
     """Arithmetic operations to compute `n` from its children, once."""
     if n.op in LEAVES or n.op in ("zeros", "concat", "slice", "component", "onehot"):
         return 0
+    if n.op == "read":  # the flat index, the bounds test, the load
+        return 3 * len(n.args)
     if n.op in ELEMENTWISE:
         return FUNCTIONS[n.op].cost * _width(n.shape)
     if n.op == "dot":

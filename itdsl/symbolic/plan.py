@@ -9,6 +9,9 @@ expressions (`pexpr`), evaluated in order:
     sum    side=x over y:  t[i] = sum_j expr(i,j)          a pair reduction (an integral)
            side=y over x:  t[j] = sum_i expr(i,j)          a transposed one (backward)
     total  over s:  t       = sum_p expr(p)                 (param gradients)
+    scatter target:  t[index(p)] += expr(p)                 over every point (or pair) p the
+                                                            index depends on: the gradient of
+                                                            a field read at computed points
 
 Nothing is N x M: pair expressions are reduced as they are produced. A `Plan`
 holds the forward program and the backward program (every gradient, as more
@@ -41,6 +44,7 @@ class StepKind(StrEnum):
     MAX = "max"
     SUM = "sum"
     TOTAL = "total"
+    SCATTER = "scatter"
 
 
 class GradKind(StrEnum):
@@ -81,14 +85,52 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """One variable of a side: its domain and its rule (None on the output side)."""
+
+    var: str
+    domain: str
+    quad: ir.Quad | None
+
+
+@dataclass(frozen=True)
 class Space:
-    """The points a side ranges over: the output's (x) or an integral's (y0, y1, ...)."""
+    """The points a side ranges over: the output's (x) or an integral's (y0, y1, ...), the
+    product of its variables' domains flattened row-major (the first variable slowest)."""
 
     side: str
-    domain: str
-    var: str
-    quad: ir.Quad | None  # None for the output side
+    factors: tuple[Factor, ...]
     importance: Node | None = None  # montecarlo(S, importance = ...), over this side
+
+    def _one(self) -> Factor:
+        if len(self.factors) != 1:
+            raise ValueError(f"the side {self.side} is a product of {len(self.factors)} "
+                             "domains; read its factors")
+        return self.factors[0]
+
+    @property
+    def domain(self) -> str:
+        """The domain of a side of one variable."""
+        return self._one().domain
+
+    @property
+    def var(self) -> str:
+        return self._one().var
+
+    @property
+    def quad(self) -> ir.Quad | None:
+        return self._one().quad
+
+    @property
+    def vars(self) -> tuple[str, ...]:
+        return tuple(f.var for f in self.factors)
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(f.domain for f in self.factors)
+
+    def factor(self, var: str) -> Factor:
+        return next(f for f in self.factors if f.var == var)
 
 
 @dataclass(frozen=True)
@@ -99,6 +141,8 @@ class Step:
     expr: Node
     over: str | None = None  # max/sum: the side summed over; total: the side summed
     mask: Node | None = None  # max: only where mask != 0
+    index: tuple[Node, ...] = ()  # scatter: where each value goes (one integer per axis)
+    target: str | None = None  # scatter: the GradKey whose tensor the values go into
 
     def __post_init__(self):
         object.__setattr__(self, "kind", StepKind(self.kind))
@@ -106,6 +150,11 @@ class Step:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.expr.shape
+
+    @property
+    def roots(self) -> list[Node]:
+        """The expressions the step evaluates."""
+        return [self.expr, *([self.mask] if self.mask is not None else []), *self.index]
 
 
 @dataclass
@@ -138,8 +187,7 @@ class Program:
                 continue
             out.add(name)
             st = by_name[name]
-            roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-            todo.extend(n.name for n in toposort(roots) if n.op == "ref")
+            todo.extend(n.name for n in toposort(st.roots) if n.op == "ref")
         return out
 
 

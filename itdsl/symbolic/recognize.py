@@ -375,9 +375,33 @@ def _separate(A: Analysis, item: Item, factors) -> Match | Miss:
                  f"{len(cols)} of {item.y}; coefficient matrix rank {rank}", {"rank": rank})
 
 
+def structured(op: ir.Operator) -> str | None:
+    """Why `op` is outside the one-variable forms the rules read (an output or an integral
+    over several variables, a domain of several axes, a field read at a computed point, a
+    spline per point of a stencil); None if it is not."""
+    if len(op.output.vars) > 1:
+        return f"the output is a field on {' * '.join(op.output.domains)}"
+    for n in ir.walk(op.output.body):
+        if isinstance(n, ir.Integral) and len(n.vars) > 1:
+            return f"an integral runs over {len(n.vars)} variables"
+        if isinstance(n, ir.FieldAt) and not n.plain:
+            return f"the field `{n.field}` is read at a computed point"
+        if isinstance(n, ir.SplineCall) and n.at is not None:
+            return f"the spline `{n.param}` is one per point of a stencil"
+    for d in op.domains:
+        if len(d.axes) > 1:
+            return f"the domain `{d.name}` has {len(d.axes)} axes"
+    return None
+
+
 def recognize(op: ir.Operator) -> Verdict:
     """The strategy of `op`: the first rule of `RULES` that matches, with the reasons the
     earlier ones did not."""
+    why = structured(op)
+    if why is not None:
+        return Verdict(strategy="dense", rule="general", form="any K(x,y)",
+                       reason=f"{why}: the general path", details={},
+                       rejected=(("one-variable forms", why),))
     analysis = Analysis(op)
     rejected: list[tuple[str, str]] = []
     for rule in RULES:

@@ -25,11 +25,15 @@ def _show(n: Node, names: dict[Node, str], level: int) -> str:
         v = n.value
         return _num(v) if v >= 0 else f"({_num(v)})"
     if op == "coord":
-        return n.side
+        return n.var
+    if op == "pos":
+        return f"pos({n.var})"
     if op == "field":
         return f"{n.name}({n.side})"
+    if op == "read":
+        return f"{n.name}@(" + ", ".join(_show(x, names, 0) for x in a) + ")"
     if op == "weight":
-        return f"w({n.side})"
+        return f"w({n.var})"
     if op == "param":
         return n.name
     if op in ("ref", "cot"):
@@ -95,8 +99,7 @@ def show_program(prog: Program, indent: str = "  ", shapes: bool = False) -> str
     step's shape after it."""
     lines = []
     for st in prog.steps:
-        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-        lets, texts = show_shared(roots)
+        lets, texts = show_shared(st.roots)
         for let in lets:
             lines.append(f"{indent}  {let}")
         body = texts[0]
@@ -109,6 +112,9 @@ def show_program(prog: Program, indent: str = "  ", shapes: bool = False) -> str
                          f"where {texts[1]}")
         elif st.kind is StepKind.SUM:
             lines.append(f"{indent}{st.name}[{st.side}] = sum over {st.over} of {body}")
+        elif st.kind is StepKind.SCATTER:
+            at = ", ".join(texts[1:])
+            lines.append(f"{indent}{st.name} = scatter {body} into {st.target} at ({at})")
         else:
             lines.append(f"{indent}{st.name} = sum over {st.over} of {body}")
         if shapes:
@@ -131,9 +137,9 @@ def show_plan(plan) -> str:
     lines = [f"plan {plan.op.name}: strategy {plan.strategy}, output {_shape(plan.out_shape)}",
              "spaces:"]
     for side, sp in plan.spaces.items():
-        text = f"  {side}: {sp.var} in {sp.domain}"
-        if sp.quad is not None:
-            text += f", {_quad(sp.quad)}"
+        text = "  " + side + ": " + ", ".join(
+            f"{f.var} in {f.domain}" + ("" if f.quad is None else f" ({_quad(f.quad)})")
+            for f in sp.factors)
         if sp.importance is not None:
             text += f", importance {show(sp.importance)}"
         lines.append(text)

@@ -23,13 +23,15 @@ No torch, no TVM: this reads the Plan only.
 
 from __future__ import annotations
 
+import math
+
 from ..frontend.ast import DomainKind
 from ..functions import FUNCTIONS
 from . import pexpr as P
 from .pexpr import Node
 from .plan import X_SIDE, Plan, Program, Step, StepKind, param_shapes
 
-KINDS = ("const", "point", "max", "sum", "total")
+KINDS = ("const", "point", "max", "sum", "total", "scatter")
 COT = "dout"  # the one cotangent a backward program reads: the output's
 
 
@@ -76,19 +78,23 @@ def verify_plan(plan: Plan) -> None:
 
 
 def _spaces(plan: Plan, seen: dict[tuple, Node]) -> None:
-    _check(X_SIDE in plan.spaces and plan.spaces[X_SIDE].quad is None, "spaces",
+    _check(X_SIDE in plan.spaces and all(f.quad is None for f in plan.spaces[X_SIDE].factors),
+           "spaces",
            "x is the output's side, without a quadrature")
     op = plan.op
     for key, sp in plan.spaces.items():
         where = f"space {key}"
         _check(sp.side == key, where, "is filed under its own side")
-        _check(any(d.name == sp.domain for d in op.domains), where, "ranges over a domain")
+        _check(bool(sp.factors) and all(any(d.name == f.domain for d in op.domains)
+                                        for f in sp.factors), where, "ranges over domains")
         if key == X_SIDE:
-            _check((sp.domain, sp.var) == (op.output.domain, op.output.var), where,
-                   "is the output's domain and variable")
+            _check(tuple((f.domain, f.var) for f in sp.factors)
+                   == tuple((b.domain, b.var) for b in op.output.vars), where,
+                   "is the output's domains and variables")
             continue
-        _check(key[0] == "y" and key[1:].isdigit() and sp.quad is not None, where,
-               "an integral's side is y<k> with a quadrature")
+        _check(key[0] == "y" and key[1:].isdigit()
+               and all(f.quad is not None for f in sp.factors), where,
+               "an integral's side is y<k> with a quadrature per variable")
         if sp.importance is not None:
             _nodes(plan, [sp.importance], where + " importance", {key}, {}, set(), seen)
 
@@ -102,8 +108,10 @@ def _program(plan: Plan, prog: Program, phase: str, visible: dict[str, Step],
         _check(st.name not in defined and st.name not in visible, where,
                "step names are unique (forward and backward share one environment)")
         _step(plan, st, phase, where)
-        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
+        roots = st.roots
         allowed = {st.side, st.over} - {None}
+        if st.kind is StepKind.SCATTER:  # over every point (pair) its index depends on
+            allowed = set(frozenset().union(*(i.deps for i in st.index)))
         _nodes(plan, roots, where, allowed, {**visible, **defined},
                {COT} if visible else set(), seen)
         defined[st.name] = st
@@ -125,6 +133,12 @@ def _step(plan: Plan, st: Step, phase: str, where: str) -> None:
     elif st.kind is StepKind.TOTAL:
         _check(st.side is None and st.over in sides, where,
                "a total has no side and sums over one")
+    elif st.kind is StepKind.SCATTER:
+        _check(st.side is None and st.over is None and phase == "backward"
+               and bool(st.index) and all(i.shape == () for i in st.index)
+               and st.target is not None, where,
+               "a scatter (backward) has no side, a scalar index per axis and a target")
+        return
     else:
         _check(st.side in sides and st.over in sides and st.side != st.over
                and X_SIDE in (st.side, st.over), where,
@@ -135,8 +149,7 @@ def _step(plan: Plan, st: Step, phase: str, where: str) -> None:
         _check(st.expr.shape == () and st.mask.shape == (), where,
                "a max step's value and mask are scalars")
     if st.kind in (StepKind.SUM, StepKind.MAX):
-        roots = [st.expr] + ([st.mask] if st.mask is not None else [])
-        for n in (n for n in P.toposort(roots) if len(n.deps) == 2):
+        for n in (n for n in P.toposort(st.roots) if len(n.deps) == 2):
             for a in n.args:
                 _check(len(a.deps) == 2 or P.cost([a]) == 0, where,
                        f"hoisting left {a!r}, of one side (or none), in the pair loop")
@@ -168,8 +181,8 @@ def _leaf(plan: Plan, n: Node, where: str, steps: dict[str, Step], cots: set[str
         _check(n.shape == () and not n.deps, where, f"{n!r}: a constant is a scalar")
     elif n.op == "param":
         shapes = {k: v for p in op.params for k, v in param_shapes(p).items()}
-        _check(shapes.get(n.name) == n.shape and not n.deps, where,
-               f"{n!r}: a param of the operator, with its shape")
+        _check(n.name in shapes and math.prod(shapes[n.name]) == math.prod(n.shape)
+               and not n.deps, where, f"{n!r}: a param of the operator, with its size")
     elif n.op == "ref":
         name, side = n.name, n.side
         st = steps.get(name)
@@ -182,21 +195,29 @@ def _leaf(plan: Plan, n: Node, where: str, steps: dict[str, Step], cots: set[str
         _check(n.name in cots and n.side == X_SIDE and n.shape == plan.out_shape
                and n.deps == {"x"}, where,
                f"{n!r}: only the backward reads a cotangent: `{COT}`, per x, the output's shape")
-    else:  # coord, field, weight: a value at a side's point
+    else:  # coord, pos, field, weight: a value at a side's point
         side = n.side
         _check(side in spaces and n.deps == {side}, where, f"{n!r}: at a point of a side")
-        domain = op.domain(spaces[side].domain)
-        if n.op == "coord":
-            _check(n.shape == _shape(domain.coord_width), where,
-                   f"{n!r}: a coordinate of its side's domain")
-        elif n.op == "field":
+        sp = spaces[side]
+        if n.op == "field":
             inputs = {i.name: i for i in op.inputs}
             i = inputs.get(n.name)
-            _check(i is not None and i.domain == domain.name and n.shape == _shape(i.width),
-                   where, f"{n!r}: an input on its side's domain, with its width")
+            _check(i is not None and i.domains == sp.domains and n.shape == _shape(i.width),
+                   where, f"{n!r}: an input on its side's domains, with its width")
+            return
+        _check(n.var in sp.vars, where, f"{n!r}: a variable of its side")
+        f = sp.factor(n.var)
+        domain = op.domain(f.domain)
+        if n.op == "coord":
+            _check(n.shape == _shape(domain.coord_width), where,
+                   f"{n!r}: a coordinate of its variable's domain")
+        elif n.op == "pos":
+            k = len(domain.axes)
+            _check(n.shape == (() if k == 1 else (k,)), where,
+                   f"{n!r}: a position per axis of its variable's domain")
         else:
-            _check(spaces[side].quad is not None and n.shape == (), where,
-                   f"{n!r}: a quadrature weight of an integral's side")
+            _check(f.quad is not None and n.shape == (), where,
+                   f"{n!r}: a quadrature weight of an integral's variable")
 
 
 def _width(shape: tuple[int, ...]) -> int:
@@ -245,6 +266,8 @@ def _shape_ok(n: Node) -> bool:
         return len(a) == 1 and a[0].shape == () and s == (n.attr("nodes"),)
     if n.op == "bcast":
         return len(a) == 1 and a[0].shape == () and len(s) == 1
+    if n.op == "read":
+        return bool(a) and all(x.shape == () for x in a) and len(s) <= 1
     return False  # an op pexpr does not build
 
 
@@ -259,20 +282,25 @@ def _gradients(plan: Plan) -> None:
         kind, _, name = key.partition(":")
         for st in (steps[n] for n in names):
             if kind == "param":
-                _check(name in params and st.kind is StepKind.CONST and st.shape == params[name],
-                       where, f"step {st.name} is per call, of the param's shape "
+                _check(name in params and st.kind is StepKind.CONST
+                       and math.prod(st.shape) == math.prod(params[name]),
+                       where, f"step {st.name} is per call, of the param's size "
                        f"{params.get(name)}")
                 continue
             if kind == "input":
                 i = next((i for i in op.inputs if i.name == name), None)
                 _check(i is not None, where, "names an input of the operator")
-                domain, shape = i.domain, _shape(i.width)
+                domains, shape = i.domains, _shape(i.width)
             else:
                 _check(kind == "coords", where, "is input:, param: or coords:")
                 d = next((d for d in op.domains if d.name == name), None)
                 _check(d is not None and d.kind is DomainKind.POINTS, where,
                        "names a points domain")
-                domain, shape = d.name, _shape(d.coord_width)
-            _check(st.kind is StepKind.POINT and plan.spaces[st.side].domain == domain
+                domains, shape = (d.name,), _shape(d.coord_width)
+            if st.kind is StepKind.SCATTER:
+                _check(st.target == key and st.shape == shape, where,
+                       f"scatter {st.name} fills {key}, of shape {shape}")
+                continue
+            _check(st.kind is StepKind.POINT and plan.spaces[st.side].domains == domains
                    and st.shape == shape, where,
-                   f"step {st.name} is per point of `{domain}`, of shape {shape}")
+                   f"step {st.name} is per point of `{' * '.join(domains)}`, of shape {shape}")
