@@ -58,19 +58,21 @@ def _param_elements(op) -> int:
 
 
 def _inputs(op, gen: torch.Generator) -> tuple[dict, dict[str, int]]:
-    """Keyword arguments for a call of `op` on tiny random inputs, and the size of each domain."""
-    sizes = {d.name: int(torch.randint(2, 6, (), generator=gen)) for d in op.domains}
-    on = {i.domain for i in op.inputs}
+    """Keyword arguments for a call of `op` on tiny random inputs, and the sizes of each
+    domain's axes."""
+    sizes = {d.name: d.fixed or tuple(int(torch.randint(2, 6, (), generator=gen))
+                                      for _ in d.axes) for d in op.domains}
+    on = {name for i in op.inputs for name in i.domains}
     kwargs: dict = {}
     for d in op.domains:
         n = sizes[d.name]
         if d.kind is DomainKind.POINTS:
-            kwargs[d.name] = torch.rand(n, d.dim, generator=gen)
-        elif d.name not in on:
-            kwargs[d.name] = n
+            kwargs[d.name] = torch.rand(n[0], d.dim, generator=gen)
+        elif d.name not in on and d.fixed is None:
+            kwargs[d.name] = n[0] if len(n) == 1 else n
     for i in op.inputs:
-        n = sizes[i.domain]
-        shape = (n,) if i.width is None else (n, i.width)
+        axes = tuple(k for name in i.domains for k in sizes[name])
+        shape = axes if i.width is None else (*axes, i.width)
         kwargs[i.name] = torch.randn(*shape, generator=gen)
     return kwargs, sizes
 
@@ -93,9 +95,9 @@ def run_reference(text: str, seed: int = 0) -> None:
         except ItdslError:
             continue
         assert isinstance(out, torch.Tensor), type(out)
-        n = sizes[op_ir.output.domain]
+        axes = tuple(k for d in op_ir.output.domains for k in sizes[d])
         width = op_ir.output.width
-        want = (n,) if width is None else (n, width)
+        want = axes if width is None else (*axes, width)
         assert tuple(out.shape) == want, (name, tuple(out.shape), want, text)
 
 

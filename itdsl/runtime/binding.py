@@ -218,7 +218,8 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             na = len(op.domain(name).axes)
             set_size(name, tuple(f.shape[at:at + na]), f"input `{i.name}`", hint)
             at += na
-        fields[i.name] = f.reshape(*f.shape[:-k - 1], -1, f.shape[-1]) if k > 1 else f
+        n = math.prod(f.shape[f.dim() - k - 1:-1])
+        fields[i.name] = f.reshape(*f.shape[:-k - 1], n, f.shape[-1]) if k > 1 else f
     for d in op.domains:
         if d.kind.entry.given and d.name in need_coords and d.name not in coords:
             raise InputError(f"operator `{op.name}` needs the coordinates of `{d.name}`: pass "

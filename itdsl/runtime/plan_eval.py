@@ -287,15 +287,16 @@ class PlanEvaluator:
 
     # ---- reads at computed points, and their gradients ------------------------------------
     def _flat_index(self, name: str, index: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """The row-major flat index `[X, Y]` into the field (or gradient) `name` of the
-        integer point `index` (values `[..., X, Y, 1]`), N (one past the last point) where
-        it is outside the axes; and N."""
+        """The row-major flat index `[*B?, X, Y]` into the field (or gradient) `name` of the
+        integer point `index` (values `[*B?, X, Y, 1]`), N (one past the last point) where
+        it is outside the axes; and N. (Indices of lattice points carry no batch: any batch
+        dims here are copies, from a hoisted per-point step.)"""
         axes = self.target_axes(name)
-        lead = torch.broadcast_shapes(*(i.shape[-3:-1] for i in index))
-        flat = torch.zeros(lead, dtype=torch.long, device=self.device)
-        inside = torch.ones(lead, dtype=torch.bool, device=self.device)
+        index = torch.broadcast_tensors(*(i[..., 0] for i in index))
+        flat = torch.zeros(index[0].shape, dtype=torch.long, device=self.device)
+        inside = torch.ones(index[0].shape, dtype=torch.bool, device=self.device)
         for i, size in zip(index, axes):
-            i = i.reshape(i.shape[-3:-1]).round().long()  # exact integers (also in float32)
+            i = i.round().long()  # exact integers (also in float32)
             inside = inside & (i >= 0) & (i < size)
             flat = flat * size + i
         total = math.prod(axes)
@@ -312,30 +313,36 @@ class PlanEvaluator:
         """Field `name` `[*B, N, C]` at the points `index`: `[*B, X, Y, C]`, 0 outside."""
         flat, total = self._flat_index(name, index)
         f = self.fields[name]
-        f = torch.cat([f, torch.zeros_like(f[..., :1, :])], dim=-2)  # row N: the padding
-        out = f.index_select(-2, flat.reshape(-1))
-        return out.reshape(*f.shape[:-2], *flat.shape, f.shape[-1])
+        pad = torch.zeros(*f.shape[:-2], 1, f.shape[-1], dtype=f.dtype, device=f.device)
+        f = torch.cat([f, pad], dim=-2)  # row N: the padding
+        lead = torch.broadcast_shapes(f.shape[:-2], flat.shape[:-2])
+        xy = flat.shape[-2:]
+        at = flat.expand(*lead, *xy).reshape(*lead, math.prod(xy), 1).expand(
+            *lead, math.prod(xy), f.shape[-1])
+        out = torch.gather(f.expand(*lead, *f.shape[-2:]), -2, at)
+        return out.reshape(*lead, *xy, f.shape[-1])
 
     def _scatter(self, st: Step) -> torch.Tensor:
         """Σ over the points (pairs) the step's index depends on of its value, each added at
         its index of the target: `[*batch, N, *ts]`."""
         ts = _ts(st.shape)
+        w = math.prod(ts)
         total = math.prod(self.target_axes(st.target))
         deps = frozenset().union(*(i.deps for i in st.index))
         lead = tuple(self.bound.batch)
-        acc = torch.zeros(*lead, total + 1, *ts, dtype=self.dtype, device=self.device)
+        acc = torch.zeros(*lead, total + 1, w, dtype=self.dtype, device=self.device)
         chunks = self._chunks() if X_SIDE in deps else [None]
-        if X_SIDE in deps and self.sides[X_SIDE].n == 0:
-            chunks = []
         for rows in chunks:
             vals = self.eval_nodes([st.expr, *st.index], rows)
             flat, _ = self._flat_index(st.target, [vals[i] for i in st.index])
             v = vals[st.expr]
-            v = v.expand(*torch.broadcast_shapes(v.shape[:-len(ts) - 2], lead), *flat.shape,
-                         *ts)
-            v = v.reshape(*v.shape[:-len(ts) - 2], -1, *ts)
-            acc.index_add_(acc.dim() - len(ts) - 1, flat.reshape(-1), v)
-        return acc.narrow(acc.dim() - len(ts) - 1, 0, total)
+            xy = torch.broadcast_shapes(flat.shape[-2:], v.shape[v.dim() - len(ts) - 2:
+                                                                v.dim() - len(ts)])
+            v = v.expand(*lead, *xy, *ts).reshape(*lead, math.prod(xy), w)
+            at = flat.expand(*lead, *xy).reshape(*lead, math.prod(xy), 1).expand(
+                *lead, math.prod(xy), w)
+            acc.scatter_add_(-2, at, v)
+        return acc.narrow(-2, 0, total).reshape(*lead, total, *ts)
 
     def eval_level(self, expr: Node, side: str | None) -> torch.Tensor:
         """`expr` at one side's points (or per call): `[*B, X, Y, *ts]` with one axis of size 1
@@ -528,7 +535,7 @@ def set_cotangent(plan: Plan, ev: PlanEvaluator, dout: torch.Tensor) -> None:
     k = len(output_axes(plan, ev.bound))
     if k > 1:  # [*B, *axes, *ts] -> [*B, n, *ts]
         nts = len(plan.out_shape)
-        dout = dout.reshape(*dout.shape[:dout.dim() - nts - k], -1,
+        dout = dout.reshape(*dout.shape[:dout.dim() - nts - k], ev.sides[X_SIDE].n,
                             *dout.shape[dout.dim() - nts:])
     if plan.out_shape == ():
         dout = dout.unsqueeze(-1)

@@ -391,6 +391,9 @@ def structured(op: ir.Operator) -> str | None:
     for d in op.domains:
         if len(d.axes) > 1:
             return f"the domain `{d.name}` has {len(d.axes)} axes"
+    for i in op.inputs:
+        if len(i.domains) > 1:
+            return f"the input `{i.name}` is a field on {' * '.join(i.domains)}"
     return None
 
 

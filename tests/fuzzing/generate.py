@@ -570,8 +570,104 @@ def matmul(g: _Gen) -> str:
     return g.text("matmul", f"output o(x: {U}) = {out}")
 
 
+def lattice(g: _Gen) -> str:
+    """Images: a stencil on an index(D) lattice, read at `p + t`, `p - t`, `p + t - 1` or a
+    strided `2*q + t` (zero padding), depthwise (a field R^C, a kernel per channel) or with
+    channels on grids mixed by the integral (an INN convolution: a spline per stencil point)."""
+    r = g.r
+    D = r.choice((1, 2, 2, 2, 3))
+    sizes = [r.choice((1, 3, 3, 5)) for _ in range(D)]
+    g.d.lines.append("domain P = " + ("index" if D == 1 else f"index({D})"))
+    g.d.lines.append(f"domain T = stencil({', '.join(map(str, sizes))})")
+    strided = r.random() < 0.25
+    if strided:
+        g.d.lines.append("domain Q = " + ("index" if D == 1 else f"index({D})"))
+    out_var, out_dom = ("q", "Q") if strided else ("p", "P")
+    at = (f"2*q + t{g.pick('', ' - 1')}" if strided else
+          g.pick("p + t", "p + t", "p - t", "p + t - 1", "t + p + 1"))
+    sq = "t^2" if D == 1 else g.pick("sqnorm(t)", "t[0]^2 + 2 * t[1]^2" if D > 1 else "t^2")
+    if r.random() < 0.5:  # depthwise: a kernel per channel
+        c = r.choice((None, 1, 2, 3))
+        g.d.lines.append(f"input  f : P -> {_type(c)}")
+        g.d.lines.append(f"param  w : {_type(c)} = {g.pick('1.0', '0.7', '1.5')}")
+        k = g.pick(f"exp(-({sq}) / (2 * w^2))", f"w / (1 + {sq})",
+                   f"sigmoid(w * ({'t' if D == 1 else 't[0]'}))")
+        quad = g.pick("", "", " with sum", " with mean")
+        out = f"integral(t: T) ({k}) * f({at}){quad}"
+        if r.random() < 0.2 and not strided:
+            out = f"f(p) - {out}"
+        return g.text("lattice", f"output g({out_var}: {out_dom}) = {out}")
+    g.d.lines.append("domain U = grid(0, 1)")
+    g.d.lines.append(f"domain V = {g.pick('grid(0, 1)', 'grid(-1, 1)', 'index')}")
+    g.d.lines.append("input  f : V * P -> R")
+    n = r.randint(2, 5)
+    g.d.lines.append(f"param  W : spline({n}, {n}, per = T){g.pick('', ' = normal(1)')}")
+    vcoord = "v" if "grid" in g.d.lines[-3] else "v / 4"
+    quad = g.pick("", " with (trapezoid, sum)", " with (simpson, sum)", " with (riemann, mean)") \
+        if "grid" in g.d.lines[-3] else g.pick("", " with sum", " with (mean, sum)")
+    out = f"integral(v: V, t: T) W(u, {vcoord}, t) * f(v, {at}){quad}"
+    if r.random() < 0.5:
+        g.d.lines.append(f"param  c : spline({r.randint(2, 5)})")
+        out = f"c(u) + {out}"
+    return g.text("lattice", f"output g(u: U, {out_var}: {out_dom}) = {out}")
+
+
+# the domains of `product`: name -> (declaration, coordinate forms of a variable `{v}`)
+PRODUCT_DOMAINS = {
+    "G": ("grid(0, 1)", ("{v}",)),
+    "S": ("grid((0, 1), (-1, 2))", ("{v}[0]", "{v}[1]", "sqnorm({v})")),
+    "I": ("index", ("{v} / 4",)),
+    "L": ("index(2)", ("{v}[0] / 3", "{v}[1] / 5")),
+    "X": ("points(2)", ("{v}[0]", "norm({v})")),
+    "K": ("stencil(3, 1)", ("{v}[0]", "{v}[1] + 1")),
+}
+
+
+def product(g: _Gen) -> str:
+    """Outputs on products of domains, integrals over several variables with a rule each,
+    fields on products read at variables of either side, tensor-product grids (gauss on
+    them), lattices and stencils of several axes."""
+    r = g.r
+    names = r.sample(sorted(PRODUCT_DOMAINS), r.choice((2, 3, 3)))
+    for n in names:
+        g.d.lines.append(f"domain {n} = {PRODUCT_DOMAINS[n][0]}")
+    outs = [n for n in names if n != "K"][:r.choice((1, 2))] or ["G"]
+    if "G" in outs and "G" not in names:
+        g.d.lines.append("domain G = grid(0, 1)")
+    ins = r.sample(names, r.choice((1, 2)) if len(names) > 1 else 1)
+    ov = {n: f"{n.lower()}" for n in outs}
+    iv = {n: f"{n.lower()}2" for n in ins}
+    scope = [(ov[n], n) for n in outs] + [(iv[n], n) for n in ins]
+    # a field on a product of some of the variables' domains, read at those variables
+    picked = r.sample(scope, r.choice((1, 2)) if len(scope) > 1 else 1)
+    c = r.choice((None, None, 2))
+    g.d.lines.append(f"input  f : {' * '.join(d for _, d in picked)} -> {_type(c)}")
+    read = f"f({', '.join(v for v, _ in picked)})"
+    terms = [PRODUCT_DOMAINS[d][1][r.randrange(len(PRODUCT_DOMAINS[d][1]))].format(v=v)
+             for v, d in scope]
+    g.real("a", None, g.pick(" = 0.5", " = -0.3", " = 1.2"))
+    mix = " + ".join(terms)
+    k = g.pick(f"exp(-a * ({mix})^2)", f"sin(a * ({mix}))", f"1 / (1 + ({mix})^2)",
+               f"sigmoid({mix}) * a")
+    read_vars = {v for v, _ in picked}
+    rules = []
+    for n in ins:
+        kind = PRODUCT_DOMAINS[n][0].split("(")[0]
+        options = [q for q in rules_on(kind) if not q.sampled and not q.from_input
+                   and not (q.own_nodes and iv[n] in read_vars)]
+        q = r.choice(options)
+        rules.append(f"{q.name}({r.randint(2, 4)})" if q.args else q.name)
+    quad = "" if r.random() < 0.3 else (
+        f" with {rules[0]}" if len(rules) == 1 else f" with ({', '.join(rules)})")
+    binders = ", ".join(f"{iv[n]}: {n}" for n in ins)
+    out = f"integral({binders}) ({k}) * {read}{quad}"
+    if r.random() < 0.2:
+        out = f"{terms[0]} + {out}"
+    return g.text("product", f"output o({', '.join(f'{ov[n]}: {n}' for n in outs)}) = {out}")
+
+
 FAMILIES = {general: 10, attention: 2, recurrence: 2, causal_lowrank: 1, convolution: 2,
-            lowrank: 2, matmul: 2}
+            lowrank: 2, matmul: 2, lattice: 3, product: 3}
 
 
 def generate(seed: int) -> Generated:

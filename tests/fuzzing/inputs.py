@@ -54,7 +54,7 @@ class Inputs:
         return {**self.ints, **views}, views
 
     def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.ints.items()]
+        parts = [f"{k}={v}" for k, v in self.ints.items()]  # (a tuple for several axes)
         for k, t in self.tensors.items():
             bad = (~torch.isfinite(t.values)).sum().item() + (t.values.abs() >= 80).sum().item()
             parts.append(f"{k}{list(t.values.shape)}" + (f" {t.layout}" if t.layout !=
@@ -70,13 +70,19 @@ def make_inputs(op, seed: int, options: dict[str, str] | None = None) -> Inputs:
     options = options or {}
     r = random.Random(f"inputs:{seed}")
     gen = torch.Generator().manual_seed(seed)
-    carried = {i.domain for i in op.inputs} | {d.name for d in op.domains
-                                               if d.kind.value == "points"}
-    sizes = {d.name: 0 if d.name in carried and r.random() < EMPTY else r.choice(SIZES)
-             for d in op.domains}
+    carried = {name for i in op.inputs for name in i.domains} | {
+        d.name for d in op.domains if d.kind.value == "points"}
+
+    def draw(d) -> tuple[int, ...]:  # the sizes of the axes of d (a stencil's are fixed)
+        if d.fixed is not None:
+            return d.fixed
+        first = 0 if d.name in carried and r.random() < EMPTY else r.choice(SIZES)
+        return (first, *(r.choice(SIZES) for _ in d.axes[1:]))
+
+    sizes = {d.name: draw(d) for d in op.domains}
     for d in op.domains:
         if d.kind.value == "grid" and r.random() < 0.95:
-            sizes[d.name] = max(sizes[d.name], 2)
+            sizes[d.name] = tuple(max(n, 2) for n in sizes[d.name])
     sizes.update(_pairs(options.get("sizes", "")))
     batch = r.choice(BATCHES) if r.random() > EMPTY else (0,)
     if "batch" in options:
@@ -85,13 +91,14 @@ def make_inputs(op, seed: int, options: dict[str, str] | None = None) -> Inputs:
     tensors, ints = {}, {}
     for d in op.domains:
         if d.kind.value == "points":
-            shape = (*_batch_of(r, batch), sizes[d.name], d.dim)
+            shape = (*_batch_of(r, batch), sizes[d.name][0], d.dim)
             tensors[d.name] = TensorArg(torch.rand(shape, generator=gen, dtype=torch.float64)
                                         * 2 - 1)
-        elif d.name not in carried or r.random() < 0.1:
-            ints[d.name] = sizes[d.name]
+        elif d.fixed is None and (d.name not in carried or r.random() < 0.1):
+            ints[d.name] = sizes[d.name][0] if len(d.axes) == 1 else sizes[d.name]
     for i in op.inputs:
-        shape = (*_batch_of(r, batch), sizes[i.domain], *(() if i.width is None else (i.width,)))
+        axes = tuple(n for name in i.domains for n in sizes[name])
+        shape = (*_batch_of(r, batch), *axes, *(() if i.width is None else (i.width,)))
         tensors[i.name] = TensorArg(torch.randn(shape, generator=gen, dtype=torch.float64))
     special = options.get("special") != "none" and r.random() < 0.12
     if special:
@@ -106,7 +113,7 @@ def make_inputs(op, seed: int, options: dict[str, str] | None = None) -> Inputs:
     for t in tensors.values():
         if options.get("layout") != "contiguous" and r.random() < 0.15:
             t.layout = "transposed" if t.values.dim() >= 2 and r.random() < 0.5 else "strided"
-    empty = 0 in batch or any(sizes[d] == 0 for d in carried)
+    empty = 0 in batch or any(0 in sizes[d] for d in carried)
     return Inputs(ints, tensors, special, empty)
 
 
@@ -120,8 +127,10 @@ def _batch_of(r: random.Random, batch: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if r.random() < 0.5 else b for b in batch)
 
 
-def _pairs(text: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (p.split(":") for p in text.split(",") if p)}
+def _pairs(text: str) -> dict[str, tuple[int, ...]]:
+    """`X:0,L:3x4` -> {"X": (0,), "L": (3, 4)}."""
+    return {k: tuple(int(n) for n in v.split("x"))
+            for k, v in (p.split(":") for p in text.split(",") if p)}
 
 
 def _settings(text: str) -> list[tuple[str, int, float]]:
