@@ -43,6 +43,26 @@ def out(expr: str) -> str:
     return body(f"output u(x: X) = {expr}")
 
 
+# Lines 1-7 of the version 1 programs below (lattices, stencils, products); line 8 under test.
+LATTICE = """operator a {
+    domain P = index(2)
+    domain T = stencil(3, 3)
+    domain U = grid(0, 1)
+    domain V = grid(0, 1)
+    input f : V * P -> R
+    input h : P -> R^2
+"""
+
+
+def lattice(*lines: str) -> str:
+    return LATTICE + "".join(f"    {ln}\n" for ln in lines) + "}\n"
+
+
+def lat_out(expr: str) -> str:
+    """A version 1 operator whose output (line 8, the expression from column 32) is `expr`."""
+    return lattice(f"output g(u: U, p: P) = {expr}")
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -340,6 +360,54 @@ CASES = [
                    for i in range(20))
          + "    output u(x: X) = integral(y: X) k20(x, y)\n}\n",
          CheckError, "grows past 100000 nodes once its kernels are inlined", "18:42"),
+    # ---- version 1: lattices, stencils, products, several variables ----
+    Case("stencil-even-size", body("domain S = stencil(3, 4)"), ParseError,
+         "a stencil's size must be odd", "8:27", "write 3 or 5"),
+    Case("stencil-four-axes", body("domain S = stencil(3, 3, 3, 3)"), ParseError,
+         "`stencil` takes 1, 2 or 3 arguments, got 4", "8:16"),
+    Case("grid-box-reversed", body("domain S = grid((0, 1), (2, 1))"), ParseError,
+         "a grid needs a < b, got (2, 1)", "8:29", "write `(1, 2)`"),
+    Case("grid-mixed-boxes", body("domain S = grid((0, 1), 2)"), ParseError,
+         "not a mix of both", "8:16"),
+    Case("tuple-in-expression", out("(1, 2)"), CheckError,
+         "a tuple `(a, b)` is only an axis of a grid's declaration", "8:22"),
+    Case("read-non-integer-point", lat_out("integral(t: T) h(p + 0.5)[0]"), CheckError,
+         "`h` is read at a non-integer point (0.5 is not an integer)", "8:49",
+         "integer affine point"),
+    Case("read-at-grid-point", lat_out("integral(v: V) f(v, p + v)"), CheckError,
+         "`f` is read at a non-integer point: `v` is a point of the grid `V`", "8:52"),
+    Case("read-product-of-points", lat_out("integral(t: T) h(p * t)[0]"), CheckError,
+         "`h` is read at a product of points", "8:45"),
+    Case("read-axes-mismatch", lattice("domain K = stencil(3)",
+                                       "output g(p: P) = integral(k: K) h(p + k)[0]"),
+         CheckError, "`k` is a point of 1 axis but `P` has 2", "9:43"),
+    Case("product-read-arity", lat_out("integral(t: T) f(p + t)"), CheckError,
+         "`f` lives on V * P: it is read at 2 points, got 1", "8:43", "one point per domain"),
+    Case("rule-list-wrong-length", lat_out("integral(v: V, t: T) f(v, p + t) with (trapezoid)"),
+         CheckError, "the integral over 2 variables (v, t) has 1 rule", "8:67",
+         "`with (trapezoid, sum)`"),
+    Case("rule-list-wrong-kind", lat_out("integral(v: V, t: T) f(v, p + t) with (sum, simpson)"),
+         CheckError, "quadrature `simpson` works only on `grid` domains, but `T` is `stencil`",
+         "8:72"),
+    Case("montecarlo-several-variables",
+         lattice("domain I = index", "domain J = index",
+                 "output g(p: P) = integral(i: I, j: J) h(p)[0] with montecarlo(4)"),
+         CheckError, "`montecarlo` samples the points of one domain, but this integral runs "
+         "over 2 variables", "10:56"),
+    Case("integral-variable-twice", lat_out("integral(t: T, t: T) h(p + t)[0]"), CheckError,
+         "`t` names two variables of the integral", "8:43"),
+    Case("per-needs-fixed-domain", lattice("param W : spline(4, 4, per = P)",
+                                           "output g(p: P) = h(p)[0]"), CheckError,
+         "`per = P` needs a domain of fixed size", "8:34", "stencil"),
+    Case("per-spline-arity", lattice("param W : spline(4, 4, per = T)",
+                                     "output g(u: U, p: P) = integral(v: V, t: T) W(u, v) * "
+                                     "f(v, p + t)"), CheckError,
+         "the spline `W` is a function of 2 variables and a point of T, got 2 arguments",
+         "9:49"),
+    Case("per-spline-wrong-point", lattice("param W : spline(4, 4, per = T)",
+                                           "output g(u: U, p: P) = integral(v: V, t: T) "
+                                           "W(u, v, v) * f(v, p + t)"), CheckError,
+         "the last argument of `W` is a point of T, but `v` is a point of V", "9:57"),
 ]
 
 

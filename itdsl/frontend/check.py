@@ -788,9 +788,9 @@ class _OperatorChecker:
                 self.fail(f"`{field.name}` is read at a non-integer point: `{a.id}` is a point of "
                           f"the {vdom.kind.value} `{vdom.name}`", a.span, usage)
             if vdom.coord_width != dom.coord_width:
-                axes = lambda d: d.coord_width or 1  # noqa: E731
-                self.fail(f"`{a.id}` is a point of {axes(vdom)} axes but `{dom.name}` has "
-                          f"{axes(dom)}", a.span, usage)
+                k, want = vdom.coord_width or 1, dom.coord_width or 1
+                self.fail(f"`{a.id}` is a point of {_plural(k, 'axis').replace('axiss', 'axes')}"
+                          f" but `{dom.name}` has {want}", a.span, usage)
             return {a.id: 1}, 0
         if isinstance(a, ast.Neg):
             t, d = self.affine(a.operand, scope, field, dom)

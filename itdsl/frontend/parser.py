@@ -339,7 +339,7 @@ class _Builder:
         argv = [] if args is None else list(args.children)
         want, usage = k.entry.arity, k.entry.usage
         if len(argv) not in want:
-            counts = " or ".join(map(str, want))
+            counts = _either(map(str, want))
             self.error(f"`{kind}` takes {counts} argument{'s' if want != (1,) else ''}, got "
                        f"{len(argv)}", kind, f"write `{usage}`")
             return None
