@@ -39,6 +39,7 @@ from .sampling import draw, side_points
 
 X_AXIS, Y_AXIS = -3, -2
 
+
 def elementwise(name: str, args: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Elementwise function `name` (its torch form in `itdsl.functions`); a comparison's
     0/1 in `dtype`."""
@@ -74,6 +75,7 @@ class _Side:
     domains, flattened row-major."""
 
     n: int
+    axis: int  # X_AXIS or Y_AXIS
     names: tuple[str, ...]
     vars: dict[str, _Var]
     weights: torch.Tensor | None  # [*B?, n], the product of the rules' weights (None: the
@@ -110,7 +112,7 @@ def _side(binds: tuple[ir.Bind, ...], quads: tuple[ir.Quad | None, ...], axis: i
         coords = None if p.coords is None else _spread(p.coords, k, sizes, dim=-2)
         index = _spread(torch.arange(p.n, device=ctx.bound.device), k, sizes)
         out[b.var] = _Var(d, axis, coords, index, axes)
-    return _Side(math.prod(sizes), tuple(b.var for b in binds), out, weights)
+    return _Side(math.prod(sizes), axis, tuple(b.var for b in binds), out, weights)
 
 
 @dataclass
@@ -126,16 +128,16 @@ class _Ctx:
 
 
 @contextmanager
-def _entered(side: _Side, axis: int, ctx: _Ctx):
-    """`side`'s variables in scope, running over `axis`."""
+def _entered(side: _Side, ctx: _Ctx):
+    """`side`'s variables in scope."""
     ctx.vars.update(side.vars)
-    ctx.sides[axis] = side.names
+    ctx.sides[side.axis] = side.names
     try:
         yield side
     finally:
         for name in side.names:
             del ctx.vars[name]
-        del ctx.sides[axis]
+        del ctx.sides[side.axis]
 
 
 def _place(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -193,7 +195,7 @@ def evaluate(module: ReferenceOperator, bound: Bound,
     ctx = _Ctx(module=module, bound=bound, generator=generator)
     side = _side(out.vars, (None,) * len(out.vars), X_AXIS, ctx)
     ctx.n = n = side.n
-    with _entered(side, X_AXIS, ctx):
+    with _entered(side, ctx):
         value = _eval(out.body, ctx)  # [*B, n or 1, 1, C]
     value = value.squeeze(Y_AXIS)
     width = out.width or 1
@@ -401,7 +403,7 @@ def _check_pairs(e: ir.Integral, m: int, ctx: _Ctx) -> None:
 def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     side = _side(e.vars, e.quads, Y_AXIS, ctx)
     _check_pairs(e, side.n, ctx)
-    with _entered(side, Y_AXIS, ctx):
+    with _entered(side, ctx):
         weights = _weights(e, side, ctx)
         if _masks(e.body):  # the bracket masks the quadrature weight too
             terms = _masked_product(_factors(e.body), ctx, [weights])
@@ -438,7 +440,7 @@ def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     m = math.prod(ctx.bound.sizes.get(b.domain, 0) for b in num.vars)
     if not any(q.rule.entry.own_nodes for q in num.quads) and m > 0:
         _check_pairs(num, m, ctx)
-        with _entered(_side(num.vars, num.quads, Y_AXIS, ctx), Y_AXIS, ctx):
+        with _entered(_side(num.vars, num.quads, Y_AXIS, ctx), ctx):
             shifts = _ratio_shift(num, den, ctx)
     saved = ctx.overrides
     ctx.overrides = {**saved, **shifts}
