@@ -6,11 +6,25 @@ channels (size 1 for a scalar). A value that does not depend on x or y has size
 1 on that axis, so broadcasting does the bookkeeping. Integrals materialise the
 N x M pair tensor: this is the oracle later strategies are tested against, not a
 fast path. Any dtype works, and autograd flows through torch.
+
+A side (the output's points, or an integral's) is the product of its variables'
+domains, flattened row-major: the first domain runs slowest, each domain's axes in
+order, the last axis of the last domain fastest; so `n` counts every point of
+`U × P` for `output g(u: U, p: P)`, and `m` every point of `V × T` for
+`integral(v: V, t: T)`. Each variable's coordinate is a tensor over the flat points
+of its side (a vector for a domain of several axes), and a point's quadrature
+weight is the product of its variables' weights. A field read `f(a_1, ..., a_r)`
+becomes an integer index per axis of the field's domains (a bare variable of the
+domain: the point's position along each axis; an affine point of an index lattice:
+Σ c·coordinate + offset), and a gather from the flattened field padded with one
+zero row, which every index outside the lattice selects (zero padding). The result
+is `[*batch, *axes of the output's domains, C]` (no C for an `R` output).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +34,11 @@ from ..errors import InputError
 from ..frontend import ir
 from ..functions import FUNCTIONS
 from .binding import RESERVED_KEYWORDS, Bound, bind, check_call, check_size
-from .params import register_params, spline_eval
+from .params import register_params, spline_eval, spline_taps
 from .sampling import draw, side_points
 
 X_AXIS, Y_AXIS = -3, -2
+
 
 def elementwise(name: str, args: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Elementwise function `name` (its torch form in `itdsl.functions`); a comparison's
@@ -34,17 +49,70 @@ def elementwise(name: str, args: list[torch.Tensor], dtype: torch.dtype) -> torc
 
 @dataclass
 class _Var:
+    """A point variable: its domain, and its points over the flat points of its side."""
+
     domain: ir.Domain
-    axis: int
-    n: int
+    axis: int  # the side it runs over: X_AXIS or Y_AXIS
     coords: torch.Tensor | None  # [*B?, n, D] (None: a points domain the call gave none of)
-    weights: torch.Tensor | None = None  # [*B?, n] of an integral's rule (None: drawn)
+    index: torch.Tensor  # [n] (long): the point's row-major index in its domain
+    sizes: tuple[int, ...]  # the domain's axes' sizes (a rule's own nodes: theirs)
+
+    def positions(self) -> list[torch.Tensor]:
+        """The point's position along each axis of its domain, placed on its side."""
+        return [_place_index(p, self.axis) for p in torch.unravel_index(self.index, self.sizes)]
+
+    def lattice_coords(self) -> list[torch.Tensor]:
+        """The integer coordinate along each axis of a lattice point: its position on an
+        index, the offset position − (k − 1)/2 on a stencil."""
+        if self.domain.fixed is None:
+            return self.positions()
+        return [p - (k - 1) // 2 for p, k in zip(self.positions(), self.sizes)]
 
 
-def _var(d: ir.Domain, quad: ir.Quad | None, axis: int, ctx: _Ctx) -> _Var:
-    """The points of `d` that an integral with `quad` (None: the output) runs over."""
-    pts = side_points(d, quad, ctx.bound)
-    return _Var(d, axis, pts.n, pts.coords, pts.weights)
+@dataclass
+class _Side:
+    """The points an output or an integral runs over: the product of its variables'
+    domains, flattened row-major."""
+
+    n: int
+    axis: int  # X_AXIS or Y_AXIS
+    names: tuple[str, ...]
+    vars: dict[str, _Var]
+    weights: torch.Tensor | None  # [*B?, n], the product of the rules' weights (None: the
+    #                               output's side, or drawn)
+
+
+def _spread(t: torch.Tensor, k: int, sizes: list[int], dim: int = -1) -> torch.Tensor:
+    """`t`, whose axis `dim` runs over the points of the k-th factor of a product of
+    domains of `sizes` points, over the product's flat points (row-major)."""
+    if len(sizes) == 1:
+        return t
+    dim %= t.dim()
+    lead, trail = t.shape[:dim], t.shape[dim + 1:]
+    ones = [1] * len(sizes)
+    ones[k] = sizes[k]
+    return t.reshape(*lead, *ones, *trail).expand(*lead, *sizes, *trail).reshape(
+        *lead, math.prod(sizes), *trail)
+
+
+def _side(binds: tuple[ir.Bind, ...], quads: tuple[ir.Quad | None, ...], axis: int,
+          ctx: _Ctx) -> _Side:
+    """The points of the product of `binds`' domains that an integral with `quads` (None:
+    the output) runs over, with their coordinates and weights (runtime/sampling.py)."""
+    doms = [ctx.module.ir.domain(b.domain) for b in binds]
+    pts = [side_points(d, q, ctx.bound) for d, q in zip(doms, quads)]
+    sizes = [p.n for p in pts]
+    weights = None
+    if all(p.weights is not None for p in pts):
+        weights = _product([_spread(p.weights, k, sizes) for k, p in enumerate(pts)])
+    out = {}
+    for k, (b, d, q, p) in enumerate(zip(binds, doms, quads, pts)):
+        own = q is not None and q.rule.entry.own_nodes
+        axes = (q.n,) * len(d.axes) if own else ctx.bound.axes[d.name]
+        coords = None if p.coords is None else _spread(p.coords, k, sizes, dim=-2)
+        index = _spread(torch.arange(p.n, device=ctx.bound.device), k, sizes)
+        out[b.var] = _Var(d, axis, coords, index, axes)
+    return _Side(math.prod(sizes), axis, tuple(b.var for b in binds), out, weights)
 
 
 @dataclass
@@ -52,14 +120,34 @@ class _Ctx:
     module: ReferenceOperator
     bound: Bound
     generator: torch.Generator | None
+    n: int = 0  # the output's points
     vars: dict[str, _Var] = field(default_factory=dict)
+    sides: dict[int, tuple[str, ...]] = field(default_factory=dict)  # axis -> its variables
     overrides: dict[ir.Expr, torch.Tensor] = field(default_factory=dict)
     draws: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def _entered(side: _Side, ctx: _Ctx):
+    """`side`'s variables in scope."""
+    ctx.vars.update(side.vars)
+    ctx.sides[side.axis] = side.names
+    try:
+        yield side
+    finally:
+        for name in side.names:
+            del ctx.vars[name]
+        del ctx.sides[side.axis]
 
 
 def _place(t: torch.Tensor, axis: int) -> torch.Tensor:
     """`[*B, n, C]` -> with the point axis at `axis` (-3 for x, -2 for y)."""
     return t.unsqueeze(-2) if axis == X_AXIS else t.unsqueeze(-3)
+
+
+def _place_index(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """`[n]` -> `[n, 1]` on x, `[1, n]` on y (indices: no batch, no channel)."""
+    return t.unsqueeze(-1) if axis == X_AXIS else t.unsqueeze(0)
 
 
 class ReferenceOperator(nn.Module):
@@ -102,16 +190,19 @@ class ReferenceOperator(nn.Module):
 
 def evaluate(module: ReferenceOperator, bound: Bound,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    op = module.ir
-    out = op.output
+    """The output `[*B, *axes of its domains, C]` (no C for an `R` output)."""
+    out = module.ir.output
     ctx = _Ctx(module=module, bound=bound, generator=generator)
-    n = bound.sizes[out.domain]
-    ctx.vars[out.var] = _var(op.domain(out.domain), None, X_AXIS, ctx)
-    value = _eval(out.body, ctx)  # [*B, n or 1, 1, C]
+    side = _side(out.vars, (None,) * len(out.vars), X_AXIS, ctx)
+    ctx.n = n = side.n
+    with _entered(side, ctx):
+        value = _eval(out.body, ctx)  # [*B, n or 1, 1, C]
     value = value.squeeze(Y_AXIS)
     width = out.width or 1
     value = value.expand(*bound.batch, n, width) if value.dim() - 2 <= len(bound.batch) else value
     value = value.expand(*value.shape[:-2], n, width)
+    axes = [k for d in out.domains for k in bound.axes[d]]
+    value = value.reshape(*value.shape[:-2], *axes, width)
     if out.width is None:
         value = value.squeeze(-1)
     return value.clone() if value.stride().count(0) else value
@@ -133,7 +224,7 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.Coord):
         return _coord(ctx.vars[e.var], ctx)
     if isinstance(e, ir.FieldAt):
-        return _place(ctx.bound.fields[e.field], ctx.vars[e.var].axis)
+        return _read(e, ctx)
     if isinstance(e, ir.ParamRef):
         p = getattr(ctx.module, e.param)
         return p.to(ctx.bound.dtype).reshape(1, 1, -1)
@@ -163,11 +254,64 @@ def _eval(e: ir.Expr, ctx: _Ctx) -> torch.Tensor:
     if isinstance(e, ir.SplineCall):
         coef = getattr(ctx.module, e.param).to(ctx.bound.dtype)
         args = [_eval(a, ctx) for a in e.args]
-        args = torch.broadcast_tensors(*args)
-        return spline_eval(coef, list(args))
+        if e.at is not None:
+            return _spline_per(coef, args, ctx.vars[e.at])
+        return spline_eval(coef, list(torch.broadcast_tensors(*args)))
     if isinstance(e, ir.Integral):
         return _integral(e, ctx)
     raise TypeError(f"cannot evaluate {type(e).__name__}")  # pragma: no cover
+
+
+def _read(e: ir.FieldAt, ctx: _Ctx) -> torch.Tensor:
+    """Field `e.field` at the points `e.at`: `[*B, n or 1, m or 1, C]`."""
+    f = ctx.bound.fields[e.field]  # [*B, N, C], flattened over its domains' axes
+    if e.plain:  # at the variables of one side, in order: the side's points are the field's
+        at = tuple(a.var for a in e.at)
+        for axis, names in ctx.sides.items():
+            if at == names:
+                return _place(f, axis)
+    zero = f.new_zeros(*f.shape[:-2], 1, f.shape[-1])
+    return torch.cat([f, zero], dim=-2)[..., _flat_index(e, ctx), :]
+
+
+def _flat_index(e: ir.FieldAt, ctx: _Ctx) -> torch.Tensor:
+    """The row-major index `[n or 1, m or 1]` of the point `e` reads in its flattened field,
+    or the field's number of points (the zero row) where it falls outside the lattice."""
+    flat, inside, total = 0, True, 1
+    for a, name in zip(e.at, ctx.module.ir.input(e.field).domains):
+        for p, size in zip(_point(a, name, ctx), ctx.bound.axes[name]):
+            inside = inside & (p >= 0) & (p < size)
+            flat = flat * size + p
+            total *= size
+    return torch.where(inside, flat, total)
+
+
+def _point(a: ir.Affine, domain: str, ctx: _Ctx) -> list[torch.Tensor]:
+    """The position along each axis of `domain` of the point `a`: a variable of `domain`
+    its own; an affine point of an index lattice Σ c·coordinate + offset."""
+    var = ctx.vars.get(a.var) if a.var is not None else None
+    if var is not None and var.domain.name == domain:
+        return var.positions()
+    out: list = [a.offset] * len(ctx.bound.axes[domain])
+    for c, name in a.terms:
+        for k, x in enumerate(ctx.vars[name].lattice_coords()):
+            out[k] = out[k] + c * x
+    return out
+
+
+def _spline_per(coef: torch.Tensor, args: list[torch.Tensor], at: _Var) -> torch.Tensor:
+    """The spline of the point `at` of a `per` domain (coefficients `coef[at]`, `coef`
+    `[*sizes of the domain, n1(, n2)]`) at `args`: `spline_eval`'s taps, per point."""
+    coef = coef.reshape(-1, *coef.shape[coef.dim() - len(args):])
+    *args, sel = torch.broadcast_tensors(*args, _place_index(at.index, at.axis).unsqueeze(-1))
+    taps = [spline_taps(a, n) for a, n in zip(args, coef.shape[1:])]
+    if len(taps) == 1:
+        return sum(w * coef[sel, i] for i, w in zip(*taps[0]))
+    (iu, wu), (iv, wv) = taps
+    out = 0
+    for ia, wa in zip(iu, wu):
+        out = out + wa * sum(wb * coef[sel, ia, ib] for ib, wb in zip(iv, wv))
+    return out
 
 
 def _is_bracket(e: ir.Expr) -> bool:
@@ -213,7 +357,7 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
 
     The ratio is unchanged and the exponentials cannot overflow (softmax attention).
     """
-    if (num.var, num.domain, num.quad) != (den.var, den.domain, den.quad):
+    if (num.vars, num.quads) != (den.vars, den.quads):
         return {}
     shared = [f for f in _factors(num.body) if isinstance(f, ir.Op) and f.fn is ir.Fn.EXP
               and f in _factors(den.body)]
@@ -239,66 +383,65 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
     return out
 
 
+def _binders(e: ir.Integral) -> str:
+    return ", ".join(f"{b.var}: {b.domain}" for b in e.vars)
+
+
 def _check_pairs(e: ir.Integral, m: int, ctx: _Ctx) -> None:
     """The pair tensors of an integral fit in memory (else a clear error, before they are
     allocated)."""
     op = ctx.module.ir
-    n = ctx.vars[op.output.var].n
+    n = ctx.n
     width = max(max(op.param(x.param).sizes) if isinstance(x, ir.MlpCall) else x.width or 1
                 for x in ir.walk(e.body))
     check_size(math.prod(ctx.bound.batch) * n * m * width, ctx.bound.dtype, ctx.bound.device,
-               f"the reference semantics of `integral({e.var}: {e.domain})` over {n} × {m} "
+               f"the reference semantics of `integral({_binders(e)})` over {n} × {m} "
                "pairs", 'target="reference" materialises every pair; compile for '
                'target="cpu" (tiled: no n × m buffer)')
 
 
 def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
-    var = _var(ctx.module.ir.domain(e.domain), e.quad, Y_AXIS, ctx)
-    _check_pairs(e, var.n, ctx)
-    ctx.vars[e.var] = var
-    try:
-        weights = _weights(e, var, ctx)
+    side = _side(e.vars, e.quads, Y_AXIS, ctx)
+    _check_pairs(e, side.n, ctx)
+    with _entered(side, ctx):
+        weights = _weights(e, side, ctx)
         if _masks(e.body):  # the bracket masks the quadrature weight too
             terms = _masked_product(_factors(e.body), ctx, [weights])
         else:
             terms = _eval(e.body, ctx) * weights
         # an integrand that does not depend on y still has one term per point of y
-        terms = terms.expand(*terms.shape[:-2], var.n, terms.shape[-1])
+        terms = terms.expand(*terms.shape[:-2], side.n, terms.shape[-1])
         return terms.sum(dim=Y_AXIS, keepdim=True)
-    finally:
-        del ctx.vars[e.var]
 
 
-def _weights(e: ir.Integral, var: _Var, ctx: _Ctx) -> torch.Tensor:
+def _weights(e: ir.Integral, side: _Side, ctx: _Ctx) -> torch.Tensor:
     """Quadrature weights `[*B?, 1, m, 1]`, broadcastable against `[*B, n, m, C]`: the
-    rule's (runtime/sampling.py), or drawn once per call, domain and rule (montecarlo),
-    so that a ratio of two integrals with the same draws is self-normalised."""
-    if var.weights is not None:
-        return _place(var.weights.unsqueeze(-1), Y_AXIS)
-    q, m = e.quad, var.n
-    key = (e.domain, q.samples, q.importance)
+    product of the rules' (runtime/sampling.py), or drawn once per call, domain and rule
+    (montecarlo, on an integral of one variable), so that a ratio of two integrals with the
+    same draws is self-normalised."""
+    if side.weights is not None:
+        return _place(side.weights.unsqueeze(-1), Y_AXIS)
+    (b,), (q,), m = e.vars, e.quads, side.n
+    key = (b.domain, q.samples, q.importance)
     if key not in ctx.draws:
         def importance() -> torch.Tensor:  # [*B?, m] (batch dims if it reads fields)
             imp = _eval(q.importance, ctx)  # [*B?, 1, m, 1]
             lead = imp.shape[:-3]
             return imp.expand(*lead, 1, m, 1).reshape(*lead, m)
 
-        w = draw(q, var.domain, m, importance, ctx.generator, ctx.bound)
+        w = draw(q, side.vars[b.var].domain, m, importance, ctx.generator, ctx.bound)
         ctx.draws[key] = _place(w.unsqueeze(-1), Y_AXIS)
     return ctx.draws[key]
 
 
 def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     """`integral A / integral B`, with shared exponentials shifted by their max over y."""
-    d = ctx.module.ir.domain(num.domain)
     shifts = {}
-    if not num.quad.rule.entry.own_nodes and ctx.bound.sizes[d.name] > 0:
-        _check_pairs(num, ctx.bound.sizes[d.name], ctx)
-        ctx.vars[num.var] = _var(d, num.quad, Y_AXIS, ctx)
-        try:
+    m = math.prod(ctx.bound.sizes.get(b.domain, 0) for b in num.vars)
+    if not any(q.rule.entry.own_nodes for q in num.quads) and m > 0:
+        _check_pairs(num, m, ctx)
+        with _entered(_side(num.vars, num.quads, Y_AXIS, ctx), ctx):
             shifts = _ratio_shift(num, den, ctx)
-        finally:
-            del ctx.vars[num.var]
     saved = ctx.overrides
     ctx.overrides = {**saved, **shifts}
     try:
