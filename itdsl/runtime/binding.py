@@ -180,7 +180,8 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
             if len(vals) != k or any([isinstance(x, torch.Tensor) or not isinstance(x, int)
                                      or isinstance(x, bool) for x in vals]):
                 got = type(v).__name__ + (f" of {len(v)}" if isinstance(v, tuple) else "")
-                raise InputError(f"`{d.name}` is a {d.kind.value} domain"
+                article = "an" if d.kind.value[0] in "aeiou" else "a"
+                raise InputError(f"`{d.name}` is {article} {d.kind.value} domain"
                                  + (f" of {k} axes" if k > 1 else "")
                                  + ": pass its number of points "
                                  + ("along each axis " if k > 1 else "")
