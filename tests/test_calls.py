@@ -76,7 +76,7 @@ def run_cli(*args):
 def test_cli_check_explain_and_emit():
     r = run_cli("check", *sorted(str(p) for p in EXAMPLES.glob("*.it")))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(": ok (") == 7
+    assert r.stdout.count(": ok (") == len(list(EXAMPLES.glob("*.it")))
     r = run_cli("explain", str(EXAMPLES / "attention.it"), "--op", "causal_attention")
     assert r.returncode == 0 and "operator causal_attention" in r.stdout
     assert "strategy:" in r.stdout
