@@ -84,3 +84,20 @@ def test_cuda_target_without_gpu_says_so():
         pytest.skip("a GPU is present")
     with pytest.raises(itdsl.LoweringError, match="no CUDA device"):
         op(f=torch.randn(5, 16))
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("which", ["blur2d", "integral_conv3x3", "stride2", "cube"])
+def test_reads_at_computed_points_build_for_cuda(which, tmp_path):
+    """Kernels that read a field at computed integer points (language version 1: stencils,
+    strided reads; 2 and 3 axes) take the field as a table argument and build with nvcc."""
+    from test_lattice_kernels import BLUR2D, INTEGRAL_CONV3X3, READS
+    src = {"blur2d": BLUR2D, "integral_conv3x3": INTEGRAL_CONV3X3}.get(which, READS)
+    plan = itdsl.compile_source(src, target="cuda", strategy="dense").plan(which)
+    archs = ("sm_80", "sm_90") if which in ("blur2d", "integral_conv3x3") else ("sm_80",)
+    for arch in archs:
+        codes = list(kernel_codes(plan, "cuda", arch=arch))
+        assert len(codes) == 2  # the forward sum and the backward sum (the scatter is torch's)
+        for title, code in codes:
+            assert "__global__" in code and "table" in code, title
+            assert "registers" in _nvcc(code, arch, tmp_path), title

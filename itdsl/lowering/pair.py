@@ -12,6 +12,17 @@ concatenated channels of the group's steps. Leaves of the summand become arrays:
     column leaves   C_k[b, w, j]       (SoA: consecutive j are contiguous, so j vectorises)
     params          P_k[...]           their own shape (scalars as (1,))
     per-call values K_k[...]           likewise
+    tables          T_k[b, n_1, ..., n_k, w]   a field read at computed points: its whole
+                                       array per batch entry; the axis sizes n_a are
+                                       symbolic, bound from the array passed
+
+A read `read [f](i_1, ..., i_k)` evaluates its indices (float values that are exact
+integers) from the leaves, rounds them, and reads T at them where every index is inside
+[0, n_a): the bounds are tested in floating point before the conversion to int32 (a NaN
+or an infinite index is outside, and never converted), and the load's index is clamped to
+the point 0 outside, so that the load, which a select evaluates in any case, is always in
+bounds; outside, the read is exactly 0 (zero padding), inside it is the field's value
+(NaN included).
 
 Sizes are symbolic: rows = nt*TI and columns = mt*TJ for scalar tile counts nt, mt
 passed explicitly (TVM 0.27 miscompiles tiled schedules over free symbolic extents;
@@ -56,12 +67,18 @@ class PairBuilder:
         self.stages: list[te.Tensor] = []  # in creation (topological) order
         self.stage_of: dict[Node, te.Tensor] = {}
         self.soa = {}
+        self.tables: dict[str, tuple[te.Tensor, list]] = {}  # field -> (array, axis sizes)
         for k, leaf in enumerate(spec.leaves):
             if leaf.role == "row":
                 shape = (self.B, self.NP, leaf.width)
             elif leaf.role == "col":
                 shape = ((self.B, leaf.width, self.MP) if leaf.soa else
                          (self.B, self.MP, leaf.width))
+            elif leaf.role == "table":
+                sizes = [te.var(f"table{k}_n{a}") for a in range(leaf.shape[0])]
+                T = te.placeholder((self.B, *sizes, leaf.width), self.dtype, name=f"table{k}")
+                self.tables[leaf.node.name] = (T, sizes)
+                continue
             else:
                 shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
             self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
@@ -251,6 +268,8 @@ class PairBuilder:
             return self._concat(n, args)
         if op == "basis":
             return self._basis(n, args[0])
+        if op == "read":
+            return self._read(n, args)
         if op == "outer":
             col, _ = n.attrs
             w = _flat(n.args[1].shape)
@@ -277,6 +296,23 @@ class PairBuilder:
                 return lambda b, i, j, ch: A[b, ch[0] if ch else 0, j]
             return lambda b, i, j, ch: A[b, j, ch[0] if ch else 0]
         return lambda b, i, j, ch: A[ch if ch else (0,)]
+
+    def _read(self, n: Node, args):
+        """Field `n.name` at the point of the rounded indices, 0 outside its axes (see the
+        module docstring)."""
+        T, sizes = self.tables[n.name]
+        zero = self.c(0.0)
+
+        def f(b, i, j, ch):
+            # no Let here: a block's read regions are taken from its loads' indices, where
+            # a let-bound variable would be undefined; the index sums are cheap, and the
+            # code generator shares their copies
+            rs = [te.round(g(b, i, j, ())) for g in args]
+            inside = tirx.all(*[tirx.And(r >= zero, r < size.astype(self.dtype))
+                                for r, size in zip(rs, sizes)])
+            idx = [tirx.Select(inside, r, zero).astype("int32") for r in rs]
+            return tirx.Select(inside, T[(b, *idx, ch[0] if ch else 0)], zero)
+        return f
 
     def _concat(self, n: Node, args):
         widths = [_flat(a.shape) for a in n.args]
@@ -441,7 +477,9 @@ class PairBuilder:
             j = te.reduce_axis((0, self.MP), name="j")
             O = self.compute((self.B, self.NP, width), lambda b, i, c: reduce(
                 summand(b, i, j, c), axis=j), name="O")
-        return [self.arrays[ls.node] for ls in spec.leaves] + [O, self.nt, self.mt, self.m_valid]
+        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else self.arrays[ls.node]
+                  for ls in spec.leaves]
+        return arrays + [O, self.nt, self.mt, self.m_valid]
 
 def _add_all(terms: list):
     out = terms[0]

@@ -1,7 +1,11 @@
 """Which kernels a Plan needs, and what their arguments are — without importing TVM.
 
 The runtime reads these specs to lay out a kernel's arguments, whether the kernel was
-just compiled or loaded from the cache.
+just compiled or loaded from the cache. A kernel's array arguments (`PairSpec.leaves`, in
+this order) are its row and column leaves, its params and per-call values, and one *table*
+per input field the summand reads at computed points (`read` nodes): the field's whole
+array for every batch entry, `[b, n_1, ..., n_k, C]` over its k axes (C = 1 for a scalar
+field), whose axis sizes the kernel takes from the array's shape.
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ class LeafSpec:
     them, so that stages vectorise over consecutive j, else [b, j, w], so that the
     accumulation vectorises over the channels w."""
 
-    role: str  # "row" | "col" | "param" | "const"
-    node: Node
-    width: int  # channels (rows/cols); for params/consts the flat size
-    shape: tuple[int, ...]  # params/consts: the array shape
+    role: str  # "row" | "col" | "param" | "const" | "table"
+    node: Node  # (a table: the first read of its field; `node.name` is the field)
+    width: int  # channels (rows/cols/tables); for params/consts the flat size
+    shape: tuple[int, ...]  # params/consts: the array shape; a table: (its axes,)
     soa: bool = False  # columns only: [b, w, j] instead of [b, j, w]
     transposed: bool = False  # matrix params: passed as W.T (a product W a vectorises over
     #                           W's rows, which are then contiguous)
@@ -159,8 +163,18 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
                                     soa=role == "col" and n in in_stage,
                                     transposed=bool(uses)
                                     and not any(u.attr("transpose") for u in uses)))
+    spec.leaves.extend(_tables(roots))
     spec.staged = staged
     return spec
+
+
+def _tables(roots: list[Node]) -> list[LeafSpec]:
+    """One table argument per field read at computed points, in the order first read."""
+    out: dict[str, LeafSpec] = {}
+    for n in toposort(roots):
+        if n.op == "read" and n.name not in out:
+            out[n.name] = LeafSpec("table", n, _flat(n.shape), (len(n.args),))
+    return list(out.values())
 
 
 def _shifted(group: Group, roots: list[Node]) -> set[Node]:

@@ -2,7 +2,15 @@
 
 The pair steps (sums and maxima over pairs of points: all the O(n·m) work) run as
 TVM kernels, grouped as `lowering.pair_groups` says; per-point, per-call and total
-steps run in torch through the Plan evaluator they share with the tests.
+steps run in torch through the Plan evaluator they share with the tests (scatter steps,
+the gradients of fields read at computed points, too).
+
+A kernel's arguments are its spec's leaves in order (`lowering/spec.py`): rows and columns
+`[Bf, n, W]` padded to whole tiles (columns `[Bf, W, m]` where the spec says SoA), params
+and per-call values in their own shape, and for a field read at computed points its
+*table*: the whole field `[Bf, n_1, ..., n_k, C]` (the flattened batch, every axis of its
+domains, C = 1 for a scalar field), contiguous, in the kernel's dtype; then the output
+and the tile counts nt, mt and the number of valid columns m.
 """
 
 from __future__ import annotations
@@ -69,6 +77,14 @@ class CompiledEvaluator(PlanEvaluator):
                      *v.shape[-nts:])
         return v.reshape(-1, n, math.prod(_ts(node.shape)))
 
+    def table(self, name: str) -> torch.Tensor:
+        """The input field `name` as a kernel's table: `[Bf, *axes, C]`, for the full
+        (flattened) batch (Bf = 1 without a batch)."""
+        f = self.fields[name]  # [*B?, N, C]
+        f = f.expand(*torch.broadcast_shapes(f.shape[:-2], self.bound.batch), *f.shape[-2:])
+        axes = self.bound.field_axes(self.plan.op, name)
+        return f.reshape(-1, *axes, f.shape[-1])
+
     def _run_kernel(self, spec, fn) -> None:
         TI, TJ = spec.tile_rows, spec.tile_cols
         n, m = self.sides[spec.row_side].n, self.sides[spec.col_side].n
@@ -84,6 +100,10 @@ class CompiledEvaluator(PlanEvaluator):
                 v = torch.nn.functional.pad(v, (0, 0, 0, mt * TJ - m))
                 if leaf.soa:
                     v = v.transpose(1, 2)
+            elif leaf.role == "table":
+                v = self.table(leaf.node.name)
+                args.append(v.expand(bf, *v.shape[1:]).to(self.dtype).contiguous())
+                continue
             else:
                 v = self.eval_level(leaf.node, None).reshape(leaf.shape or (1,))
                 if leaf.transposed:
