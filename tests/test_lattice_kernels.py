@@ -303,11 +303,8 @@ def test_reads_equal_torch_convolutions(name, dtype):
     assert_matches_plan(op, inputs, out, grads, cot, **TOL[dtype])
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="plan_eval._flat_index takes an index without batch dims, but the "
-                          "per-point steps holding hoisted index parts are expanded over the "
-                          "batch (the evaluator's read and the scatter of the gradient)")
 def test_hoisted_index_parts_under_a_batch():
+    """Per-point steps holding parts of an index (`2*q[0]`) are expanded over the batch."""
     dtype = torch.float64
     op = compiled(READS, "stride2", dtype)
     f = torch.randn(2, 9, 8, 3, generator=torch.Generator().manual_seed(9), dtype=dtype)

@@ -81,9 +81,14 @@ class CompiledEvaluator(PlanEvaluator):
         """The input field `name` as a kernel's table: `[Bf, *axes, C]`, for the full
         (flattened) batch (Bf = 1 without a batch)."""
         f = self.fields[name]  # [*B?, N, C]
-        f = f.expand(*torch.broadcast_shapes(f.shape[:-2], self.bound.batch), *f.shape[-2:])
+        lead = torch.broadcast_shapes(f.shape[:-2], self.bound.batch)
+        f = f.expand(*lead, *f.shape[-2:])
         axes = self.bound.field_axes(self.plan.op, name)
-        return f.reshape(-1, *axes, f.shape[-1])
+        bf = max(1, math.prod(lead))
+        if 0 in axes:  # every read is outside: a table of one zero per axis reads the same 0s
+            return torch.zeros(bf, *(1 for _ in axes), f.shape[-1], dtype=f.dtype,
+                               device=f.device)
+        return f.reshape(bf, *axes, f.shape[-1])
 
     def _run_kernel(self, spec, fn) -> None:
         TI, TJ = spec.tile_rows, spec.tile_cols
