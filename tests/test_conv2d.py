@@ -464,6 +464,40 @@ def test_the_definition_by_gathering_agrees_on_a_strided_flipped_offset_read():
     _check(op, {"f": f, "Q": (6, 5)}, want)
 
 
+def test_two_integrals_a_box_filter_and_a_residual():
+    """Each integral its own convolution (a box filter: K = 1; a dilated one), then the
+    rest of the output (a residual read of the field, a param) by the Plan evaluator."""
+    src = """operator two {
+        domain P = index(2)
+        domain T = stencil(3, 3)
+        domain S = stencil(5, 1)
+        input f : P -> R^2
+        param a : R = 0.5
+        output g(p: P) = f(p) + a * integral(t: T) f(p + t) - integral(s: S) exp(-a * sqnorm(s)) * f(p + 2*s)
+    }"""
+    op = _op(src)
+    assert len(op.plan.form) == 2
+    x = torch.randn(2, 7, 6, 2, generator=_gen(), dtype=D)
+
+    def want(kw, params):
+        a = params["a"]
+        y = kw["f"].permute(0, 3, 1, 2)
+        box = F.conv2d(y, torch.ones(2, 1, 3, 3, dtype=D), padding=1, groups=2)
+        s = torch.arange(-2, 3, dtype=D)
+        k = torch.exp(-a * s**2).reshape(1, 1, 5, 1).expand(2, 1, 5, 1)
+        dil = F.conv2d(y, k, padding=(4, 0), dilation=(2, 1), groups=2)
+        return (y + a * box - dil).permute(0, 2, 3, 1)
+
+    _check(op, {"f": x}, want)
+
+
+def test_the_form_travels_with_the_plan():
+    import pickle
+    plan = itdsl.compile_source(INTEGRAL_CONV3X3, target="cpu").plan("integral_conv3x3")
+    again = pickle.loads(pickle.dumps(plan))
+    assert again.form == plan.form and again.strategy == "lattice_conv"
+
+
 # ---- kernels of p − q: FFT or direct over the bracket's support ------------------------------------
 
 GLOBAL = """operator glob {
@@ -527,13 +561,28 @@ def test_a_bracketed_kernel_of_p_minus_q_runs_over_its_support(monkeypatch, taps
     assert kinds == ["direct" if taps > 15 else "fft"]
 
 
-def test_tiny_lag_convolutions_run_on_the_tiled_kernels():
+def test_lag_convolutions_equal_the_dense_kernels():
+    """The same Plan on the generated kernels (they take kernels of p − q; not yet reads at
+    computed points), small and large lattices."""
     op = _op(GLOBAL)
-    f = torch.randn(2, 4, 5, 2, generator=_gen(), dtype=D)
-    out = op(f=f, P=(3, 4))
-    assert op.last_run == "kernels"
-    want = _pairwise(f, lambda d: torch.exp(-(d**2).sum(-1) / op.s.detach()), (3, 4))
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    dense = itdsl.compile_source(GLOBAL, target="cpu", strategy="dense")["glob"].double()
+    dense.load_state_dict(op.state_dict())
+    for n_q, n_p in (((4, 5), (3, 4)), ((17, 12), (15, 19))):
+        f = torch.randn(2, *n_q, 2, generator=_gen(), dtype=D)
+        out = op(f=f, P=n_p)
+        assert op.last_run == "lattice_conv"
+        torch.testing.assert_close(out, dense(f=f, P=n_p), rtol=1e-10, atol=1e-12)
+        assert dense.last_run == "kernels"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_its_fft_in_float32(dtype):
+    op = _op(GLOBAL)
+    f = torch.randn(2, 9, 10, 2, generator=_gen(), dtype=D)
+    want = op(f=f, P=(8, 11))
+    out = op.to(dtype)(f=f.to(dtype), P=(8, 11))
+    assert out.dtype == dtype and op.last_run == "lattice_conv"
+    torch.testing.assert_close(out.double(), want.detach(), rtol=2e-2, atol=5e-2)
 
 
 # ---- what is not a convolution -------------------------------------------------------------------------

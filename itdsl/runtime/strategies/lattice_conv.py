@@ -23,16 +23,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...settings import memory_budget
 from ...symbolic import pexpr as P
-from ...symbolic.plan import X_SIDE, Plan
-from ...symbolic.strategies.lattice_conv import LagConv, StencilConv
+from ...symbolic.plan import X_SIDE, Plan, Step
+from ...symbolic.strategies.lattice_conv import LagConv, StencilConv, inline
 from ..binding import Bound
 from ..plan_eval import PlanEvaluator, tshape
 from . import tuning as T
-from .common import Runner, on, put
+from .common import Runner, on, output, put
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-SAMPLE_ROWS = 64  # rows of the output's channel domain sampled at once (bounds the memory)
+HALF = (torch.float16, torch.bfloat16)  # no CPU FFT in these: transformed in float32
 
 
 # ---- one convolution, padded or cropped to the output -----------------------------------------
@@ -78,21 +79,29 @@ def _axes_of(plan: Plan, side: str, var: str, bound: Bound) -> tuple[int, ...]:
     return bound.axes[dom.name]
 
 
+def shrunk(plan: Plan, params: dict, bound: Bound, lattice: str) -> PlanEvaluator:
+    """A Plan evaluator of the call with the output's lattice variable `lattice` on one point
+    (for what does not depend on it: a stencil's kernel, a bias of the channels)."""
+    dom = plan.spaces[X_SIDE].factor(lattice).domain
+    small = dataclasses.replace(bound, sizes={**bound.sizes, dom: 1},
+                                axes={**bound.axes, dom: (1,) * len(bound.axes[dom])})
+    return PlanEvaluator(plan, params, small)
+
+
 def sample_stencil(plan: Plan, params: dict, bound: Bound, f: StencilConv) -> torch.Tensor:
     """K at every (u, v, t) as `[n_u, n_v, *taps, C_K]` (n_u, n_v: 1 where there is no such
     variable; n_v 1 too where v is summed over, not read from the field; the taps in the
     weights' order, flipped on the axes read at p − t): the Plan evaluator, on the call with
     the output's lattice shrunk to one point."""
-    sx, sy = plan.spaces[X_SIDE], plan.spaces[f.over]
-    lattice = sx.factor(f.lattice).domain
-    small = dataclasses.replace(bound, sizes={**bound.sizes, lattice: 1},
-                                axes={**bound.axes, lattice: (1,) * f.dim})
-    ev = PlanEvaluator(plan, params, small)
+    sy = plan.spaces[f.over]
+    ev = shrunk(plan, params, bound, f.lattice)
     nx, ny = ev.sides[X_SIDE].n, ev.sides[f.over].n
     ts = tshape(f.kernel.shape)
-    if X_SIDE in f.kernel.deps and nx > SAMPLE_ROWS:
-        vals = torch.cat([ev.value(f.kernel, slice(lo, min(nx, lo + SAMPLE_ROWS)))
-                          for lo in range(0, nx, SAMPLE_ROWS)], dim=-len(ts) - 2)
+    # rows of u at once: what sampling holds within the memory budget
+    rows = max(1, memory_budget() // max(1, ny * f.pair_values * ev.dtype.itemsize))
+    if X_SIDE in f.kernel.deps and nx > rows:
+        vals = torch.cat([ev.value(f.kernel, slice(lo, min(nx, lo + rows)))
+                          for lo in range(0, nx, rows)], dim=-len(ts) - 2)
     else:
         vals = ev.value(f.kernel)
     vals = vals.reshape(vals.shape[-len(ts) - 2:])  # (K reads no batched tensor)
@@ -135,11 +144,11 @@ def stencil_weight(f: StencilConv, K: torch.Tensor) -> tuple[torch.Tensor, int]:
     return K.movedim(-1, 1).reshape(nu * kc, ni, *taps), 1
 
 
-def _field_input(ev: PlanEvaluator, f: StencilConv) -> tuple[torch.Tensor, tuple]:
+def _field_input(plan: Plan, bound: Bound, f: StencilConv) -> tuple[torch.Tensor, tuple]:
     """The field as the library's input `[B, C_in, *lattice]` (channels as the weight
     wants them), and its batch dims."""
-    op, bound = ev.plan.op, ev.bound
-    x = ev.fields[f.field]  # [*B, N, C]
+    op = plan.op
+    x = bound.fields[f.field]  # [*B, N, C]
     lead = x.shape[:-2]
     cf = x.shape[-1]
     dims, chan_at = [], None
@@ -160,10 +169,10 @@ def _field_input(ev: PlanEvaluator, f: StencilConv) -> tuple[torch.Tensor, tuple
     return x.reshape(x.shape[0], -1, *x.shape[3:]), lead
 
 
-def _to_side(ev: PlanEvaluator, f: StencilConv, out: torch.Tensor, nu: int,
+def _to_side(plan: Plan, f: StencilConv, out: torch.Tensor, nu: int,
              lead: tuple) -> torch.Tensor:
     """The library's output `[B, C_out, *lattice]` as the output side's values `[*B, n, C]`."""
-    sx = ev.plan.spaces[X_SIDE]
+    sx = plan.spaces[X_SIDE]
     n_out = out.shape[2:]
     co = out.shape[1] // nu
     if f.field_channel != "u" and f.channels > 1:  # channels (c, u)
@@ -176,9 +185,9 @@ def _to_side(ev: PlanEvaluator, f: StencilConv, out: torch.Tensor, nu: int,
     return out.reshape(*lead, -1, co)
 
 
-def _taps_origin(ev: PlanEvaluator, f: StencilConv, K: torch.Tensor) -> list[int]:
+def _taps_origin(plan: Plan, f: StencilConv, K: torch.Tensor) -> list[int]:
     """The first tap's offset on each axis (a stencil's −(k − 1)/2, an index's 0)."""
-    dom = ev.plan.op.domain(ev.plan.spaces[f.over].factor(f.taps).domain)
+    dom = plan.op.domain(plan.spaces[f.over].factor(f.taps).domain)
     return [int(a.kind.entry.points(a, k)[0]) for a, k in zip(dom.axes, K.shape[2:-1])]
 
 
@@ -223,6 +232,7 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
             return ("direct", taps, hi)
     S = [a + b - 1 for a, b in zip(np_, nq)]
     G = g.movedim(-1, 0)
+    G = G.float() if G.dtype in HALF else G
     return ("fft", torch.fft.rfftn(G, s=S, dim=list(range(1, D + 1))), S)
 
 
@@ -237,20 +247,81 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Te
         return conv(Y, w.contiguous(), Y.shape[1], (1,) * D, (1,) * D, hi, np_)
     fg, S = kernel[1], kernel[2]
     dims = list(range(2, D + 2))
-    fy = torch.fft.rfftn(Y, s=S, dim=dims)
+    fy = torch.fft.rfftn(Y.float() if Y.dtype in HALF else Y, s=S, dim=dims)
     out = torch.fft.irfftn(fy * fg, s=S, dim=dims)
     for i, (a, b) in enumerate(zip(np_, nq)):  # out[p] at p + n_q − 1
         out = out.narrow(2 + i, b - 1, a)
-    return out
+    return out.to(Y.dtype)
+
+
+# ---- what does not depend on the output's lattice ------------------------------------------
+
+
+def _static(e: P.Node, plan: Plan, lattice: str) -> P.Node | None:
+    """`e` with refs inlined if it is a function of the coordinates of the output's other
+    variables and of params only (no input, no integral, not of `lattice`); else None."""
+    e = inline(e, plan)
+    for n in P.toposort([e]):
+        if n.op in ("field", "read", "cot", "ref"):
+            return None
+        if n.op in ("coord", "pos") and n.var == lattice:
+            return None
+    return e
+
+
+def split_static(plan: Plan, steps: list[Step], needed: set[str], lattice: str
+                 ) -> tuple[list[Step], dict[str, P.Node]]:
+    """The forward steps with the largest parts of the output's per-point steps that do not
+    depend on its lattice (a bias `c(u)`: per point of U, not of U × P) made steps of their
+    own, and those parts by step name (computed on one point of the lattice, then spread)."""
+    out, static = [], {}
+    for st in steps:
+        if st.name not in needed or st.kind != "point" or st.side != X_SIDE:
+            out.append(st)
+            continue
+        whole = _static(st.expr, plan, lattice)
+        if whole is not None:
+            static[st.name] = whole
+            out.append(st)
+            continue
+        mapping: dict = {}
+        inside: set = set()  # parts of a part already split off
+        for n in reversed(P.toposort([st.expr])):  # parents first: the largest parts
+            if n in inside or n in mapping or X_SIDE not in n.deps or P.cost([n]) == 0:
+                continue
+            part = _static(n, plan, lattice)
+            if part is None:
+                continue
+            name = f"{st.name}_static{len(mapping)}"
+            static[name] = part
+            out.append(Step("point", name, X_SIDE, part))
+            mapping[n] = P.ref(name, X_SIDE, n.shape)
+            inside.update(P.toposort(list(n.args)))
+        expr = P.substitute([st.expr], mapping)[0] if mapping else st.expr
+        out.append(Step(st.kind, st.name, st.side, expr, st.over, st.mask))
+    return out, static
+
+
+def spread(plan: Plan, bound: Bound, small: torch.Tensor, lattice: str, nts: int
+           ) -> torch.Tensor:
+    """A value of the output's side on one point of its lattice `[*B?, n_small, *ts]`
+    spread over the whole lattice: `[*B?, n, *ts]`."""
+    sx = plan.spaces[X_SIDE]
+    sizes = [1 if fac.var == lattice else math.prod(bound.axes[fac.domain])
+             for fac in sx.factors]
+    full = [math.prod(bound.axes[fac.domain]) for fac in sx.factors]
+    lead, ts = small.shape[:small.dim() - nts - 1], small.shape[small.dim() - nts:]
+    small = small.expand(*lead, math.prod(sizes), *ts).reshape(*lead, *sizes, *ts)
+    return small.expand(*lead, *full, *ts).reshape(*lead, -1, *ts)
 
 
 # ---- the runner -------------------------------------------------------------------------------
 
 
-def _needed(plan: Plan, parts: dict) -> set[str]:
+def _needed(plan: Plan, steps: list[Step], parts: dict) -> set[str]:
     """The forward steps the output needs, a convolution's own (its kernel is sampled, the
     field read by the library) left out."""
-    steps = {st.name: st for st in plan.forward.steps}
+    steps = {st.name: st for st in steps}
     out: set[str] = set()
     todo = ["out"]
     while todo:
@@ -265,6 +336,13 @@ def _needed(plan: Plan, parts: dict) -> set[str]:
     return out
 
 
+def _reads_points(e: P.Node, side: str = X_SIDE) -> bool:
+    """`e` reads the coordinates, positions or weights of `side`'s points, or a field at a
+    computed point (whose bounds are the lattices' sizes)."""
+    return any((n.op in ("coord", "pos", "weight") and n.side == side) or n.op == "read"
+               for n in P.toposort([e]))
+
+
 class LatticeConvRunner(Runner):
     """The forward steps in torch, each convolution by the library; the sampled kernels kept
     while they are valid and no gradient is recorded."""
@@ -272,29 +350,61 @@ class LatticeConvRunner(Runner):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         self.parts = {f.step: f for f in self.form}
-        self.needed = _needed(plan, self.parts)
+        self.steps = list(plan.forward.steps)
+        self.needed = _needed(plan, self.steps, self.parts)
+        lattices = {f.lattice for f in self.form if isinstance(f, StencilConv)}
+        # the output's steps that do not depend on its lattice, computed on one point of it
+        self.lattice = lattices.pop() if len(lattices) == 1 else None
+        self.static: dict[str, P.Node] = {}
+        self.light = False
+        if self.lattice is not None:
+            self.steps, self.static = split_static(plan, self.steps, self.needed, self.lattice)
+            self.needed = _needed(plan, self.steps, self.parts)
+            # no step left reads the output's points: the evaluator of the other steps need
+            # not lay them out (U × P, flattened: as much work as a small convolution)
+            roots = [r for st in self.steps if st.name in self.needed
+                     and st.name not in self.static
+                     for r in ([self.parts[st.name].outside] if st.name in self.parts
+                               else st.roots)]
+            self.light = not any(_reads_points(r) for r in roots)
         self._kept: dict[str, tuple[tuple, object]] = {}
         self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
 
-    def run(self, ev: PlanEvaluator) -> None:
+    def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.light:  # the call with one point of the lattice, viewed with all of them
+            small = shrunk(self.plan, params, bound, self.lattice)
+            n = math.prod(math.prod(bound.axes[d]) for d in self.plan.spaces[X_SIDE].domains)
+            ev = small.at({X_SIDE: torch.zeros((), dtype=small.dtype,
+                                               device=small.device).expand(n, 1)})
+        else:
+            ev = PlanEvaluator(self.plan, params, bound, generator)
+        ev.expand_batch = False  # a value the same for every batch entry stays one value
+        self.run(ev, bound)
+        return output(self.plan, ev, bound)
+
+    def run(self, ev: PlanEvaluator, bound: Bound) -> None:
         params = ev.params
         keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
         if keep and not self._same_params(params):  # (a write through `.data` keeps the
             self._kept.clear()  # version counter: the values themselves are compared)
-        for st in self.plan.forward.steps:
+        for st in self.steps:
             if st.name not in self.needed:
                 continue
             f = self.parts.get(st.name)
-            if f is None:
+            if st.name in self.static:
+                ev.env[st.name] = self._static(ev, bound, st, keep)
+            elif f is None:
                 ev.env[st.name] = ev.run_step(st)
             elif isinstance(f, StencilConv):
-                put(ev, f, self._stencil(ev, f, keep))
+                put(ev, f, self._stencil(ev, bound, f, keep))
             else:
-                put(ev, f.sum, self._lag(ev, f, keep))
+                put(ev, f.sum, self._lag(ev, bound, f, keep))
 
-    def _key(self, ev: PlanEvaluator, domains) -> tuple:
+    @staticmethod
+    def _key(ev: PlanEvaluator, bound: Bound, domains) -> tuple:
         return (tuple((p._version, p.data_ptr()) for p in ev.params.values()),
-                tuple(ev.bound.axes.get(d) for d in domains), ev.dtype, ev.device)
+                tuple(bound.axes.get(d) for d in domains), ev.dtype, ev.device)
 
     def _kept_or(self, step: str, key: tuple | None, make):
         if key is not None:
@@ -306,32 +416,47 @@ class LatticeConvRunner(Runner):
             self._kept[step] = (key, value)
         return value
 
-    def _stencil(self, ev: PlanEvaluator, f: StencilConv, keep: bool) -> torch.Tensor:
+    def _static(self, ev: PlanEvaluator, bound: Bound, st: Step, keep: bool) -> torch.Tensor:
+        """A step of the output's side that does not depend on its lattice: on one point of
+        the lattice, then spread (kept like the weights)."""
+        plan, e = self.plan, self.static[st.name]
+        nts = len(tshape(e.shape))
+
+        def make():
+            small = shrunk(plan, ev.params, bound, self.lattice)
+            v = small.eval_level(e, X_SIDE)  # [*B?, X, 1, *ts]
+            return spread(plan, bound, v.squeeze(-nts - 1), self.lattice, nts)
+
+        key = self._key(ev, bound, plan.spaces[X_SIDE].domains) if keep else None
+        return self._kept_or(st.name, key, make)
+
+    def _stencil(self, ev: PlanEvaluator, bound: Bound, f: StencilConv,
+                 keep: bool) -> torch.Tensor:
         plan = self.plan
         sx, sy = plan.spaces[X_SIDE], plan.spaces[f.over]
         chans = [s.factor(v).domain for s, v in ((sx, f.out_channel), (sy, f.in_channel),
                                                  (sy, f.taps)) if v is not None]
 
         def make():
-            K = sample_stencil(plan, ev.params, ev.bound, f)
+            K = sample_stencil(plan, ev.params, bound, f)
             w, groups = stencil_weight(f, K)
-            return w.contiguous(), groups, K.shape[0], _taps_origin(ev, f, K)
+            return w.contiguous(), groups, K.shape[0], _taps_origin(plan, f, K)
 
-        key = self._key(ev, chans) if keep else None
+        key = self._key(ev, bound, chans) if keep else None
         w, groups, nu, t0 = self._kept_or(f.step, key, make)
-        x, lead = _field_input(ev, f)
+        x, lead = _field_input(plan, bound, f)
         taps = w.shape[2:]
         left = [dl * (t + k - 1) - d if flip else -(dl * t + d)
                 for t, k, dl, d, flip in zip(t0, taps, f.dilation, f.offset, f.flip)]
-        n_out = ev.bound.axes[sx.factor(f.lattice).domain]
+        n_out = bound.axes[sx.factor(f.lattice).domain]
         out = conv(x, w, groups, f.stride, f.dilation, left, n_out)
-        return _to_side(ev, f, out, nu, lead)
+        return _to_side(plan, f, out, nu, lead)
 
-    def _lag(self, ev: PlanEvaluator, f: LagConv, keep: bool) -> torch.Tensor:
-        plan, bound = self.plan, ev.bound
+    def _lag(self, ev: PlanEvaluator, bound: Bound, f: LagConv, keep: bool) -> torch.Tensor:
+        plan = self.plan
         pdom, qdom = plan.spaces[X_SIDE].domain, plan.spaces[f.sum.over].domain
         np_, nq = bound.axes[pdom], bound.axes[qdom]
-        key = self._key(ev, (pdom, qdom)) if keep else None
+        key = self._key(ev, bound, (pdom, qdom)) if keep else None
         kernel = self._kept_or(f.step, key, lambda: lag_kernel(ev, f, np_, nq))
         Y = on(ev, f.sum.inside, f.sum.over)  # [*B?, m, C]
         width = {1, Y.shape[-1]} | ({kernel[1].shape[-1]} if kernel[0] == "direct" else
