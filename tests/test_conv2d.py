@@ -445,57 +445,29 @@ def test_channel_layouts_equal_the_plan_evaluator(name):
         torch.testing.assert_close(out[b], op(**one), rtol=1e-12, atol=1e-13)
 
 
-def test_the_definition_by_gathering_agrees_on_a_strided_flipped_offset_read():
-    src = """operator sfo {
+@pytest.mark.parametrize("read,stride,sign,dil,offset", [
+    ("3*q - 2*t + 2", 3, -1, 2, 2),  # strided, dilated, flipped, offset
+    ("q + t + 9", 1, 1, 1, 9),  # partly outside the lattice
+    ("2*q - t - 40", 2, -1, 1, -40),  # all outside: zeros
+])
+def test_the_definition_by_gathering_agrees(read, stride, sign, dil, offset):
+    src = f"""operator sfo {{
         domain P = index(2)
         domain Q = index(2)
         domain T = stencil(5, 3)
         input f : P -> R^2
         param w : R^2 = 1.0
-        output g(q: Q) = integral(t: T) exp(-sqnorm(t) * w) * f(3*q - 2*t + 2)
-    }"""
+        output g(q: Q) = integral(t: T) exp(-sqnorm(t) * w) * f({read})
+    }}"""
     op = _op(src)
     f = torch.randn(2, 13, 11, 2, generator=_gen(), dtype=D)
 
     def want(kw, params):
         K = _gauss_taps(params["w"], (5, 3))
-        return by_definition(kw["f"], K, (3, 3), (-1, -1), (2, 2), (2, 2), (-2, -1), (6, 5))
+        return by_definition(kw["f"], K, (stride,) * 2, (sign,) * 2, (dil,) * 2, (offset,) * 2,
+                             (-2, -1), (6, 5))
 
     _check(op, {"f": f, "Q": (6, 5)}, want)
-
-
-def test_two_integrals_a_box_filter_and_a_residual():
-    """Each integral its own convolution (a box filter: K = 1; a dilated one), then the
-    rest of the output (a residual read of the field, a param) by the Plan evaluator."""
-    src = """operator two {
-        domain P = index(2)
-        domain T = stencil(3, 3)
-        domain S = stencil(5, 1)
-        input f : P -> R^2
-        param a : R = 0.5
-        output g(p: P) = f(p) + a * integral(t: T) f(p + t) - integral(s: S) exp(-a * sqnorm(s)) * f(p + 2*s)
-    }"""
-    op = _op(src)
-    assert len(op.plan.form) == 2
-    x = torch.randn(2, 7, 6, 2, generator=_gen(), dtype=D)
-
-    def want(kw, params):
-        a = params["a"]
-        y = kw["f"].permute(0, 3, 1, 2)
-        box = F.conv2d(y, torch.ones(2, 1, 3, 3, dtype=D), padding=1, groups=2)
-        s = torch.arange(-2, 3, dtype=D)
-        k = torch.exp(-a * s**2).reshape(1, 1, 5, 1).expand(2, 1, 5, 1)
-        dil = F.conv2d(y, k, padding=(4, 0), dilation=(2, 1), groups=2)
-        return (y + a * box - dil).permute(0, 2, 3, 1)
-
-    _check(op, {"f": x}, want)
-
-
-def test_the_form_travels_with_the_plan():
-    import pickle
-    plan = itdsl.compile_source(INTEGRAL_CONV3X3, target="cpu").plan("integral_conv3x3")
-    again = pickle.loads(pickle.dumps(plan))
-    assert again.form == plan.form and again.strategy == "lattice_conv"
 
 
 # ---- kernels of p − q: FFT or direct over the bracket's support ------------------------------------
