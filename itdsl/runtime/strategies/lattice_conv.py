@@ -166,7 +166,7 @@ def _field_input(plan: Plan, bound: Bound, f: StencilConv) -> tuple[torch.Tensor
     x = x.movedim(-1, 2)  # [B, n_f, C, *lattice]
     if f.field_channel != "u" and cf > 1:
         x = x.transpose(1, 2)
-    return x.reshape(x.shape[0], -1, *x.shape[3:]), lead
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:]), lead
 
 
 def _to_side(plan: Plan, f: StencilConv, out: torch.Tensor, nu: int,
@@ -182,7 +182,7 @@ def _to_side(plan: Plan, f: StencilConv, out: torch.Tensor, nu: int,
     out = out.movedim(2, -1)  # [B, n_u, *lattice, C]
     if f.out_channel is not None and sx.vars.index(f.out_channel) > sx.vars.index(f.lattice):
         out = out.movedim(1, -2)  # the lattice first: [B, *lattice, n_u, C]
-    return out.reshape(*lead, -1, co)
+    return out.reshape(*lead, nu * math.prod(n_out), co)
 
 
 def _taps_origin(plan: Plan, f: StencilConv, K: torch.Tensor) -> list[int]:
