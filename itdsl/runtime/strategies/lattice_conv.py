@@ -366,17 +366,31 @@ class LatticeConvRunner(Runner):
                      and st.name not in self.static
                      for r in ([self.parts[st.name].outside] if st.name in self.parts
                                else st.roots)]
-            self.light = not any(_reads_points(r) for r in roots)
+            self.light = (all(isinstance(f, StencilConv) for f in self.form)
+                          and not any(_reads_points(r) for r in roots))
+        self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
         self._kept: dict[str, tuple[tuple, object]] = {}
         self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
 
-    def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.light:  # the call with one point of the lattice, viewed with all of them
-            small = shrunk(self.plan, params, bound, self.lattice)
+    def _light_evaluator(self, params: dict, bound: Bound) -> PlanEvaluator:
+        """An evaluator of the steps that read no point of the output: the call with one
+        point of the lattice (no input kept), viewed with all of them (their coordinates
+        never read), made once per sizes, dtype and device; a view of it per call."""
+        key = (tuple(sorted(bound.axes.items())), bound.dtype, bound.device)
+        ev = self._light.get(key)
+        if ev is None:
+            small = shrunk(self.plan, params, dataclasses.replace(bound, fields={}),
+                           self.lattice)
             n = math.prod(math.prod(bound.axes[d]) for d in self.plan.spaces[X_SIDE].domains)
             ev = small.at({X_SIDE: torch.zeros((), dtype=small.dtype,
                                                device=small.device).expand(n, 1)})
+            self._light = {key: ev}
+        return ev.tile(None, params=params, fields=bound.fields)
+
+    def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.light:
+            ev = self._light_evaluator(params, bound)
         else:
             ev = PlanEvaluator(self.plan, params, bound, generator)
         ev.expand_batch = False  # a value the same for every batch entry stays one value
