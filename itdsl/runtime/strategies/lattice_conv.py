@@ -48,9 +48,9 @@ def conv(x: torch.Tensor, w: torch.Tensor, groups: int, stride, dilation, left,
     k = w.shape[2:]
     right = [c * (n - 1) + dl * (kk - 1) + 1 - lf - ln
              for c, n, dl, kk, lf, ln in zip(stride, n_out, dilation, k, left, L)]
-    crop = (slice(None), slice(None)) + tuple(slice(max(0, -lf), ln - max(0, -r))
-                                              for lf, r, ln in zip(left, right, L))
-    x = x[crop]
+    if min(left) < 0 or min(right) < 0:
+        x = x[(slice(None), slice(None)) + tuple(slice(max(0, -lf), ln - max(0, -r))
+                                                 for lf, r, ln in zip(left, right, L))]
     left = [max(v, 0) for v in left]
     right = [max(v, 0) for v in right]
     fn = CONV[D]
