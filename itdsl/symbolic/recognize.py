@@ -42,7 +42,7 @@ from ..frontend.ast import DomainKind, ParamKind
 from ..frontend.printer import format_ir_expr
 from . import structure as st
 from .plan import Verdict
-from .strategies import RULES
+from .strategies import IR_RULES, PLAN_RULES, RULES  # noqa: F401  (RULES: every rule, in order)
 from .strategies.entry import Match, Miss, short
 from .tosympy import BRACKETS, Eq0, Lt0, TooBig, Translator, expand, generic_rank, split_trig
 
@@ -398,16 +398,16 @@ def structured(op: ir.Operator) -> str | None:
 
 
 def recognize(op: ir.Operator) -> Verdict:
-    """The strategy of `op`: the first rule of `RULES` that matches, with the reasons the
-    earlier ones did not."""
+    """The strategy of `op`: the first rule that matches, with the reasons the earlier ones
+    did not. A program of one variable per side is read by the IR's rules (`IR_RULES`); a
+    version-1 program (`structured`) by the rules that read its built Plan (`PLAN_RULES`:
+    lattice convolutions), else the general path."""
     why = structured(op)
     if why is not None:
-        return Verdict(strategy="dense", rule="general", form="any K(x,y)",
-                       reason=f"{why}: the general path", details={},
-                       rejected=(("one-variable forms", why),))
+        return _recognize_structured(op, why)
     analysis = Analysis(op)
     rejected: list[tuple[str, str]] = []
-    for rule in RULES:
+    for rule in IR_RULES:
         try:
             m = rule.match(analysis)
         except TooBig as e:
@@ -417,3 +417,17 @@ def recognize(op: ir.Operator) -> Verdict:
                            reason=m.reason, details=dict(m.details), rejected=tuple(rejected))
         rejected.append((rule.name, m.why))
     raise AssertionError("the last rule matches everything")
+
+
+def _recognize_structured(op: ir.Operator, why: str) -> Verdict:
+    from .strategies.lattice_conv import OnPlan
+    on_plan = OnPlan(op)
+    rejected: list[tuple[str, str]] = [("one-variable forms", why)]
+    for rule in PLAN_RULES:
+        m = rule.match(on_plan)
+        if isinstance(m, Match):
+            return Verdict(strategy=rule.strategy, rule=rule.name, form=rule.form,
+                           reason=m.reason, details=dict(m.details), rejected=tuple(rejected))
+        rejected.append((rule.name, m.why))
+    return Verdict(strategy="dense", rule="general", form="any K(x,y)",
+                   reason=f"{why}: the general path", details={}, rejected=tuple(rejected))

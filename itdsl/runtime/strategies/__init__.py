@@ -7,13 +7,14 @@ a Plan's strategy from its stored form (None for dense: the kernels run it).
 from __future__ import annotations
 
 from ...symbolic.plan import Plan
-from . import attention, convolution, lowrank, matmul, recurrence
+from . import attention, convolution, lattice_conv, lowrank, matmul, recurrence
 from .common import Runner
 
 RUNNERS = {
     "attention": attention.runner,
     "recurrence": recurrence.runner,
     "convolution": convolution.runner,
+    "lattice_conv": lattice_conv.runner,
     "lowrank": lowrank.runner,
     "matmul": matmul.runner,
 }

@@ -15,16 +15,17 @@ from ...symbolic import pexpr as P
 from ...symbolic.plan import X_SIDE, Plan
 from ...symbolic.strategies.forms import PairSum
 from ..binding import Bound
-from ..plan_eval import PlanEvaluator, tshape
+from ..plan_eval import PlanEvaluator, tshape, unflatten_output
 
 
 def output(plan: Plan, ev: PlanEvaluator, bound: Bound) -> torch.Tensor:
-    """The output step `[*B?, n, *ts]` with the call's batch dims (a scalar field squeezed)."""
+    """The output step with the call's batch dims (a scalar field squeezed), laid out over
+    its domains' axes as the call's inputs are: `[*B, *axes, *ts]`."""
     out = ev.env["out"]
     nts = len(tshape(plan.out_shape))
     lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
     out = out.expand(*lead, *out.shape[-nts - 1:])
-    return out[..., 0] if plan.out_shape == () else out
+    return unflatten_output(plan, bound, out[..., 0] if plan.out_shape == () else out)
 
 
 def on(ev: PlanEvaluator, e: P.Node, side: str) -> torch.Tensor:

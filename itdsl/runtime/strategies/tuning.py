@@ -5,3 +5,4 @@ SEGMENT = 64  # chunks per segment of a causal low-rank scan (segments run one b
 ROWS, COLS = 256, 512  # attention tiles (rows of x, columns of y)
 DIRECT_TAPS = 96  # a convolution with more taps than this runs by FFT
 USE_SDPA = True  # plain attention by torch's scaled_dot_product_attention (else its own tiles)
+LATTICE_DIRECT_TAPS = 1024  # a lag convolution whose bracket spans more taps runs by FFT

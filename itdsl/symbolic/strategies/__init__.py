@@ -8,7 +8,7 @@ form in the Plan), `explain`, the API's list of strategies and the runtime.
 
 from __future__ import annotations
 
-from . import attention, convolution, dense, lowrank, matmul, recurrence
+from . import attention, convolution, dense, lattice_conv, lowrank, matmul, recurrence
 from .entry import Call, Match, Miss, Rule, Strategy
 
 REGISTRY: tuple[Strategy, ...] = (
@@ -17,16 +17,23 @@ REGISTRY: tuple[Strategy, ...] = (
     convolution.STRATEGY,
     lowrank.STRATEGY,
     matmul.STRATEGY,
+    lattice_conv.STRATEGY,  # (its rules read the Plans of version-1 programs: `ON_PLAN`)
     dense.STRATEGY,  # last: its rule matches everything
 )
 BY_NAME: dict[str, Strategy] = {s.name: s for s in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 RULES: tuple[Rule, ...] = tuple(r for s in REGISTRY for r in s.rules)
+# the strategies whose rules read the built Plan of a version-1 program (several variables,
+# lattices, reads at computed points: `recognize.structured`), with `lattice_conv.OnPlan`;
+# the others read the IR of a program of one variable per side, with `recognize.Analysis`
+ON_PLAN: tuple[Strategy, ...] = (lattice_conv.STRATEGY,)
+PLAN_RULES: tuple[Rule, ...] = tuple(r for s in ON_PLAN for r in s.rules)
+IR_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r not in PLAN_RULES)
 
 
 def get(name: str) -> Strategy:
     return BY_NAME[name]
 
 
-__all__ = ["BY_NAME", "Call", "Match", "Miss", "NAMES", "REGISTRY", "RULES", "Rule", "Strategy",
-           "get"]
+__all__ = ["BY_NAME", "Call", "IR_RULES", "Match", "Miss", "NAMES", "ON_PLAN", "PLAN_RULES",
+           "REGISTRY", "RULES", "Rule", "Strategy", "get"]
