@@ -45,6 +45,9 @@ class Kind:
     # axis (the points of a product of axes are flattened in row-major order: the last axis
     # runs fastest); None: the domain is one axis
     split: Callable[..., list[dict]] | None = None
+    # a declared domain -> its number of axes (what `split` would give, counted cheaply: the
+    # call binding reads it on every call, under torch.compile too)
+    naxes: Callable[..., int] = lambda d: 1
     # a declared domain -> the width of a point's coordinate (None: a scalar)
     width: Callable[..., int | None] = lambda d: None
     # a declared domain -> its axes' sizes when the declaration fixes them (a stencil's), else

@@ -137,7 +137,8 @@ KINDS = [
          min_size=2, regular=True, points=_grid_points, spacing=_grid_spacing,
          declare=_grid_declare, text=_grid_text, sample=_uniform,
          split=lambda d: [{"lo": a, "hi": b, "boxes": ()} for a, b in d.boxes] if d.boxes
-         else None, width=lambda d: len(d.boxes) if d.boxes else None),
+         else None, width=lambda d: len(d.boxes) if d.boxes else None,
+         naxes=lambda d: len(d.boxes) if d.boxes else 1),
     # the integers 0, 1, ..., n − 1 (`index`), or the lattice of integer vectors of D axes
     # (`index(D)`); the sum is their measure
     Kind(name="index", usage="index(D)", arity=(0, 1), default="sum", given=False, min_size=0,
@@ -145,7 +146,7 @@ KINDS = [
          spacing=lambda d, n: 1.0, measure=lambda d, n: 1.0, declare=_index_declare,
          text=lambda d, num: "index" if d.dim is None else f"index({d.dim})",
          sample=_lattice_sample, split=lambda d: [{"dim": None}] * d.dim if d.dim else None,
-         width=lambda d: d.dim, integer=True),
+         width=lambda d: d.dim, naxes=lambda d: d.dim or 1, integer=True),
     # the fixed integer offsets −(k − 1)/2 … (k − 1)/2 along each of 1 to 3 axes
     Kind(name="stencil", usage="stencil(k1, k2)", arity=(1, 2, 3), default="sum", given=False,
          min_size=1, regular=True,
@@ -155,5 +156,5 @@ KINDS = [
          sample=_stencil_sample,
          split=lambda d: [{"sizes": (k,)} for k in d.sizes] if len(d.sizes) > 1 else None,
          width=lambda d: len(d.sizes) if len(d.sizes) > 1 else None,
-         fixed=lambda d: d.sizes, integer=True),
+         fixed=lambda d: d.sizes, naxes=lambda d: len(d.sizes), integer=True),
 ]

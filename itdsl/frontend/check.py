@@ -179,7 +179,8 @@ class _OperatorChecker:
 
     def decl_DomainDecl(self, d: ast.DomainDecl) -> None:
         self.domains[d.name] = ir.Domain(name=d.name, kind=d.kind, dim=d.dim, lo=d.lo, hi=d.hi,
-                                         boxes=d.boxes, sizes=d.sizes, span=d.span)
+                                         boxes=d.boxes, sizes=d.sizes,
+                                         span=d.span).with_parts()
 
     def lookup_domain(self, name: str, span: Span) -> ir.Domain | None:
         dom = self.domains.get(name)

@@ -26,7 +26,7 @@ Every node has a `width` and a `span` (the span is not part of equality).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from ..domains import RULES, table_enum
@@ -67,6 +67,8 @@ class Domain:
     hi: float | None = None
     boxes: tuple[tuple[float, float], ...] = ()
     sizes: tuple[int, ...] = ()
+    # its 1-D axes, when it has several (`axes`); made from the fields above, so not compared
+    parts: tuple[Domain, ...] = field(default=(), compare=False, repr=False)
     span: Span = span_field()
 
     @property
@@ -79,12 +81,23 @@ class Domain:
     def axes(self) -> tuple[Domain, ...]:
         """The 1-D domains whose product this domain is (itself if it has one axis); its
         points are theirs flattened in row-major order (the last axis runs fastest)."""
-        parts = self.kind.entry.split
-        split = parts(self) if parts is not None else None
-        if split is None:
-            return (self,)
-        return tuple(Domain(name=f"{self.name}[{k}]", kind=self.kind, **fields)
-                     for k, fields in enumerate(split))
+        return self.parts or (self,)
+
+    def with_parts(self) -> Domain:
+        """This domain with its axes made (`parts`: made once, at checking, so that the
+        runtime only reads them, under torch.compile too)."""
+        split = self.kind.entry.split
+        fields = split(self) if split is not None else None
+        if fields is None:
+            return self
+        parts = tuple(Domain(name=f"{self.name}[{k}]", kind=self.kind, **f)
+                      for k, f in enumerate(fields))
+        return replace(self, parts=parts)
+
+    @property
+    def naxes(self) -> int:
+        """len(self.axes), without building them."""
+        return self.kind.entry.naxes(self)
 
     @property
     def fixed(self) -> tuple[int, ...] | None:

@@ -61,12 +61,12 @@ def used_coords(op: ir.Operator) -> set[str]:
 
 def axes_text(d: ir.Domain) -> str:
     """How a call passes the size of `d`: "24" or "(H, W)"."""
-    k = len(d.axes)
+    k = d.naxes
     return "an int" if k == 1 else "a tuple of " + str(k) + " ints"
 
 
 def _example(d: ir.Domain) -> str:
-    k = len(d.axes)
+    k = d.naxes
     return f"`{d.name}=24`" if k == 1 else f"`{d.name}=({', '.join(['16'] * k)})`"
 
 
@@ -75,7 +75,7 @@ def input_text(i: ir.Input, op: ir.Operator) -> str:
     axes = []
     for name in i.domains:
         d = op.domain(name)
-        k = len(d.axes)
+        k = d.naxes
         axes += [f"n_{name}"] if k == 1 else [f"{name}{j}" for j in range(k)]
     if len(axes) == 1:
         axes = ["n"]
@@ -175,7 +175,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                              "declaration, and a call passes nothing for it",
                              hint=f"drop `{d.name}=` from the call")
         else:
-            k = len(d.axes)
+            k = d.naxes
             vals = v if isinstance(v, tuple) and k > 1 else (v,)
             if len(vals) != k or any([isinstance(x, torch.Tensor) or not isinstance(x, int)
                                      or isinstance(x, bool) for x in vals]):
@@ -202,7 +202,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
         if not isinstance(v, torch.Tensor):
             raise InputError(f"input `{i.name}` should be a tensor {want}, got {type(v).__name__}")
         _dense(f"input `{i.name}`", v)
-        k = sum([len(op.domain(name).axes) for name in i.domains])  # point axes
+        k = sum([op.domain(name).naxes for name in i.domains])  # point axes
         ok = v.dim() >= k + 1 and v.shape[-1] == i.width if i.width is not None else v.dim() >= k
         if not ok:
             raise InputError(f"input `{i.name}` should have shape {want} ({typ}), got "
@@ -216,7 +216,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                     f"trailing 1 (`{i.name}.squeeze(-1)`), or declare it `R^1`")
         at = f.dim() - k - 1
         for name in i.domains:
-            na = len(op.domain(name).axes)
+            na = op.domain(name).naxes
             set_size(name, tuple(f.shape[at:at + na]), f"input `{i.name}`", hint)
             at += na
         n = math.prod(f.shape[f.dim() - k - 1:-1])

@@ -99,7 +99,7 @@ class OpDef:
         # the sizes given as numbers: one int per axis (-1: not given); a stencil has none
         self.int_names = [d.name for d in op.domains
                           if not d.kind.entry.given and d.fixed is None]
-        self.int_axes = [len(op.domain(n).axes) for n in self.int_names]
+        self.int_axes = [op.domain(n).naxes for n in self.int_names]
         fwd_names = {st.name for st in plan.forward.steps}
         used = {n.name for st in plan.backward.steps for n in toposort(st.roots)
                 if n.op == "ref"}
@@ -265,7 +265,7 @@ def _side_size(plan: Plan, side: str, bound) -> int:
     for f in plan.spaces[side].factors:
         m = bound.sizes.get(f.domain, 0)
         if f.quad is not None and f.quad.rule.entry.own_nodes:
-            m = f.quad.n ** len(plan.op.domain(f.domain).axes)
+            m = f.quad.n ** plan.op.domain(f.domain).naxes
         n *= m
     return n
 

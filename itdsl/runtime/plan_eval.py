@@ -116,7 +116,7 @@ class PlanEvaluator:
     def _axes(self, d: ir.Domain, q: ir.Quad | None) -> tuple[int, ...]:
         """The sizes of the axes of `d` an integral with `q` runs over."""
         if q is not None and q.rule.entry.own_nodes:
-            return (q.n,) * len(d.axes)
+            return (q.n,) * d.naxes
         return self.bound.axes[d.name]
 
     def _positions(self, n: int, axes: tuple[int, ...], stride: int, count: int) -> torch.Tensor:

@@ -108,7 +108,7 @@ def _side(binds: tuple[ir.Bind, ...], quads: tuple[ir.Quad | None, ...], axis: i
     out = {}
     for k, (b, d, q, p) in enumerate(zip(binds, doms, quads, pts)):
         own = q is not None and q.rule.entry.own_nodes
-        axes = (q.n,) * len(d.axes) if own else ctx.bound.axes[d.name]
+        axes = (q.n,) * d.naxes if own else ctx.bound.axes[d.name]
         coords = None if p.coords is None else _spread(p.coords, k, sizes, dim=-2)
         index = _spread(torch.arange(p.n, device=ctx.bound.device), k, sizes)
         out[b.var] = _Var(d, axis, coords, index, axes)

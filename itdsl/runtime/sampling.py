@@ -40,7 +40,7 @@ def side_points(d: ir.Domain, quad: ir.Quad | None, bound: Bound) -> Points:
     the vector of its axes' coordinates, its weight the product of the axes' weights."""
     rule = None if quad is None else quad.rule.entry
     if rule is not None and rule.own_nodes:
-        k = len(d.axes)
+        k = d.naxes
         nodes, w = _fixed(d, quad, (quad.n,) * k, bound.dtype, bound.device)
         return Points(quad.n ** k, nodes, w)
     n = bound.sizes[d.name]
@@ -85,7 +85,7 @@ def _fixed(d: ir.Domain, quad: ir.Quad | None, axes: tuple[int, ...], dtype: tor
     elif len(coords) == 1:
         c = tensor(coords[0]).reshape(-1, 1)
     else:
-        grids = torch.meshgrid(*(tensor(x) for x in coords), indexing="ij")
+        grids = torch.meshgrid(*[tensor(x) for x in coords], indexing="ij")
         c = torch.stack([g.reshape(-1) for g in grids], dim=-1)
     if weights[0] is None:
         w = None

@@ -75,7 +75,7 @@ def _axes_of(plan: Plan, side: str, var: str, bound: Bound) -> tuple[int, ...]:
     fac = plan.spaces[side].factor(var)
     dom = plan.op.domain(fac.domain)
     if fac.quad is not None and fac.quad.rule.entry.own_nodes:
-        return (fac.quad.n,) * len(dom.axes)
+        return (fac.quad.n,) * dom.naxes
     return bound.axes[dom.name]
 
 
