@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/conv2d.py
 
 # The differential fuzzer (tests/fuzzing/): N programs through the torch paths, TVM of them
 # through the TVM kernels too; failing programs go to tests/fuzz_corpus/new/.
