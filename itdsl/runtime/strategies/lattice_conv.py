@@ -230,10 +230,29 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
             box = tuple(slice(low + b - 1, h + b) for low, h, b in zip(lo, hi, nq))
             taps = g[box].flip(list(range(D)))  # w[k] = g(hi − k)
             return ("direct", taps, hi)
-    S = [a + b - 1 for a, b in zip(np_, nq)]
+    # the linear convolution needs a + b − 1 points per axis; any more are exact too (the
+    # wrap-around lands on the first b − 1 outputs, which are dropped): the next size whose
+    # FFT is fast (a prime such as 127 is several times slower than 128)
+    S = [_fft_size(a + b - 1) for a, b in zip(np_, nq)]
     G = g.movedim(-1, 0)
     G = G.float() if G.dtype in HALF else G
     return ("fft", torch.fft.rfftn(G, s=S, dim=list(range(1, D + 1))), S)
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^i·3^j·5^k ≥ n."""
+    best = 1 << max(0, (n - 1).bit_length())
+    f5 = 1
+    while f5 < best:
+        f35 = f5
+        while f35 < best:
+            m = f35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            f35 *= 3
+        f5 *= 5
+    return best
 
 
 def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Tensor:
