@@ -170,3 +170,11 @@ def test_the_cache_modules_import_first_without_a_circle(module):
     assert r.returncode == 0, r.stderr[-3000:]
     if module.startswith("itdsl.cache"):
         assert r.stdout.strip() == "[]"
+
+
+def test_plan_key_covers_the_ir_classes():
+    """A Plan pickles the operator's IR: a change to the IR's classes is a new key (a stale
+    Plan whose domains lacked their axes once crashed a version 1 operator)."""
+    from itdsl.cache.disk import sources
+    names = {(p.parent.name, p.name) for p in sources("symbolic")}
+    assert ("frontend", "ir.py") in names and ("frontend", "ast.py") in names

@@ -46,9 +46,12 @@ def sources(stage: str) -> list[Path]:
     """The source files of a stage (`"symbolic"`, `"lowering"`, with their subpackages such
     as `symbolic/strategies/`), with the tables of elementwise functions (whose sympy,
     derivative and TVM forms the symbolic layer and the lowering read) and of domain kinds
-    and quadratures (what the Plan builder asks of a rule)."""
+    and quadratures (what the Plan builder asks of a rule), and with the IR's definitions
+    (`frontend/ir.py`, `frontend/ast.py`: a Plan pickles the operator's IR, so a change to
+    its classes must not be served an old one)."""
     return sorted((_ROOT / stage).rglob("*.py")) + [
-        f for table in ("functions", "domains") for f in sorted((_ROOT / table).glob("*.py"))]
+        f for table in ("functions", "domains") for f in sorted((_ROOT / table).glob("*.py"))
+    ] + [_ROOT / "frontend" / "ir.py", _ROOT / "frontend" / "ast.py"]
 
 
 _VERSIONS: str | None = None

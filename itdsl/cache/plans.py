@@ -2,7 +2,8 @@
 
 One pickle per operator, `$ITDSL_CACHE_DIR/plans/<key>.pkl`. The key hashes the checked IR's
 text, the forced strategy, the code versions (`disk.versions`) and the source of the symbolic
-layer and of the elementwise functions: a change to the analysis is never served an old Plan.
+layer, of the tables of functions, domains and rules, and of the IR's classes (which the Plan
+pickles): a change to the analysis is never served an old Plan.
 An entry that does not unpickle to a Plan is removed and the operator analysed again.
 
 Imports neither torch nor TVM (nor sympy: unpickling a Plan needs only its dataclasses).

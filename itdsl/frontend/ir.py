@@ -67,8 +67,9 @@ class Domain:
     hi: float | None = None
     boxes: tuple[tuple[float, float], ...] = ()
     sizes: tuple[int, ...] = ()
-    # its 1-D axes, when it has several (`axes`); made from the fields above, so not compared
-    parts: tuple[Domain, ...] = field(default=(), compare=False, repr=False)
+    # its 1-D axes, when it has several (`axes`), made from the fields above when checked
+    # (compared too: a Domain without them is not the checked one)
+    parts: tuple[Domain, ...] = field(default=(), repr=False)
     span: Span = span_field()
 
     @property
