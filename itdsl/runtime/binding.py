@@ -55,28 +55,8 @@ def _shape(t: torch.Tensor) -> str:
 
 def used_coords(op: ir.Operator) -> set[str]:
     """Domains whose point coordinates the operator reads."""
-    return _facts(op)[0]
-
-
-_FACTS: dict[int, tuple] = {}  # id(op) -> (op, facts): read on every call, found once
-
-
-def _facts(op: ir.Operator) -> tuple:
-    """What binding reads of an operator's body on every call, walked once per operator:
-    (domains whose coordinates it reads, domains the output or an integral ranges over,
-    the integrals)."""
-    hit = _FACTS.get(id(op))
-    if hit is not None and hit[0] is op:
-        return hit[1]
     nodes = list(ir.walk(op.output.body))
-    integrals = [n for n in nodes if isinstance(n, ir.Integral)]
-    coords = {n.domain for n in nodes if isinstance(n, ir.Coord)}
-    ranged = set(op.output.domains) | {b.domain for n in integrals
-                                       for b, q in zip(n.vars, n.quads)
-                                       if not q.rule.entry.own_nodes}
-    facts = (coords, ranged, integrals)
-    _FACTS[id(op)] = (op, facts)
-    return facts
+    return {n.domain for n in nodes if isinstance(n, ir.Coord)}
 
 
 def axes_text(d: ir.Domain) -> str:
@@ -247,7 +227,10 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                              f"`{d.name}=` a tensor [..., n, {d.dim}]")
     # Every domain the output or an integral ranges over needs a size (not a rule with
     # nodes of its own, gauss: the integrand is evaluated at its nodes).
-    ranged = _facts(op)[1]
+    ranged = set(op.output.domains) | {b.domain for n in ir.walk(op.output.body)
+                                       if isinstance(n, ir.Integral)
+                                       for b, q in zip(n.vars, n.quads)
+                                       if not q.rule.entry.own_nodes}
     for name in sorted(ranged):
         if name not in sizes:
             d = op.domain(name)
@@ -300,7 +283,9 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
 def _check_empty(op: ir.Operator, sizes: dict[str, int]) -> None:
     """An integral whose rule needs points (mean, montecarlo: `Rule.empty`) over a domain
     with none."""
-    for n in _facts(op)[2]:
+    for n in ir.walk(op.output.body):
+        if not isinstance(n, ir.Integral):
+            continue
         for b, q in zip(n.vars, n.quads):
             if sizes.get(b.domain) == 0 and q.rule.entry.empty is not None:
                 raise InputError(f"`integral({b.var}: {b.domain})` with `{q.rule.value}` has no "
