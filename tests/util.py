@@ -41,20 +41,23 @@ def grads(fn, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def random_inputs(op, gen=None, sizes=(5, 6, 7, 4), dtype=None) -> dict:
     """Random keyword arguments for a checked operator (`ir.Operator`): coordinates for its
-    `points` domains, a size for `grid`/`index` domains no input lives on, a field per
-    input; one size per domain (from `sizes`, in declaration order)."""
+    `points` domains, a size for `grid`/`index` domains no input lives on (a tuple for a
+    domain of several axes; nothing for a stencil), a field per input; one size per axis
+    (from `sizes`, in declaration order)."""
     from itdsl.frontend.ast import DomainKind
     dtype = dtype or torch.float64
     gen = gen or torch.Generator().manual_seed(0)
-    n = {d.name: sizes[k % len(sizes)] for k, d in enumerate(op.domains)}
-    fed = {i.domain for i in op.inputs}
+    n = {d.name: d.fixed or tuple(sizes[(k + a) % len(sizes)] for a in range(d.naxes))
+         for k, d in enumerate(op.domains)}
+    fed = {name for i in op.inputs for name in i.domains}
     kw = {}
     for d in op.domains:
         if d.kind is DomainKind.POINTS:
-            kw[d.name] = torch.rand(n[d.name], d.dim, generator=gen, dtype=dtype)
-        elif d.name not in fed:
-            kw[d.name] = n[d.name]
+            kw[d.name] = torch.rand(n[d.name][0], d.dim, generator=gen, dtype=dtype)
+        elif d.name not in fed and d.fixed is None:
+            kw[d.name] = n[d.name][0] if d.naxes == 1 else n[d.name]
     for i in op.inputs:
-        shape = (n[i.domain],) if i.width is None else (n[i.domain], i.width)
+        axes = tuple(k for name in i.domains for k in n[name])
+        shape = axes if i.width is None else (*axes, i.width)
         kw[i.name] = torch.randn(*shape, generator=gen, dtype=dtype)
     return kw
