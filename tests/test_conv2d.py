@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,23 +29,10 @@ D = torch.float64
 
 
 # the two programs of the language's version 1 (examples/blur2d.it, examples/integral_conv3x3.it)
-BLUR2D = """operator blur2d {
-    domain P = index(2)
-    domain T = stencil(5, 5)
-    input  f : P -> R^8
-    param  w : R^8 = 1.0
-    output g(p: P) = integral(t: T) exp(-sqnorm(t) / (2 * w^2)) * f(p + t)
-}"""
-INTEGRAL_CONV3X3 = """operator integral_conv3x3 {
-    domain U = grid(0, 1)
-    domain V = grid(0, 1)
-    domain P = index(2)
-    domain T = stencil(3, 3)
-    input  f : V * P -> R
-    param  W : spline(16, 16, per = T)
-    param  c : spline(16)
-    output g(u: U, p: P) = c(u) + integral(v: V, t: T) W(u, v, t) * f(v, p + t) with (trapezoid, sum)
-}"""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+BLUR2D = (EXAMPLES / "blur2d.it").read_text()  # the example, as written
+INTEGRAL_CONV3X3 = (EXAMPLES / "integral_conv3x3.it").read_text()  # the example, as written
 
 
 def _gen(seed: int = 0) -> torch.Generator:

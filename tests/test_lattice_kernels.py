@@ -10,6 +10,7 @@ and with the Plan evaluator (`evaluate_plan`), NaN and inf included.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,28 +24,11 @@ from itdsl.runtime.plan_eval import evaluate_backward, evaluate_plan
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
-BLUR2D = """
-operator blur2d {
-    domain P = index(2)
-    domain T = stencil(5, 5)
-    input  f : P -> R^8
-    param  w : R^8 = 1.0
-    output g(p: P) = integral(t: T) exp(-sqnorm(t) / (2 * w^2)) * f(p + t)
-}
-"""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-INTEGRAL_CONV3X3 = """
-operator integral_conv3x3 {
-    domain U = grid(0, 1)
-    domain V = grid(0, 1)
-    domain P = index(2)
-    domain T = stencil(3, 3)
-    input  f : V * P -> R
-    param  W : spline(16, 16, per = T)
-    param  c : spline(16)
-    output g(u: U, p: P) = c(u) + integral(v: V, t: T) W(u, v, t) * f(v, p + t) with (trapezoid, sum)
-}
-"""
+BLUR2D = (EXAMPLES / "blur2d.it").read_text()  # the example, as written
+
+INTEGRAL_CONV3X3 = (EXAMPLES / "integral_conv3x3.it").read_text()  # the example, as written
 
 # reads at 2q + t (stride 2), p - t (a flipped kernel), p + t - 1 (shifted), in 1, 2 and 3
 # axes; the kernels K(t) = exp(a . t) are not symmetric, so a flip or a shift would show

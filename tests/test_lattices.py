@@ -9,6 +9,7 @@ targets in `TARGETS`; a target joins the list once it runs version 1 programs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,16 +98,9 @@ def test_spline_basis_by_hand():
 
 # ---- blur2d: a depthwise 2-D convolution ----------------------------------------------------
 
-BLUR2D = """
-# A learnable-width Gaussian blur of an image, channels last: a depthwise 2-D convolution.
-operator blur2d {
-    domain P = index(2)
-    domain T = stencil(5, 5)
-    input  f : P -> R^8
-    param  w : R^8 = 1.0
-    output g(p: P) = integral(t: T) exp(-sqnorm(t) / (2 * w^2)) * f(p + t)
-}
-"""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+BLUR2D = (EXAMPLES / "blur2d.it").read_text()  # the example, as written
 
 
 def blur_formula(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -140,18 +134,7 @@ def test_blur2d_gradcheck(target):
 
 # ---- integral_conv3x3: the convolution layer of an Integral Neural Network ------------------
 
-INN_CONV = """
-operator integral_conv3x3 {
-    domain U = grid(0, 1)
-    domain V = grid(0, 1)
-    domain P = index(2)
-    domain T = stencil(3, 3)
-    input  f : V * P -> R
-    param  W : spline(16, 16, per = T)
-    param  c : spline(16)
-    output g(u: U, p: P) = c(u) + integral(v: V, t: T) W(u, v, t) * f(v, p + t) with (trapezoid, sum)
-}
-"""
+INN_CONV = (EXAMPLES / "integral_conv3x3.it").read_text()  # the example, as written
 
 
 def inn_weight(W: torch.Tensor, n_u: int, n_v: int) -> torch.Tensor:
