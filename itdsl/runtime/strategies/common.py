@@ -78,10 +78,22 @@ def ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
 
 
 class Runner:
-    """Runs a Plan's forward in torch; `run` fills the evaluator's steps."""
+    """Runs a Plan's forward in torch; `run` fills the evaluator's steps. A runner that keeps
+    values sampled from the params (a matrix, convolution weights) checks them with
+    `_same_params`."""
 
     def __init__(self, plan: Plan):
         self.plan, self.form = plan, plan.form
+        self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
+
+    def _same_params(self, params: dict[str, torch.Tensor]) -> bool:
+        """The params equal those the kept values were sampled with (then kept as copies)."""
+        same = self._params is not None and len(self._params) == len(params) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and torch.equal(a, b) for a, b in zip(self._params, params.values()))
+        if not same:
+            self._params = [p.detach().clone() for p in params.values()]
+        return same
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
                  generator: torch.Generator | None = None) -> torch.Tensor:

@@ -389,7 +389,6 @@ class LatticeConvRunner(Runner):
                           and not any(_reads_points(r) for r in roots))
         self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
         self._kept: dict[str, tuple[tuple, object]] = {}
-        self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
 
     def _light_evaluator(self, params: dict, bound: Bound) -> PlanEvaluator:
         """An evaluator of the steps that read no point of the output: the call with one
@@ -500,15 +499,6 @@ class LatticeConvRunner(Runner):
         Y = Y.reshape(math.prod(lead), *nq, C).movedim(-1, 1)
         out = lag_apply(kernel, Y, np_, nq)  # [B, C, *n_p]
         return out.movedim(1, -1).reshape(*lead, -1, C)
-
-    def _same_params(self, params: dict[str, torch.Tensor]) -> bool:
-        """The params equal those the kept values were sampled with (then kept as copies)."""
-        same = self._params is not None and len(self._params) == len(params) and all(
-            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            and torch.equal(a, b) for a, b in zip(self._params, params.values()))
-        if not same:
-            self._params = [p.detach().clone() for p in params.values()]
-        return same
 
 
 runner = LatticeConvRunner

@@ -49,7 +49,6 @@ class MatmulRunner(Runner):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
-        self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
         self.steps = _split_static(plan)
         # steps of params and coordinates only: sampled once per version, like the matrix
         self._static = {st.name for st in self.steps
@@ -87,15 +86,6 @@ class MatmulRunner(Runner):
             else:
                 out = torch.matmul(A, V)  # [*B, n, C]
             ev.env[st.name] = ev.full(out.reshape(*out.shape[:-1], *ts), X_SIDE, len(ts))
-
-    def _same_params(self, params: dict[str, torch.Tensor]) -> bool:
-        """The params equal those the kept values were sampled with (then kept as copies)."""
-        same = self._params is not None and len(self._params) == len(params) and all(
-            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            and torch.equal(a, b) for a, b in zip(self._params, params.values()))
-        if not same:
-            self._params = [p.detach().clone() for p in params.values()]
-        return same
 
     def _matrix(self, ev: PlanEvaluator, t: MatmulTerm, version) -> torch.Tensor:
         if version is not None:
