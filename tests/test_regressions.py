@@ -500,3 +500,45 @@ def test_an_index_of_size_zero_by_keyword_is_empty(target):
     torch.testing.assert_close(op(T=3), torch.exp(-(t[:, None] - t[None, :]) ** 2).sum(1))
     with pytest.raises(itdsl.InputError, match="at least 0"):
         op(T=-1)
+
+
+_PADDED_ATTENTION = """
+operator padded_attention {
+    domain I = index
+    domain J = index
+    input  q : I -> R^4
+    input  k : J -> R^4
+    input  v : J -> R^4
+    input  w : J -> R
+    kernel a(i: I, j: J) = exp(dot(q(i), k(j)))
+    output o(i: I) = integral(j: J) a(i, j) * v(j) with weights(w) / integral(j: J) a(i, j) with weights(w)
+}
+"""
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_padding_weights_with_huge_scores(target, dtype):
+    """A padding mask given as weights(w) (w = 0 on the padding): the softmax shift's max
+    runs over the live points only, so padded keys with scores ~10³ above the rest neither
+    underflow the live terms (0/0) nor overflow to 0 · inf (they gave NaN everywhere)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    k[:, 4:] *= 300
+    w = torch.ones(2, 6, dtype=torch.float64)
+    w[:, 4:] = 0
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    s = leaves[0] @ leaves[1][:, :4].transpose(-1, -2)
+    expected = torch.softmax(s, -1) @ leaves[2][:, :4]
+    cot = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(expected, leaves, cot)
+    m = itdsl.compile_source(_PADDED_ATTENTION, target=target)["padded_attention"]
+    ins = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = m(q=ins[0], k=ins[1], v=ins[2], w=w.to(dtype))
+    got = torch.autograd.grad(out, ins, cot.to(dtype))
+    tol = 1e-10 if dtype is torch.float64 else 1e-4
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=tol, atol=tol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)

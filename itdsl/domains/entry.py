@@ -90,6 +90,7 @@ class Rule:
     from_input: bool = False  # the weights are the input field named by its `field` argument
     sampled: bool = False  # drawn at random per call (montecarlo)
     unit: bool = False  # every weight is 1: the summand needs no weight factor
+    zeros: bool = False  # some weights may be 0: a softmax shift's max skips those points
     empty: str | None = None  # why the rule is undefined over no points (None: 0 there)
 
     @property

@@ -60,9 +60,9 @@ RULES = [
     Rule(name="sum", weights=lambda d, m: np.ones(m), unit=True),
     Rule(name="mean", weights=lambda d, m: np.full(m, 1.0 / max(m, 1)),
          empty="the mean over no points is undefined"),
-    Rule(name="weights", from_input=True,
+    Rule(name="weights", from_input=True, zeros=True,
          args=(Arg(field="weights", kind="field", what="the weights field", placeholder="w"),)),
-    Rule(name="riemann", kinds=frozenset({"grid"}), weights=_riemann),
+    Rule(name="riemann", kinds=frozenset({"grid"}), weights=_riemann, zeros=True),
     Rule(name="trapezoid", kinds=frozenset({"grid"}), weights=_trapezoid),
     Rule(name="simpson", kinds=frozenset({"grid"}), weights=_simpson),
     Rule(name="gauss", kinds=frozenset({"grid"}), nodes=_gauss,
@@ -73,7 +73,7 @@ RULES = [
                    limit=MAX_NODES, noun="the number of midpoint cells"),)),
     # S indices drawn with replacement, uniformly or ∝ the importance, each weighted
     # μ_j / (S·p_j), μ the domain's measure (runtime/sampling.py draws them)
-    Rule(name="montecarlo", kinds=frozenset({"points", "index"}), sampled=True,
+    Rule(name="montecarlo", kinds=frozenset({"points", "index"}), sampled=True, zeros=True,
          empty="no point can be sampled from it",
          args=(Arg(field="samples", kind="count", what="the number of samples", placeholder="S",
                    limit=MAX_SAMPLES),

@@ -352,7 +352,8 @@ def _factors(e: ir.Expr) -> list[ir.Expr]:
     return [e]
 
 
-def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr, torch.Tensor]:
+def _ratio_shift(num: ir.Integral, den: ir.Integral, side: _Side,
+                 ctx: _Ctx) -> dict[ir.Expr, torch.Tensor]:
     """For `integral K*v / integral K` with a shared factor exp(s): exp(s - max_y s).
 
     The ratio is unchanged and the exponentials cannot overflow (softmax attention).
@@ -364,12 +365,16 @@ def _ratio_shift(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> dict[ir.Expr,
     out = {}
     for f in shared:
         s = _eval(f.args[0], ctx)
-        # The max runs over the points where the rest of the denominator is non-zero, so
-        # that masked-out terms (a causal bracket) cannot push the live ones to underflow.
+        # The max runs over the points where the rest of the denominator (its weight too)
+        # is non-zero, so that masked-out terms (a causal bracket, a point not drawn)
+        # cannot push the live ones to underflow.
         rest = [g for g in _factors(den.body) if g != f]
+        values = [_eval(g, ctx) for g in rest]
+        if any(q.rule.entry.zeros for q in den.quads):  # a point of weight 0 is not live
+            values.append(_weights(den, side, ctx))
         live = s.detach()
-        if rest:
-            r = _product([_eval(g, ctx) for g in rest])
+        if values:
+            r = _product(values)
             mask = (r.detach() != 0).expand(torch.broadcast_shapes(r.shape, s.shape))
             live = torch.where(mask, live, torch.full_like(live, -math.inf))
             if all(g in _factors(num.body) for g in rest):
@@ -440,8 +445,9 @@ def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     m = math.prod(ctx.bound.sizes.get(b.domain, 0) for b in num.vars)
     if not any(q.rule.entry.own_nodes for q in num.quads) and m > 0:
         _check_pairs(num, m, ctx)
-        with _entered(_side(num.vars, num.quads, Y_AXIS, ctx), ctx):
-            shifts = _ratio_shift(num, den, ctx)
+        side = _side(num.vars, num.quads, Y_AXIS, ctx)
+        with _entered(side, ctx):
+            shifts = _ratio_shift(num, den, side, ctx)
     saved = ctx.overrides
     ctx.overrides = {**saved, **shifts}
     try:

@@ -270,13 +270,23 @@ class _Forward:
         if shared:
             f = shared[0]
             s = f.args[0]
-            brackets = [g for g in fb if g.op in _CMP]
-            mask = P.ONE
-            for g in brackets:
-                mask = P.mul(mask, g)
+            # the max runs over the live points: those a bracket keeps and whose weight is
+            # not 0 (a sampled or given weight), so that no dead point's larger score can
+            # push the live terms to underflow
+            # (a dead point's exponential is masked in the sums too: exp(s − m) may overflow
+            # there, and its weight 0 times inf is NaN)
+            quads = dict(zip(num.names, num.quads))
+            live = P.ONE
+            for g in fb:
+                if g.op == "weight" and quads[g.attr("var")].rule.entry.zeros:
+                    live = P.mul(live, P.ew("!=", g, P.ZERO))
+            mask = live
+            for g in fb:
+                if g.op in _CMP:
+                    mask = P.mul(mask, g)
             name = f"m{len([st for st in self.program.steps if st.kind == 'max'])}"
             m = self.program.add(Step(StepKind.MAX, name, X_SIDE, s, over=sn, mask=mask))
-            shifted = P.ew("exp", P.sub(s, m))
+            shifted = P.mul(live, P.ew("exp", P.sub(s, m)))
             a, b = P.substitute([a, b], {f: shifted})
         return P.div(self.add_integral(sn, a), self.add_integral(sd, b))
 
