@@ -62,7 +62,11 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
             keys.append(key)
             leaves.append(t)
     flat = [t.reshape(math.prod(lead), *t.shape[-2:]) for t in (A, B, V)]  # (V may be n × 0)
-    m0, acc, l = _Softmax.apply((ev, f, keys, lead), *flat, *leaves)
+    live = None  # [N, 1, m]: 1 at the points in the max, 0 at those of weight 0
+    if f.live is not None:
+        L = on(ev, f.live, over).detach()[..., 0] != 0
+        live = L.expand(*lead, L.shape[-1]).reshape(-1, 1, L.shape[-1]).to(A.dtype)
+    m0, acc, l = _Softmax.apply((ev, f, keys, lead, live), *flat, *leaves)
     n = A.shape[-2]
     ev.env[f.max_step] = m0.reshape(*lead, n, 1)
     _put_sums(ev, f, acc.reshape(*lead, n, -1), l.reshape(*lead, n, 1))
@@ -127,15 +131,15 @@ class _Softmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, info, A, B, V, *leaves):
-        ev, f, keys, lead = info
+        ev, f, keys, lead, live = info
         N, n, _ = A.shape
         m_all, l_all = A.new_empty(N, n), A.new_empty(N, n)
-        clean = f.mask is None and f.rest is None  # then every score is finite
+        clean = f.mask is None and f.rest is None and live is None  # every score finite
         acc_all = A.new_empty(N, n, V.shape[-1])
         for rows, tiles in _row_tiles(n, B.shape[1], f.causal):
             m_i = l_i = a_i = None
             for cols, cross in tiles:
-                S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross)
+                S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross, live)
                 m_t = S.amax(-1)
                 m_new = m_t if m_i is None else torch.maximum(m_i, m_t)
                 m_safe = m_new if clean else m_new.nan_to_num(neginf=0.0)  # all masked so far
@@ -164,7 +168,7 @@ class _Softmax(torch.autograd.Function):
                 "second derivatives through itdsl's tiled online softmax are not implemented",
                 hint="plain q·k attention (torch's SDPA) has them, and so has "
                      'target="reference"')
-        ev, f, keys, lead = ctx.info
+        ev, f, keys, lead, live = ctx.info
         A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]
         dA, dB, dV = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(V)
@@ -173,7 +177,8 @@ class _Softmax(torch.autograd.Function):
             dacc = V.new_zeros(A.shape[0], A.shape[1], V.shape[-1])
         if dl is None:
             dl = torch.zeros_like(m0)
-        if f.mask is not None or f.rest is not None:  # (else every row has a term exp(0))
+        if f.mask is not None or f.rest is not None or live is not None:  # (else every row
+            #                                                   has a term exp(0))
             empty = l0 == 0  # rows with every score masked: nothing to differentiate (0/0)
             dacc, dl = dacc.masked_fill(empty.unsqueeze(-1), 0.0), dl.masked_fill(empty, 0.0)
         grad_rest = f.rest is not None and any(want)
@@ -185,10 +190,10 @@ class _Softmax(torch.autograd.Function):
                     with torch.enable_grad():
                         lv = [t.detach().requires_grad_(w) for t, w in zip(leaves, want)]
                         S, keep, rest = _scores(ev, f, keys, lv, lead, A, B, rows, cols, cross,
-                                                keep_rest=True)
+                                                live, keep_rest=True)
                     S = S.detach()
                 else:
-                    S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross)
+                    S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross, live)
                 Pm = _probs(S, keep, m0[:, rows])  # the probabilities, recomputed
                 dV[:, cols].baddbmm_(Pm.transpose(1, 2), dO)
                 dS = torch.baddbmm(dl[:, rows].unsqueeze(-1), dO, V[:, cols].transpose(1, 2))
@@ -206,9 +211,10 @@ class _Softmax(torch.autograd.Function):
 
 
 def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: slice, cross: bool,
-            keep_rest: bool = False):
+            live=None, keep_rest: bool = False):
     """(scores of one tile `[N, R, K]` with masked entries -inf, 1 where kept and 0 where
-    masked or None; with `keep_rest`, also the position term as computed, for its gradient)."""
+    masked or None; with `keep_rest`, also the position term as computed, for its gradient).
+    `live` `[N, 1, m]`: 0 at the columns out of the max (their weight is 0)."""
     S = A[:, rows] @ B[:, cols].transpose(1, 2)
     rest = keep = None
     if f.rest is not None:
@@ -224,6 +230,10 @@ def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: sli
             keep = (_tile_value(ev, f.mask, keys, leaves, lead, rows, cols, S.shape) != 0)
         S = S.masked_fill_(~keep, -math.inf)
         keep = keep.to(S.dtype)
+    if live is not None:
+        lv = live[:, :, cols]
+        S = S.masked_fill_(lv == 0, -math.inf)
+        keep = lv if keep is None else keep * lv
     return (S, keep, rest) if keep_rest else (S, keep)
 
 

@@ -22,6 +22,7 @@ from .forms import (
     PairSum,
     Term,
     causal_mask,
+    inline,
     pair_sums,
     rank,
     regular,
@@ -89,13 +90,14 @@ class SoftmaxForm:
     mask: Node | None
     causal: str | None
     sums: tuple[PairSum, ...]
+    live: Node | None = None  # of y only: 0 at the points out of the max (weight 0)
 
     @property
     def sdpa(self) -> bool:
         """Plain scaled dot-product attention (one dot of the two sides, no mask or the
         causal [y <= x], nothing else in the score): torch's scaled_dot_product_attention
         computes it, a library kernel that does this inner work best."""
-        return (self.rest is None and self.causal in (None, "<=")
+        return (self.rest is None and self.live is None and self.causal in (None, "<=")
                 and (self.mask is None or self.causal == "<=") and len(self.terms) == 1
                 and self.terms[0].reduced and all(ps.outside == P.ONE for ps in self.sums))
 
@@ -111,11 +113,21 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
         return Miss(f"the Plan has {len(maxes)} max steps; one softmax has one")
     mx = maxes[0]
     m = P.ref(mx.name, X_SIDE, ())
-    mask = None if mx.mask is None or mx.mask.is_const else mx.mask
+    # the max's mask: brackets of x and y (the sums' mask), and of y only (the live points:
+    # a weight that may be 0), which the sums carry among their factors of y
+    mask = live = None
+    if mx.mask is not None and not mx.mask.is_const:
+        for g in P.factors(mx.mask):
+            if X_SIDE in g.deps:
+                mask = g if mask is None else P.node("and", (mask, g))
+            else:
+                live = g if live is None else P.mul(live, g)
     for ps in sums:
         k = ps.kernel
         if (ps.over != mx.over or ps.mask != mask or k.op != "exp" or k.args[0].op != "-"
-                or k.args[0].args[1] != m or k.args[0].args[0] != mx.expr):
+                or k.args[0].args[1] != m or k.args[0].args[0] != mx.expr
+                or (live is not None and not set(P.factors(inline(live, plan)))
+                    <= set(P.factors(inline(ps.inside, plan))))):
             return Miss(f"the sum {ps.step} is not exp(s − max) under the max step's mask")
     terms, rest = [], None
     for sign, u in summands(mx.expr):
@@ -138,7 +150,7 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
         if st.name not in skipped and any(n.op == "ref" and n.name in skipped
                                           for n in P.toposort([st.expr])):
             return Miss(f"the step {st.name} between the max and the last sum reads them")
-    return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums))
+    return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums), live)
 
 
 def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
@@ -151,6 +163,9 @@ def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
     mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
             "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
                 form.causal, "mask evaluated per tile" if form.mask is not None else "no mask")
+    if form.live is not None:
+        mask += "; the points of weight 0 masked"
+
     return ["    runs as (torch, no generated kernel):",
             f"      scores = a(x)·b(y) by torch GEMM per tile (rank {rank(list(form.terms))})"
             f"{extra}; {mask}",

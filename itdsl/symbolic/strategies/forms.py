@@ -28,6 +28,26 @@ def reads_inputs(e: Node, plan: Plan) -> bool:
 
 
 
+def inline(e: Node, plan: Plan) -> Node:
+    """`e` with every ref to a forward point or per-call step replaced by its expression
+    (recursively): the kernel as written, before hoisting split it into steps."""
+    steps = {st.name: st for st in plan.forward.steps
+             if st.kind in (StepKind.POINT, StepKind.CONST)}
+    memo: dict[str, Node] = {}
+
+    def go(n: Node) -> Node:
+        mapping = {}
+        for r in P.toposort([n]):
+            if r.op == "ref" and r.name in steps:
+                if r.name not in memo:
+                    memo[r.name] = go(steps[r.name].expr)
+                mapping[r] = memo[r.name]
+        return P.substitute([n], mapping)[0] if mapping else n
+
+    return go(e)
+
+
+
 # ---- the pair sums of a Plan, split by what each factor depends on --------------------------
 
 

@@ -38,7 +38,7 @@ from ..pexpr import Node
 from ..plan import X_SIDE, Plan, Step, StepKind
 from ..show import show
 from .entry import LIBRARY, Call, Match, Miss, Rule, Strategy, short
-from .forms import PairSum, pair_sums
+from .forms import PairSum, inline, pair_sums
 from .matmul import pair_values
 
 # ---- the analysis the rules read: the built Plan ----------------------------------------------
@@ -61,25 +61,6 @@ class OnPlan:
 
 
 # ---- structure of plan expressions ------------------------------------------------------------
-
-
-def inline(e: Node, plan: Plan) -> Node:
-    """`e` with every ref to a forward point or per-call step replaced by its expression
-    (recursively): the kernel as written, before hoisting split it into steps."""
-    steps = {st.name: st for st in plan.forward.steps
-             if st.kind in (StepKind.POINT, StepKind.CONST)}
-    memo: dict[str, Node] = {}
-
-    def go(n: Node) -> Node:
-        mapping = {}
-        for r in P.toposort([n]):
-            if r.op == "ref" and r.name in steps:
-                if r.name not in memo:
-                    memo[r.name] = go(steps[r.name].expr)
-                mapping[r] = memo[r.name]
-        return P.substitute([n], mapping)[0] if mapping else n
-
-    return go(e)
 
 
 Key = tuple[str, str, str, int | None]  # (coord | pos, side, var, component or None)
