@@ -50,14 +50,14 @@ def _op(src: str, name: str | None = None):
     return op
 
 
-def _check(op, kw: dict, want_fn, rtol=1e-10, atol=1e-11):
-    """op(**kw) equals want_fn(inputs, params) forward, and its gradients (random cotangent)
-    with respect to every tensor input and param."""
+def _check(op, kw: dict, want_fn, rtol=1e-10, atol=1e-11, run=None):
+    """op(**kw) (or `run(**kw)`: op compiled) equals want_fn(inputs, params) forward, and its
+    gradients (random cotangent) with respect to every tensor input and param."""
     tensors = {k: v.clone().requires_grad_(True) for k, v in kw.items()
                if isinstance(v, torch.Tensor)}
     call = {**kw, **tensors}
     params = dict(op.named_parameters())
-    out = op(**call)
+    out = (op if run is None else run)(**call)
     assert op.strategy == "lattice_conv" and op.last_run == "lattice_conv"
     want = want_fn(call, params)
     assert out.shape == want.shape
@@ -622,3 +622,48 @@ def test_everything_runs_in_float32_too():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
     assert math.isfinite(out.sum().item())
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+
+def _blur_want(kw, params):
+    t = torch.arange(-2, 3, dtype=D)
+    sq = t[:, None] ** 2 + t[None, :] ** 2
+    w = torch.exp(-sq / (2 * params["w"][:, None, None] ** 2))
+    return F.conv2d(kw["f"].permute(0, 3, 1, 2), w[:, None], padding=2,
+                    groups=w.shape[0]).permute(0, 2, 3, 1)
+
+
+def _strided_want(kw, params):
+    w = _gauss_taps(params["w"], (3, 3)).permute(2, 0, 1)[:, None]
+    x = F.pad(kw["f"].permute(0, 3, 1, 2), (2, 2 * 3, 2, 2 * 4))
+    return F.conv2d(x, w, stride=2, groups=4)[..., :4, :3].permute(0, 2, 3, 1)
+
+
+def _global_want(kw, params):
+    return _pairwise(kw["f"], lambda d: torch.exp(-(d**2).sum(-1) / params["s"]), (5, 6))
+
+
+@pytest.mark.parametrize("case", ["blur", "strided", "global"])
+def test_torch_compile_fullgraph(case):
+    """A stencil convolution, a strided one and an FFT one under torch.compile(fullgraph=True):
+    forward and gradients as the library computes them; in inference, a change of the params
+    is seen (the compiled graph samples the weights on every call: nothing is kept)."""
+    src, want, kw = {"blur": (BLUR2D, _blur_want, {"f": torch.randn(2, 7, 6, 8, generator=_gen(),
+                                                                   dtype=D)}),
+                     "strided": (STRIDED, _strided_want,
+                                 {"f": torch.randn(2, 9, 7, 4, generator=_gen(), dtype=D),
+                                  "Q": (4, 3)}),
+                     "global": (GLOBAL, _global_want,
+                                {"f": torch.randn(2, 4, 7, 2, generator=_gen(), dtype=D),
+                                 "P": (5, 6)})}[case]
+    op = _op(src)
+    compiled = torch.compile(op, fullgraph=True)
+    _check(op, kw, want, run=compiled)
+    with torch.no_grad():
+        compiled(**kw)
+        for p in op.parameters():
+            p.mul_(1.25)
+        torch.testing.assert_close(compiled(**kw), want(kw, dict(op.named_parameters())),
+                                   rtol=1e-10, atol=1e-11)

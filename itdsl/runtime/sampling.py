@@ -60,8 +60,14 @@ def side_points(d: ir.Domain, quad: ir.Quad | None, bound: Bound) -> Points:
     return Points(n, coords, weights)
 
 
+def _fixed(*args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`_made(*args)`, kept per arguments (torch.compile traces the function itself: its
+    graph holds the values)."""
+    return (_made.__wrapped__ if torch.compiler.is_compiling() else _made)(*args)
+
+
 @functools.lru_cache(maxsize=256)
-def _fixed(d: ir.Domain, quad: ir.Quad | None, axes: tuple[int, ...], dtype: torch.dtype,
+def _made(d: ir.Domain, quad: ir.Quad | None, axes: tuple[int, ...], dtype: torch.dtype,
            device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(coordinates `[n, k]`, weights `[n]`) that depend on the declaration and the sizes of
     its k axes only: a rule's own nodes, a grid's or an index's points, fixed weights (the

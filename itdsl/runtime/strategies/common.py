@@ -86,6 +86,14 @@ class Runner:
         self.plan, self.form = plan, plan.form
         self._params: list[torch.Tensor] | None = None  # copies of the params kept with them
 
+    @staticmethod
+    def _keeps(params: dict[str, torch.Tensor]) -> bool:
+        """Sampled values may be kept across calls: no gradient is recorded for the params
+        (inference), and torch.compile is not tracing the call (its graph samples them
+        each time: comparing values and keeping them are not traceable)."""
+        return not (torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params.values())))
+
     def _same_params(self, params: dict[str, torch.Tensor]) -> bool:
         """The params equal those the kept values were sampled with (then kept as copies)."""
         same = self._params is not None and len(self._params) == len(params) and all(

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ...settings import memory_budget
 from ...symbolic import pexpr as P
 from ...symbolic.plan import X_SIDE, Plan, Step
-from ...symbolic.strategies.lattice_conv import LagConv, StencilConv, inline
+from ...symbolic.strategies.forms import inline
+from ...symbolic.strategies.lattice_conv import LagConv, StencilConv
 from ..binding import Bound
 from ..plan_eval import PlanEvaluator, tshape
 from . import tuning as T
@@ -185,10 +186,13 @@ def _to_side(plan: Plan, f: StencilConv, out: torch.Tensor, nu: int,
     return out.reshape(*lead, nu * math.prod(n_out), co)
 
 
-def _taps_origin(plan: Plan, f: StencilConv, K: torch.Tensor) -> list[int]:
-    """The first tap's offset on each axis (a stencil's −(k − 1)/2, an index's 0)."""
+def _taps_origin(plan: Plan, f: StencilConv) -> tuple[int, ...]:
+    """The first tap's offset on each axis (a stencil's −(k − 1)/2, an index's 0, whatever
+    its size): known from the declarations, so computed once (not in code torch.compile
+    traces, which would turn the domain's numpy points into tensors)."""
     dom = plan.op.domain(plan.spaces[f.over].factor(f.taps).domain)
-    return [int(a.kind.entry.points(a, k)[0]) for a, k in zip(dom.axes, K.shape[2:-1])]
+    sizes = dom.fixed or (1,) * dom.naxes
+    return tuple(int(a.kind.entry.points(a, k)[0]) for a, k in zip(dom.axes, sizes))
 
 
 # ---- lag convolutions -------------------------------------------------------------------------
@@ -265,11 +269,19 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Te
         w = taps.expand(*taps.shape[:-1], Y.shape[1]).movedim(-1, 0).unsqueeze(1)
         return conv(Y, w.contiguous(), Y.shape[1], (1,) * D, (1,) * D, hi, np_)
     fg, S = kernel[1], kernel[2]
-    dims = list(range(2, D + 2))
-    fy = torch.fft.rfftn(Y.float() if Y.dtype in HALF else Y, s=S, dim=dims)
-    out = torch.fft.irfftn(fy * fg, s=S, dim=dims)
-    for i, (a, b) in enumerate(zip(np_, nq)):  # out[p] at p + n_q − 1
-        out = out.narrow(2 + i, b - 1, a)
+    # rfftn and irfftn one axis at a time, so that no transform runs over rows that are all
+    # padding (the last axis first: the other axes' padding is not there yet) or over rows
+    # of the result that are dropped (out[p] lies at p + n_q − 1: kept after each inverse)
+    fy = torch.fft.rfft(Y.float() if Y.dtype in HALF else Y, n=S[-1], dim=D + 1)
+    rest = list(range(2, D + 1))  # the other axes, transformed together
+    if rest:
+        fy = torch.fft.fftn(fy, s=S[:-1], dim=rest)
+    out = fy * fg
+    if rest:
+        out = torch.fft.ifftn(out, dim=rest)
+        for i in range(D - 1):
+            out = out.narrow(2 + i, nq[i] - 1, np_[i])
+    out = torch.fft.irfft(out, n=S[-1], dim=D + 1).narrow(D + 1, nq[-1] - 1, np_[-1])
     return out.to(Y.dtype)
 
 
@@ -369,6 +381,8 @@ class LatticeConvRunner(Runner):
     def __init__(self, plan: Plan):
         super().__init__(plan)
         self.parts = {f.step: f for f in self.form}
+        self.origins = {f.step: _taps_origin(plan, f) for f in self.form
+                        if isinstance(f, StencilConv)}
         self.steps = list(plan.forward.steps)
         self.needed = _needed(plan, self.steps, self.parts)
         lattices = {f.lattice for f in self.form if isinstance(f, StencilConv)}
@@ -394,15 +408,18 @@ class LatticeConvRunner(Runner):
         """An evaluator of the steps that read no point of the output: the call with one
         point of the lattice (no input kept), viewed with all of them (their coordinates
         never read), made once per sizes, dtype and device; a view of it per call."""
-        key = (tuple(sorted(bound.axes.items())), bound.dtype, bound.device)
+        compiling = torch.compiler.is_compiling()  # (then traced once: nothing kept)
+        key = None if compiling else (tuple(sorted(bound.axes.items())), bound.dtype,
+                                      bound.device)
         ev = self._light.get(key)
         if ev is None:
             small = shrunk(self.plan, params, dataclasses.replace(bound, fields={}),
                            self.lattice)
-            n = math.prod(math.prod(bound.axes[d]) for d in self.plan.spaces[X_SIDE].domains)
+            n = math.prod([math.prod(bound.axes[d]) for d in self.plan.spaces[X_SIDE].domains])
             ev = small.at({X_SIDE: torch.zeros((), dtype=small.dtype,
                                                device=small.device).expand(n, 1)})
-            self._light = {key: ev}
+            if key is not None:
+                self._light = {key: ev}
         return ev.tile(None, params=params, fields=bound.fields)
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
@@ -417,7 +434,7 @@ class LatticeConvRunner(Runner):
 
     def run(self, ev: PlanEvaluator, bound: Bound) -> None:
         params = ev.params
-        keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
+        keep = self._keeps(params)
         if keep and not self._same_params(params):  # (a write through `.data` keeps the
             self._kept.clear()  # version counter: the values themselves are compared)
         for st in self.steps:
@@ -472,10 +489,11 @@ class LatticeConvRunner(Runner):
         def make():
             K = sample_stencil(plan, ev.params, bound, f)
             w, groups = stencil_weight(f, K)
-            return w.contiguous(), groups, K.shape[0], _taps_origin(plan, f, K)
+            return w.contiguous(), groups, K.shape[0]
 
         key = self._key(ev, bound, chans) if keep else None
-        w, groups, nu, t0 = self._kept_or(f.step, key, make)
+        w, groups, nu = self._kept_or(f.step, key, make)
+        t0 = self.origins[f.step]
         x, lead = _field_input(plan, bound, f)
         taps = w.shape[2:]
         left = [dl * (t + k - 1) - d if flip else -(dl * t + d)

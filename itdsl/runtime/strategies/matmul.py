@@ -58,7 +58,7 @@ class MatmulRunner(Runner):
     def run(self, ev: PlanEvaluator) -> None:
         params, bound = ev.params, ev.bound
         by_step = {t.step: t for t in self.form}
-        keep = not (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))
+        keep = self._keeps(params)
         version = (tuple((p._version, p.data_ptr()) for p in params.values()),
                    tuple(sorted(bound.sizes.items())), bound.dtype, bound.device)
         if keep and not self._same_params(params):  # (a write through `.data` keeps the
