@@ -53,10 +53,39 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
 
 
+def broadcast(*shapes) -> torch.Size:
+    """torch.broadcast_shapes, without its slow Python path in the common case of equal
+    shapes (one batch shape; not while torch.compile traces: equal symbolic sizes guard)."""
+    first = shapes[0]
+    if not torch.compiler.is_compiling() and all(s == first for s in shapes[1:]):
+        return torch.Size(first)
+    return torch.broadcast_shapes(*shapes)
+
+
 def used_coords(op: ir.Operator) -> set[str]:
     """Domains whose point coordinates the operator reads."""
     nodes = list(ir.walk(op.output.body))
     return {n.domain for n in nodes if isinstance(n, ir.Coord)}
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What `bind` reads from an operator's body: found by walking it once per operator
+    (a module keeps them), not on every call."""
+
+    coords: frozenset[str]  # domains whose coordinates the body reads
+    ranged: tuple[str, ...]  # domains the output or an integral ranges over (sizes needed)
+    rules: tuple[tuple[ir.Integral, ir.Bind, ir.Quad], ...]  # binders whose rule needs points
+
+    @staticmethod
+    def of(op: ir.Operator) -> Facts:
+        integrals = [n for n in ir.walk(op.output.body) if isinstance(n, ir.Integral)]
+        ranged = set(op.output.domains) | {b.domain for n in integrals
+                                           for b, q in zip(n.vars, n.quads)
+                                           if not q.rule.entry.own_nodes}
+        return Facts(frozenset(used_coords(op)), tuple(sorted(ranged)),
+                     tuple((n, b, q) for n in integrals for b, q in zip(n.vars, n.quads)
+                           if q.rule.entry.empty is not None))
 
 
 def axes_text(d: ir.Domain) -> str:
@@ -131,7 +160,10 @@ def check_size(elements: int, dtype: torch.dtype, device: torch.device, what: st
                          f"{have / 2**30:,.1f} GiB of memory here", hint=hint)
 
 
-def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) -> Bound:
+def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None,
+         facts: Facts | None = None) -> Bound:
+    """The call's arguments checked against `op` (`facts`: `Facts.of(op)`, kept by a module)."""
+    facts = facts or Facts.of(op)
     known = [d.name for d in op.domains] + [i.name for i in op.inputs]
     unknown = [k for k in kwargs if k not in known]
     if unknown:
@@ -153,7 +185,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     tensors: list[tuple[str, torch.Tensor]] = []
     coords: dict[str, torch.Tensor] = {}
     batches: list[tuple[str, torch.Size]] = []
-    need_coords = used_coords(op)
+    need_coords = facts.coords
     for d in op.domains:
         if d.name not in kwargs:
             continue
@@ -227,11 +259,7 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                              f"`{d.name}=` a tensor [..., n, {d.dim}]")
     # Every domain the output or an integral ranges over needs a size (not a rule with
     # nodes of its own, gauss: the integrand is evaluated at its nodes).
-    ranged = set(op.output.domains) | {b.domain for n in ir.walk(op.output.body)
-                                       if isinstance(n, ir.Integral)
-                                       for b, q in zip(n.vars, n.quads)
-                                       if not q.rule.entry.own_nodes}
-    for name in sorted(ranged):
+    for name in facts.ranged:
         if name not in sizes:
             d = op.domain(name)
             how = (f"`{name}=` its coordinates" if d.kind.entry.given
@@ -261,13 +289,13 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
     if dtype is None:
         dtype, device = param_dtype or torch.get_default_dtype(), torch.device("cpu")
     try:
-        batch = torch.broadcast_shapes(*(b for _, b in batches)) if batches else torch.Size()
+        batch = broadcast(*(b for _, b in batches)) if batches else torch.Size()
     except RuntimeError:
         shown = ", ".join(f"`{n}` {list(b)}" for n, b in batches)
         raise InputError(f"the leading (batch) dimensions do not broadcast: {shown}") from None
     axes = {k: v[0] for k, v in sizes.items()}
     counts = {k: math.prod(v) for k, v in axes.items()}
-    _check_empty(op, counts)
+    _check_empty(facts, counts)
     for d in op.domains:  # sizes given as numbers: the points and the output are allocated
         if d.name in kwargs and not d.kind.entry.given:
             width = (op.output.width or 1) if d.name in op.output.domains else 1
@@ -280,16 +308,13 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None) 
                  device=device, shapes={name: t.shape for name, t in tensors}, axes=axes)
 
 
-def _check_empty(op: ir.Operator, sizes: dict[str, int]) -> None:
+def _check_empty(facts: Facts, sizes: dict[str, int]) -> None:
     """An integral whose rule needs points (mean, montecarlo: `Rule.empty`) over a domain
     with none."""
-    for n in ir.walk(op.output.body):
-        if not isinstance(n, ir.Integral):
-            continue
-        for b, q in zip(n.vars, n.quads):
-            if sizes.get(b.domain) == 0 and q.rule.entry.empty is not None:
-                raise InputError(f"`integral({b.var}: {b.domain})` with `{q.rule.value}` has no "
-                                 f"points of `{b.domain}`: {q.rule.entry.empty}",
-                                 q.span if q.explicit else n.span,
-                                 f"pass at least one point of `{b.domain}`, or integrate with "
-                                 "`sum` (0 over no points)")
+    for n, b, q in facts.rules:
+        if sizes.get(b.domain) == 0:
+            raise InputError(f"`integral({b.var}: {b.domain})` with `{q.rule.value}` has no "
+                             f"points of `{b.domain}`: {q.rule.entry.empty}",
+                             q.span if q.explicit else n.span,
+                             f"pass at least one point of `{b.domain}`, or integrate with "
+                             "`sum` (0 over no points)")

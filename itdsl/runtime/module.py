@@ -26,7 +26,7 @@ from ..frontend.printer import format_ir_operator
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
 from ..symbolic.strategies import Call, get
-from .binding import RESERVED_KEYWORDS, bind, check_call
+from .binding import RESERVED_KEYWORDS, Facts, bind, check_call
 from .cache import canonical, kernel_key
 from .compiled import CompiledEvaluator, KernelSet
 from .params import register_params
@@ -319,6 +319,7 @@ class CompiledOperator(nn.Module):
                                  f"that domain or input of `{op.name}`")
         register_params(self, op)
         self.ir, self.plan, self.target = op, plan, target
+        self._facts = Facts.of(op)  # what binding a call reads from the body
         self.strategy = plan.strategy
         self._opdefs: dict[str, OpDef] = {}
         # the custom ops are registered here, not on a first call (which torch.compile may
@@ -369,7 +370,8 @@ class CompiledOperator(nn.Module):
                 **kwargs) -> torch.Tensor:
         check_call(args, generator)
         named = dict(self.named_parameters())
-        bound = bind(self.ir, kwargs, next(iter(named.values())).dtype if named else None)
+        bound = bind(self.ir, kwargs, next(iter(named.values())).dtype if named else None,
+                     self._facts)
         for name, p in named.items():
             if p.dtype != bound.dtype:
                 raise InputError(f"param `{name}` is {p.dtype} but the inputs are {bound.dtype}; "

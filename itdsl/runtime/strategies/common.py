@@ -14,7 +14,7 @@ import torch
 from ...symbolic import pexpr as P
 from ...symbolic.plan import X_SIDE, Plan
 from ...symbolic.strategies.forms import PairSum
-from ..binding import Bound
+from ..binding import Bound, broadcast
 from ..plan_eval import PlanEvaluator, tshape, unflatten_output
 
 
@@ -23,7 +23,7 @@ def output(plan: Plan, ev: PlanEvaluator, bound: Bound) -> torch.Tensor:
     its domains' axes as the call's inputs are: `[*B, *axes, *ts]`."""
     out = ev.env["out"]
     nts = len(tshape(plan.out_shape))
-    lead = torch.broadcast_shapes(out.shape[:-nts - 1], bound.batch)
+    lead = broadcast(out.shape[:-nts - 1], bound.batch)
     out = out.expand(*lead, *out.shape[-nts - 1:])
     return unflatten_output(plan, bound, out[..., 0] if plan.out_shape == () else out)
 
