@@ -331,6 +331,17 @@ class CompiledOperator(nn.Module):
         self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
         self.last_run = None  # what ran the last call: "kernels" or the strategy's name
 
+    def __deepcopy__(self, memo) -> CompiledOperator:
+        """A module with copies of the params; the compiled code (custom ops, kernels, the
+        strategy's runner state aside) is per Plan and shared."""
+        new = type(self)(self.plan, self.target)
+        memo[id(self)] = new
+        for (_, a), (_, b) in zip(self.named_parameters(), new.named_parameters()):
+            b.data = a.detach().clone()  # (its dtype and device too)
+            b.requires_grad_(a.requires_grad)
+        new.train(self.training)
+        return new
+
     def extra_repr(self) -> str:
         target = self.target or "the tensors' device"
         return f"operator={self.ir.name}, target={target}, strategy={self.strategy}"

@@ -1,0 +1,257 @@
+"""itdsl.inn: converting a trained network into integral layers, resampling its channel groups,
+exporting plain torch layers. The references are the original torch models and convolutions
+with weights sampled by the test's own cubic-convolution code."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from itdsl import inn
+from itdsl.errors import InputError, UnsupportedError
+
+D = torch.float64
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 1) -> None:
+    g = _gen(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+class SmallResNet(nn.Module):
+    """Conv-BN-ReLU stem on 1 input channel, a strided conv, a residual block, global pooling,
+    a BatchNorm1d'd hidden linear layer and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 12, 5, stride=2, padding=2)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.a = nn.Conv2d(12, 12, 3, padding=1)
+        self.bna = nn.BatchNorm2d(12)
+        self.b = nn.Conv2d(12, 12, 1)
+        self.fc1 = nn.Linear(12, 16)
+        self.bnf = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.down(x)))
+        x = x + self.b(F.relu(self.bna(self.a(x))))
+        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(F.relu(self.bnf(self.fc1(x))))
+
+
+def _resnet(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    m = SmallResNet()
+    _randomise_bn(m)
+    return m.eval().to(dtype)
+
+
+def test_conversion_is_exact_at_full_size():
+    model = _resnet()
+    x = torch.randn(5, 1, 11, 9, generator=_gen())
+    net = inn.convert(model, x)
+    with torch.no_grad():
+        assert (net(x) - model(x)).abs().max() <= 1e-5
+    # another input size than the example's (the layers take their sizes from the call)
+    x2 = torch.randn(2, 1, 16, 16, generator=_gen(1))
+    with torch.no_grad():
+        assert (net(x2) - model(x2)).abs().max() <= 1e-5
+
+
+def test_groups_follow_the_graph():
+    """stem's channels are one group, down's another that the residual add merges with b's;
+    the input channel and the classes are not groups; fc1's features are."""
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))
+    assert net.groups == {"stem": 8, "down": 12, "a": 12, "fc1": 16}
+    layers = net.layers()
+    assert layers["b"].out_group == "down" and layers["a"].out_group == "a"
+    assert layers["stem"].in_group is None and layers["fc2"].out_group is None
+
+
+def keys(C: torch.Tensor, m: int) -> torch.Tensor:
+    """Cubic convolution (a = −0.75, edge taps clamped) of coefficients C [..., n] sampled at
+    m equispaced points of [0, 1]: [..., m]."""
+    n = C.shape[-1]
+    s = torch.linspace(0, 1, m, dtype=C.dtype) * (n - 1)
+    i = torch.floor(s).clamp(0, n - 1)
+    out = 0
+    for j in range(-1, 3):
+        x = (s - (i + j)).abs()
+        a = -0.75
+        w = torch.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                        torch.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0))
+        out = out + w * C[..., (i + j).clamp(0, n - 1).long()]
+    return out
+
+
+def trapezoid(n: int) -> torch.Tensor:
+    q = torch.full((n,), 1 / (n - 1), dtype=D)
+    q[0] = q[-1] = 0.5 / (n - 1)
+    return q
+
+
+class TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 10, 3, padding=1)
+        self.c2 = nn.Conv2d(10, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+def test_a_resampled_group_is_the_weight_function_sampled_there():
+    """Keeping 6 of c1's 10 channels: c1's weights (divided by nothing: its input is the
+    network's, discrete) sampled at 6 points of its output axis; c2's weights, divided by the
+    trapezoid weights on 10 points at conversion, sampled at 6 points of its input axis and
+    multiplied by the trapezoid weights on 6."""
+    torch.manual_seed(0)
+    model = TwoConvs().double().eval()
+    x = torch.randn(2, 3, 9, 8, generator=_gen(), dtype=D)
+    net = inn.convert(model, x)
+    assert net.groups == {"c1": 10}
+    small = net.resample({"c1": 6})
+    w1, b1 = model.c1.weight.detach(), model.c1.bias.detach()
+    w2, b2 = model.c2.weight.detach(), model.c2.bias.detach()
+    s1 = keys(w1.permute(1, 2, 3, 0), 6).permute(3, 0, 1, 2)  # [6, 3, 3, 3]
+    sb1 = keys(b1, 6)
+    c2 = w2 / trapezoid(10)[None, :, None, None]
+    s2 = keys(c2.permute(0, 2, 3, 1), 6).permute(0, 3, 1, 2) * trapezoid(6)[None, :, None, None]
+    want = F.conv2d(torch.tanh(F.conv2d(x, s1, sb1, padding=1)), s2, b2, stride=2, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), want, rtol=1e-10, atol=1e-12)
+        plain = small.export()
+        torch.testing.assert_close(plain(x), want, rtol=1e-10, atol=1e-12)
+    assert isinstance(plain.c1, nn.Conv2d) and plain.c1.weight.shape == (6, 3, 3, 3)
+    assert net.sizes == {"c1": 10}  # resample made a copy
+
+
+def test_resample_ratio_and_export():
+    model = _resnet()
+    x = torch.randn(3, 1, 12, 12, generator=_gen())
+    net = inn.convert(model, x)
+    small = net.resample(0.7)
+    assert small.sizes == {"stem": 6, "down": 8, "a": 8, "fc1": 11}  # round(0.7 n)
+    assert net.resample(0.01).sizes == {g: 2 for g in net.groups}  # at least 2
+    with torch.no_grad():
+        y = small(x)
+        assert y.shape == (3, 10)
+        plain = small.export()
+        assert (plain(x) - y).abs().max() <= 1e-5
+    shapes = {n: tuple(m.weight.shape) for n, m in plain.named_children()
+              if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert shapes == {"stem": (6, 1, 3, 3), "down": (8, 6, 5, 5), "a": (8, 8, 3, 3),
+                      "b": (8, 8, 1, 1), "fc1": (11, 8), "fc2": (10, 11)}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())  # folded
+
+
+def test_an_mlp_converts_and_resamples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(),
+                          nn.Linear(32, 10)).eval()
+    x = torch.randn(7, 64, generator=_gen())
+    net = inn.convert(model, x)
+    assert net.groups == {"0": 32, "2": 32}
+    with torch.no_grad():
+        assert (net(x) - model(x)).abs().max() <= 1e-5
+        small = net.resample({"0": 20})
+        assert (small.export()(x) - small(x)).abs().max() <= 1e-5
+
+
+def test_resample_rejects_bad_sizes():
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(InputError, match="no channel group named `stm`"):
+        net.resample({"stm": 4})
+    with pytest.raises(InputError, match=r"group `stem` has 8 channels; a size in \[2, 8\]"):
+        net.resample({"stem": 9})
+    with pytest.raises(InputError, match=r"ratio is in \(0, 1\]"):
+        net.resample(1.5)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, layer, tail=None):
+        super().__init__()
+        self.layer, self.tail = layer, tail
+
+    def forward(self, x):
+        y = self.layer(x)
+        return y if self.tail is None else self.tail(y)
+
+
+class _Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.c(x), x], 1)
+
+
+class _SpatialFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.c(x).flatten(1))
+
+
+@pytest.mark.parametrize("model,message", [
+    (_Wrap(nn.Conv2d(2, 4, 2)), r"`layer` \(Conv2d.*kernel_size=\(2, 2\) \(odd sizes only"),
+    (_Wrap(nn.Conv2d(2, 4, 3, dilation=2)), r"dilation=\(2, 2\)"),
+    (_Wrap(nn.Conv2d(2, 4, 3, groups=2)), r"groups=2"),
+    (_Wrap(nn.Conv2d(2, 4, 3, stride=(1, 2))), r"stride=\(1, 2\)"),
+    (_Wrap(nn.Conv2d(2, 4, 3), nn.Upsample(scale_factor=2)),
+     r"`tail` \(Upsample.*not a layer `inn.convert` supports"),
+    (_Cat(), r"`cat` \(graph node `cat`\) is not an operation"),
+    (_SpatialFlatten(), r"flattens 6×6 spatial maps"),
+])
+def test_unsupported_layers_name_the_module(model, message):
+    with pytest.raises(UnsupportedError, match=message):
+        inn.convert(model.eval(), torch.randn(1, 2, 6, 6))
+
+
+def test_a_model_in_train_mode_is_refused():
+    with pytest.raises(UnsupportedError, match="eval mode"):
+        inn.convert(_resnet().train(), torch.randn(1, 1, 8, 8))
+
+
+def test_the_converted_net_trains():
+    """The integral layers' splines are parameters: one SGD step changes the outputs, and
+    gradients reach every layer."""
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))
+    x = torch.randn(4, 1, 8, 8, generator=_gen())
+    loss = net(x).square().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_a_deep_copy_of_an_operator_has_its_own_params():
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 1, 8, 8, generator=_gen())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), net(x))
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(x), net(x))
