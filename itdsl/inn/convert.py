@@ -256,12 +256,12 @@ def convert(model: nn.Module, example_input: torch.Tensor) -> IntegralNet:
 
     bn_of = {src: bn for bn, src in folded.items()}
     for node, (name, mod, in_g) in layer_of.items():
-        scale = shift = None
-        if node in bn_of:
-            bn = gm.get_submodule(bn_of[node].target)
-            scale, shift = _bn_affine(bn)
-        cls = IntegralConv2d if isinstance(mod, nn.Conv2d) else IntegralLinear
-        layer = cls(mod, group(in_g), group(chan[node]), shared, scale, shift)
+        w, b = _folded(mod, gm.get_submodule(bn_of[node].target) if node in bn_of else None)
+        if isinstance(mod, nn.Conv2d):
+            layer = IntegralConv2d(w, b, mod.stride[0], mod.padding, group(in_g),
+                                   group(chan[node]), shared)
+        else:
+            layer = IntegralLinear(w, b, group(in_g), group(chan[node]), shared)
         _set_module(gm, name, layer)
     for bn_node in folded:
         bn_node.replace_all_uses_with(bn_node.args[0])
@@ -272,16 +272,22 @@ def convert(model: nn.Module, example_input: torch.Tensor) -> IntegralNet:
     return IntegralNet(gm, groups, shared)
 
 
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BatchNorm: y = scale · x + shift."""
-    var = bn.running_var.detach().to(torch.float64)
-    mean = bn.running_mean.detach().to(torch.float64)
-    scale = 1 / torch.sqrt(var + bn.eps)
-    shift = -mean * scale
-    if bn.affine:
-        scale = scale * bn.weight.detach().to(torch.float64)
-        shift = shift * bn.weight.detach().to(torch.float64) + bn.bias.detach().to(torch.float64)
-    return scale, shift
+def _folded(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's weight and bias (None: none) with an eval-mode BatchNorm after it folded in:
+    bn(W x + b) = s·(W x + b) + t, s = γ / √(var + ε), t = β − s·mean; in float64, returned
+    in the layer's dtype."""
+    w = layer.weight.detach().to(torch.float64)
+    b = None if layer.bias is None else layer.bias.detach().to(torch.float64)
+    if bn is not None:
+        s = 1 / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+        t = -bn.running_mean.detach().to(torch.float64) * s
+        if bn.affine:
+            g = bn.weight.detach().to(torch.float64)
+            s, t = s * g, t * g + bn.bias.detach().to(torch.float64)
+        w = w * s.reshape(-1, *[1] * (w.dim() - 1))
+        b = s * (torch.zeros_like(s) if b is None else b) + t
+    dtype = layer.weight.dtype
+    return w.to(dtype), None if b is None else b.to(dtype)
 
 
 def _check_conv(conv: nn.Conv2d, node: fx.Node, gm: fx.GraphModule) -> None:

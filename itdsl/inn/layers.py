@@ -124,38 +124,31 @@ class IntegralLayer(nn.Module):
 
 
 class IntegralConv2d(IntegralLayer):
-    """A Conv2d (odd kernel, square stride, dilation 1, groups 1) as an integral layer."""
+    """A Conv2d (odd kernel, square stride, dilation 1, groups 1) as an integral layer, from
+    its weight `[n_out, n_in, kh, kw]` and bias (None: none), a BatchNorm folded in."""
 
-    def __init__(self, conv: nn.Conv2d, in_group: str | None, out_group: str | None,
-                 sizes: dict[str, int], scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None):
-        """`scale`, `shift`: a BatchNorm folded in (out = scale · conv(x) + shift)."""
-        k = tuple(conv.kernel_size)
-        s = conv.stride[0]
-        self.stride, self.padding = s, tuple(conv.padding)
-        offset = (k[0] - 1) // 2 - conv.padding[0]
-        n_out, n_in = conv.out_channels, conv.in_channels
-        self.has_bias = conv.bias is not None or shift is not None
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, stride: int,
+                 padding: tuple[int, int], in_group: str | None, out_group: str | None,
+                 sizes: dict[str, int]):
+        n_out, n_in, *k = w.shape
+        k = tuple(k)
+        self.stride, self.padding = stride, tuple(padding)
+        offset = (k[0] - 1) // 2 - padding[0]
+        self.has_bias = b is not None
         in_rule = None if n_in == 1 else ("sum" if in_group is None else "trapezoid")
-        text = conv_source("conv", k, s, offset, n_out, n_in, in_rule, self.has_bias)
+        text = conv_source("conv", k, stride, offset, n_out, n_in, in_rule, self.has_bias)
         super().__init__(text, "conv", in_group, out_group, n_out, n_in, sizes)
         self.k, self.offset, self.single = k, offset, n_in == 1
-        w = conv.weight.detach().to(torch.float64)  # [n_out, n_in, kh, kw]
-        b = None if conv.bias is None else conv.bias.detach().to(torch.float64)
-        if scale is not None:
-            w = w * scale.to(torch.float64)[:, None, None, None]
-            b = (torch.zeros(n_out, dtype=torch.float64) if b is None else b) * scale
-            b = b + shift.to(torch.float64)
-        dtype = conv.weight.dtype
-        self.op.to(dtype=dtype, device=conv.weight.device)
+        self.op.to(dtype=w.dtype, device=w.device)
+        w64 = w.detach().to(torch.float64)
         with torch.no_grad():
             if self.single:
-                self.op.W.copy_(w[:, 0].permute(1, 2, 0).to(dtype))  # [kh, kw, n_out]
+                self.op.W.copy_(w64[:, 0].permute(1, 2, 0))  # [kh, kw, n_out]
             else:
-                q = quadrature(in_rule, n_in)
-                self.op.W.copy_((w / q[None, :, None, None]).permute(2, 3, 0, 1).to(dtype))
+                q = quadrature(in_rule, n_in).to(w.device)
+                self.op.W.copy_((w64 / q[None, :, None, None]).permute(2, 3, 0, 1))
             if self.has_bias:
-                self.op.c.copy_(b.to(dtype))
+                self.op.c.copy_(b.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
@@ -191,30 +184,24 @@ class IntegralConv2d(IntegralLayer):
 
 
 class IntegralLinear(IntegralLayer):
-    """A Linear layer as an integral layer."""
+    """A Linear layer as an integral layer, from its weight `[n_out, n_in]` and bias."""
 
-    def __init__(self, lin: nn.Linear, in_group: str | None, out_group: str | None,
-                 sizes: dict[str, int], scale=None, shift=None):
-        n_out, n_in = lin.out_features, lin.in_features
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, in_group: str | None,
+                 out_group: str | None, sizes: dict[str, int]):
+        n_out, n_in = w.shape
         if n_in < 2:
             raise InputError(f"a Linear layer with {n_in} input feature cannot be converted",
                              hint="an integral layer integrates over at least 2 input channels")
-        self.has_bias = lin.bias is not None or shift is not None
+        self.has_bias = b is not None
         in_rule = "sum" if in_group is None else "trapezoid"
         text = linear_source("linear", n_out, n_in, in_rule, self.has_bias)
         super().__init__(text, "linear", in_group, out_group, n_out, n_in, sizes)
-        w = lin.weight.detach().to(torch.float64)
-        b = None if lin.bias is None else lin.bias.detach().to(torch.float64)
-        if scale is not None:
-            w = w * scale.to(torch.float64)[:, None]
-            b = (torch.zeros(n_out, dtype=torch.float64) if b is None else b) * scale
-            b = b + shift.to(torch.float64)
-        dtype = lin.weight.dtype
-        self.op.to(dtype=dtype, device=lin.weight.device)
+        self.op.to(dtype=w.dtype, device=w.device)
+        q = quadrature(in_rule, n_in).to(w.device)
         with torch.no_grad():
-            self.op.W.copy_((w / quadrature(in_rule, n_in)[None, :]).to(dtype))
+            self.op.W.copy_(w.detach().to(torch.float64) / q[None, :])
             if self.has_bias:
-                self.op.c.copy_(b.to(dtype))
+                self.op.c.copy_(b.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(f=x, U=self.out_size())
