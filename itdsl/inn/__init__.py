@@ -1,0 +1,1 @@
+"""Integral Neural Networks: convert, permute, resample, export, train (itdsl.inn)."""
