@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import InputError, UnsupportedError
 from .layers import IntegralConv2d, IntegralLayer, IntegralLinear, count
+from .permute import permutation
 
 # modules and functions that keep the channel axis (dim 1 of images, the last of vectors)
 _SAME_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Sigmoid, nn.Tanh,
@@ -141,10 +142,13 @@ def _in_sizes(gm: fx.GraphModule, sizes: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def convert(model: nn.Module, example_input: torch.Tensor) -> IntegralNet:
+def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True) -> IntegralNet:
     """`model` (Conv2d, Linear, BatchNorm2d/1d, activations, pooling, residual adds, flatten
     after a global pooling) as an IntegralNet computing the same outputs at full size. In
-    eval mode a BatchNorm that is a conv's (or linear's) only user is folded into it."""
+    eval mode a BatchNorm that is a conv's (or linear's) only user is folded into it. With
+    `permute`, each group's channels are first reordered so that neighbours are alike (a
+    short path through them, `permute.py`): the outputs are the same, and the weight
+    functions smooth enough to resample."""
     if model.training:
         raise UnsupportedError(
             "`inn.convert` folds each BatchNorm into its layer, which needs the model in "
@@ -255,8 +259,13 @@ def convert(model: nn.Module, example_input: torch.Tensor) -> IntegralNet:
         return names.get(root)
 
     bn_of = {src: bn for bn, src in folded.items()}
+    arrays = {node: _folded(mod, gm.get_submodule(bn_of[node].target) if node in bn_of
+                            else None) for node, (_, mod, _) in layer_of.items()}
+    if permute:
+        arrays = _permuted(arrays, {node: (group(in_g), group(chan[node]))
+                                    for node, (_, _, in_g) in layer_of.items()}, sizes)
     for node, (name, mod, in_g) in layer_of.items():
-        w, b = _folded(mod, gm.get_submodule(bn_of[node].target) if node in bn_of else None)
+        w, b = arrays[node]
         if isinstance(mod, nn.Conv2d):
             layer = IntegralConv2d(w, b, mod.stride[0], mod.padding, group(in_g),
                                    group(chan[node]), shared)
@@ -270,6 +279,30 @@ def convert(model: nn.Module, example_input: torch.Tensor) -> IntegralNet:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return IntegralNet(gm, groups, shared)
+
+
+def _permuted(arrays: dict, groups: dict, sizes: dict[str, int]) -> dict:
+    """`arrays` {layer: (weight, bias)} with each group's channels reordered alike: the
+    output channels of the layers that make the group, the input channels of those that read
+    it (`groups` {layer: (input group, output group)})."""
+    arrays = {k: list(v) for k, v in arrays.items()}
+    for g in sizes:
+        parts = []
+        for node, (gin, gout) in groups.items():
+            w, b = arrays[node]
+            if gout == g:
+                parts += [(w, 0)] + ([] if b is None else [(b, 0)])
+            if gin == g:
+                parts.append((w, 1))
+        perm = permutation(parts).to(next(iter(arrays.values()))[0].device)
+        for node, (gin, gout) in groups.items():
+            w, b = arrays[node]
+            if gout == g:
+                w, b = w[perm], None if b is None else b[perm]
+            if gin == g:
+                w = w[:, perm]
+            arrays[node] = [w, b]
+    return {k: tuple(v) for k, v in arrays.items()}
 
 
 def _folded(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
