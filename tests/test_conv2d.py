@@ -667,3 +667,66 @@ def test_torch_compile_fullgraph(case):
             p.mul_(1.25)
         torch.testing.assert_close(compiled(**kw), want(kw, dict(op.named_parameters())),
                                    rtol=1e-10, atol=1e-11)
+
+
+# ---- channel axes at the call's nodes (an INN with a trainable grid) ----------------------------
+
+NODES = """operator nodes {
+    domain U = points(1)
+    domain V = points(1)
+    domain P = index(2)
+    domain T = stencil(3, 3)
+    input  f : V * P -> R
+    input  q : V -> R
+    param  W : spline(8, 6, per = T)
+    param  c : spline(8)
+    output g(u: U, p: P) = c(u[0]) + integral(v: V, t: T) W(u[0], v[0], t) * f(v, p + t) with (weights(q), sum)
+}"""
+
+
+def _nodes_want(kw, params):
+    """F.conv2d with weight[u, v, t] = q_v · W_t(U_u, V_v), bias c(U_u), the splines
+    evaluated at the given nodes by the test's own cubic convolution."""
+    u, v = kw["U"][:, 0], kw["V"][:, 0]
+    Wv = keys_spline(params["W"], v)  # [3, 3, 8, n_v]
+    Wuv = keys_spline(Wv.transpose(-1, -2), u)  # [3, 3, n_v, n_u]
+    weight = Wuv.permute(3, 2, 0, 1) * kw["q"][None, :, None, None]
+    return F.conv2d(kw["f"], weight, keys_spline(params["c"], u), padding=1)
+
+
+def test_channel_axes_at_given_nodes_and_weights():
+    """U and V as points domains (the nodes a call gives, e.g. a trained grid) and V's
+    quadrature weights from an input: the library convolution, gradients reaching the
+    nodes and the weights."""
+    op = _op(NODES)
+    g = _gen(4)
+    kw = {"f": torch.randn(2, 5, 6, 7, generator=g, dtype=D),
+          "U": torch.rand(4, 1, generator=g, dtype=D).sort(0).values,
+          "V": torch.rand(5, 1, generator=g, dtype=D).sort(0).values,
+          "q": 0.1 + torch.rand(5, generator=g, dtype=D)}
+    _check(op, kw, _nodes_want)
+    with torch.no_grad():  # new nodes in inference: sampled again, nothing kept
+        op(**kw)
+        kw2 = {**kw, "U": kw["U"] * 0.5, "q": kw["q"].flip(0)}
+        torch.testing.assert_close(op(**kw2), _nodes_want(kw2, dict(op.named_parameters())),
+                                   rtol=1e-10, atol=1e-11)
+        assert op.last_run == "lattice_conv"
+
+
+def test_nodes_with_batch_entries_run_the_kernels():
+    """A kernel per batch entry is not one library call: the tiled kernels run it, and
+    explain's rule says so."""
+    op = _op(NODES)
+    g = _gen(5)
+    f = torch.randn(2, 5, 4, 4, generator=g, dtype=D)
+    U = torch.rand(2, 3, 1, generator=g, dtype=D)
+    V = torch.rand(5, 1, generator=g, dtype=D)
+    q = torch.rand(5, generator=g, dtype=D)
+    with torch.no_grad():
+        out = op(f=f, U=U, V=V, q=q)
+        assert op.last_run == "kernels"
+        params = dict(op.named_parameters())
+        for b in range(2):
+            torch.testing.assert_close(
+                out[b], _nodes_want({"f": f[b:b + 1], "U": U[b], "V": V, "q": q}, params)[0],
+                rtol=1e-10, atol=1e-11)

@@ -39,6 +39,7 @@ class Bound:
     device: torch.device
     shapes: dict[str, torch.Size]  # every tensor argument's shape as given
     axes: dict[str, tuple[int, ...]] = None  # domain -> the sizes of its axes
+    batched: frozenset[str] = frozenset()  # the arguments with batch entries (more than one)
 
     def __post_init__(self):
         if self.axes is None:
@@ -305,7 +306,8 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None,
     check_size(math.prod(batch) * out * (op.output.width or 1), dtype, device,
                f"the output on {' * '.join(op.output.domains)}")
     return Bound(sizes=counts, coords=coords, fields=fields, batch=batch, dtype=dtype,
-                 device=device, shapes={name: t.shape for name, t in tensors}, axes=axes)
+                 device=device, shapes={name: t.shape for name, t in tensors}, axes=axes,
+                 batched=frozenset(name for name, b in batches if math.prod(b) > 1))
 
 
 def _check_empty(facts: Facts, sizes: dict[str, int]) -> None:

@@ -374,7 +374,8 @@ class CompiledOperator(nn.Module):
         if self._runner is None:
             return "the strategy has no algorithm of its own"
         sizes = {side: _side_size(self.plan, side, bound) for side in self.plan.spaces}
-        call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type)
+        call = Call(sizes, math.prod(bound.batch), bound.dtype.itemsize, bound.device.type,
+                    bound.batched)
         return self._entry.choose(self.plan.form, call)
 
     def forward(self, *args, generator: torch.Generator | None = None,

@@ -401,6 +401,12 @@ class LatticeConvRunner(Runner):
                                else st.roots)]
             self.light = (all(isinstance(f, StencilConv) for f in self.form)
                           and not any(_reads_points(r) for r in roots))
+        # points of the call (a points domain's coordinates, a weights field): what is
+        # sampled from them is sampled on every call, never kept
+        self.reads_call = any(
+            plan.op.domain(fac.domain).kind.entry.given
+            or (fac.quad is not None and fac.quad.rule.entry.from_input)
+            for sp in plan.spaces.values() for fac in sp.factors)
         self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
         self._kept: dict[str, tuple[tuple, object]] = {}
 
@@ -408,12 +414,14 @@ class LatticeConvRunner(Runner):
         """An evaluator of the steps that read no point of the output: the call with one
         point of the lattice (no input kept), viewed with all of them (their coordinates
         never read), made once per sizes, dtype and device; a view of it per call."""
-        compiling = torch.compiler.is_compiling()  # (then traced once: nothing kept)
-        key = None if compiling else (tuple(sorted(bound.axes.items())), bound.dtype,
-                                      bound.device)
+        # nothing kept while torch.compile traces (its graph is made once) or where the sides
+        # read the call's points (a points domain's coordinates, a weights field)
+        kept = not (torch.compiler.is_compiling() or self.reads_call)
+        key = (tuple(sorted(bound.axes.items())), bound.dtype, bound.device) if kept else None
         ev = self._light.get(key)
         if ev is None:
-            small = shrunk(self.plan, params, dataclasses.replace(bound, fields={}),
+            small = shrunk(self.plan, params,
+                           dataclasses.replace(bound, fields={}) if kept else bound,
                            self.lattice)
             n = math.prod([math.prod(bound.axes[d]) for d in self.plan.spaces[X_SIDE].domains])
             ev = small.at({X_SIDE: torch.zeros((), dtype=small.dtype,
@@ -434,7 +442,7 @@ class LatticeConvRunner(Runner):
 
     def run(self, ev: PlanEvaluator, bound: Bound) -> None:
         params = ev.params
-        keep = self._keeps(params)
+        keep = self._keeps(params) and not self.reads_call
         if keep and not self._same_params(params):  # (a write through `.data` keeps the
             self._kept.clear()  # version counter: the values themselves are compared)
         for st in self.steps:

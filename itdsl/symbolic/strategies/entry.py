@@ -40,13 +40,15 @@ class Rule:
 @dataclass(frozen=True)
 class Call:
     """What a per-call choice looks at: the points of each side (`x` and the integrals'), the
-    batch entries, the bytes of one value, the tensors' device type ("cpu", "cuda") and the
-    memory budget in bytes (read when a rule asks for it)."""
+    batch entries, the bytes of one value, the tensors' device type ("cpu", "cuda"), which
+    arguments have batch entries, and the memory budget in bytes (read when a rule asks)."""
 
     sizes: dict[str, int]
     batch: int
     itemsize: int
     device: str
+    batched: frozenset[str] = frozenset()  # the arguments (domains' coordinates, inputs)
+    #                                        that carry batch entries
 
     @property
     def budget(self) -> int:

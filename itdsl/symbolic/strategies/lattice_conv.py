@@ -171,6 +171,8 @@ class StencilConv:
     channels: int  # the field's R^C width (1 for R)
     kernel_channels: int  # K's width (1: a scalar)
     pair_values: int = 1  # values per (u, (v, t)) sampling K holds at once (matmul's count)
+    given: tuple[str, ...] = ()  # the call's arguments K reads: coordinates of a points
+    #                              domain (a channel axis's nodes), a weights field
 
     @property
     def dim(self) -> int:
@@ -323,20 +325,23 @@ def stencil_conv(plan: Plan, st: Step) -> StencilConv | Miss:
         return Miss("more than one channel variable on a side")
     u = others_x[0] if others_x else None
     v = others_y[0] if others_y else None
+    given: set[str] = set()  # the call's arguments K reads (then sampled on every call)
     for var, side in ((u, sx), (v, sy)):
         if var is None:
             continue
-        if op.domain(side.factor(var).domain).kind.entry.given:
-            return Miss(f"the channel variable `{var}` is on a points domain (coordinates of "
-                        "the call)")
+        dom = op.domain(side.factor(var).domain)
+        if dom.kind.entry.given:
+            given.add(dom.name)
         if side.factor(var).domain == pdom.name:
             return Miss(f"the channel variable `{var}` ranges over the output's lattice "
                         f"`{pdom.name}`")
     for fac in sy.factors:
         rule = fac.quad.rule.entry
-        if rule.sampled or rule.from_input:
-            return Miss(f"the `{fac.quad.rule.value}` rule of `{fac.var}` takes its weights "
-                        "from the call")
+        if rule.sampled:
+            return Miss(f"the `{fac.quad.rule.value}` rule of `{fac.var}` draws its points "
+                        "per call")
+        if rule.from_input:
+            given.add(fac.quad.weights)
     for n in leaves(K):
         if n.op in ("coord", "pos") and n.side == X_SIDE and n.var == p:
             return Miss(f"K depends on the output point `{p}`: not a convolution")
@@ -355,7 +360,8 @@ def stencil_conv(plan: Plan, st: Step) -> StencilConv | Miss:
                        lattice=p, taps=t, stride=lat.stride, dilation=lat.dilation,
                        flip=lat.flip, offset=lat.offset, out_channel=u, in_channel=v,
                        field_channel=field_channel, channels=_width(read.shape),
-                       kernel_channels=_width(K.shape), pair_values=pair_values(K, over))
+                       kernel_channels=_width(K.shape), pair_values=pair_values(K, over),
+                       given=tuple(sorted(given)))
 
 
 # ---- the lag form -----------------------------------------------------------------------------
@@ -498,11 +504,18 @@ def find(plan: Plan) -> tuple | Miss:
 
 
 def choose(form, call: Call) -> str | None:
-    """Always the library calls: measured against the tiled kernels of the same Plans
-    (float32, 2 CPU cores, inference and training), they were as fast or faster at every
-    size tried, 2×2 to 64×64 lattices: a stencil 1.2–40× faster (depthwise 3×3 on R^8, the
-    INN layer 8 → 8), a kernel of p − q within noise at 16×16–24×24 and 9× faster at 64×64.
-    Half precision runs its FFT in float32 (torch.fft has no CPU half transform)."""
+    """The library calls: measured against the tiled kernels of the same Plans (float32, 2
+    CPU cores, inference and training), they were as fast or faster at every size tried,
+    2×2 to 64×64 lattices: a stencil 1.2–40× faster (depthwise 3×3 on R^8, the INN layer
+    8 → 8), a kernel of p − q within noise at 16×16–24×24 and 9× faster at 64×64. Half
+    precision runs its FFT in float32 (torch.fft has no CPU half transform). Not where a
+    stencil's kernel reads arguments of the call with batch entries (nodes or weights per
+    entry: a kernel per entry, which one library call cannot take)."""
+    for f in form:
+        batched = [g for g in getattr(f, "given", ()) if g in call.batched]
+        if batched:
+            return (f"the convolution's weights read `{batched[0]}`, which has batch "
+                    "entries (a kernel per entry)")
     return None
 
 
