@@ -730,3 +730,65 @@ def test_nodes_with_batch_entries_run_the_kernels():
             torch.testing.assert_close(
                 out[b], _nodes_want({"f": f[b:b + 1], "U": U[b], "V": V, "q": q}, params)[0],
                 rtol=1e-10, atol=1e-11)
+
+
+# ---- NaN and inf where a library call would spread them -------------------------------------------
+
+MASKED_TAPS = """operator masked {
+    domain P = index(2)
+    domain T = stencil(3, 3)
+    input  f : P -> R
+    output g(p: P) = integral(t: T) [t[0] == 0] * f(p + t)
+}"""
+
+DIAMOND = """operator diamond {
+    domain P = index(2)
+    domain Q = index(2)
+    input  f : P -> R
+    output g(q: Q) = integral(p: P) [abs(p[0] - q[0]) + abs(p[1] - q[1]) <= 1] * f(p)
+}"""
+
+
+def _shifted_sum(f: torch.Tensor, offsets) -> torch.Tensor:
+    """Σ over `offsets` (d0, d1) of f(p + d), zero outside: f [H, W] -> [H, W]."""
+    H, W = f.shape
+    padded = F.pad(f, (2, 2, 2, 2))
+    return sum(padded[2 + a:2 + a + H, 2 + b:2 + b + W] for a, b in offsets)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_masked_tap_does_not_spread_inf_or_nan(bad):
+    """A bracket masks the whole product, a NaN or inf of f too (docs/language.md): the
+    masked taps of a stencil, the masked offsets of a lag kernel, and an FFT (which would
+    spread one inf everywhere) give torch's own sums of the live terms."""
+    f = torch.randn(5, 5, generator=_gen(), dtype=D)
+    f[2, 2] = bad
+    cases = [(MASKED_TAPS, {}, _shifted_sum(f, [(0, -1), (0, 0), (0, 1)])),
+             (DIAMOND, {"Q": (5, 5)},
+              _shifted_sum(f, [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)])),
+             (GLOBAL, {"P": (5, 5)}, None)]
+    for src, kw, want in cases:
+        op = _op(src)
+        x = f[None, ..., None].expand(1, 5, 5, 2) if src is GLOBAL else f
+        out = op(f=x, **kw)
+        assert op.last_run == "lattice_conv"
+        if want is None:  # the pairwise definition, by einsum (0 · inf = NaN where K underflows)
+            s = dict(op.named_parameters())["s"]
+            want = _pairwise(x, lambda d: torch.exp(-(d**2).sum(-1) / s), (5, 5))
+        torch.testing.assert_close(out, want.detach(), equal_nan=True)
+
+
+@pytest.mark.parametrize("offset", ["+ 1000000", "- 1000000", "+ 4", "- 9"])
+def test_a_read_beyond_the_lattice_is_zero(offset):
+    """Every read outside the field: zeros (and zero gradients), without a padding the size
+    of the offset."""
+    op = _op(BLUR2D.replace("f(p + t)", f"f(p + t {offset})"))
+    f = torch.randn(2, 5, 6, 8, generator=_gen(), dtype=D, requires_grad=True)
+    out = op(f=f)
+    assert op.last_run == "lattice_conv"
+    if offset in ("+ 4",):  # one row of taps still reaches the field: a partial sum
+        assert out.abs().sum() > 0
+    else:
+        assert out.abs().sum() == 0
+        (g,) = torch.autograd.grad(out.sum(), f)
+        assert g.abs().sum() == 0

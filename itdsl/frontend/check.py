@@ -29,6 +29,8 @@ REDUCE_FNS = {f.value: f for f in ir.RFn}
 CALL_KEYWORDS = ("self", "generator")  # taken by the operator modules' forward()
 BUILTINS = ({"pi"} | set(ir.CALL_FNS) | set(REDUCE_FNS))
 
+MAX_AFFINE = 2**31 - 1  # of a read's coefficients and offset: int32 indices
+
 
 class _Bad(Exception):
     """An expression failed to check; its error is already recorded."""
@@ -766,6 +768,12 @@ class _OperatorChecker:
             self.point_arg(a, scope, f"the field `{field.name}`", domain)  # fails: explains
         terms, offset = self.affine(a, scope, field, dom)
         terms = {v: c for v, c in terms.items() if c != 0}
+        big = [x for x in (*terms.values(), offset) if abs(x) > MAX_AFFINE]
+        if big:
+            self.fail(f"`{field.name}` is read at an affine point with the constant {big[0]:g}, "
+                      f"beyond ±{MAX_AFFINE:,} (a point that far is outside any lattice)",
+                      a.span, "coefficients and offsets of a read are small integers: "
+                      f"`{field.name}(2*q + t - 1)`")
         if not terms:
             self.fail(f"`{field.name}` is read at a constant point", a.span,
                       "read a field at a point that moves: `" + field.name + "(p + t)`")

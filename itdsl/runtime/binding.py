@@ -168,8 +168,9 @@ def bind(op: ir.Operator, kwargs: dict, param_dtype: torch.dtype | None = None,
     known = [d.name for d in op.domains] + [i.name for i in op.inputs]
     unknown = [k for k in kwargs if k not in known]
     if unknown:
+        takes = [d.name for d in op.domains if d.fixed is None] + [i.name for i in op.inputs]
         raise InputError(f"operator `{op.name}` got an unexpected argument `{unknown[0]}`; it "
-                         f"takes {', '.join(f'`{k}`' for k in known)}")
+                         f"takes {', '.join(f'`{k}`' for k in takes)}")
     sizes: dict[str, tuple[tuple[int, ...], str]] = {}  # domain -> (axes, where from)
     for d in op.domains:
         if d.fixed is not None:

@@ -29,7 +29,7 @@ from ...symbolic.plan import X_SIDE, Plan, Step
 from ...symbolic.strategies.forms import inline
 from ...symbolic.strategies.lattice_conv import LagConv, StencilConv
 from ..binding import Bound
-from ..plan_eval import PlanEvaluator, tshape
+from ..plan_eval import PlanEvaluator, evaluate_plan, tshape
 from . import tuning as T
 from .common import Runner, on, output, put
 
@@ -47,8 +47,13 @@ def conv(x: torch.Tensor, w: torch.Tensor, groups: int, stride, dilation, left,
     D = len(n_out)
     L = x.shape[2:]
     k = w.shape[2:]
-    right = [c * (n - 1) + dl * (kk - 1) + 1 - lf - ln
-             for c, n, dl, kk, lf, ln in zip(stride, n_out, dilation, k, left, L)]
+    extent = [c * (n - 1) + dl * (kk - 1) + 1 for c, n, dl, kk in zip(stride, n_out, dilation, k)]
+    left = list(left)
+    for i, (lf, e, ln) in enumerate(zip(left, extent, L)):
+        if lf >= e or lf <= -ln:  # every read along this axis is outside: zeros of the
+            x, left[i] = x.narrow(2 + i, 0, 0), 0  # extent (not a padding as far as the offset)
+    L = x.shape[2:]
+    right = [e - lf - ln for e, lf, ln in zip(extent, left, L)]
     if min(left) < 0 or min(right) < 0:
         x = x[(slice(None), slice(None)) + tuple(slice(max(0, -lf), ln - max(0, -r))
                                                  for lf, r, ln in zip(left, right, L))]
@@ -407,6 +412,14 @@ class LatticeConvRunner(Runner):
             plan.op.domain(fac.domain).kind.entry.given
             or (fac.quad is not None and fac.quad.rule.entry.from_input)
             for sp in plan.spaces.values() for fac in sp.factors)
+        # the fields whose NaN or inf the library calls would spread where the definition
+        # does not: through a tap a bracket masks (weight 0 · inf), or over a whole FFT
+        self.finite_only = sorted(
+            {f.field for f in self.form
+             if isinstance(f, StencilConv) and any(n.op in P.BRACKETS
+                                                   for n in P.toposort([f.kernel]))}
+            | {n.name for f in self.form if isinstance(f, LagConv)
+               for n in P.toposort([inline(f.sum.inside, plan)]) if n.op == "field"})
         self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
         self._kept: dict[str, tuple[tuple, object]] = {}
 
@@ -432,6 +445,12 @@ class LatticeConvRunner(Runner):
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
                  generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.finite_only and not torch.compiler.is_compiling() and not all(
+                bool(torch.isfinite(bound.fields[name]).all()) for name in self.finite_only):
+            # NaN or inf where a library call would spread it: the Plan evaluator, which
+            # masks as the definition does (under torch.compile the check, a branch on
+            # values, is left out)
+            return evaluate_plan(self.plan, params, bound, generator)[0]
         if self.light:
             ev = self._light_evaluator(params, bound)
         else:
