@@ -285,3 +285,52 @@ def test_permuting_the_channels_keeps_the_outputs_and_smooths_the_weights():
             half = net.resample(0.5)(x)
             errors[permute] = ((half - want).norm() / want.norm()).item()
     assert errors[True] < 0.05 < errors[False]
+
+
+def test_the_grid_gradient_is_not_zero_at_the_uniform_start():
+    """The nodes start uniform (the resampled net as it is) and their gradient there is not
+    zero: training can move them (TorchIntegral's trainable grid starts where its gradient
+    is exactly zero)."""
+    model = _resnet()
+    x = torch.randn(16, 1, 10, 10, generator=_gen())
+    small = inn.convert(model, x).resample(0.5)
+    with torch.no_grad():
+        before = small(x)
+    small.tune_grid([x], steps=1, lr=0.0)  # the nodes made, nothing moved
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), before, rtol=1e-5, atol=1e-5)  # uniform nodes
+    loss = (small(x) - model(x).detach()).square().mean()
+    grads = torch.autograd.grad(loss, list(small.nodes.values()))
+    assert set(small.nodes) == {"stem", "down", "a", "fc1"}
+    assert all(g.abs().max() > 1e-6 for g in grads)
+
+
+def test_tune_grid_brings_the_resampled_net_closer_and_exports_it():
+    model = _resnet()
+    x = torch.randn(48, 1, 10, 10, generator=_gen())
+    small = inn.convert(model, x).resample(0.5)
+    with torch.no_grad():
+        want = model(x)
+        before = (small(x) - want).square().mean()
+    losses = small.tune_grid([x[:24], x[24:]], steps=30)
+    assert len(losses) == 30
+    with torch.no_grad():
+        after = (small(x) - want).square().mean()
+        assert after < 0.5 * before
+        nodes = {g: torch.cumsum(F.softplus(p), 0) for g, p in small.nodes.items()}
+        assert all((torch.diff(c) > 0).all() for c in nodes.values())  # sorted, distinct
+        plain = small.export()
+        assert (plain(x) - small(x)).abs().max() <= 1e-5
+    assert all(p.requires_grad for p in small.parameters())  # unfrozen again
+    with pytest.raises(InputError, match="every group is at full size"):
+        inn.convert(model, x).tune_grid([x], steps=1)
+
+
+def test_node_weights_are_the_trapezoid_rule():
+    x = torch.tensor([0.0, 0.1, 0.5, 0.6, 1.0], dtype=D)
+    want = torch.tensor([0.05, 0.25, 0.25, 0.25, 0.2], dtype=D)
+    from itdsl.inn.layers import node_weights
+    torch.testing.assert_close(node_weights(x), want)
+    f = torch.sin(3 * x)  # the rule integrates a linear interpolant exactly
+    exact = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(4))
+    torch.testing.assert_close((node_weights(x) * f).sum(), exact)

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import InputError, UnsupportedError
-from .layers import IntegralConv2d, IntegralLayer, IntegralLinear, count
+from .layers import Grid, IntegralConv2d, IntegralLayer, IntegralLinear, count
 from .permute import permutation
 
 # modules and functions that keep the channel axis (dim 1 of images, the last of vectors)
@@ -81,11 +81,16 @@ class IntegralNet(nn.Module):
     """A converted network: `groups` {name: channels at full size}, `sizes` {name: channels
     now}; `resample` gives a copy at other sizes, `export` a plain torch model."""
 
-    def __init__(self, gm: fx.GraphModule, groups: dict[str, int], sizes: dict[str, int]):
+    def __init__(self, gm: fx.GraphModule, groups: dict[str, int], grid: Grid):
         super().__init__()
         self.graph_module = gm
         self.groups = dict(groups)
-        self.sizes = sizes  # shared with every integral layer (mutated in place only)
+        self.grid = grid  # shared with every integral layer (changed in place only)
+        self.nodes = nn.ParameterDict()  # the trained nodes' gaps (grid.gaps), by group
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.grid.sizes)
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -112,18 +117,62 @@ class IntegralNet(nn.Module):
         else:
             sizes = {g: count(ratio, n) for g, n in self.groups.items()}
         new = copy.deepcopy(self)
-        new.sizes.clear()
-        new.sizes.update(sizes)
+        new.grid.sizes.update(sizes)
+        new.grid.gaps.clear()  # (nodes trained for other sizes do not carry over)
+        for g in list(new.nodes):
+            del new.nodes[g]
         return new
+
+    def tune_grid(self, loader, steps: int = 200, lr: float = 0.05) -> list[float]:
+        """Learn the nodes of every resampled group's axis (sorted positions in [0, 1] with
+        their trapezoid weights; nothing else changes) so that this net's outputs match the
+        full-size net's on `loader`'s inputs (batches `x` or `(x, ...)`), by Adam on the mean
+        squared difference: distillation, as TorchIntegral trains its grid. Starts from the
+        uniform nodes, where the gradient is not zero. Returns the loss per step."""
+        groups = [g for g, n in self.groups.items() if self.grid.sizes[g] < n]
+        if not groups:
+            raise InputError("every group is at full size, where the uniform grid is exact",
+                             hint="resample first: `net.resample(0.5).tune_grid(loader)`")
+        teacher = self.resample({g: n for g, n in self.groups.items()}).eval()
+        like = next(self.parameters())
+        for g in groups:
+            if g not in self.grid.gaps:
+                gap = nn.Parameter(torch.zeros(self.grid.sizes[g] - 1, dtype=like.dtype,
+                                               device=like.device))
+                self.grid.gaps[g] = self.nodes[g] = gap
+        trained = [self.grid.gaps[g] for g in groups]
+        frozen = [p for p in self.parameters() if p.requires_grad and
+                  all(p is not t for t in trained)]
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = torch.optim.Adam(trained, lr=lr)
+        losses: list[float] = []
+        try:
+            while len(losses) < steps:
+                for batch in loader:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    with torch.no_grad():
+                        want = teacher(x)
+                    loss = torch.nn.functional.mse_loss(self(x), want)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                    if len(losses) >= steps:
+                        break
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return losses
 
     def export(self) -> fx.GraphModule:
         """A plain torch model at the current sizes: each integral layer an nn.Conv2d or
         nn.Linear holding its sampled weights (the same outputs, the library's speed)."""
         gm = copy.deepcopy(self.graph_module)
-        ins = _in_sizes(gm, self.sizes)
         for name, layer in list(gm.named_modules()):
             if isinstance(layer, IntegralLayer):
-                _set_module(gm, name, layer.export(ins[name]))
+                n_in = layer.n_in if layer.in_group is None else self.grid.sizes[layer.in_group]
+                _set_module(gm, name, layer.export(n_in))
         gm.recompile()
         return gm
 
@@ -131,15 +180,6 @@ class IntegralNet(nn.Module):
 def _set_module(gm: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-
-
-def _in_sizes(gm: fx.GraphModule, sizes: dict[str, int]) -> dict[str, int]:
-    """Each integral layer's number of input channels at `sizes`."""
-    out = {}
-    for name, layer in gm.named_modules():
-        if isinstance(layer, IntegralLayer):
-            out[name] = sizes[layer.in_group] if layer.in_group is not None else layer.n_in
-    return out
 
 
 def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True) -> IntegralNet:
@@ -250,7 +290,7 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
         names.setdefault(root, name)
         sizes[names[root]] = n
     groups = dict(sizes)
-    shared: dict[str, int] = dict(sizes)
+    grid = Grid(sizes)
 
     def group(g: str | None) -> str | None:
         if g is None:
@@ -268,9 +308,9 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
         w, b = arrays[node]
         if isinstance(mod, nn.Conv2d):
             layer = IntegralConv2d(w, b, mod.stride[0], mod.padding, group(in_g),
-                                   group(chan[node]), shared)
+                                   group(chan[node]), grid)
         else:
-            layer = IntegralLinear(w, b, group(in_g), group(chan[node]), shared)
+            layer = IntegralLinear(w, b, group(in_g), group(chan[node]), grid)
         _set_module(gm, name, layer)
     for bn_node in folded:
         bn_node.replace_all_uses_with(bn_node.args[0])
@@ -278,7 +318,7 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return IntegralNet(gm, groups, shared)
+    return IntegralNet(gm, groups, grid)
 
 
 def _permuted(arrays: dict, groups: dict, sizes: dict[str, int]) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..domains.rules import RULES
@@ -33,67 +34,105 @@ def quadrature(rule: str, n: int, dtype=torch.float64) -> torch.Tensor:
     return torch.as_tensor(RULE[rule].weights(_Unit, n), dtype=dtype)
 
 
-def sample(coef: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """A spline's values at the nodes of grids of `sizes` points on [0, 1] (one size per
-    trailing axis of `coef`, the leading axes are one spline each): `[..., *sizes]`."""
+def sample(coef: torch.Tensor, at: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A spline's values at positions `at` in [0, 1], one 1-D tensor per trailing axis of
+    `coef` (the leading axes are one spline each): `[..., *len(at)]`."""
     out = coef
-    for i, m in enumerate(sizes):
-        axis = coef.dim() - len(sizes) + i
-        n = coef.shape[axis]
-        u = torch.linspace(0, 1, m, dtype=coef.dtype, device=coef.device)[:, None]
-        B = keys_basis(u, n)  # [m, n]
+    for i, u in enumerate(at):
+        axis = coef.dim() - len(at) + i
+        B = keys_basis(u.to(coef.dtype)[:, None], coef.shape[axis])  # [m, n]
         out = torch.tensordot(out.movedim(axis, -1), B, dims=([out.dim() - 1], [1]))
         out = out.movedim(-1, axis)
     return out
 
 
-def _fmt(x: int) -> str:
-    return str(int(x))
+def node_weights(x: torch.Tensor) -> torch.Tensor:
+    """The trapezoid rule's weights on sorted nodes x of [0, 1] (uniform nodes: the language's
+    `trapezoid`)."""
+    d = x[1:] - x[:-1]
+    return torch.cat([d[:1], d[1:] + d[:-1], d[-1:]]) / 2
+
+
+class Grid:
+    """A network's channel axes: each group's size now, and the nodes of those whose nodes
+    are trained (`gaps`: m − 1 logits; node i = Σ_{j<i} softplus(gap_j) / Σ softplus, so the
+    nodes stay sorted, 0 first and 1 last). Shared by the network and its layers."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = dict(sizes)
+        self.gaps: dict[str, nn.Parameter] = {}
+
+    def tuned(self, group: str | None) -> bool:
+        return group is not None and group in self.gaps
+
+    def nodes(self, group: str | None, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The nodes of an axis (a discrete one of n points, or a group's), `[m]`."""
+        if self.tuned(group):
+            c = torch.cumsum(F.softplus(self.gaps[group]), 0)
+            x = torch.cat([c.new_zeros(1), c]) / c[-1]
+            return x.to(like.dtype)
+        m = n if group is None else self.sizes[group]
+        return torch.linspace(0, 1, m, dtype=like.dtype, device=like.device)
+
+    def weights(self, group: str | None, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The quadrature weights of an input axis: 1 on a discrete one (`sum`), else the
+        trapezoid rule on its nodes."""
+        if group is None:
+            return torch.ones(n, dtype=like.dtype, device=like.device)
+        if self.tuned(group):
+            return node_weights(self.nodes(group, n, like))
+        return quadrature("trapezoid", self.sizes[group], like.dtype).to(like.device)
 
 
 def conv_source(name: str, k: tuple[int, int], stride: int, offset: int, n_out: int,
-                n_in: int, in_rule: str | None, bias: bool) -> str:
+                n_in: int, in_rule: str | None, bias: bool, nodes: bool = False) -> str:
     """The `.it` text of a 2-D convolution layer: out(u, q) = c(u) + ∫∫ W(u, v, t) f(v, s·q +
     t + d) over the input channels v (rule `in_rule`; None: one input channel, no axis) and
-    the taps t. The output lives on its own lattice Q unless s = 1 and d = 0."""
+    the taps t. The output lives on its own lattice Q unless s = 1 and d = 0. With `nodes`,
+    the channel axes are points the call gives (U, V) and V's weights an input `q`."""
     same = stride == 1 and offset == 0
     read = ("p" if same else ("q" if stride == 1 else f"{stride}*q")) + " + t"
     if offset:
         read += f" {'+' if offset > 0 else '-'} {abs(offset)}"
     out_var = "p" if same else "q"
-    lines = [f"operator {name} {{",
-             "    domain U = grid(0, 1)",
-             "    domain P = index(2)"]
+    axis = "points(1)" if nodes else "grid(0, 1)"
+    u, v = ("u[0]", "v[0]") if nodes else ("u", "v")
+    lines = [f"operator {name} {{", f"    domain U = {axis}", "    domain P = index(2)"]
     if not same:
         lines.append("    domain Q = index(2)")
-    lines.append(f"    domain T = stencil({_fmt(k[0])}, {_fmt(k[1])})")
+    lines.append(f"    domain T = stencil({int(k[0])}, {int(k[1])})")
     if in_rule is None:
-        lines += ["    input  f : P -> R",
-                  f"    param  W : spline({n_out}, per = T)"]
-        body = f"integral(t: T) W(u, t) * f({read})"
+        lines += ["    input  f : P -> R", f"    param  W : spline({n_out}, per = T)"]
+        body = f"integral(t: T) W({u}, t) * f({read})"
     else:
-        lines += ["    domain V = grid(0, 1)",
-                  "    input  f : V * P -> R",
+        rule = "weights(qv)" if nodes else in_rule
+        lines += [f"    domain V = {axis}", "    input  f : V * P -> R",
                   f"    param  W : spline({n_out}, {n_in}, per = T)"]
-        body = f"integral(v: V, t: T) W(u, v, t) * f(v, {read}) with ({in_rule}, sum)"
+        if nodes:
+            lines.append("    input  qv : V -> R")
+        body = f"integral(v: V, t: T) W({u}, {v}, t) * f(v, {read}) with ({rule}, sum)"
     if bias:
         lines.append(f"    param  c : spline({n_out})")
-        body = "c(u) + " + body
+        body = f"c({u}) + " + body
     lines += [f"    output g(u: U, {out_var}: {'P' if same else 'Q'}) = {body}", "}"]
     return "\n".join(lines) + "\n"
 
 
-def linear_source(name: str, n_out: int, n_in: int, in_rule: str, bias: bool) -> str:
-    """The `.it` text of a linear layer: out(u) = c(u) + ∫ W(u, v) f(v) dv."""
-    body = f"integral(v: V) W(u, v) * f(v) with {in_rule}"
-    lines = [f"operator {name} {{",
-             "    domain U = grid(0, 1)",
-             "    domain V = grid(0, 1)",
-             "    input  f : V -> R",
-             f"    param  W : spline({n_out}, {n_in})"]
+def linear_source(name: str, n_out: int, n_in: int, in_rule: str, bias: bool,
+                  nodes: bool = False) -> str:
+    """The `.it` text of a linear layer: out(u) = c(u) + ∫ W(u, v) f(v) dv (with `nodes`, on
+    points the call gives, V's weights an input `q`)."""
+    axis = "points(1)" if nodes else "grid(0, 1)"
+    u, v = ("u[0]", "v[0]") if nodes else ("u", "v")
+    rule = "weights(qv)" if nodes else in_rule
+    body = f"integral(v: V) W({u}, {v}) * f(v) with {rule}"
+    lines = [f"operator {name} {{", f"    domain U = {axis}", f"    domain V = {axis}",
+             "    input  f : V -> R", f"    param  W : spline({n_out}, {n_in})"]
+    if nodes:
+        lines.append("    input  qv : V -> R")
     if bias:
         lines.append(f"    param  c : spline({n_out})")
-        body = "c(u) + " + body
+        body = f"c({u}) + " + body
     lines += [f"    output g(u: U) = {body}", "}"]
     return "\n".join(lines) + "\n"
 
@@ -104,23 +143,59 @@ def _compile(text: str, name: str) -> nn.Module:
 
 
 class IntegralLayer(nn.Module):
-    """One converted layer. `sizes` is the network's (shared) map from group name to its
-    current number of channels; `out_group` (None: the output axis is discrete) names the
-    group of the output channels, `in_group` that of the input channels."""
+    """One converted layer: `op` on uniform grids, and `op_nodes` (the same params) on the
+    nodes of `grid` once one of its groups has trained nodes. `out_group` (None: the output
+    axis is discrete) names the group of the output channels, `in_group` that of the input
+    channels; `grid` is the network's (shared, not a submodule)."""
 
-    def __init__(self, text: str, opname: str, in_group: str | None, out_group: str | None,
-                 n_out: int, n_in: int, sizes: dict[str, int]):
+    def __init__(self, source, opname: str, in_group: str | None, out_group: str | None,
+                 n_out: int, n_in: int, grid: Grid, like: torch.Tensor):
         super().__init__()
-        self.text, self.in_group, self.out_group = text, in_group, out_group
+        self.source, self.opname = source, opname  # source(nodes: bool) -> .it text
+        self.in_group, self.out_group = in_group, out_group
         self.n_out, self.n_in = n_out, n_in  # at full size
-        self.op = _compile(text, opname)
-        self.sizes = sizes
+        self.op = _compile(source(False), opname).to(dtype=like.dtype, device=like.device)
+        self.op_nodes = None
+        object.__setattr__(self, "grid", grid)
+
+    def _op(self) -> nn.Module:
+        """`op`, or `op_nodes` (made on first use, sharing op's params) where nodes are tuned."""
+        if not (self.grid.tuned(self.in_group) or self.grid.tuned(self.out_group)):
+            return self.op
+        if self.op_nodes is None:
+            nodes = _compile(self.source(True), self.opname)
+            for name, p in self.op.named_parameters():
+                setattr(nodes, name, p)
+            self.op_nodes = nodes
+        return self.op_nodes
 
     def out_size(self) -> int:
-        return self.n_out if self.out_group is None else self.sizes[self.out_group]
+        return self.n_out if self.out_group is None else self.grid.sizes[self.out_group]
 
-    def _in_rule(self) -> str:
-        return "sum" if self.in_group is None else "trapezoid"
+    def _axes(self, like: torch.Tensor, n_in: int | None = None) -> dict:
+        """The keyword arguments of the channel axes: sizes, or nodes and weights."""
+        n_in = n_in or self.n_in
+        if self._op() is self.op:
+            return {"U": self.out_size()}
+        g = self.grid
+        kw = {"U": g.nodes(self.out_group, self.n_out, like)[:, None]}
+        if not getattr(self, "single", False):
+            kw["V"] = g.nodes(self.in_group, n_in, like)[:, None]
+            kw["qv"] = g.weights(self.in_group, n_in, like)
+        return kw
+
+    def _sampled(self, n_in: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """W sampled at the output and input nodes `[..., m_out, m_in]` (the output's only
+        for one input channel), the bias at the output nodes, the input's weights."""
+        W = self.op.W.detach()
+        g = self.grid
+        with torch.no_grad():
+            u = g.nodes(self.out_group, self.n_out, W)
+            q = g.weights(self.in_group, n_in, W)
+            v = g.nodes(self.in_group, n_in, W)
+            w = sample(W, (u,) if getattr(self, "single", False) else (u, v))
+            b = sample(self.op.c.detach(), (u,)) if self.has_bias else None
+        return w, b, q
 
 
 class IntegralConv2d(IntegralLayer):
@@ -129,17 +204,18 @@ class IntegralConv2d(IntegralLayer):
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, stride: int,
                  padding: tuple[int, int], in_group: str | None, out_group: str | None,
-                 sizes: dict[str, int]):
+                 grid: Grid):
         n_out, n_in, *k = w.shape
         k = tuple(k)
         self.stride, self.padding = stride, tuple(padding)
         offset = (k[0] - 1) // 2 - padding[0]
-        self.has_bias = b is not None
+        self.has_bias = bias = b is not None
+        self.single = n_in == 1
         in_rule = None if n_in == 1 else ("sum" if in_group is None else "trapezoid")
-        text = conv_source("conv", k, stride, offset, n_out, n_in, in_rule, self.has_bias)
-        super().__init__(text, "conv", in_group, out_group, n_out, n_in, sizes)
-        self.k, self.offset, self.single = k, offset, n_in == 1
-        self.op.to(dtype=w.dtype, device=w.device)
+        super().__init__(lambda nodes: conv_source("conv", k, stride, offset, n_out, n_in,
+                                                   in_rule, bias, nodes),
+                         "conv", in_group, out_group, n_out, n_in, grid, w)
+        self.k, self.offset = k, offset
         w64 = w.detach().to(torch.float64)
         with torch.no_grad():
             if self.single:
@@ -152,27 +228,18 @@ class IntegralConv2d(IntegralLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
-        kw = {"f": x[:, 0] if self.single else x, "U": self.out_size()}
+        kw = {"f": x[:, 0] if self.single else x, **self._axes(x, x.shape[1])}
         if not (self.stride == 1 and self.offset == 0):
             kw["Q"] = tuple((n + 2 * p - k) // self.stride + 1
                             for n, p, k in zip((H, W), self.padding, self.k))
-        return self.op(**kw)
-
-    def weights(self, n_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The plain layer's weight `[m_out, n_in, kh, kw]` and bias at the current sizes:
-        the splines sampled there, times the input axis's quadrature weights."""
-        m = self.out_size()
-        W = self.op.W.detach()
-        if self.single:
-            w = sample(W, (m,)).permute(2, 0, 1)[:, None]
-        else:
-            q = quadrature(self._in_rule(), n_in, W.dtype)
-            w = sample(W, (m, n_in)).permute(2, 3, 0, 1) * q[None, :, None, None]
-        b = sample(self.op.c.detach(), (m,)) if self.has_bias else None
-        return w, b
+        return self._op()(**kw)
 
     def export(self, n_in: int) -> nn.Conv2d:
-        w, b = self.weights(n_in)
+        """A Conv2d at the current sizes (`n_in` input channels): the splines sampled at the
+        nodes, times the input axis's quadrature weights."""
+        w, b, q = self._sampled(n_in)
+        w = w.permute(2, 0, 1)[:, None] if self.single else \
+            w.permute(2, 3, 0, 1) * q[None, :, None, None]
         conv = nn.Conv2d(w.shape[1], w.shape[0], self.k, stride=self.stride,
                          padding=self.padding, bias=b is not None, dtype=w.dtype,
                          device=w.device)
@@ -187,16 +254,16 @@ class IntegralLinear(IntegralLayer):
     """A Linear layer as an integral layer, from its weight `[n_out, n_in]` and bias."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, in_group: str | None,
-                 out_group: str | None, sizes: dict[str, int]):
+                 out_group: str | None, grid: Grid):
         n_out, n_in = w.shape
         if n_in < 2:
             raise InputError(f"a Linear layer with {n_in} input feature cannot be converted",
                              hint="an integral layer integrates over at least 2 input channels")
-        self.has_bias = b is not None
+        self.has_bias = bias = b is not None
         in_rule = "sum" if in_group is None else "trapezoid"
-        text = linear_source("linear", n_out, n_in, in_rule, self.has_bias)
-        super().__init__(text, "linear", in_group, out_group, n_out, n_in, sizes)
-        self.op.to(dtype=w.dtype, device=w.device)
+        super().__init__(lambda nodes: linear_source("linear", n_out, n_in, in_rule, bias,
+                                                     nodes),
+                         "linear", in_group, out_group, n_out, n_in, grid, w)
         q = quadrature(in_rule, n_in).to(w.device)
         with torch.no_grad():
             self.op.W.copy_(w.detach().to(torch.float64) / q[None, :])
@@ -204,17 +271,11 @@ class IntegralLinear(IntegralLayer):
                 self.op.c.copy_(b.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(f=x, U=self.out_size())
-
-    def weights(self, n_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        m = self.out_size()
-        W = self.op.W.detach()
-        w = sample(W, (m, n_in)) * quadrature(self._in_rule(), n_in, W.dtype)[None, :]
-        b = sample(self.op.c.detach(), (m,)) if self.has_bias else None
-        return w, b
+        return self._op()(f=x, **self._axes(x, x.shape[-1]))
 
     def export(self, n_in: int) -> nn.Linear:
-        w, b = self.weights(n_in)
+        w, b, q = self._sampled(n_in)
+        w = w * q[None, :]
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype,
                         device=w.device)
         with torch.no_grad():

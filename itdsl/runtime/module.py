@@ -11,6 +11,7 @@ the forward op.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -336,9 +337,10 @@ class CompiledOperator(nn.Module):
         strategy's runner state aside) is per Plan and shared."""
         new = type(self)(self.plan, self.target)
         memo[id(self)] = new
-        for (_, a), (_, b) in zip(self.named_parameters(), new.named_parameters()):
-            b.data = a.detach().clone()  # (its dtype and device too)
-            b.requires_grad_(a.requires_grad)
+        for name, a in self.named_parameters(remove_duplicate=False):
+            owner, _, leaf = name.rpartition(".")
+            # (through the memo: a param shared with another module stays shared)
+            setattr(new.get_submodule(owner) if owner else new, leaf, copy.deepcopy(a, memo))
         new.train(self.training)
         return new
 
