@@ -230,9 +230,25 @@ def test_unsupported_layers_name_the_module(model, message):
         inn.convert(model.eval(), torch.randn(1, 2, 6, 6))
 
 
-def test_a_model_in_train_mode_is_refused():
-    with pytest.raises(UnsupportedError, match="eval mode"):
-        inn.convert(_resnet().train(), torch.randn(1, 1, 8, 8))
+def test_a_model_in_training_mode_keeps_its_batchnorms():
+    """Converted in training mode, the BatchNorms stay (splines over their group's axis): at
+    full size the net is the model, in training mode (batch statistics, running statistics
+    updated alike) and in eval mode; resampled, export gives plain BatchNorms sampled there."""
+    model = _resnet().train()
+    x = torch.randn(6, 1, 10, 10, generator=_gen())
+    net = inn.convert(model, x)
+    assert sum(isinstance(m, inn.layers.IntegralBatchNorm) for m in net.modules()) == 4
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-5)  # both update stats
+        net.eval()
+        model.eval()
+        torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-5)  # the updated stats
+        small = net.resample(0.6)
+        y = small(x)
+        plain = small.export()
+        assert sum(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) for m in plain.modules()) == 4
+        assert (plain(x) - y).abs().max() <= 1e-5
 
 
 def test_the_converted_net_trains():
@@ -334,3 +350,28 @@ def test_node_weights_are_the_trapezoid_rule():
     f = torch.sin(3 * x)  # the rule integrates a linear interpolant exactly
     exact = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(4))
     torch.testing.assert_close((node_weights(x) * f).sum(), exact)
+
+
+def test_fit_trains_every_width():
+    """inn.fit on a small synthetic task: the loss falls, and afterwards the net at 60 % of
+    its channels classifies about as well as at full width."""
+    g = _gen(9)
+    centers = torch.randn(3, 1, 6, 6, generator=g) * 2
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = centers[y] + 0.5 * torch.randn(96, 1, 6, 6, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    net = inn.convert(model.train(), x[:4])
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+    losses = inn.fit(net, loader, epochs=10, lr=0.02)
+    assert len(losses) == 60 and sum(losses[-6:]) < 0.5 * sum(losses[:6])
+    assert net.sizes == net.groups  # back at full width
+    net.eval()
+    with torch.no_grad():
+        full = (net(x).argmax(1) == y).float().mean()
+        small = (net.resample(0.6)(x).argmax(1) == y).float().mean()
+    assert full > 0.9 and small > full - 0.1
+    with pytest.raises(InputError, match="widths are fractions"):
+        inn.fit(net, loader, widths=(0.8, 0.5))

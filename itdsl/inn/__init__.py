@@ -5,8 +5,11 @@
     net.groups                                       # {name: channels}: axes sharing a grid
     small = net.resample(0.7)                        # 70 % of every group, no fine-tuning
     plain = small.export()                           # plain nn.Conv2d / nn.Linear layers
+    small.tune_grid(loader, steps=200)               # learn the resampled axes' nodes
+    inn.fit(inn.convert(model.train(), x), loader)   # train so that every width works
 """
 
 from .convert import IntegralNet, convert
+from .train import fit
 
-__all__ = ["convert", "IntegralNet"]
+__all__ = ["convert", "fit", "IntegralNet"]

@@ -20,7 +20,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import InputError, UnsupportedError
-from .layers import Grid, IntegralConv2d, IntegralLayer, IntegralLinear, count
+from .layers import (
+    Grid,
+    IntegralBatchNorm,
+    IntegralConv2d,
+    IntegralLayer,
+    IntegralLinear,
+    count,
+)
 from .permute import permutation
 
 # modules and functions that keep the channel axis (dim 1 of images, the last of vectors)
@@ -173,6 +180,8 @@ class IntegralNet(nn.Module):
             if isinstance(layer, IntegralLayer):
                 n_in = layer.n_in if layer.in_group is None else self.grid.sizes[layer.in_group]
                 _set_module(gm, name, layer.export(n_in))
+            elif isinstance(layer, IntegralBatchNorm):
+                _set_module(gm, name, layer.export(layer.dims))
         gm.recompile()
         return gm
 
@@ -189,23 +198,23 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
     `permute`, each group's channels are first reordered so that neighbours are alike (a
     short path through them, `permute.py`): the outputs are the same, and the weight
     functions smooth enough to resample."""
-    if model.training:
-        raise UnsupportedError(
-            "`inn.convert` folds each BatchNorm into its layer, which needs the model in "
-            "eval mode (its running statistics)", hint="call `model.eval()` first")
+    train = model.training
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model))
     except Exception as e:  # torch.fx's own message says what it could not trace
         raise UnsupportedError(f"torch.fx cannot trace the model: {e}",
                                hint="convert a model whose forward has no data-dependent "
                                     "control flow") from None
+    gm.eval()  # (the example's pass must not move a BatchNorm's running statistics)
     ShapeProp(gm).propagate(example_input)
+    gm.train(train)
     uf = _Groups()
     uf.add(_INPUT)
     uf.add(_OUTPUT)
     chan: dict[fx.Node, str | None] = {}  # the channel axis's group of each tensor
     layer_of: dict[fx.Node, tuple[str, nn.Module, str | None]] = {}  # node -> (name, mod, in)
     folded: dict[fx.Node, fx.Node] = {}  # a BatchNorm node -> the layer node it folds into
+    norms: list[fx.Node] = []  # the BatchNorms that stay (a net in training mode)
     order: list[str] = []  # groups in graph order (their names)
 
     def need(node: fx.Node, arg) -> str:
@@ -232,14 +241,16 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
             elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 src = node.args[0]
                 chan[node] = need(node, src)
-                if src in layer_of and len(src.users) == 1:
+                if train:
+                    norms.append(node)
+                elif src in layer_of and len(src.users) == 1:
                     folded[node] = src
                 else:
                     raise UnsupportedError(
                         f"{_where(node, gm)} does not follow a Conv2d or Linear that it is the "
                         "only user of, so it cannot be folded into it",
-                        hint="a BatchNorm of its own (a normalisation over a group's splines) "
-                             "is not supported yet")
+                        hint="convert the model in training mode (`model.train()`): its "
+                             "BatchNorms then stay, as splines over their group's axis")
             elif isinstance(mod, _SAME_MODULES):
                 chan[node] = need(node, node.args[0])
             elif isinstance(mod, nn.Flatten):
@@ -301,9 +312,25 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
     bn_of = {src: bn for bn, src in folded.items()}
     arrays = {node: _folded(mod, gm.get_submodule(bn_of[node].target) if node in bn_of
                             else None) for node, (_, mod, _) in layer_of.items()}
+    roles = {node: (group(in_g), group(chan[node])) for node, (_, _, in_g) in layer_of.items()}
+    for node in norms:  # a BatchNorm's vectors, stacked: reordered with its group
+        bn = gm.get_submodule(node.target)
+        arrays[node] = (torch.stack([t.detach() for t in (bn.running_mean, bn.running_var)
+                                     + ((bn.weight, bn.bias) if bn.affine else ())], 1), None)
+        roles[node] = (None, group(chan[node]))
     if permute:
-        arrays = _permuted(arrays, {node: (group(in_g), group(chan[node]))
-                                    for node, (_, _, in_g) in layer_of.items()}, sizes)
+        arrays = _permuted(arrays, roles, sizes)
+    for node in norms:
+        g, bn = group(chan[node]), gm.get_submodule(node.target)
+        with torch.no_grad():
+            stats = arrays[node][0]
+            bn.running_mean.copy_(stats[:, 0])
+            bn.running_var.copy_(stats[:, 1])
+            if bn.affine:
+                bn.weight.copy_(stats[:, 2])
+                bn.bias.copy_(stats[:, 3])
+        if g is not None:
+            _set_module(gm, node.target, IntegralBatchNorm(bn, g, grid))
     for node, (name, mod, in_g) in layer_of.items():
         w, b = arrays[node]
         if isinstance(mod, nn.Conv2d):
@@ -324,7 +351,8 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
 def _permuted(arrays: dict, groups: dict, sizes: dict[str, int]) -> dict:
     """`arrays` {layer: (weight, bias)} with each group's channels reordered alike: the
     output channels of the layers that make the group, the input channels of those that read
-    it (`groups` {layer: (input group, output group)})."""
+    it (`groups` {layer: (input group, output group)}; a BatchNorm's stacked vectors make
+    their group too)."""
     arrays = {k: list(v) for k, v in arrays.items()}
     for g in sizes:
         parts = []

@@ -290,3 +290,60 @@ def count(ratio: float, n: int) -> int:
     if not 0 < ratio <= 1:
         raise InputError(f"a resampling ratio is in (0, 1], got {ratio}")
     return min(n, max(2, int(math.floor(ratio * n + 0.5))))
+
+
+class IntegralBatchNorm(nn.Module):
+    """A BatchNorm over a group's channel axis in a net that trains: γ, β and the running
+    statistics are 1-D splines over the axis (one coefficient per trained channel), sampled at
+    the group's nodes. At full size on the uniform grid it is the BatchNorm itself (and
+    updates its running statistics); resampled, it normalises by the batch's statistics in
+    training (the running ones, kept at full size, untouched) and by the sampled running ones
+    in evaluation."""
+
+    def __init__(self, bn: nn.Module, group: str, grid: Grid):
+        super().__init__()
+        self.group, self.n, self.eps, self.momentum = group, bn.num_features, bn.eps, bn.momentum
+        self.dims = 4 if isinstance(bn, nn.BatchNorm2d) else 2
+        self.weight = nn.Parameter(bn.weight.detach().clone()) if bn.affine else None
+        self.bias = nn.Parameter(bn.bias.detach().clone()) if bn.affine else None
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        object.__setattr__(self, "grid", grid)
+
+    def _full(self) -> bool:
+        return self.grid.sizes[self.group] == self.n and not self.grid.tuned(self.group)
+
+    def affine(self, like: torch.Tensor):
+        """(γ, β, mean, var) at the group's nodes (None where there is none)."""
+        if self._full():
+            return self.weight, self.bias, self.running_mean, self.running_var
+        u = self.grid.nodes(self.group, self.n, like)
+        at = (u,)
+        return (None if self.weight is None else sample(self.weight, at),
+                None if self.bias is None else sample(self.bias, at),
+                sample(self.running_mean, at), sample(self.running_var, at).clamp_min(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b, mean, var = self.affine(x)
+        if self._full():
+            return F.batch_norm(x, mean, var, w, b, self.training, self.momentum or 0.0,
+                                self.eps)
+        if self.training:  # the batch's statistics; the running ones stay those of full size
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+
+    def export(self, dims: int) -> nn.Module:
+        """A plain BatchNorm1d/2d at the current size, its parameters and statistics
+        sampled."""
+        w, b, mean, var = (None if t is None else t.detach().clone()
+                           for t in self.affine(self.running_mean))
+        bn = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(
+            mean.shape[0], eps=self.eps, momentum=self.momentum, affine=w is not None,
+            dtype=mean.dtype, device=mean.device)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            if w is not None:
+                bn.weight.copy_(w)
+                bn.bias.copy_(b)
+        return bn.train(self.training)

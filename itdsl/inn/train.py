@@ -1,0 +1,57 @@
+"""`inn.fit`: training an Integral Neural Network so that every width works — each step runs
+the net at full width and at a random width per group, and minimises the cross-entropy of
+both plus the squared difference of their outputs (the INN paper's consistency objective)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .convert import IntegralNet
+from .layers import count
+
+
+def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] = (0.5, 1.0),
+        lr: float = 1e-3, consistency: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0, progress: bool = False) -> list[float]:
+    """Train `net` in place on `loader`'s `(x, y)` batches (y: class indices) for `epochs`;
+    per step, every group's width is drawn uniformly between round(widths[0]·n) and
+    round(widths[1]·n) channels. Returns the loss per step. The net should be converted in
+    training mode (its BatchNorms stay, as splines)."""
+    lo, hi = widths
+    if not 0 < lo <= hi <= 1:
+        raise InputError(f"widths are fractions 0 < lo <= hi <= 1, got {widths}")
+    rng = random.Random(seed)
+    opt = optimizer or torch.optim.Adam(net.parameters(), lr=lr)
+    full = dict(net.groups)
+    losses: list[float] = []
+    net.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs * len(loader), desc="inn.fit", unit="step")
+    try:
+        for _ in range(epochs):
+            for x, y in loader:
+                net.grid.sizes.update(full)
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                net.grid.sizes.update({g: rng.randint(count(lo, n), count(hi, n))
+                                       for g, n in full.items()})
+                small = net(x)
+                loss = loss + F.cross_entropy(small, y) + consistency * F.mse_loss(small, out)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if bar is not None:
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        net.grid.sizes.update(full)
+        if bar is not None:
+            bar.close()
+    return losses
