@@ -89,19 +89,25 @@ ARMS: dict[str, tuple[str, Arm]] = {
 }
 
 
-def conversion_error(model: nn.Module, data: Split, permute: bool) -> float:
-    """max |Δlogits| over the test split between the model and its conversion at full size."""
-    net = inn.convert(model, data.x_test[:2], permute=permute)
+def _difference(a: nn.Module, b: nn.Module, data: Split) -> tuple[float, float]:
+    """max |a(x) − b(x)| over the test split, and max |b(x)| (its scale: in float32 the
+    difference grows with the logits)."""
     with torch.no_grad():
-        return max((net(x) - model(x)).abs().max().item()
-                   for x in data.x_test.split(500))
+        pairs = [(a(x), b(x)) for x in data.x_test.split(500)]
+    return (max((ya - yb).abs().max().item() for ya, yb in pairs),
+            max(yb.abs().max().item() for _, yb in pairs))
 
 
-def export_error(net: nn.Module, data: Split) -> float:
-    """max |Δlogits| over the test split between a resampled IntegralNet and its export."""
-    plain = net.export()
-    with torch.no_grad():
-        return max((plain(x) - net(x)).abs().max().item() for x in data.x_test.split(500))
+def conversion_error(model: nn.Module, data: Split, permute: bool) -> tuple[float, float]:
+    """max |Δlogits| between the model's conversion at full size and the model, and the
+    model's max |logit|."""
+    return _difference(inn.convert(model, data.x_test[:2], permute=permute), model, data)
+
+
+def export_error(net: inn.IntegralNet, data: Split) -> tuple[float, float]:
+    """max |Δlogits| between a resampled IntegralNet's export and the net, and the net's
+    max |logit|."""
+    return _difference(net.export(), net, data)
 
 
 def params(model: nn.Module) -> int:

@@ -48,15 +48,15 @@ def accuracy_rows(model_name: str, ds_name: str, split: datasets.Split, seeds: l
                 rows.append({"model": model_name, "dataset": ds_name, "seed": seed, "arm": arm,
                              "rate": r, "accuracy": train.accuracy(pruner(r), x, y),
                              "channels": sum(prune.widths(groups, r).values())})
-        for permute in (False, True):
-            checks.append({"model": model_name, "dataset": ds_name, "seed": seed,
-                           "check": f"convert(permute={permute}) vs model, full size",
-                           "max_abs_diff": prune.conversion_error(model, split, permute)})
+        found = {f"convert(permute={p}) vs model, full size":
+                 prune.conversion_error(model, split, p) for p in (False, True)}
         net = inn.convert(model, x[:2])
-        for r in TIMING_RATES:
-            checks.append({"model": model_name, "dataset": ds_name, "seed": seed,
-                           "check": f"export() vs IntegralNet, r = {r}",
-                           "max_abs_diff": prune.export_error(net.resample(1 - r), split)})
+        found |= {f"export() vs IntegralNet, r = {r}": prune.export_error(net.resample(1 - r),
+                                                                          split)
+                  for r in TIMING_RATES}
+        checks += [{"model": model_name, "dataset": ds_name, "seed": seed, "check": k,
+                    "max_abs_diff": diff, "max_abs_logit": scale}
+                   for k, (diff, scale) in found.items()]
     return rows, checks, trained[seeds[0]]
 
 
@@ -95,13 +95,15 @@ def table(rows: list[dict], checks: list[dict], timing: list[dict], rates: list[
                 cells = [_cell([w["accuracy"] for w in rows if (w["model"], w["dataset"],
                                 w["arm"], w["rate"]) == (m, d, arm, r)]) for r in rates]
                 lines.append(f"| {m} | {d} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Exactness (max |Δlogits| on the test split, the worst over seeds):", "",
-              "| model | data | check | max abs diff |", "|---|---|---|---|"]
+    lines += ["", "Exactness (float32; max |Δlogits| on the test split, the worst over seeds, "
+              "and the largest |logit| for scale):", "",
+              "| model | data | check | max abs diff | max abs logit |", "|---|---|---|---|---|"]
     seen = dict.fromkeys((c["model"], c["dataset"], c["check"]) for c in checks)
     for key in seen:
-        worst = max(c["max_abs_diff"] for c in checks
-                    if (c["model"], c["dataset"], c["check"]) == key)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {worst:.2e} |")
+        sel = [c for c in checks if (c["model"], c["dataset"], c["check"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     f"{max(c['max_abs_diff'] for c in sel):.2e} | "
+                     f"{max(c['max_abs_logit'] for c in sel):.1f} |")
     lines += ["", f"Pruned models, seed {seeds[0]}: parameters and median forward time of a "
               f"batch of {TIMING_BATCH} test images ({TIMING_REPEATS} interleaved rounds, "
               f"{torch.get_num_threads()} thread(s)):", "",
