@@ -49,7 +49,6 @@ def l1(model: nn.Module, data: Split) -> Pruner:
     the classifier's outputs kept. BatchNorm stays unfolded, as torch-pruning leaves it."""
     x = data.x_test[:2]
     groups, group_of = layer_groups(model, x)
-    names = dict(model.named_modules())
 
     def prune(rate: float) -> nn.Module:
         if rate == 0:
@@ -60,8 +59,8 @@ def l1(model: nn.Module, data: Split) -> Pruner:
         # torch-pruning keeps int(n·(1 − ratio)) channels; a ratio half a channel below
         # 1 − k/n makes that exactly k, whatever the rounding of the float product
         ratios = {mods[name]: 1 - (keep[g] + 0.5) / groups[g] for name, g in group_of.items()}
-        classifier = [mods[name] for name in names
-                      if isinstance(mods[name], (nn.Conv2d, nn.Linear)) and name not in group_of]
+        classifier = [mod for name, mod in mods.items()
+                      if isinstance(mod, (nn.Conv2d, nn.Linear)) and name not in group_of]
         pruner = tp.pruner.MetaPruner(
             m, x, importance=tp.importance.MagnitudeImportance(p=1, normalizer=None),
             pruning_ratio_dict=ratios, ignored_layers=classifier)
@@ -76,6 +75,8 @@ def l1(model: nn.Module, data: Split) -> Pruner:
 
 
 def _inn(permute: bool) -> Arm:
+    """The INN arm: convert once (channels reordered by 2-opt or not), then resample every
+    group to 1 − r of its channels."""
     def arm(model: nn.Module, data: Split) -> Pruner:
         net = inn.convert(model, data.x_test[:2], permute=permute)
         return lambda rate: net if rate == 0 else net.resample(1 - rate)
