@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench lint fuzz
+.PHONY: setup demo test bench inn lint fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/conv2d.py
+
+# INN resampling against L1 structured pruning without fine-tuning (experiments/inn/):
+# results under experiments/inn/results/; QUICK=1 for a smoke run
+inn: setup
+	$(BIN)/python -m pip install --quiet -e ".[inn]"  # scikit-learn, mlxtend, torch-pruning, …
+	$(BIN)/python -m experiments.inn.run $(if $(QUICK),--quick)
 
 # The differential fuzzer (tests/fuzzing/): N programs through the torch paths, TVM of them
 # through the TVM kernels too; failing programs go to tests/fuzz_corpus/new/.
