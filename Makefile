@@ -42,4 +42,4 @@ fuzz: setup
 	PYTHONPATH=tests $(BIN)/python -m fuzzing --n $(N) --tvm $(TVM) --seed $(SEED) --jobs $(JOBS)
 
 lint: setup
-	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check itdsl tests examples benchmarks
+	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check itdsl tests examples benchmarks experiments

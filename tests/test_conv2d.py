@@ -645,9 +645,9 @@ def _global_want(kw, params):
     return _pairwise(kw["f"], lambda d: torch.exp(-(d**2).sum(-1) / params["s"]), (5, 6))
 
 
-@pytest.mark.parametrize("case", ["blur", "strided", "global"])
+@pytest.mark.parametrize("case", ["strided", "global"])
 def test_torch_compile_fullgraph(case):
-    """A stencil convolution, a strided one and an FFT one under torch.compile(fullgraph=True):
+    """A (strided) stencil convolution and an FFT one under torch.compile(fullgraph=True):
     forward and gradients as the library computes them; in inference, a change of the params
     is seen (the compiled graph samples the weights on every call: nothing is kept)."""
     src, want, kw = {"blur": (BLUR2D, _blur_want, {"f": torch.randn(2, 7, 6, 8, generator=_gen(),

@@ -364,9 +364,9 @@ def test_fit_trains_every_width():
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
     net = inn.convert(model.train(), x[:4])
-    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
-    losses = inn.fit(net, loader, epochs=10, lr=0.02)
-    assert len(losses) == 60 and sum(losses[-6:]) < 0.5 * sum(losses[:6])
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    losses = inn.fit(net, loader, epochs=16, lr=0.03)
+    assert len(losses) == 48 and sum(losses[-3:]) < 0.5 * sum(losses[:3])
     assert net.sizes == net.groups  # back at full width
     net.eval()
     with torch.no_grad():

@@ -414,10 +414,12 @@ class LatticeConvRunner(Runner):
             for sp in plan.spaces.values() for fac in sp.factors)
         # the fields whose NaN or inf the library calls would spread where the definition
         # does not: through a tap a bracket masks (weight 0 · inf), or over a whole FFT
+        # (a bracket factor of K masks taps; one inside a sum, as a `per` spline's choice of
+        # its stencil point's spline, does not)
         self.finite_only = sorted(
             {f.field for f in self.form
              if isinstance(f, StencilConv) and any(n.op in P.BRACKETS
-                                                   for n in P.toposort([f.kernel]))}
+                                                   for n in P.factors(f.kernel))}
             | {n.name for f in self.form if isinstance(f, LagConv)
                for n in P.toposort([inline(f.sum.inside, plan)]) if n.op == "field"})
         self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
