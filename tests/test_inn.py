@@ -316,8 +316,8 @@ def test_the_grid_gradient_is_not_zero_at_the_uniform_start():
     with torch.no_grad():
         torch.testing.assert_close(small(x), before, rtol=1e-5, atol=1e-5)  # uniform nodes
     loss = (small(x) - model(x).detach()).square().mean()
-    grads = torch.autograd.grad(loss, list(small.nodes.values()))
-    assert set(small.nodes) == {"stem", "down", "a", "fc1"}
+    grads = torch.autograd.grad(loss, list(small.grid.gaps.values()))
+    assert set(small.grid.gaps) == {"stem", "down", "a", "fc1"}
     assert all(g.abs().max() > 1e-6 for g in grads)
 
 
@@ -333,8 +333,10 @@ def test_tune_grid_brings_the_resampled_net_closer_and_exports_it():
     with torch.no_grad():
         after = (small(x) - want).square().mean()
         assert after < 0.5 * before
-        nodes = {g: torch.cumsum(F.softplus(p), 0) for g, p in small.nodes.items()}
-        assert all((torch.diff(c) > 0).all() for c in nodes.values())  # sorted, distinct
+        nodes = small.nodes
+        assert all((torch.diff(x) > 0).all() and x[0] == 0 and x[-1] == 1
+                   for g, x in nodes.items() if g in small.grid.gaps)  # sorted, distinct
+        assert len(nodes["stem"]) == 4 and nodes["stem"][1] != 1 / 3  # moved
         plain = small.export()
         assert (plain(x) - small(x)).abs().max() <= 1e-5
     assert all(p.requires_grad for p in small.parameters())  # unfrozen again
@@ -375,3 +377,20 @@ def test_fit_trains_every_width():
     assert full > 0.9 and small > full - 0.1
     with pytest.raises(InputError, match="widths are fractions"):
         inn.fit(net, loader, widths=(0.8, 0.5))
+
+
+def test_groups_of_nested_modules_tune_and_copy():
+    """Group names are module paths ("0.0"), which a param's name cannot be: the nodes are
+    still trained, copied and dropped by resample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU()),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    x = torch.randn(8, 1, 5, 5, generator=_gen())
+    small = inn.convert(model, x).resample(0.5)
+    assert small.groups == {"0.0": 6}
+    small.tune_grid([x], steps=3)
+    assert set(small.grid.gaps) == {"0.0"} and len(list(small.gaps.parameters())) == 1
+    twin = copy.deepcopy(small)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), small(x))
+    assert not small.resample(0.5).grid.gaps

@@ -3,8 +3,10 @@
 fine-tuning. Every arm keeps the same number of channels per group at a given r, INN's
 rule round((1 − r)·n) (at least 2), so that the arms are compared at equal widths.
 
-Later arms ("INN with a tuned grid", "INN trained with random widths" through `inn.fit`)
-are added to `ARMS` with the same signature."""
+Two arms do more than resample: "INN, tuned grid" learns the resampled axes' nodes at each
+rate (`tune_grid`, distillation against the full-size net on training images; the weights
+unchanged), and "INN, random widths" is a network trained from scratch with `inn.fit` (full
+width and a random width per group on every step), then resampled."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch_pruning as tp
@@ -24,7 +27,19 @@ from itdsl.inn.layers import count
 from .data import Split
 
 Pruner = Callable[[float], nn.Module]  # rate -> the pruned model
-Arm = Callable[[nn.Module, Split], Pruner]  # (trained model in eval mode, data) -> Pruner
+
+
+class Run(NamedTuple):
+    """What an arm may need beyond the trained model: how it was made."""
+
+    make: Callable[[], nn.Module]  # a fresh, untrained model of the same architecture
+    epochs: int
+    seed: int
+
+
+Arm = Callable[[nn.Module, Split, Run], Pruner]  # (trained model in eval mode, data, run)
+GRID_STEPS = 40  # tune_grid's steps per rate
+GRID_BATCH = 128
 
 
 def widths(groups: dict[str, int], rate: float) -> dict[str, int]:
@@ -41,7 +56,7 @@ def layer_groups(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dic
                         if layer.out_group is not None}
 
 
-def l1(model: nn.Module, data: Split) -> Pruner:
+def l1(model: nn.Module, data: Split, run: Run | None = None) -> Pruner:
     """L1 structured pruning with torch-pruning: its dependency graph couples the layers of a
     group (a residual add's convs, the BatchNorms, the next layer's inputs), each channel's
     importance is the mean over the group of the L1 norms of its slices (conv filters,
@@ -77,16 +92,58 @@ def l1(model: nn.Module, data: Split) -> Pruner:
 def _inn(permute: bool) -> Arm:
     """The INN arm: convert once (channels reordered by 2-opt or not), then resample every
     group to 1 − r of its channels."""
-    def arm(model: nn.Module, data: Split) -> Pruner:
+    def arm(model: nn.Module, data: Split, run: Run) -> Pruner:
         net = inn.convert(model, data.x_test[:2], permute=permute)
         return lambda rate: net if rate == 0 else net.resample(1 - rate)
     return arm
+
+
+def _batches(data: Split, seed: int, size: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.y_train), generator=g)
+    return [data.x_train[order[i:i + size]] for i in range(0, len(order), size)]
+
+
+def tuned_grid(model: nn.Module, data: Split, run: Run) -> Pruner:
+    """INN (2-opt), resampled, its nodes tuned at each rate (`tune_grid`, GRID_STEPS steps)."""
+    net = inn.convert(model, data.x_test[:2])
+    loader = _batches(data, run.seed, GRID_BATCH)
+
+    def prune(rate: float) -> nn.Module:
+        if rate == 0:
+            return net
+        small = net.resample(1 - rate)
+        small.tune_grid(loader, steps=GRID_STEPS)
+        return small.eval()
+    return prune
+
+
+def random_widths(model: nn.Module, data: Split, run: Run) -> Pruner:
+    """A fresh model converted in training mode (BatchNorms kept as splines) and trained
+    from scratch by `inn.fit` for the discrete model's epochs (widths 50–100 % per step),
+    then resampled (its first epoch's batch order as `train.train`'s)."""
+    from .train import BATCH, LR
+    torch.manual_seed(run.seed)
+    fresh = run.make()
+    net = inn.convert(fresh.train(), data.x_test[:2], permute=False)
+    g = torch.Generator().manual_seed(run.seed)
+    n = len(data.y_train)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    for epoch in range(run.epochs):
+        order = torch.randperm(n, generator=g)
+        loader = [(data.x_train[order[i:i + BATCH]], data.y_train[order[i:i + BATCH]])
+                  for i in range(0, n, BATCH)]
+        inn.fit(net, loader, widths=(0.5, 1.0), optimizer=opt, seed=1000 * run.seed + epoch)
+    net.eval()
+    return lambda rate: net if rate == 0 else net.resample(1 - rate)
 
 
 ARMS: dict[str, tuple[str, Arm]] = {
     "l1": ("L1 (torch-pruning)", l1),
     "inn": ("INN, no permutation", _inn(permute=False)),
     "inn_2opt": ("INN, 2-opt permutation", _inn(permute=True)),
+    "inn_grid": ("INN, 2-opt + tuned grid", tuned_grid),
+    "inn_fit": ("INN trained with random widths", random_widths),
 }
 
 

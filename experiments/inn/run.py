@@ -42,8 +42,9 @@ def accuracy_rows(model_name: str, ds_name: str, split: datasets.Split, seeds: l
                             desc=f"{model_name}/{ds_name}/seed {seed}")
         trained[seed] = model
         groups, _ = prune.layer_groups(model, x[:2])
+        run = prune.Run(models.MODELS[model_name], epochs, seed)
         for arm, (_, prepare) in prune.ARMS.items():
-            pruner = prepare(model, split)
+            pruner = prepare(model, split, run)
             for r in rates:
                 rows.append({"model": model_name, "dataset": ds_name, "seed": seed, "arm": arm,
                              "rate": r, "accuracy": train.accuracy(pruner(r), x, y),

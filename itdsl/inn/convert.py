@@ -93,11 +93,20 @@ class IntegralNet(nn.Module):
         self.graph_module = gm
         self.groups = dict(groups)
         self.grid = grid  # shared with every integral layer (changed in place only)
-        self.nodes = nn.ParameterDict()  # the trained nodes' gaps (grid.gaps), by group
+        # the trained nodes' gaps (`grid.gaps`), registered as params (a group's name may
+        # hold dots, which a param's may not)
+        self.gaps = nn.ParameterDict()
 
     @property
     def sizes(self) -> dict[str, int]:
         return dict(self.grid.sizes)
+
+    @property
+    def nodes(self) -> dict[str, torch.Tensor]:
+        """The nodes of each group's axis, sorted positions in [0, 1] (uniform until
+        `tune_grid` trains them)."""
+        like = next(self.parameters())
+        return {g: self.grid.nodes(g, n, like).detach() for g, n in self.groups.items()}
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -126,8 +135,8 @@ class IntegralNet(nn.Module):
         new = copy.deepcopy(self)
         new.grid.sizes.update(sizes)
         new.grid.gaps.clear()  # (nodes trained for other sizes do not carry over)
-        for g in list(new.nodes):
-            del new.nodes[g]
+        for key in list(new.gaps):
+            del new.gaps[key]
         return new
 
     def tune_grid(self, loader, steps: int = 200, lr: float = 0.05) -> list[float]:
@@ -146,7 +155,7 @@ class IntegralNet(nn.Module):
             if g not in self.grid.gaps:
                 gap = nn.Parameter(torch.zeros(self.grid.sizes[g] - 1, dtype=like.dtype,
                                                device=like.device))
-                self.grid.gaps[g] = self.nodes[g] = gap
+                self.grid.gaps[g] = self.gaps[g.replace(".", "/")] = gap
         trained = [self.grid.gaps[g] for g in groups]
         frozen = [p for p in self.parameters() if p.requires_grad and
                   all(p is not t for t in trained)]
