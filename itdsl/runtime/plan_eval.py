@@ -11,6 +11,7 @@ structure the compiled code will have, checked in float64.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -63,6 +64,17 @@ class _Factor:
 
     def __init__(self, coords, weights, pos):
         self.coords, self.weights, self.pos = coords, weights, pos
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(n: int, axes: tuple[int, ...], stride: int, count: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    i = torch.arange(n, device=device) // stride % max(count, 1)
+    cols, inner = [], count
+    for a in axes:
+        inner //= max(a, 1)
+        cols.append(i // max(inner, 1) % max(a, 1))
+    return torch.stack(cols, -1).to(dtype)
 
 
 class PlanEvaluator:
@@ -121,13 +133,10 @@ class PlanEvaluator:
 
     def _positions(self, n: int, axes: tuple[int, ...], stride: int, count: int) -> torch.Tensor:
         """`[n, A]`: on a side of n points where one variable of `count` points (its domain's
-        `axes`) advances every `stride` points, that variable's position on each axis."""
-        i = torch.arange(n, device=self.device) // stride % max(count, 1)
-        cols, inner = [], count
-        for a in axes:
-            inner //= max(a, 1)
-            cols.append(i // max(inner, 1) % max(a, 1))
-        return torch.stack(cols, -1).to(self.dtype)
+        `axes`) advances every `stride` points, that variable's position on each axis (made
+        once per sizes, dtype and device: read only; traced by torch.compile)."""
+        make = _positions.__wrapped__ if torch.compiler.is_compiling() else _positions
+        return make(n, tuple(axes), stride, count, self.dtype, self.device)
 
     def _product_side(self, sp) -> _Side:
         """A side of several variables: the product of their domains' points, flattened

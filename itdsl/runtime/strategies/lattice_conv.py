@@ -277,7 +277,9 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Te
     # rfftn and irfftn one axis at a time, so that no transform runs over rows that are all
     # padding (the last axis first: the other axes' padding is not there yet) or over rows
     # of the result that are dropped (out[p] lies at p + n_q − 1: kept after each inverse)
-    fy = torch.fft.rfft(Y.float() if Y.dtype in HALF else Y, n=S[-1], dim=D + 1)
+    dtype = Y.dtype
+    Y = (Y.float() if dtype in HALF else Y).contiguous()  # (strided: slower transforms)
+    fy = torch.fft.rfft(Y, n=S[-1], dim=D + 1)
     rest = list(range(2, D + 1))  # the other axes, transformed together
     if rest:
         fy = torch.fft.fftn(fy, s=S[:-1], dim=rest)
@@ -287,7 +289,7 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Te
         for i in range(D - 1):
             out = out.narrow(2 + i, nq[i] - 1, np_[i])
     out = torch.fft.irfft(out, n=S[-1], dim=D + 1).narrow(D + 1, nq[-1] - 1, np_[-1])
-    return out.to(Y.dtype)
+    return out.to(dtype)
 
 
 # ---- what does not depend on the output's lattice ------------------------------------------
