@@ -394,3 +394,22 @@ def test_groups_of_nested_modules_tune_and_copy():
     with torch.no_grad():
         torch.testing.assert_close(twin(x), small(x))
     assert not small.resample(0.5).grid.gaps
+
+
+def test_fit_steps_the_weight_splines_as_a_discrete_layer():
+    """A weight spline's coefficients are the weights over h = 1/(n − 1): its learning rate
+    is lr · (n − 1) where its input axis is a group, so that a step moves the sampled weights
+    as much as the discrete layer's (the classifier's bias, BatchNorms: lr)."""
+    from itdsl.inn.train import param_groups
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 3))
+    net = inn.convert(model.train(), torch.randn(2, 1, 5, 5))
+    groups = param_groups(net, 0.01)
+    layers = net.layers()
+    scaled = {id(g["params"][0]): g["lr"] for g in groups[:-1]}
+    assert scaled == {id(layers["3"].op.W): pytest.approx(0.07),
+                      id(layers["7"].op.W): pytest.approx(0.05)}
+    assert groups[-1]["lr"] == 0.01 and id(layers["0"].op.W) in map(id, groups[-1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))

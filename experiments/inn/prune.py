@@ -23,6 +23,7 @@ from torch.fx.experimental.optimization import fuse
 
 from itdsl import inn
 from itdsl.inn.layers import count
+from itdsl.inn.train import param_groups
 
 from .data import Split
 
@@ -128,7 +129,8 @@ def random_widths(model: nn.Module, data: Split, run: Run) -> Pruner:
     net = inn.convert(fresh.train(), data.x_test[:2], permute=False)
     g = torch.Generator().manual_seed(run.seed)
     n = len(data.y_train)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    opt = torch.optim.Adam(param_groups(net, LR), lr=LR)  # (the weight splines' steps
+    #                                         scaled to a discrete layer's: inn.fit's default)
     for epoch in range(run.epochs):
         order = torch.randperm(n, generator=g)
         loader = [(data.x_train[order[i:i + BATCH]], data.y_train[order[i:i + BATCH]])

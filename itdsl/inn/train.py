@@ -14,6 +14,22 @@ from .convert import IntegralNet
 from .layers import count
 
 
+def param_groups(net: IntegralNet, lr: float) -> list[dict]:
+    """Adam's param groups for `net` at learning rate `lr`, with the weight splines of the
+    layers that integrate over a group at lr · (n − 1): their coefficients are the weights
+    divided by the trapezoid rule's h = 1/(n − 1), and Adam's steps are about lr in whatever
+    a param holds, so this moves the sampled weights as a discrete layer's step would (at lr
+    the INN trains n − 1 times slower: 97.8 against 99.2 % on digits, 90 against 99 % at 30 %
+    of the channels removed)."""
+    scaled, ids = [], set()
+    for layer in net.layers().values():
+        if layer.in_group is not None:
+            scaled.append({"params": [layer.op.W], "lr": lr * (layer.n_in - 1)})
+            ids.add(id(layer.op.W))
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    return scaled + [{"params": rest, "lr": lr}]
+
+
 def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] = (0.5, 1.0),
         lr: float = 1e-3, consistency: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0, progress: bool = False) -> list[float]:
@@ -25,7 +41,7 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
     if not 0 < lo <= hi <= 1:
         raise InputError(f"widths are fractions 0 < lo <= hi <= 1, got {widths}")
     rng = random.Random(seed)
-    opt = optimizer or torch.optim.Adam(net.parameters(), lr=lr)
+    opt = optimizer or torch.optim.Adam(param_groups(net, lr), lr=lr)
     full = dict(net.groups)
     losses: list[float] = []
     net.train()
