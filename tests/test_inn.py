@@ -413,3 +413,19 @@ def test_fit_steps_the_weight_splines_as_a_discrete_layer():
                       id(layers["7"].op.W): pytest.approx(0.05)}
     assert groups[-1]["lr"] == 0.01 and id(layers["0"].op.W) in map(id, groups[-1]["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+class _Reshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        y = nn.functional.adaptive_avg_pool2d(self.c(x), 1)
+        return self.fc(y.view(-1, 2))  # splits the channels: not a flatten
+
+
+def test_a_reshape_that_splits_the_channels_is_refused():
+    with pytest.raises(UnsupportedError, match=r"reshapes \[1, 4, 1, 1\] into \[2, 2\]"):
+        inn.convert(_Reshape().eval(), torch.randn(1, 2, 6, 6))

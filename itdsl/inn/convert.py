@@ -224,7 +224,6 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
     layer_of: dict[fx.Node, tuple[str, nn.Module, str | None]] = {}  # node -> (name, mod, in)
     folded: dict[fx.Node, fx.Node] = {}  # a BatchNorm node -> the layer node it folds into
     norms: list[fx.Node] = []  # the BatchNorms that stay (a net in training mode)
-    order: list[str] = []  # groups in graph order (their names)
 
     def need(node: fx.Node, arg) -> str:
         if not isinstance(arg, fx.Node) or chan.get(arg) is None:
@@ -244,7 +243,6 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
                 if isinstance(mod, nn.Conv2d):
                     _check_conv(mod, node, gm)
                 g = uf.add(node.name)
-                order.append(g)
                 layer_of[node] = (node.target, mod, need(node, node.args[0]))
                 chan[node] = g
             elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
@@ -445,4 +443,9 @@ def _flatten(node: fx.Node, gm: fx.GraphModule, need) -> str:
             "which mixes the channel axis with positions",
             hint="flatten after a global pooling (nn.AdaptiveAvgPool2d(1)), so that the "
                  "features are the channels")
+    out = _shape(node)
+    if shape is not None and out is not None and (len(out) != 2 or out[1] != shape[1]):
+        raise UnsupportedError(
+            f"{_where(node, gm)} reshapes {list(shape)} into {list(out)}: only a flatten of "
+            "the channels into features [batch, channels] keeps the channel axis")
     return group
