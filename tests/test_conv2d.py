@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from util import gradcheck_op
+from util import gradcheck_op, keys_spline
 
 import itdsl
 import itdsl.runtime.strategies.lattice_conv as LC
@@ -124,22 +124,6 @@ def test_batch_dims_broadcast_and_may_be_absent():
 
 
 # ---- the INN layer: a full convolution with weights sampled from splines --------------------------
-
-
-def keys_spline(C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Cubic convolution (a = −0.75) of the coefficients `C` [..., n] at the points `u` of
-    [0, 1] (node k at k/(n − 1), taps beyond the edge clamped): [..., len(u)]."""
-    n = C.shape[-1]
-    s = u * (n - 1)
-    i = torch.floor(s).clamp(0, n - 1)
-    out = 0
-    for j in range(-1, 3):
-        x = (s - (i + j)).abs()
-        a = -0.75
-        w = torch.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
-                        torch.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0))
-        out = out + w * C[..., (i + j).clamp(0, n - 1).long()]
-    return out
 
 
 def inn_weights(W: torch.Tensor, c: torch.Tensor, nu: int, nv: int):

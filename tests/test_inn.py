@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from util import keys_spline
 
 from itdsl import inn
 from itdsl.errors import InputError, UnsupportedError
@@ -87,19 +88,8 @@ def test_groups_follow_the_graph():
 
 
 def keys(C: torch.Tensor, m: int) -> torch.Tensor:
-    """Cubic convolution (a = −0.75, edge taps clamped) of coefficients C [..., n] sampled at
-    m equispaced points of [0, 1]: [..., m]."""
-    n = C.shape[-1]
-    s = torch.linspace(0, 1, m, dtype=C.dtype) * (n - 1)
-    i = torch.floor(s).clamp(0, n - 1)
-    out = 0
-    for j in range(-1, 3):
-        x = (s - (i + j)).abs()
-        a = -0.75
-        w = torch.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
-                        torch.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0))
-        out = out + w * C[..., (i + j).clamp(0, n - 1).long()]
-    return out
+    """The cubic-convolution spline of coefficients C [..., n] at m equispaced points."""
+    return keys_spline(C, torch.linspace(0, 1, m, dtype=C.dtype))
 
 
 def trapezoid(n: int) -> torch.Tensor:

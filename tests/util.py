@@ -61,3 +61,19 @@ def random_inputs(op, gen=None, sizes=(5, 6, 7, 4), dtype=None) -> dict:
         shape = axes if i.width is None else (*axes, i.width)
         kw[i.name] = torch.randn(*shape, generator=gen, dtype=dtype)
     return kw
+
+
+def keys_spline(C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Cubic convolution (a = −0.75) of the coefficients `C` [..., n] at the points `u` of
+    [0, 1] (node k at k/(n − 1), taps beyond the edge clamped): [..., len(u)]."""
+    n = C.shape[-1]
+    s = u * (n - 1)
+    i = torch.floor(s).clamp(0, n - 1)
+    out = 0
+    for j in range(-1, 3):
+        x = (s - (i + j)).abs()
+        a = -0.75
+        w = torch.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                        torch.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0))
+        out = out + w * C[..., (i + j).clamp(0, n - 1).long()]
+    return out

@@ -240,14 +240,9 @@ class IntegralConv2d(IntegralLayer):
         w, b, q = self._sampled(n_in)
         w = w.permute(2, 0, 1)[:, None] if self.single else \
             w.permute(2, 3, 0, 1) * q[None, :, None, None]
-        conv = nn.Conv2d(w.shape[1], w.shape[0], self.k, stride=self.stride,
-                         padding=self.padding, bias=b is not None, dtype=w.dtype,
-                         device=w.device)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if b is not None:
-                conv.bias.copy_(b)
-        return conv
+        return _filled(nn.Conv2d(w.shape[1], w.shape[0], self.k, stride=self.stride,
+                                 padding=self.padding, bias=b is not None, dtype=w.dtype,
+                                 device=w.device), w, b)
 
 
 class IntegralLinear(IntegralLayer):
@@ -276,13 +271,17 @@ class IntegralLinear(IntegralLayer):
     def export(self, n_in: int) -> nn.Linear:
         w, b, q = self._sampled(n_in)
         w = w * q[None, :]
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype,
-                        device=w.device)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
+        return _filled(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype,
+                                 device=w.device), w, b)
+
+
+def _filled(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """A plain layer holding the sampled weight and bias."""
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+    return layer
 
 
 def count(ratio: float, n: int) -> int:
