@@ -43,3 +43,26 @@ def parse_bytes(v: int | str, what: str) -> int:
         raise InputError(f"{what} must be a whole number of bytes >= 0, optionally with K, M "
                          f"or G (\"512M\"), not {v!r}")
     return int(x)
+
+
+def tune_malloc(retain: int | str = "256M") -> bool:
+    """Keep freed memory in the process instead of returning it to the kernel on every free
+    (glibc's malloc, Linux): torch's CPU tensors come from malloc, and a call that makes
+    temporaries of a few MiB (an FFT, a convolution) otherwise page-faults them in again on
+    every call, which can cost as much as the arithmetic. Up to `retain` bytes stay mapped
+    after a free (allocations of 32 MiB or more are still returned at once). Process-wide
+    and never undone, as an `LD_PRELOAD` of jemalloc or tcmalloc (PyTorch's CPU tuning
+    guide) is: call it in a program that runs many calls, not in a library. Returns whether
+    the malloc here took the settings (False elsewhere: nothing is changed)."""
+    import ctypes
+    import ctypes.util
+    nbytes = parse_bytes(retain, "the memory retained")
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
+    return all(mallopt(opt, min(v, 2**31 - 1)) == 1
+               for opt, v in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, nbytes),
+                              (m_top_pad, min(16 << 20, nbytes))))

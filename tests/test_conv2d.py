@@ -762,6 +762,18 @@ def test_a_masked_tap_does_not_spread_inf_or_nan(bad):
         torch.testing.assert_close(out, want.detach(), equal_nan=True)
 
 
+def test_an_infinite_kernel_value_is_not_spread():
+    """K(p − q) = 1/|p − q|² is inf at p = q: every output is ±inf as the pairwise sum gives
+    (an FFT of the kernel would make them all NaN)."""
+    op = _op(GLOBAL.replace("exp(-sqnorm(p - q) / s) * f(q)", "f(q) * (s / sqnorm(p - q))"))
+    f = torch.randn(1, 4, 5, 2, generator=_gen(), dtype=D)
+    out = op(f=f, P=(4, 5))
+    s = dict(op.named_parameters())["s"]
+    want = _pairwise(f, lambda d: s / (d**2).sum(-1), (4, 5))
+    assert torch.isinf(want).all()
+    torch.testing.assert_close(out, want.detach(), equal_nan=True)
+
+
 @pytest.mark.parametrize("offset", ["+ 1000000", "- 1000000", "+ 4", "- 9"])
 def test_a_read_beyond_the_lattice_is_zero(offset):
     """Every read outside the field: zeros (and zero gradients), without a padding the size

@@ -86,6 +86,9 @@ def _need_cuda() -> None:
 def _ensure_threads() -> None:
     # TVM's CPU pool starts with one thread on small machines unless told otherwise
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    # and its workers spin (300,000 sched_yield calls) after each kernel, which starves the
+    # torch (OpenMP) work that follows them in a model: a 1 ms FFT took 30 ms after a kernel
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 class OpDef:

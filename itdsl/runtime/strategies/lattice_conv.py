@@ -229,6 +229,8 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
     ("fft", the kernel's rfftn `[C, *S']`, S)."""
     g, mask = sample_lag(ev, f, np_, nq)
     D = len(np_)
+    if not (torch.compiler.is_compiling() or bool(torch.isfinite(g).all())):
+        return ("spread",)  # an inf or NaN of K: the library call would spread it
     if mask is not None:
         idx = mask.nonzero()
         if idx.shape[0] == 0:
@@ -264,12 +266,24 @@ def _fft_size(n: int) -> int:
     return best
 
 
-def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Tensor:
-    """Σ_q g(p − q)·Y[q]: `Y` `[B, C, *n_q]` -> `[B, C, *n_p]`."""
+class Spread(Exception):
+    """An inf or NaN that a library call would spread where the definition does not."""
+
+
+def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple,
+              check: bool = True) -> torch.Tensor:
+    """Σ_q g(p − q)·Y[q]: `Y` `[B, C, *n_q]` -> `[B, C, *n_p]`. With `check`, raises `Spread`
+    where Y holds an inf or NaN that the convolution would spread: over the masked taps of a
+    direct one (weight 0 · inf), over every output of an FFT."""
     D = len(np_)
-    if kernel[0] == "zero":
+    if kernel[0] == "spread":
+        raise Spread
+    if kernel[0] == "zero":  # (a bracket masks the whole product, an inf of Y too)
         return Y.new_zeros(*Y.shape[:2], *np_)
     if kernel[0] == "direct":
+        total = Y.sum(dtype=torch.float32 if Y.dtype in HALF else None)
+        if check and not bool(torch.isfinite(total)):  # (or the sum overflows: the
+            raise Spread  # evaluator then, which is exact too)
         taps, hi = kernel[1], kernel[2]
         w = taps.expand(*taps.shape[:-1], Y.shape[1]).movedim(-1, 0).unsqueeze(1)
         return conv(Y, w.contiguous(), Y.shape[1], (1,) * D, (1,) * D, hi, np_)
@@ -283,6 +297,10 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Te
     rest = list(range(2, D + 1))  # the other axes, transformed together
     if rest:
         fy = torch.fft.fftn(fy, s=S[:-1], dim=rest)
+    # the transform at frequency 0 is the sum of Y's points: an inf or NaN of Y makes it,
+    # and the sum of those, one (as may an overflow: then the evaluator, exact too)
+    if check and not math.isfinite(torch.view_as_real(fy[(...,) + (0,) * D]).sum().item()):
+        raise Spread
     out = fy * fg
     if rest:
         out = torch.fft.ifftn(out, dim=rest)
@@ -414,16 +432,14 @@ class LatticeConvRunner(Runner):
             plan.op.domain(fac.domain).kind.entry.given
             or (fac.quad is not None and fac.quad.rule.entry.from_input)
             for sp in plan.spaces.values() for fac in sp.factors)
-        # the fields whose NaN or inf the library calls would spread where the definition
-        # does not: through a tap a bracket masks (weight 0 · inf), or over a whole FFT
-        # (a bracket factor of K masks taps; one inside a sum, as a `per` spline's choice of
-        # its stencil point's spline, does not)
+        # the fields whose NaN or inf a stencil's library call would spread where the
+        # definition does not: through a tap a bracket masks (weight 0 · inf; a bracket
+        # factor of K masks taps, one inside a sum, as a `per` spline's choice of its stencil
+        # point's spline, does not). A lag convolution checks the values it convolves.
         self.finite_only = sorted(
             {f.field for f in self.form
              if isinstance(f, StencilConv) and any(n.op in P.BRACKETS
-                                                   for n in P.factors(f.kernel))}
-            | {n.name for f in self.form if isinstance(f, LagConv)
-               for n in P.toposort([inline(f.sum.inside, plan)]) if n.op == "field"})
+                                                   for n in P.factors(f.kernel))})
         self._light: dict[tuple, PlanEvaluator] = {}  # per sizes, dtype and device: one
         self._kept: dict[str, tuple[tuple, object]] = {}
 
@@ -460,7 +476,10 @@ class LatticeConvRunner(Runner):
         else:
             ev = PlanEvaluator(self.plan, params, bound, generator)
         ev.expand_batch = False  # a value the same for every batch entry stays one value
-        self.run(ev, bound)
+        try:
+            self.run(ev, bound)
+        except Spread:  # (the evaluator again, as above)
+            return evaluate_plan(self.plan, params, bound, generator)[0]
         return output(self.plan, ev, bound)
 
     def run(self, ev: PlanEvaluator, bound: Bound) -> None:
@@ -546,7 +565,7 @@ class LatticeConvRunner(Runner):
         Y = Y.expand(*Y.shape[:-1], C)
         lead = Y.shape[:-2]
         Y = Y.reshape(math.prod(lead), *nq, C).movedim(-1, 1)
-        out = lag_apply(kernel, Y, np_, nq)  # [B, C, *n_p]
+        out = lag_apply(kernel, Y, np_, nq, check=not torch.compiler.is_compiling())
         return out.movedim(1, -1).reshape(*lead, -1, C)
 
 
