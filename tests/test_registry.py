@@ -245,7 +245,7 @@ def test_tune_malloc_keeps_freed_memory_in_a_process_of_its_own():
                 conv()
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         print(faults(), itdsl.tune_malloc(), faults())"""
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          timeout=120)
     assert got.returncode == 0, got.stderr
     before, took, after = got.stdout.split()
