@@ -367,6 +367,18 @@ def test_fit_trains_every_width():
     assert full > 0.9 and small > full - 0.1
     with pytest.raises(InputError, match="widths are fractions"):
         inn.fit(net, loader, widths=(0.8, 0.5))
+    # the one-cycle schedule (the default) over epochs × len(loader) steps, ending near 0;
+    # None keeps the rate, as any loader (a generator) allows
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    inn.fit(net, loader, epochs=2, optimizer=opt)
+    assert opt.param_groups[0]["lr"] < 1e-5
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    inn.fit(net, (b for b in loader), optimizer=opt, scheduler=None)
+    assert opt.param_groups[0]["lr"] == 0.01
+    with pytest.raises(InputError, match="len()"):
+        inn.fit(net, (b for b in loader))
+    with pytest.raises(InputError, match="scheduler is"):
+        inn.fit(net, loader, scheduler="cosine")
 
 
 def test_groups_of_nested_modules_tune_and_copy():

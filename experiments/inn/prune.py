@@ -23,7 +23,6 @@ from torch.fx.experimental.optimization import fuse
 
 from itdsl import inn
 from itdsl.inn.layers import count
-from itdsl.inn.train import param_groups
 
 from .data import Split
 
@@ -119,23 +118,36 @@ def tuned_grid(model: nn.Module, data: Split, run: Run) -> Pruner:
     return prune
 
 
+class Shuffled:
+    """The training split in batches of `BATCH`, in a new seeded order on every pass (the
+    order `train.train` draws for the same seed)."""
+
+    def __init__(self, data: Split, seed: int):
+        from .train import BATCH
+        self.data, self.batch = data, BATCH
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.data.y_train) // self.batch)
+
+    def __iter__(self):
+        n = len(self.data.y_train)
+        order = torch.randperm(n, generator=self.g)
+        for i in range(0, n, self.batch):
+            idx = order[i:i + self.batch]
+            yield self.data.x_train[idx], self.data.y_train[idx]
+
+
 def random_widths(model: nn.Module, data: Split, run: Run) -> Pruner:
     """A fresh model converted in training mode (BatchNorms kept as splines) and trained
-    from scratch by `inn.fit` for the discrete model's epochs (widths 50–100 % per step),
-    then resampled (its first epoch's batch order as `train.train`'s)."""
-    from .train import BATCH, LR
+    from scratch by `inn.fit` for the discrete model's epochs (widths 50–100 % per step, the
+    discrete training's peak rate and one-cycle schedule, the weight splines' steps scaled
+    to a discrete layer's), then resampled."""
+    from .train import LR
     torch.manual_seed(run.seed)
-    fresh = run.make()
-    net = inn.convert(fresh.train(), data.x_test[:2], permute=False)
-    g = torch.Generator().manual_seed(run.seed)
-    n = len(data.y_train)
-    opt = torch.optim.Adam(param_groups(net, LR), lr=LR)  # (the weight splines' steps
-    #                                         scaled to a discrete layer's: inn.fit's default)
-    for epoch in range(run.epochs):
-        order = torch.randperm(n, generator=g)
-        loader = [(data.x_train[order[i:i + BATCH]], data.y_train[order[i:i + BATCH]])
-                  for i in range(0, n, BATCH)]
-        inn.fit(net, loader, widths=(0.5, 1.0), optimizer=opt, seed=1000 * run.seed + epoch)
+    net = inn.convert(run.make().train(), data.x_test[:2], permute=False)
+    inn.fit(net, Shuffled(data, run.seed), epochs=run.epochs, widths=(0.5, 1.0), lr=LR,
+            seed=run.seed)
     net.eval()
     return lambda rate: net if rate == 0 else net.resample(1 - rate)
 

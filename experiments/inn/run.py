@@ -5,14 +5,20 @@ prints the table.
 
     python -m experiments.inn.run            # full: 3 seeds, rates 0, 0.1, …, 0.8
     python -m experiments.inn.run --quick    # smoke run: 1 seed, 4 rates, 1 epoch
+
+Each seed of each model on each data set is a job in a process of its own (--jobs at a
+time, one per core by default); the timings run afterwards, alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -29,36 +35,36 @@ TIMING_BATCH = 256
 TIMING_REPEATS = 15
 
 
-def accuracy_rows(model_name: str, ds_name: str, split: datasets.Split, seeds: list[int],
-                  rates: list[float], epochs: int
-                  ) -> tuple[list[dict], list[dict], torch.nn.Module]:
-    """Accuracy of every arm at every rate for each seed, the exactness checks, and the
-    model trained with the first seed (for the timings)."""
-    rows, checks, trained = [], [], {}
+def seed_rows(model_name: str, ds_name: str, seed: int, rates: list[float], epochs: int,
+              threads: int) -> tuple[list[dict], list[dict], dict, float]:
+    """One seed of one model on one data set (a job of its own, in a process of its own):
+    the accuracy of every arm at every rate, the exactness checks, the trained model's
+    state_dict (for the timings) and the job's wall time."""
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    split = datasets.DATASETS[ds_name]()
+    rows, checks = [], []
     x, y = split.x_test, split.y_test
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = train.train(models.MODELS[model_name](), split, epochs, seed,
-                            desc=f"{model_name}/{ds_name}/seed {seed}")
-        trained[seed] = model
-        groups, _ = prune.layer_groups(model, x[:2])
-        run = prune.Run(models.MODELS[model_name], epochs, seed)
-        for arm, (_, prepare) in prune.ARMS.items():
-            pruner = prepare(model, split, run)
-            for r in rates:
-                rows.append({"model": model_name, "dataset": ds_name, "seed": seed, "arm": arm,
-                             "rate": r, "accuracy": train.accuracy(pruner(r), x, y),
-                             "channels": sum(prune.widths(groups, r).values())})
-        found = {f"convert(permute={p}) vs model, full size":
-                 prune.conversion_error(model, split, p) for p in (False, True)}
-        net = inn.convert(model, x[:2])
-        found |= {f"export() vs IntegralNet, r = {r}": prune.export_error(net.resample(1 - r),
-                                                                          split)
-                  for r in TIMING_RATES}
-        checks += [{"model": model_name, "dataset": ds_name, "seed": seed, "check": k,
-                    "max_abs_diff": diff, "max_abs_logit": scale}
-                   for k, (diff, scale) in found.items()]
-    return rows, checks, trained[seeds[0]]
+    torch.manual_seed(seed)
+    model = train.train(models.MODELS[model_name](), split, epochs, seed,
+                        desc=f"{model_name}/{ds_name}/seed {seed}")
+    groups, _ = prune.layer_groups(model, x[:2])
+    run = prune.Run(models.MODELS[model_name], epochs, seed)
+    for arm, (_, prepare) in prune.ARMS.items():
+        pruner = prepare(model, split, run)
+        for r in rates:
+            rows.append({"model": model_name, "dataset": ds_name, "seed": seed, "arm": arm,
+                         "rate": r, "accuracy": train.accuracy(pruner(r), x, y),
+                         "channels": sum(prune.widths(groups, r).values())})
+    found = {f"convert(permute={p}) vs model, full size":
+             prune.conversion_error(model, split, p) for p in (False, True)}
+    net = inn.convert(model, x[:2])
+    found |= {f"export() vs IntegralNet, r = {r}": prune.export_error(net.resample(1 - r), split)
+              for r in TIMING_RATES}
+    checks += [{"model": model_name, "dataset": ds_name, "seed": seed, "check": k,
+                "max_abs_diff": diff, "max_abs_logit": scale}
+               for k, (diff, scale) in found.items()]
+    return rows, checks, model.state_dict(), time.perf_counter() - start
 
 
 def timing_rows(model_name: str, ds_name: str, model: torch.nn.Module,
@@ -83,7 +89,7 @@ def _cell(values: list[float]) -> str:
 
 
 def table(rows: list[dict], checks: list[dict], timing: list[dict], rates: list[float],
-          seeds: list[int], wall: float) -> str:
+          seeds: list[int], wall: float, jobs: int = 1) -> str:
     """The results as Markdown: accuracy per arm and rate, the checks, the timings."""
     lines = [f"Test accuracy (%) without fine-tuning, median over seeds {seeds}"
              + (" (min–max)" if len(seeds) > 1 else "") + "; columns: % of every channel "
@@ -112,7 +118,7 @@ def table(rows: list[dict], checks: list[dict], timing: list[dict], rates: list[
     for t in timing:
         lines.append(f"| {t['model']} | {t['dataset']} | {round(100 * t['rate'])} % | "
                      f"{t['variant']} | {t['params']:,} | {t['ms_median']:.2f} |")
-    lines += ["", f"Wall time: {wall:.0f} s."]
+    lines += ["", f"Wall time: {wall:.0f} s ({jobs} job(s) at a time, 1 process each)."]
     return "\n".join(lines) + "\n"
 
 
@@ -158,31 +164,51 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 seed, rates 0/0.3/0.5/0.8, 1 epoch")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a shared machine, 2 OpenMP threads ran up to "
-                        "100× slower than 1)")
+                   help="torch threads per job (1: on a shared machine, 2 OpenMP threads ran "
+                        "up to 100× slower than 1)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="seeds × models × data sets run this many at a time, each in a "
+                        "process of its own (default: one per core)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [0, 1, 2]
     rates = [0.0, 0.3, 0.5, 0.8] if args.quick else [i / 10 for i in range(9)]
     start = time.perf_counter()
-    rows, checks, timing = [], [], []
+    rows, checks, timing, states = [], [], [], {}
+    # one process per (model, data set, seed), `--jobs` at a time, the longest first
+    todo = [(m, d, seed, rates, 1 if args.quick else EPOCHS[d], args.threads)
+            for d in reversed(list(datasets.DATASETS)) for m in reversed(list(models.MODELS))
+            for seed in seeds]
+    with ProcessPoolExecutor(max_workers=args.jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(seed_rows, *job): job for job in todo}
+        for done in as_completed(running):
+            m, d, seed = running[done][:3]
+            r, c, state, secs = done.result()
+            rows += r
+            checks += c
+            states[m, d, seed] = state
+            print(f"{m}/{d}/seed {seed}: {secs:.0f} s", flush=True)
+    # the timings in this process alone, after every job (the trained model of the first seed)
+    torch.set_num_threads(args.threads)
     for d, load in datasets.DATASETS.items():
         split = load()
         for m in models.MODELS:
-            t0 = time.perf_counter()
-            epochs = 1 if args.quick else EPOCHS[d]
-            r, c, first = accuracy_rows(m, d, split, seeds, rates, epochs)
-            rows += r
-            checks += c
-            timing += timing_rows(m, d, first, split)
-            print(f"{m}/{d}: {time.perf_counter() - t0:.0f} s", flush=True)
+            model = models.MODELS[m]()
+            model.load_state_dict(states[m, d, seeds[0]])
+            timing += timing_rows(m, d, model.eval(), split)
+    def order(w: dict) -> tuple:
+        return (list(models.MODELS).index(w["model"]),
+                list(datasets.DATASETS).index(w["dataset"]), w["seed"])
+    rows.sort(key=order)
+    checks.sort(key=order)
     wall = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     _write_csv(args.out / "results.csv", rows)
     _write_csv(args.out / "checks.csv", checks)
     _write_csv(args.out / "timing.csv", timing)
-    md = table(rows, checks, timing, rates, seeds, wall)
+    md = table(rows, checks, timing, rates, seeds, wall, args.jobs)
     (args.out / "table.md").write_text(md)
     plot(rows, args.out / "pruning.png")
     print(md)

@@ -32,23 +32,42 @@ def param_groups(net: IntegralNet, lr: float) -> list[dict]:
 
 def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] = (0.5, 1.0),
         lr: float = 1e-3, consistency: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
-        seed: int = 0, progress: bool = False) -> list[float]:
+        scheduler="onecycle", seed: int = 0, progress: bool = False) -> list[float]:
     """Train `net` in place on `loader`'s `(x, y)` batches (y: class indices) for `epochs`;
     per step, every group's width is drawn uniformly between round(widths[0]·n) and
     round(widths[1]·n) channels. Returns the loss per step. The net should be converted in
-    training mode (its BatchNorms stay, as splines)."""
+    training mode (its BatchNorms stay, as splines).
+
+    `optimizer`: Adam over `param_groups(net, lr)` unless given. `scheduler`, stepped after
+    every step: "onecycle" (the default) is torch's `OneCycleLR` over the epochs × len(loader)
+    steps, peaking at each param group's own lr; None keeps the rates constant; or any
+    torch LR scheduler of the optimizer."""
     lo, hi = widths
     if not 0 < lo <= hi <= 1:
         raise InputError(f"widths are fractions 0 < lo <= hi <= 1, got {widths}")
     rng = random.Random(seed)
     opt = optimizer or torch.optim.Adam(param_groups(net, lr), lr=lr)
+    if isinstance(scheduler, str):
+        if scheduler != "onecycle":
+            raise InputError(f"scheduler is \"onecycle\", None or a torch LR scheduler, not "
+                             f"{scheduler!r}")
+        try:
+            steps = epochs * len(loader)
+        except TypeError:
+            raise InputError("scheduler=\"onecycle\" needs the loader's len() to know the "
+                             "number of steps", hint="pass a loader with a length, "
+                             "scheduler=None, or a scheduler of your own") from None
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps + 1)  # (its
+        # last step lands on the smallest rate: the one after the last optimizer step)
     full = dict(net.groups)
     losses: list[float] = []
     net.train()
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=epochs * len(loader), desc="inn.fit", unit="step")
+        bar = tqdm(total=epochs * len(loader) if hasattr(loader, "__len__") else None,
+                   desc="inn.fit", unit="step")
     try:
         for _ in range(epochs):
             for x, y in loader:
@@ -62,6 +81,8 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 losses.append(loss.item())
                 if bar is not None:
                     bar.update()
