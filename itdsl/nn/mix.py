@@ -1,0 +1,94 @@
+"""The token mixers of an ITNet block: one `.it` integral operator each, out(x) = ∫ K(x, y)
+v(y) dμ(y), with K a learnable function of the two positions and of the two tokens' keys.
+
+| kind | the operator (a = keys, v = values, w = the tokens' weights) | strategy |
+|---|---|---|
+| "mlp" | ∫ φ(x, y, a(x), a(y)) ⊙ v(y) w(y) dy, φ an MLP to R^C | dense (tiled pair kernel) |
+| "softmax" | ∫ e^{s(x,y)} v(y) w(y) / ∫ e^{s(x,y)} w(y), s = φ(x, y, a(x), a(y)) ∈ R | dense |
+| "causal" | "softmax" with the bracket [y₀ ≤ x₀] (time is the first coordinate) | dense |
+| "lowrank" | ∫ ⟨A(x, a(x)), B(y, a(y))⟩ v(y) w(y) dy, A and B MLPs to R^r | lowrank (O(n·r)) |
+| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) | dense on S points |
+
+The positions are points in R^D (pixels, patches, time steps scaled to [0, 1]); `w` is a
+weight per token: the mean over a sequence's valid tokens (1/len, 0 on padding) for the
+integrals, a 0/1 mask for the normalised ones. The keys and values are linear maps of the
+block's (normalised) tokens, made in torch; the output goes through a last linear map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+KINDS = ("mlp", "softmax", "causal", "lowrank", "montecarlo")
+IMPORTANCE_FLOOR = 1e-3  # so that a token with a zero value can still be drawn
+
+
+def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank: int = 8,
+               samples: int = 32, act: str = "gelu") -> str:
+    """The `.it` text of a mixer `mix` of `kind` on `points(coords)`: keys `a : P -> R^keys`,
+    values `v : P -> R^width`, weights `w : P -> R`."""
+    if kind not in KINDS:
+        raise InputError(f"no mixer kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    pair = 2 * (coords + keys)
+    lines = ["operator mix {", f"    domain P = points({coords})", f"    input  a : P -> R^{keys}",
+             f"    input  v : P -> R^{width}", "    input  w : P -> R"]
+    if kind in ("mlp", "montecarlo"):
+        lines.append(f"    param  phi : mlp({pair} -> {hidden} -> {width}, act = {act})")
+        k = "phi(x, y, a(x), a(y))"
+        rule = ("with weights(w)" if kind == "mlp" else
+                f"with montecarlo({samples}, importance = w(y) * (norm(v(y)) + "
+                f"{IMPORTANCE_FLOOR}))")
+        body = f"integral(y: P) {k} * v(y)" + (" * w(y)" if kind == "montecarlo" else "")
+        lines.append(f"    output g(x: P) = {body} {rule}")
+    elif kind in ("softmax", "causal"):
+        lines.append(f"    param  phi : mlp({pair} -> {hidden} -> 1, act = {act})")
+        k = ("[y[0] <= x[0]] * " if kind == "causal" else "") + "exp(phi(x, y, a(x), a(y)))"
+        lines.append(f"    output g(x: P) = integral(y: P) {k} * w(y) * v(y)"
+                     f" / integral(y: P) {k} * w(y)")
+    else:
+        for name in ("A", "B"):
+            lines.append(f"    param  {name} : mlp({coords + keys} -> {hidden} -> {rank}, "
+                         f"act = {act})")
+        lines.append("    output g(x: P) = integral(y: P) dot(A(x, a(x)), B(y, a(y))) * v(y)"
+                     " with weights(w)")
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+class Mix(nn.Module):
+    """A learnable integral operator over a set of tokens: `mix(h, pos, w)` with tokens
+    `h [B, n, dim]`, positions `pos [B or 1, n, coords]` and token weights `w [B, n]` (None:
+    every token, the mean) gives `[B, n, dim]`. `target`: as `itdsl.compile_source` (None:
+    the tensors' device; "reference": every pair materialised in torch)."""
+
+    def __init__(self, dim: int, kind: str = "mlp", coords: int = 2, keys: int = 8,
+                 hidden: int = 32, rank: int = 8, samples: int = 32, target: str | None = None):
+        super().__init__()
+        from ..api import compile_source
+        self.kind, self.coords = kind, coords
+        self.source = mix_source(kind, coords, keys, dim, hidden, rank, samples)
+        self.op = compile_source(self.source, target=target)["mix"]
+        self.keys = nn.Linear(dim, keys)
+        self.values = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        B, n, _ = h.shape
+        if pos.shape[-1] != self.coords or pos.shape[-2] != n:
+            raise InputError(f"positions should be [B, {n}, {self.coords}] for {n} tokens in "
+                             f"R^{self.coords}, got {list(pos.shape)}")
+        if w is None:
+            w = h.new_full((1, n), 1.0 if self.kind in ("softmax", "causal") else 1.0 / n)
+        else:
+            w = w.to(h.dtype)
+            if self.kind not in ("softmax", "causal"):  # the mean over the valid tokens
+                w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+        if self.kind == "montecarlo":  # (its rule estimates the mean over the n points)
+            w = w * n
+        kw = {} if generator is None else {"generator": generator}
+        g = self.op(P=pos.to(h.dtype), a=self.keys(h), v=self.values(h),
+                    w=w.expand(B, n), **kw)
+        return self.out(g)

@@ -1,0 +1,144 @@
+"""itdsl.nn (ITNet): each mixer against the integral it stands for, written here in torch with
+every pair materialised (forward and gradients, float64), masks, the encoders, and the model
+composing with torch (state_dict, padding invariance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itdsl import InputError
+from itdsl import nn as itnn
+
+D = torch.float64
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mix(kind: str, target: str | None = "reference", **kw) -> itnn.Mix:
+    torch.manual_seed(3)
+    return itnn.Mix(4, kind=kind, coords=2, keys=2, hidden=5, rank=3, target=target,
+                    **kw).double()
+
+
+def _mlp(seq: torch.nn.Sequential, z: torch.Tensor) -> torch.Tensor:
+    """The mlp param's layers applied by hand: Linear, GELU, Linear."""
+    lin1, lin2 = [m for m in seq if isinstance(m, torch.nn.Linear)]
+    return F.linear(F.gelu(F.linear(z, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+
+
+def _by_pairs(mix: itnn.Mix, h, pos, mask) -> torch.Tensor:
+    """The mixer's integral with every pair (x, y) materialised."""
+    B, n, _ = h.shape
+    a, v = mix.keys(h), mix.values(h)
+    P = pos.expand(B, n, 2)
+    w = torch.ones(B, n, dtype=D) if mask is None else mask.to(D)
+    if mix.kind == "lowrank":
+        A = _mlp(mix.op.A, torch.cat([P, a], -1))
+        Bm = _mlp(mix.op.B, torch.cat([P, a], -1))
+        K = (A[:, :, None, :] * Bm[:, None, :, :]).sum(-1, keepdim=True)  # [B, x, y, 1]
+    else:
+        z = torch.cat([P[:, :, None].expand(B, n, n, 2), P[:, None].expand(B, n, n, 2),
+                       a[:, :, None].expand(B, n, n, 2), a[:, None].expand(B, n, n, 2)], -1)
+        K = _mlp(mix.op.phi, z)  # [B, x, y, C or 1]
+    if mix.kind in ("softmax", "causal"):
+        s = K[..., 0].masked_fill(w[:, None, :] == 0, -torch.inf)
+        if mix.kind == "causal":
+            s = s.masked_fill(P[:, None, :, 0] > P[:, :, None, 0], -torch.inf)
+        g = torch.softmax(s, -1) @ v
+    else:
+        wn = w / w.sum(-1, keepdim=True)
+        g = (K * (wn[:, None, :, None] * v[:, None, :, :])).sum(2)
+    return mix.out(g)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "softmax", "causal", "lowrank"])
+def test_each_mixer_is_its_integral(kind):
+    """Forward and the gradients of the tokens and of every param, with a padding mask."""
+    mix = _mix(kind)
+    h = torch.randn(2, 5, 4, generator=_gen(), dtype=D, requires_grad=True)
+    pos = torch.rand(1, 5, 2, generator=_gen(1), dtype=D)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    for m in (None, mask):
+        got, want = mix(h, pos, m), _by_pairs(mix, h, pos, m)
+        torch.testing.assert_close(got, want)
+        params = [h, *mix.parameters()]
+        gw = torch.randn_like(got, dtype=D)
+        for a, b in zip(torch.autograd.grad((got * gw).sum(), params),
+                        torch.autograd.grad((want * gw).sum(), params)):
+            torch.testing.assert_close(a, b)
+
+
+def test_the_compiled_kernels_are_the_reference():
+    """The default target (tiled kernels, and lowrank's two passes) against the reference
+    semantics of the same mixer, float64, forward and gradients."""
+    h = torch.randn(2, 7, 4, generator=_gen(2), dtype=D, requires_grad=True)
+    pos = torch.rand(2, 7, 2, generator=_gen(3), dtype=D)
+    mask = torch.rand(2, 7, generator=_gen(4)) > 0.3
+    mask[[0, 1], pos[..., 0].argmin(1)] = True  # (else a causal row sees nothing: 0/0)
+    for kind in ("causal", "lowrank"):
+        fast, ref = _mix(kind, target=None), _mix(kind)
+        ref.load_state_dict(fast.state_dict())
+        a, b = fast(h, pos, mask), ref(h, pos, mask)
+        assert fast.op.last_run in ("kernels", "lowrank")
+        torch.testing.assert_close(a, b)
+        ga = torch.autograd.grad(a.square().sum(), [h, *fast.parameters()])
+        gb = torch.autograd.grad(b.square().sum(), [h, *ref.parameters()])
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y)
+
+
+def test_montecarlo_estimates_the_mean():
+    """S draws per call ∝ w(y)·(‖v(y)‖ + ε), weighted 1/(S·p): the average of many calls is
+    the exact mixer (the "mlp" kind with the same params), within its standard error."""
+    mc = _mix("montecarlo", samples=8)
+    exact = _mix("mlp")
+    exact.load_state_dict(mc.state_dict())
+    h = torch.randn(1, 6, 4, generator=_gen(5), dtype=D)
+    pos = torch.rand(1, 6, 2, generator=_gen(6), dtype=D)
+    g = _gen(7)
+    with torch.no_grad():
+        want = exact(h, pos)
+        draws = torch.stack([mc(h, pos, generator=g) for _ in range(400)])
+    err = (draws.mean(0) - want).abs()
+    assert (err <= 5 * draws.std(0) / 20 + 1e-12).all()
+    assert (draws.std(0) > 0).any()  # (it does draw)
+
+
+def test_the_model_composes_with_torch():
+    """An ITNet on padded series: the padding does not change the logits, state_dict round
+    trips, gradients reach every param."""
+    torch.manual_seed(0)
+    net = itnn.ITNet(3, dim=8, depth=2, classes=4, coords=1, kind="lowrank", hidden=6).double()
+    x = torch.randn(3, 9, 3, generator=_gen(8), dtype=D)
+    lengths = torch.tensor([9, 5, 2])
+    tokens, pos, mask = itnn.series(x, lengths)
+    out = net(tokens, pos, mask)
+    assert out.shape == (3, 4)
+    noisy = tokens.clone()
+    noisy[~mask] = 1e3
+    torch.testing.assert_close(net(noisy, pos, mask), out)
+    twin = itnn.ITNet(3, dim=8, depth=2, classes=4, coords=1, kind="lowrank", hidden=6).double()
+    twin.load_state_dict(net.state_dict())
+    torch.testing.assert_close(twin(tokens, pos, mask), out)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_encoders():
+    img = torch.arange(2 * 1 * 4 * 4, dtype=D).reshape(2, 1, 4, 4)
+    tok, pos = itnn.pixels(img)
+    assert tok.shape == (2, 16, 1) and pos.shape == (1, 16, 2)
+    assert tok[1, 5, 0] == img[1, 0, 1, 1] and pos[0, 5].tolist() == [0.375, 0.375]
+    tok, pos = itnn.patches(img, 2)
+    assert tok.shape == (2, 4, 4) and tok[0, 1].tolist() == [2, 3, 6, 7]
+    assert pos[0].tolist() == [[0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75]]
+    with pytest.raises(InputError, match="3×3 patches"):
+        itnn.patches(img, 3)
+    with pytest.raises(InputError, match="no mixer kind"):
+        itnn.Mix(4, kind="conv")
+    with pytest.raises(InputError, match="positions should be"):
+        _mix("lowrank")(torch.randn(1, 5, 4, dtype=D), torch.rand(1, 5, 3, dtype=D))
