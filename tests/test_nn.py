@@ -20,6 +20,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 def _mix(kind: str, target: str | None = "reference", **kw) -> itnn.Mix:
     torch.manual_seed(3)
+    kw.setdefault("width", 6 if kind == "mlp" else None)
     return itnn.Mix(4, kind=kind, coords=2, keys=2, hidden=5, rank=3, target=target,
                     **kw).double()
 
@@ -44,21 +45,26 @@ def _by_pairs(mix: itnn.Mix, h, pos, mask) -> torch.Tensor:
         z = torch.cat([P[:, :, None].expand(B, n, n, 2), P[:, None].expand(B, n, n, 2),
                        a[:, :, None].expand(B, n, n, 2), a[:, None].expand(B, n, n, 2)], -1)
         K = _mlp(mix.op.phi, z)  # [B, x, y, C or 1]
+    later = P[:, None, :, 0] > P[:, :, None, 0]  # [B, x, y]: y after x
     if mix.kind in ("softmax", "causal"):
         s = K[..., 0].masked_fill(w[:, None, :] == 0, -torch.inf)
-        if mix.kind == "causal":
-            s = s.masked_fill(P[:, None, :, 0] > P[:, :, None, 0], -torch.inf)
+        if mix.causal:
+            s = s.masked_fill(later, -torch.inf)
         g = torch.softmax(s, -1) @ v
     else:
+        if mix.causal:
+            K = K.masked_fill(later[..., None], 0)
         wn = w / w.sum(-1, keepdim=True)
         g = (K * (wn[:, None, :, None] * v[:, None, :, :])).sum(2)
     return mix.out(g)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "softmax", "causal", "lowrank"])
-def test_each_mixer_is_its_integral(kind):
-    """Forward and the gradients of the tokens and of every param, with a padding mask."""
-    mix = _mix(kind)
+@pytest.mark.parametrize("kind, causal", [("mlp", False), ("softmax", False), ("causal", False),
+                                          ("lowrank", False), ("mlp", True), ("lowrank", True)])
+def test_each_mixer_is_its_integral(kind, causal):
+    """Forward and the gradients of the tokens and of every param, with a padding mask (the
+    "mlp" mixer with more value channels than the tokens have)."""
+    mix = _mix(kind, causal=causal)
     h = torch.randn(2, 5, 4, generator=_gen(), dtype=D, requires_grad=True)
     pos = torch.rand(1, 5, 2, generator=_gen(1), dtype=D)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -95,7 +101,7 @@ def test_montecarlo_estimates_the_mean():
     """S draws per call ∝ w(y)·(‖v(y)‖ + ε), weighted 1/(S·p): the average of many calls is
     the exact mixer (the "mlp" kind with the same params), within its standard error."""
     mc = _mix("montecarlo", samples=8)
-    exact = _mix("mlp")
+    exact = _mix("mlp", width=None)
     exact.load_state_dict(mc.state_dict())
     h = torch.randn(1, 6, 4, generator=_gen(5), dtype=D)
     pos = torch.rand(1, 6, 2, generator=_gen(6), dtype=D)

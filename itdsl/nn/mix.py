@@ -27,52 +27,59 @@ IMPORTANCE_FLOOR = 1e-3  # so that a token with a zero value can still be drawn
 
 
 def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank: int = 8,
-               samples: int = 32, act: str = "gelu") -> str:
+               samples: int = 32, causal: bool = False, act: str = "gelu") -> str:
     """The `.it` text of a mixer `mix` of `kind` on `points(coords)`: keys `a : P -> R^keys`,
-    values `v : P -> R^width`, weights `w : P -> R`."""
+    values `v : P -> R^width`, weights `w : P -> R`; `causal` multiplies the kernel by
+    [y₀ ≤ x₀] (the kind "causal" is "softmax" with it)."""
     if kind not in KINDS:
         raise InputError(f"no mixer kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    if kind == "causal":
+        kind, causal = "softmax", True
     pair = 2 * (coords + keys)
+    bracket = "[y[0] <= x[0]] * " if causal else ""
     lines = ["operator mix {", f"    domain P = points({coords})", f"    input  a : P -> R^{keys}",
              f"    input  v : P -> R^{width}", "    input  w : P -> R"]
     if kind in ("mlp", "montecarlo"):
         lines.append(f"    param  phi : mlp({pair} -> {hidden} -> {width}, act = {act})")
-        k = "phi(x, y, a(x), a(y))"
+        k = bracket + "phi(x, y, a(x), a(y))"
         rule = ("with weights(w)" if kind == "mlp" else
                 f"with montecarlo({samples}, importance = w(y) * (norm(v(y)) + "
                 f"{IMPORTANCE_FLOOR}))")
         body = f"integral(y: P) {k} * v(y)" + (" * w(y)" if kind == "montecarlo" else "")
         lines.append(f"    output g(x: P) = {body} {rule}")
-    elif kind in ("softmax", "causal"):
+    elif kind == "softmax":
         lines.append(f"    param  phi : mlp({pair} -> {hidden} -> 1, act = {act})")
-        k = ("[y[0] <= x[0]] * " if kind == "causal" else "") + "exp(phi(x, y, a(x), a(y)))"
+        k = bracket + "exp(phi(x, y, a(x), a(y)))"
         lines.append(f"    output g(x: P) = integral(y: P) {k} * w(y) * v(y)"
                      f" / integral(y: P) {k} * w(y)")
     else:
         for name in ("A", "B"):
             lines.append(f"    param  {name} : mlp({coords + keys} -> {hidden} -> {rank}, "
                          f"act = {act})")
-        lines.append("    output g(x: P) = integral(y: P) dot(A(x, a(x)), B(y, a(y))) * v(y)"
-                     " with weights(w)")
+        lines.append(f"    output g(x: P) = integral(y: P) {bracket}dot(A(x, a(x)), B(y, a(y)))"
+                     " * v(y) with weights(w)")
     return "\n".join(lines + ["}"]) + "\n"
 
 
 class Mix(nn.Module):
     """A learnable integral operator over a set of tokens: `mix(h, pos, w)` with tokens
     `h [B, n, dim]`, positions `pos [B or 1, n, coords]` and token weights `w [B, n]` (None:
-    every token, the mean) gives `[B, n, dim]`. `target`: as `itdsl.compile_source` (None:
-    the tensors' device; "reference": every pair materialised in torch)."""
+    every token, the mean) gives `[B, n, dim]`. The values have `width` channels (default
+    `dim`), each with its own kernel. `target`: as `itdsl.compile_source` (None: the tensors'
+    device; "reference": every pair materialised in torch)."""
 
     def __init__(self, dim: int, kind: str = "mlp", coords: int = 2, keys: int = 8,
-                 hidden: int = 32, rank: int = 8, samples: int = 32, target: str | None = None):
+                 hidden: int = 32, rank: int = 8, samples: int = 32, width: int | None = None,
+                 causal: bool = False, target: str | None = None):
         super().__init__()
         from ..api import compile_source
-        self.kind, self.coords = kind, coords
-        self.source = mix_source(kind, coords, keys, dim, hidden, rank, samples)
+        width = width or dim
+        self.kind, self.coords, self.causal = kind, coords, causal or kind == "causal"
+        self.source = mix_source(kind, coords, keys, width, hidden, rank, samples, causal)
         self.op = compile_source(self.source, target=target)["mix"]
         self.keys = nn.Linear(dim, keys)
-        self.values = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.values = nn.Linear(dim, width)
+        self.out = nn.Linear(width, dim)
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
