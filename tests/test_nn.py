@@ -134,6 +134,23 @@ def test_the_model_composes_with_torch():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+@pytest.mark.parametrize("kind", ["causal", "softmax"])
+def test_a_query_that_sees_no_valid_token_stays_finite(kind):
+    """Left padding under a causal mixer, or a sequence with every token masked: those
+    queries see no valid token (0/0 by the definition); the net stays finite, gradients
+    too, and the other sequence's logits are what they are alone."""
+    torch.manual_seed(0)
+    net = itnn.ITNet(3, dim=8, depth=2, classes=3, coords=1, kind=kind, keys=4, hidden=8,
+                     target="reference").double()
+    tokens, pos, _ = itnn.series(torch.randn(2, 6, 3, generator=_gen(9), dtype=D))
+    mask = torch.tensor([[True] * 6, [False, False] + [kind == "causal"] * 4])
+    out = net(tokens, pos, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], net(tokens[:1], pos, mask[:1]))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
 def test_encoders():
     img = torch.arange(2 * 1 * 4 * 4, dtype=D).reshape(2, 1, 4, 4)
     tok, pos = itnn.pixels(img)

@@ -40,8 +40,9 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
 
     `optimizer`: Adam over `param_groups(net, lr)` unless given. `scheduler`, stepped after
     every step: "onecycle" (the default) is torch's `OneCycleLR` over the epochs × len(loader)
-    steps, peaking at each param group's own lr; None keeps the rates constant; or any
-    torch LR scheduler of the optimizer."""
+    steps, peaking at each param group's own lr (again at the same peak in a later call with
+    the same optimizer; momentum untouched); None keeps the rates constant; or any torch LR
+    scheduler of the optimizer."""
     lo, hi = widths
     if not 0 < lo <= hi <= 1:
         raise InputError(f"widths are fractions 0 < lo <= hi <= 1, got {widths}")
@@ -57,9 +58,12 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
             raise InputError("scheduler=\"onecycle\" needs the loader's len() to know the "
                              "number of steps", hint="pass a loader with a length, "
                              "scheduler=None, or a scheduler of your own") from None
+        # the peak: each group's lr, or the peak an earlier fit's schedule recorded (it left
+        # the lr at its smallest); momentum left as the optimizer has it. (total_steps + 1:
+        # its last step lands on the smallest rate, the one after the last optimizer step)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps + 1)  # (its
-        # last step lands on the smallest rate: the one after the last optimizer step)
+            opt, max_lr=[g.get("max_lr", g["lr"]) for g in opt.param_groups],
+            total_steps=steps + 1, cycle_momentum=False)
     full = dict(net.groups)
     losses: list[float] = []
     net.train()

@@ -24,6 +24,7 @@ from ..errors import InputError
 
 KINDS = ("mlp", "softmax", "causal", "lowrank", "montecarlo")
 IMPORTANCE_FLOOR = 1e-3  # so that a token with a zero value can still be drawn
+MASKED_WEIGHT = 1e-30  # a masked token's weight in a normalised mixer (see `Mix.forward`)
 
 
 def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank: int = 8,
@@ -95,6 +96,10 @@ class Mix(nn.Module):
                 w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
         if self.kind == "montecarlo":  # (its rule estimates the mean over the n points)
             w = w * n
+        if self.kind in ("softmax", "causal"):  # a query that sees no valid token (padding
+            # before the first one) averages the masked ones at a weight of 1e-30 instead of
+            # giving 0/0, whose NaN the next block would spread (0 · NaN) to every token
+            w = w + (w == 0).to(w.dtype) * MASKED_WEIGHT
         kw = {} if generator is None else {"generator": generator}
         g = self.op(P=pos.to(h.dtype), a=self.keys(h), v=self.values(h),
                     w=w.expand(B, n), **kw)

@@ -247,7 +247,10 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
     S = [_fft_size(a + b - 1) for a, b in zip(np_, nq)]
     G = g.movedim(-1, 0)
     G = G.float() if G.dtype in HALF else G
-    return ("fft", torch.fft.rfftn(G, s=S, dim=list(range(1, D + 1))), S)
+    fg = torch.fft.rfftn(G, s=S, dim=list(range(1, D + 1)))
+    if not (torch.compiler.is_compiling() or bool(torch.view_as_real(fg).isfinite().all())):
+        return ("spread",)  # finite K whose transform overflows: the evaluator
+    return ("fft", fg, S)
 
 
 def _fft_size(n: int) -> int:
@@ -298,7 +301,8 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple,
     if rest:
         fy = torch.fft.fftn(fy, s=S[:-1], dim=rest)
     # the transform at frequency 0 is the sum of Y's points: an inf or NaN of Y makes it,
-    # and the sum of those, one (as may an overflow: then the evaluator, exact too)
+    # and the sum of those, one (as may an overflow: then the evaluator, exact too). Finite
+    # Y near the float's largest value can still overflow at other frequencies: not checked
     if check and not math.isfinite(torch.view_as_real(fy[(...,) + (0,) * D]).sum().item()):
         raise Spread
     out = fy * fg
