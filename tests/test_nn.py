@@ -78,18 +78,19 @@ def test_each_mixer_is_its_integral(kind, causal):
             torch.testing.assert_close(a, b)
 
 
-def test_the_compiled_kernels_are_the_reference():
-    """The default target (tiled kernels, and lowrank's two passes) against the reference
-    semantics of the same mixer, float64, forward and gradients."""
+def test_the_compiled_strategy_is_the_reference():
+    """The default target (lowrank's two passes; the tiled MLP kernels are checked on
+    examples/itnet_mixer.it in test_compiled.py, not here: a compile costs 15 s of the
+    suite) against the reference semantics of the same mixer, float64, with gradients."""
     h = torch.randn(2, 7, 4, generator=_gen(2), dtype=D, requires_grad=True)
     pos = torch.rand(2, 7, 2, generator=_gen(3), dtype=D)
     mask = torch.rand(2, 7, generator=_gen(4)) > 0.3
     mask[[0, 1], pos[..., 0].argmin(1)] = True  # (else a causal row sees nothing: 0/0)
-    for kind in ("causal", "lowrank"):
+    for kind in ("lowrank",):
         fast, ref = _mix(kind, target=None), _mix(kind)
         ref.load_state_dict(fast.state_dict())
         a, b = fast(h, pos, mask), ref(h, pos, mask)
-        assert fast.op.last_run in ("kernels", "lowrank")
+        assert fast.op.last_run == "lowrank"
         torch.testing.assert_close(a, b)
         ga = torch.autograd.grad(a.square().sum(), [h, *fast.parameters()])
         gb = torch.autograd.grad(b.square().sum(), [h, *ref.parameters()])
