@@ -76,6 +76,7 @@ class Mix(nn.Module):
         from ..api import compile_source
         width = width or dim
         self.kind, self.coords, self.causal = kind, coords, causal or kind == "causal"
+        self.normalised = kind in ("softmax", "causal")  # a ratio: w masks, need not sum to 1
         self.source = mix_source(kind, coords, keys, width, hidden, rank, samples, causal)
         self.op = compile_source(self.source, target=target)["mix"]
         self.keys = nn.Linear(dim, keys)
@@ -89,14 +90,14 @@ class Mix(nn.Module):
             raise InputError(f"positions should be [B, {n}, {self.coords}] for {n} tokens in "
                              f"R^{self.coords}, got {list(pos.shape)}")
         if w is None:
-            w = h.new_full((1, n), 1.0 if self.kind in ("softmax", "causal") else 1.0 / n)
+            w = h.new_full((1, n), 1.0 if self.normalised else 1.0 / n)
         else:
             w = w.to(h.dtype)
-            if self.kind not in ("softmax", "causal"):  # the mean over the valid tokens
+            if not self.normalised:  # the mean over the valid tokens
                 w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
         if self.kind == "montecarlo":  # (its rule estimates the mean over the n points)
             w = w * n
-        if self.kind in ("softmax", "causal"):  # a query that sees no valid token (padding
+        if self.normalised:  # a query that sees no valid token (padding
             # before the first one) averages the masked ones at a weight of 1e-30 instead of
             # giving 0/0, whose NaN the next block would spread (0 · NaN) to every token
             w = w + (w == 0).to(w.dtype) * MASKED_WEIGHT

@@ -229,7 +229,7 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
     ("fft", the kernel's rfftn `[C, *S']`, S)."""
     g, mask = sample_lag(ev, f, np_, nq)
     D = len(np_)
-    if not (torch.compiler.is_compiling() or bool(torch.isfinite(g).all())):
+    if not _finite(g):
         return ("spread",)  # an inf or NaN of K: the library call would spread it
     if mask is not None:
         idx = mask.nonzero()
@@ -248,7 +248,7 @@ def lag_kernel(ev: PlanEvaluator, f: LagConv, np_: tuple, nq: tuple) -> tuple:
     G = g.movedim(-1, 0)
     G = G.float() if G.dtype in HALF else G
     fg = torch.fft.rfftn(G, s=S, dim=list(range(1, D + 1)))
-    if not (torch.compiler.is_compiling() or bool(torch.view_as_real(fg).isfinite().all())):
+    if not _finite(torch.view_as_real(fg)):
         return ("spread",)  # finite K whose transform overflows: the evaluator
     return ("fft", fg, S)
 
@@ -273,20 +273,30 @@ class Spread(Exception):
     """An inf or NaN that a library call would spread where the definition does not."""
 
 
-def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple,
-              check: bool = True) -> torch.Tensor:
-    """Σ_q g(p − q)·Y[q]: `Y` `[B, C, *n_q]` -> `[B, C, *n_p]`. With `check`, raises `Spread`
-    where Y holds an inf or NaN that the convolution would spread: over the masked taps of a
-    direct one (weight 0 · inf), over every output of an FFT."""
+def _finite(t: torch.Tensor) -> bool:
+    """Every value of `t` is finite (a kernel: checked once per param version), or
+    torch.compile is tracing (a branch on values is left out of its graph)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(t).all())
+
+
+def _sum_finite(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """The sum of `t` is finite (data, on every call: one reduction; an overflow of the sum
+    counts as not finite, and the evaluator then is exact too), or torch.compile is tracing."""
+    return torch.compiler.is_compiling() or math.isfinite(t.sum(dtype=dtype).item())
+
+
+def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple) -> torch.Tensor:
+    """Σ_q g(p − q)·Y[q]: `Y` `[B, C, *n_q]` -> `[B, C, *n_p]`. Raises `Spread` where Y holds
+    an inf or NaN that the convolution would spread (but torch.compile's graph does not):
+    over the masked taps of a direct one (weight 0 · inf), over every output of an FFT."""
     D = len(np_)
     if kernel[0] == "spread":
         raise Spread
     if kernel[0] == "zero":  # (a bracket masks the whole product, an inf of Y too)
         return Y.new_zeros(*Y.shape[:2], *np_)
     if kernel[0] == "direct":
-        total = Y.sum(dtype=torch.float32 if Y.dtype in HALF else None)
-        if check and not bool(torch.isfinite(total)):  # (or the sum overflows: the
-            raise Spread  # evaluator then, which is exact too)
+        if not _sum_finite(Y, torch.float32 if Y.dtype in HALF else None):
+            raise Spread
         taps, hi = kernel[1], kernel[2]
         w = taps.expand(*taps.shape[:-1], Y.shape[1]).movedim(-1, 0).unsqueeze(1)
         return conv(Y, w.contiguous(), Y.shape[1], (1,) * D, (1,) * D, hi, np_)
@@ -303,7 +313,7 @@ def lag_apply(kernel: tuple, Y: torch.Tensor, np_: tuple, nq: tuple,
     # the transform at frequency 0 is the sum of Y's points: an inf or NaN of Y makes it,
     # and the sum of those, one (as may an overflow: then the evaluator, exact too). Finite
     # Y near the float's largest value can still overflow at other frequencies: not checked
-    if check and not math.isfinite(torch.view_as_real(fy[(...,) + (0,) * D]).sum().item()):
+    if not _sum_finite(torch.view_as_real(fy[(...,) + (0,) * D])):
         raise Spread
     out = fy * fg
     if rest:
@@ -569,7 +579,7 @@ class LatticeConvRunner(Runner):
         Y = Y.expand(*Y.shape[:-1], C)
         lead = Y.shape[:-2]
         Y = Y.reshape(math.prod(lead), *nq, C).movedim(-1, 1)
-        out = lag_apply(kernel, Y, np_, nq, check=not torch.compiler.is_compiling())
+        out = lag_apply(kernel, Y, np_, nq)  # [B, C, *n_p]
         return out.movedim(1, -1).reshape(*lead, -1, C)
 
 
