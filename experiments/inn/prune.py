@@ -118,32 +118,12 @@ def tuned_grid(model: nn.Module, data: Split, run: Run) -> Pruner:
     return prune
 
 
-class Shuffled:
-    """The training split in batches of `BATCH`, in a new seeded order on every pass (the
-    order `train.train` draws for the same seed)."""
-
-    def __init__(self, data: Split, seed: int):
-        from .train import BATCH
-        self.data, self.batch = data, BATCH
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-len(self.data.y_train) // self.batch)
-
-    def __iter__(self):
-        n = len(self.data.y_train)
-        order = torch.randperm(n, generator=self.g)
-        for i in range(0, n, self.batch):
-            idx = order[i:i + self.batch]
-            yield self.data.x_train[idx], self.data.y_train[idx]
-
-
 def random_widths(model: nn.Module, data: Split, run: Run) -> Pruner:
     """A fresh model converted in training mode (BatchNorms kept as splines) and trained
     from scratch by `inn.fit` for the discrete model's epochs (widths 50–100 % per step, the
     discrete training's peak rate and one-cycle schedule, the weight splines' steps scaled
     to a discrete layer's), then resampled."""
-    from .train import LR
+    from .train import LR, Shuffled
     torch.manual_seed(run.seed)
     net = inn.convert(run.make().train(), data.x_test[:2], permute=False)
     inn.fit(net, Shuffled(data, run.seed), epochs=run.epochs, widths=(0.5, 1.0), lr=LR,

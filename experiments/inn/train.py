@@ -14,21 +14,37 @@ BATCH = 64
 LR = 3e-3
 
 
+class Shuffled:
+    """The training split in batches of `BATCH`, in a new order on every pass, drawn from a
+    generator seeded with `seed`."""
+
+    def __init__(self, data: Split, seed: int):
+        self.data = data
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.data.y_train) // BATCH)
+
+    def __iter__(self):
+        n = len(self.data.y_train)
+        order = torch.randperm(n, generator=self.g)
+        for i in range(0, n, BATCH):
+            idx = order[i:i + BATCH]
+            yield self.data.x_train[idx], self.data.y_train[idx]
+
+
 def train(model: nn.Module, data: Split, epochs: int, seed: int, desc: str = "") -> nn.Module:
     """`model` trained in place on the training split for `epochs` epochs (the seed fixes the
     batch order; the caller seeds the initialisation); returned in eval mode."""
-    g = torch.Generator().manual_seed(seed)
+    loader = Shuffled(data, seed)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    n = len(data.y_train)
-    steps = epochs * ((n + BATCH - 1) // BATCH)
+    steps = epochs * len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
     model.train()
     with tqdm(total=steps, desc=desc, leave=False, unit="step") as bar:
         for _ in range(epochs):
-            order = torch.randperm(n, generator=g)
-            for i in range(0, n, BATCH):
-                idx = order[i:i + BATCH]
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
