@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/util.py
 
 # Compiled kernels go to a fresh cache for each test session, never the user's.
 os.environ.setdefault("ITDSL_CACHE_DIR", tempfile.mkdtemp(prefix="itdsl-test-cache-"))
+# Tests call the kernels at small sizes to test them: the small-call path (a materialised
+# evaluation in torch, `itdsl.set_small_pairs`) is off except where a test turns it on.
+os.environ["ITDSL_SMALL_PAIRS"] = "0"
 
 
 # ---- golden files (tests/test_printer.py) ------------------------------------------------------

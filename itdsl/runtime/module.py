@@ -26,6 +26,7 @@ from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend.printer import format_ir_operator
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
+from ..settings import small_pairs
 from ..symbolic.strategies import Call, get
 from .binding import RESERVED_KEYWORDS, Facts, bind, check_call
 from .cache import canonical, kernel_key
@@ -292,6 +293,18 @@ def _empty(plan: Plan, bound) -> bool:
         _side_size(plan, side, bound) == 0 for side in plan.spaces)
 
 
+def pairs(plan: Plan, bound) -> int:
+    """A call's pairs: its batch entries times the points of every side (B·n·m for one
+    integral) — the size of what a materialised evaluation forms."""
+    return math.prod(bound.batch) * math.prod(_side_size(plan, s, bound) for s in plan.spaces)
+
+
+def _small(plan: Plan, bound) -> bool:
+    """Whether this call runs materialised in torch (`settings.small_pairs`); never inside
+    torch.compile, which traces the custom ops as they are."""
+    return pairs(plan, bound) <= small_pairs() and not torch.compiler.is_compiling()
+
+
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous outputs sharing memory with no input and no other output (a custom op may
     not return an alias; with one point a step can be a view of its input)."""
@@ -333,7 +346,8 @@ class CompiledOperator(nn.Module):
             self.opdef(t)
         self._entry = get(plan.strategy)
         self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
-        self.last_run = None  # what ran the last call: "kernels" or the strategy's name
+        self.last_run = None  # what ran the last call: "kernels", "materialised" (a small
+        # call, in torch), "empty" or the strategy's name
 
     def __deepcopy__(self, memo) -> CompiledOperator:
         """A module with copies of the params; the compiled code (custom ops, kernels, the
@@ -401,6 +415,9 @@ class CompiledOperator(nn.Module):
         if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             self.last_run = self.strategy
             return self._runner(named, bound, generator)
+        if _small(self.plan, bound):  # too few pairs for the kernels to pay off: torch
+            self.last_run = "materialised"
+            return evaluate_plan(self.plan, named, bound, generator)[0]
         self.last_run = "kernels"
         opdef = self.opdef(target)
         params = [named[n] for n in opdef.param_names]  # the custom op's order, by name

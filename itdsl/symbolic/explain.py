@@ -51,6 +51,11 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     if plan.form is not None:
         from ..settings import memory_budget
         lines.append(f"    which runs: {entry.choice(plan.form, memory_budget())}")
+    from ..settings import small_pairs
+    lines.append(f"  small calls: a call the kernels would run but with at most {small_pairs():,} "
+                 "pairs (batch entries × points of every side) runs materialised in torch by "
+                 "the Plan evaluator, where the kernels' fixed cost does not pay off "
+                 "(itdsl.set_small_pairs, $ITDSL_SMALL_PAIRS; 0: always the kernels)")
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))
