@@ -26,9 +26,13 @@ def _mix(kind: str, target: str | None = "reference", **kw) -> itnn.Mix:
 
 
 def _mlp(seq: torch.nn.Sequential, z: torch.Tensor) -> torch.Tensor:
-    """The mlp param's layers applied by hand: Linear, GELU, Linear."""
-    lin1, lin2 = [m for m in seq if isinstance(m, torch.nn.Linear)]
-    return F.linear(F.gelu(F.linear(z, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+    """The mlp param's layers applied by hand: Linear, then GELU and Linear for each further
+    layer."""
+    lins = [m for m in seq if isinstance(m, torch.nn.Linear)]
+    assert len(lins) == 3  # (the default: two hidden layers)
+    for i, lin in enumerate(lins):
+        z = F.linear(z if i == 0 else F.gelu(z), lin.weight, lin.bias)
+    return z
 
 
 def _by_pairs(mix: itnn.Mix, h, pos, mask) -> torch.Tensor:
@@ -98,18 +102,21 @@ def test_the_compiled_strategy_is_the_reference():
             torch.testing.assert_close(x, y)
 
 
-def test_montecarlo_estimates_the_mean():
-    """S draws per call ∝ w(y)·(‖v(y)‖ + ε), weighted 1/(S·p): the average of many calls is
-    the exact mixer (the "mlp" kind with the same params), within its standard error."""
-    mc = _mix("montecarlo", samples=8)
+@pytest.mark.parametrize("importance", ["values", "weights", "uniform"])
+def test_montecarlo_estimates_the_mean(importance):
+    """S draws per call (∝ w(y)·(‖v(y)‖ + ε), ∝ w(y), or uniform), weighted 1/(S·p): the
+    average of many calls is the exact mixer (the "mlp" kind with the same params) on the
+    valid tokens, within its standard error."""
+    mc = _mix("montecarlo", samples=8, importance=importance)
     exact = _mix("mlp", width=None)
     exact.load_state_dict(mc.state_dict())
     h = torch.randn(1, 6, 4, generator=_gen(5), dtype=D)
     pos = torch.rand(1, 6, 2, generator=_gen(6), dtype=D)
+    mask = torch.tensor([[True, True, False, True, True, False]])
     g = _gen(7)
     with torch.no_grad():
-        want = exact(h, pos)
-        draws = torch.stack([mc(h, pos, generator=g) for _ in range(400)])
+        want = exact(h, pos, mask)
+        draws = torch.stack([mc(h, pos, mask, generator=g) for _ in range(400)])
     err = (draws.mean(0) - want).abs()
     assert (err <= 5 * draws.std(0) / 20 + 1e-12).all()
     assert (draws.std(0) > 0).any()  # (it does draw)
@@ -164,5 +171,9 @@ def test_encoders():
         itnn.patches(img, 3)
     with pytest.raises(InputError, match="no mixer kind"):
         itnn.Mix(4, kind="conv")
+    with pytest.raises(InputError, match="no importance"):
+        itnn.Mix(4, kind="montecarlo", importance="norm")
+    with pytest.raises(InputError, match="at least one hidden layer"):
+        itnn.Mix(4, layers=0)
     with pytest.raises(InputError, match="positions should be"):
         _mix("lowrank")(torch.randn(1, 5, 4, dtype=D), torch.rand(1, 5, 3, dtype=D))

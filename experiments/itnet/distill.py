@@ -71,12 +71,12 @@ def student(name: str) -> itnn.Mix:
     """The mixer fitted to each teacher: the MLP kernel (non-causal for the convolution,
     causal for the EMA), its normalised softmax form for attention."""
     if name == "attention":
-        return itnn.Mix(C, kind="softmax", coords=1, keys=8, hidden=64)
-    return itnn.Mix(C, kind="mlp", coords=1, keys=4, hidden=64, width=32,
+        return itnn.Mix(C, kind="softmax", coords=1, keys=8, hidden=64, layers=2)
+    return itnn.Mix(C, kind="mlp", coords=1, keys=4, hidden=64, layers=2, width=32,
                     causal=name == "ema")
 
 
-def fit(name: str, steps: int, seed: int, progress: bool = True) -> dict:
+def fit(name: str, steps: int, seed: int, lr: float = 1e-2, progress: bool = True) -> dict:
     """Distil `name` into its student; returns the held-out relative L2 error."""
     torch.manual_seed(seed)
     teach, stud = teacher(name), student(name)
@@ -85,8 +85,8 @@ def fit(name: str, steps: int, seed: int, progress: bool = True) -> dict:
     test = torch.randn(HELD_OUT, T, C, generator=g)
     with torch.no_grad():
         want = teach(test)
-    opt = torch.optim.Adam(stud.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps + 1)
+    opt = torch.optim.Adam(stud.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps + 1)
     bar = tqdm(range(steps), desc=f"distil {name}", leave=False, disable=not progress)
     for _ in bar:
         f = torch.randn(BATCH, T, C, generator=g)
@@ -109,13 +109,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--only", choices=list(BARS))
     args = p.parse_args()
     torch.set_num_threads(1)
     print("| teacher | student params | steps | held-out relative L2 error | bar |")
     print("|---|---|---|---|---|")
     for name in [args.only] if args.only else BARS:
-        r = fit(name, args.steps, args.seed)
+        r = fit(name, args.steps, args.seed, args.lr)
         ok = "met" if r["rel_l2"] <= r["bar"] else "missed"
         print(f"| {name} | {r['params']:,} | {r['steps']} | {100 * r['rel_l2']:.2f} % | "
               f"≤ {100 * r['bar']:.0f} % ({ok}) |", flush=True)

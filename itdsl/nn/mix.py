@@ -7,7 +7,7 @@ v(y) dμ(y), with K a learnable function of the two positions and of the two tok
 | "softmax" | ∫ e^{s(x,y)} v(y) w(y) / ∫ e^{s(x,y)} w(y), s = φ(x, y, a(x), a(y)) ∈ R | dense |
 | "causal" | "softmax" with the bracket [y₀ ≤ x₀] (time is the first coordinate) | dense |
 | "lowrank" | ∫ ⟨A(x, a(x)), B(y, a(y))⟩ v(y) w(y) dy, A and B MLPs to R^r | lowrank (O(n·r)) |
-| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) | dense on S points |
+| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) (`importance`) | dense on S points |
 
 The positions are points in R^D (pixels, patches, time steps scaled to [0, 1]); `w` is a
 weight per token: the mean over a sequence's valid tokens (1/len, 0 on padding) for the
@@ -24,16 +24,29 @@ from ..errors import InputError
 
 KINDS = ("mlp", "softmax", "causal", "lowrank", "montecarlo")
 IMPORTANCE_FLOOR = 1e-3  # so that a token with a zero value can still be drawn
+# how the kind "montecarlo" draws its S points y: ∝ w(y)·(‖v(y)‖ + floor) ("values"), ∝ w(y)
+# (uniformly over the valid tokens: "weights"), or uniformly over all n ("uniform")
+IMPORTANCE = {"values": f", importance = w(y) * (norm(v(y)) + {IMPORTANCE_FLOOR})",
+              "weights": ", importance = w(y)", "uniform": ""}
 MASKED_WEIGHT = 1e-30  # a masked token's weight in a normalised mixer (see `Mix.forward`)
 
 
 def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank: int = 8,
-               samples: int = 32, causal: bool = False, act: str = "gelu") -> str:
+               samples: int = 32, causal: bool = False, act: str = "gelu",
+               layers: int = 2, importance: str = "values") -> str:
     """The `.it` text of a mixer `mix` of `kind` on `points(coords)`: keys `a : P -> R^keys`,
     values `v : P -> R^width`, weights `w : P -> R`; `causal` multiplies the kernel by
-    [y₀ ≤ x₀] (the kind "causal" is "softmax" with it)."""
+    [y₀ ≤ x₀] (the kind "causal" is "softmax" with it). The kernel MLPs have `layers`
+    hidden layers of `hidden` units. `importance`: how "montecarlo" draws y (`IMPORTANCE`)."""
     if kind not in KINDS:
         raise InputError(f"no mixer kind {kind!r}; the kinds are {', '.join(KINDS)}")
+    if importance not in IMPORTANCE:
+        raise InputError(f"no importance {importance!r} for a Monte Carlo mixer; choose "
+                         f"{', '.join(IMPORTANCE)}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise InputError(f"a mixer's kernel MLP needs at least one hidden layer, not "
+                         f"layers={layers!r}")
+    hid = " -> ".join([str(hidden)] * layers)
     if kind == "causal":
         kind, causal = "softmax", True
     pair = 2 * (coords + keys)
@@ -41,21 +54,20 @@ def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank:
     lines = ["operator mix {", f"    domain P = points({coords})", f"    input  a : P -> R^{keys}",
              f"    input  v : P -> R^{width}", "    input  w : P -> R"]
     if kind in ("mlp", "montecarlo"):
-        lines.append(f"    param  phi : mlp({pair} -> {hidden} -> {width}, act = {act})")
+        lines.append(f"    param  phi : mlp({pair} -> {hid} -> {width}, act = {act})")
         k = bracket + "phi(x, y, a(x), a(y))"
         rule = ("with weights(w)" if kind == "mlp" else
-                f"with montecarlo({samples}, importance = w(y) * (norm(v(y)) + "
-                f"{IMPORTANCE_FLOOR}))")
+                f"with montecarlo({samples}{IMPORTANCE[importance]})")
         body = f"integral(y: P) {k} * v(y)" + (" * w(y)" if kind == "montecarlo" else "")
         lines.append(f"    output g(x: P) = {body} {rule}")
     elif kind == "softmax":
-        lines.append(f"    param  phi : mlp({pair} -> {hidden} -> 1, act = {act})")
+        lines.append(f"    param  phi : mlp({pair} -> {hid} -> 1, act = {act})")
         k = bracket + "exp(phi(x, y, a(x), a(y)))"
         lines.append(f"    output g(x: P) = integral(y: P) {k} * w(y) * v(y)"
                      f" / integral(y: P) {k} * w(y)")
     else:
         for name in ("A", "B"):
-            lines.append(f"    param  {name} : mlp({coords + keys} -> {hidden} -> {rank}, "
+            lines.append(f"    param  {name} : mlp({coords + keys} -> {hid} -> {rank}, "
                          f"act = {act})")
         lines.append(f"    output g(x: P) = integral(y: P) {bracket}dot(A(x, a(x)), B(y, a(y)))"
                      " * v(y) with weights(w)")
@@ -66,18 +78,21 @@ class Mix(nn.Module):
     """A learnable integral operator over a set of tokens: `mix(h, pos, w)` with tokens
     `h [B, n, dim]`, positions `pos [B or 1, n, coords]` and token weights `w [B, n]` (None:
     every token, the mean) gives `[B, n, dim]`. The values have `width` channels (default
-    `dim`), each with its own kernel. `target`: as `itdsl.compile_source` (None: the tensors'
+    `dim`), each with its own kernel; the kernel MLPs have `layers` hidden layers of
+    `hidden` units; `importance` is how "montecarlo" draws (see `IMPORTANCE`). `target`: as `itdsl.compile_source` (None: the tensors'
     device; "reference": every pair materialised in torch)."""
 
     def __init__(self, dim: int, kind: str = "mlp", coords: int = 2, keys: int = 8,
                  hidden: int = 32, rank: int = 8, samples: int = 32, width: int | None = None,
-                 causal: bool = False, target: str | None = None):
+                 causal: bool = False, layers: int = 2, importance: str = "values",
+                 target: str | None = None):
         super().__init__()
         from ..api import compile_source
         width = width or dim
         self.kind, self.coords, self.causal = kind, coords, causal or kind == "causal"
         self.normalised = kind in ("softmax", "causal")  # a ratio: w masks, need not sum to 1
-        self.source = mix_source(kind, coords, keys, width, hidden, rank, samples, causal)
+        self.source = mix_source(kind, coords, keys, width, hidden, rank, samples, causal,
+                                 layers=layers, importance=importance)
         self.op = compile_source(self.source, target=target)["mix"]
         self.keys = nn.Linear(dim, keys)
         self.values = nn.Linear(dim, width)

@@ -37,7 +37,7 @@ class ITNetBlock(nn.Module):
 class ITNet(nn.Module):
     """A classifier: a linear embedding of each token's `features` values, `depth` ITNet
     blocks, a LayerNorm, the mean over the valid tokens and a linear head. `mix` are the
-    mixers' options (`kind`, `coords`, `keys`, `hidden`, `rank`, `samples`, `target`)."""
+    mixers' options (`kind`, `coords`, `keys`, `hidden`, `layers`, `rank`, `samples`, `target`)."""
 
     def __init__(self, features: int, dim: int, depth: int, classes: int, ffn: int | None = None,
                  **mix):
