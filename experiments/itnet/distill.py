@@ -3,7 +3,7 @@
 distillation to a teacher — a Conv1d, a softmax attention layer, an exponential moving
 average — on random sequences, and its relative L2 error measured on held-out ones.
 
-    python -m experiments.itnet.distill [--steps 1500] [--seed 0]
+    python -m experiments.itnet.distill [--steps 3000] [--seed 0] [--lr 1e-2] [--only NAME]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def fit(name: str, steps: int, seed: int, lr: float = 1e-2, progress: bool = Tru
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--only", choices=list(BARS))
