@@ -7,7 +7,7 @@ v(y) dμ(y), with K a learnable function of the two positions and of the two tok
 | "softmax" | ∫ e^{s(x,y)} v(y) w(y) / ∫ e^{s(x,y)} w(y), s = φ(x, y, a(x), a(y)) ∈ R | dense |
 | "causal" | "softmax" with the bracket [y₀ ≤ x₀] (time is the first coordinate) | dense |
 | "lowrank" | ∫ ⟨A(x, a(x)), B(y, a(y))⟩ v(y) w(y) dy, A and B MLPs to R^r | lowrank (O(n·r)) |
-| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) (`importance`) | dense on S points |
+| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) (`importance`) | dense on the points drawn (O(n·S)) |
 
 The positions are points in R^D (pixels, patches, time steps scaled to [0, 1]); `w` is a
 weight per token: the mean over a sequence's valid tokens (1/len, 0 on padding) for the
@@ -53,13 +53,20 @@ def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank:
     bracket = "[y[0] <= x[0]] * " if causal else ""
     lines = ["operator mix {", f"    domain P = points({coords})", f"    input  a : P -> R^{keys}",
              f"    input  v : P -> R^{width}", "    input  w : P -> R"]
-    if kind in ("mlp", "montecarlo"):
+    if kind == "montecarlo":  # the points integrated over as a domain Q of their own (the
+        # same tensors): then the kernels run on the S points drawn only (a domain that the
+        # output also ranges over would be run over whole, at weight 0 where not drawn)
+        lines = ["operator mix {", f"    domain P = points({coords})",
+                 f"    domain Q = points({coords})", f"    input  ax : P -> R^{keys}",
+                 f"    input  a : Q -> R^{keys}", f"    input  v : Q -> R^{width}",
+                 "    input  w : Q -> R",
+                 f"    param  phi : mlp({pair} -> {hid} -> {width}, act = {act})",
+                 f"    output g(x: P) = integral(y: Q) {bracket}phi(x, y, ax(x), a(y)) * v(y) * "
+                 f"w(y) with montecarlo({samples}{IMPORTANCE[importance]})"]
+    elif kind == "mlp":
         lines.append(f"    param  phi : mlp({pair} -> {hid} -> {width}, act = {act})")
-        k = bracket + "phi(x, y, a(x), a(y))"
-        rule = ("with weights(w)" if kind == "mlp" else
-                f"with montecarlo({samples}{IMPORTANCE[importance]})")
-        body = f"integral(y: P) {k} * v(y)" + (" * w(y)" if kind == "montecarlo" else "")
-        lines.append(f"    output g(x: P) = {body} {rule}")
+        lines.append(f"    output g(x: P) = integral(y: P) {bracket}phi(x, y, a(x), a(y)) * v(y)"
+                     " with weights(w)")
     elif kind == "softmax":
         lines.append(f"    param  phi : mlp({pair} -> {hid} -> 1, act = {act})")
         k = bracket + "exp(phi(x, y, a(x), a(y)))"
@@ -117,6 +124,8 @@ class Mix(nn.Module):
             # giving 0/0, whose NaN the next block would spread (0 · NaN) to every token
             w = w + (w == 0).to(w.dtype) * MASKED_WEIGHT
         kw = {} if generator is None else {"generator": generator}
-        g = self.op(P=pos.to(h.dtype), a=self.keys(h), v=self.values(h),
-                    w=w.expand(B, n), **kw)
+        pos, a = pos.to(h.dtype), self.keys(h)
+        if self.kind == "montecarlo":  # (the same points as a domain of their own, Q)
+            kw.update(Q=pos, ax=a)
+        g = self.op(P=pos, a=a, v=self.values(h), w=w.expand(B, n), **kw)
         return self.out(g)

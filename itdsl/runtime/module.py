@@ -41,6 +41,7 @@ from .plan_eval import (
     tshape,
     unflatten_output,
 )
+from .sampling import compact
 from .strategies import runner_for
 
 _LOCK = threading.Lock()
@@ -305,6 +306,23 @@ def _small(plan: Plan, bound) -> bool:
     return pairs(plan, bound) <= small_pairs() and not torch.compiler.is_compiling()
 
 
+def _drawn_only(plan: Plan, kwargs: dict, sides: list[str], weights: list[torch.Tensor]
+                ) -> tuple[dict, list[torch.Tensor]]:
+    """The call reduced to the points its Monte Carlo sides drew (`sampling.compact`), for
+    each side over one points domain that no other side ranges over; the others as they are
+    (their kernels then run over every point, most at weight 0)."""
+    out = []
+    for side, w in zip(sides, weights):
+        (factor, *more) = plan.spaces[side].factors
+        alone = not more and all(f.domain != factor.domain for s, sp in plan.spaces.items()
+                                 if s != side for f in sp.factors)
+        done = compact(plan.op, factor.domain, kwargs, w) if alone else None
+        if done is not None:
+            kwargs, w = done
+        out.append(w)
+    return kwargs, out
+
+
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous outputs sharing memory with no input and no other output (a custom op may
     not return an alias; with one point a step can be a view of its input)."""
@@ -420,6 +438,13 @@ class CompiledOperator(nn.Module):
             return evaluate_plan(self.plan, named, bound, generator)[0]
         self.last_run = "kernels"
         opdef = self.opdef(target)
+        weights = []
+        if opdef.mc_sides:
+            with torch.no_grad():
+                ev = PlanEvaluator(self.plan, named, bound, generator)
+            weights = [ev.sides[s].weights for s in opdef.mc_sides]
+            kwargs, weights = _drawn_only(self.plan, kwargs, opdef.mc_sides, weights)
+            weights = [w.contiguous() for w in weights]
         params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
         tensors = []
         for name in opdef.tensor_names:
@@ -427,9 +452,4 @@ class CompiledOperator(nn.Module):
             tensors.append(t.contiguous() if t is not None else
                            torch.empty(0, dtype=bound.dtype, device=bound.device))
         ints = opdef.ints(kwargs)
-        weights = []
-        if opdef.mc_sides:
-            with torch.no_grad():
-                ev = PlanEvaluator(self.plan, named, bound, generator)
-            weights = [ev.sides[s].weights.contiguous() for s in opdef.mc_sides]
         return opdef.forward_op(tensors, params, weights, ints)[0]

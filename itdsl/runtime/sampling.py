@@ -131,3 +131,41 @@ def draw(quad: ir.Quad, d: ir.Domain, m: int, importance: Callable[[], torch.Ten
         w = torch.where(counts > 0, counts / (S * p.clamp_min(torch.finfo(dt).tiny)),
                         torch.zeros_like(p)).reshape(*lead, m)
     return w * d.kind.entry.measure(d, m)
+
+
+def compact(op: ir.Operator, domain: str, kwargs: dict, weights: torch.Tensor
+            ) -> tuple[dict, torch.Tensor] | None:
+    """A Monte Carlo side over the points domain `domain` with its drawn `weights` `[*B?, m]`
+    (0 at the points not drawn) reduced to the points drawn: the call's arguments with the
+    coordinates of `domain` and every field on it gathered there (torch indexing, so autograd
+    scatters their gradients back), and the weights there, `[*B?, k]` with k ≤ S (rows with
+    fewer distinct draws padded with weight 0). So the kernels do n·S pairs of work, not n·m.
+    None where this cannot be done: the domain's coordinates are not given, or a field lives
+    on it and another domain (the caller checked no other side ranges over the domain)."""
+    d = op.domain(domain)
+    coords = kwargs.get(domain)
+    on = [i for i in op.inputs if domain in i.domains]
+    if not d.kind.entry.given or not torch.is_tensor(coords) or \
+            any(i.domains != (domain,) for i in on):
+        return None
+    m = weights.shape[-1]
+    drawn = weights != 0
+    k = max(int(drawn.sum(-1).max()), 1) if weights.numel() else 1
+    # the drawn points first in each row, in index order (a stable sort of "not drawn")
+    idx = torch.sort((~drawn).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
+    new = dict(kwargs)
+
+    def gather(t: torch.Tensor, axis: int) -> torch.Tensor:
+        """`t` at the drawn points along `axis` (its axis of m points, counted from the
+        end), its leading dims broadcast against the draws'."""
+        tail = t.shape[len(t.shape) + axis + 1:]
+        lead = torch.broadcast_shapes(t.shape[:len(t.shape) + axis], idx.shape[:-1])
+        i = idx.reshape(*idx.shape[:-1], k, *(1,) * len(tail))
+        return torch.gather(t.expand(*lead, m, *tail), len(lead),
+                            i.expand(*lead, k, *tail))
+
+    new[domain] = gather(coords, -2)
+    for inp in on:
+        if inp.name in kwargs:
+            new[inp.name] = gather(kwargs[inp.name], -1 if inp.width is None else -2)
+    return new, torch.gather(weights, -1, idx)
