@@ -15,14 +15,14 @@ here). Times are medians of steps taken in turn by each method in one process, a
 warm-up steps (the first compiled call loads or builds the TVM kernels: seconds).
 
 Peak memory is measured in a fresh child process per method: one warm-up step (kernels,
-torch's lazy state, the grads' first allocation), then freed memory is handed back to the
-kernel (`malloc_trim`) and the kernel's high-water mark of the resident set is reset
+torch's lazy state, the grads' first allocation); then freed memory goes back to Linux
+(`malloc_trim`) and the process's high-water mark of its resident set is reset
 (`/proc/self/clear_refs`); the peak of the resident set during the next step, above where it
 stood before it, is the step's memory. The resident set counts every page the step touches —
 torch's tensors, TVM's workspaces, any library's malloc — so neither side can hide memory
-from it (torch's profiler sees torch's allocations only), and the kernel keeps the
-high-water mark, so no peak between two samples is missed. Trimming first keeps memory freed
-by the warm-up step and reused by the measured one from going uncounted.
+from it (torch's profiler sees torch's allocations only), and Linux keeps the high-water
+mark itself, so no peak between two samples is missed. Trimming first keeps memory that the
+warm-up step freed and the measured one reuses from going uncounted.
 
 Before anything is timed, the materialised block is checked against the compiled one —
 forward and the gradient of every param, max |Δ| / max |reference| ≤ 1e-5 — at every n where
