@@ -173,19 +173,28 @@ def steps(n: int, blocks: dict[str, ITNetBlock], with_materialised: bool) -> dic
     return out
 
 
-def step_times(fns: dict, repeats: int, warmups: int = 2) -> dict[str, list[float]]:
-    """Seconds of each of `repeats` steps of each method; the methods take turns, so a
-    change of load on the machine hits them alike."""
+def step_times(fns: dict, repeats: int, warmups: int = 2) -> dict[str, dict[str, list[float]]]:
+    """`{"wall": {method: s}, "cpu": {method: s}}`: the seconds of each of `repeats` steps of
+    each method, and the CPU seconds of the process's threads during each. The methods take
+    turns, so a change of load on the machine hits them alike. The CPU time leaves out the
+    time a thread waits for a core that another process holds, but not the time it spins or
+    yields waiting for another thread: it is not the work alone either."""
     for fn in fns.values():
         for _ in range(warmups):
             fn()
-    times: dict[str, list[float]] = {m: [] for m in fns}
+    out: dict[str, dict[str, list[float]]] = {"wall": {m: [] for m in fns},
+                                              "cpu": {m: [] for m in fns}}
     for _ in range(repeats):
         for m, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times[m].append(time.perf_counter() - t)
-    return times
+            out["cpu"][m].append(time.process_time() - c)
+            out["wall"][m].append(time.perf_counter() - t)
+    return out
+
+
+def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {m: statistics.median(s) for m, s in samples.items()}
 
 
 # ---- memory (a fresh child process per measurement) ----------------------------------------
@@ -236,30 +245,32 @@ def bar(n: int, repeats: int) -> dict:
     blocks = {"mlp": block("mlp")}
     errors = check_agreement(blocks["mlp"], *inputs(n))
     samples = step_times(steps(n, blocks, True), repeats)
-    t = {m: statistics.median(s) for m, s in samples.items()}
-    fastest = {m: min(s) for m, s in samples.items()}
+    t, cpu = _medians(samples["wall"]), _medians(samples["cpu"])
+    fastest = {m: min(s) for m, s in samples["wall"].items()}
     mem = {m: peak_memory(m, n) for m in ("itdsl mlp", "materialised mlp")}
     return {"n": n, "machine": machine(), "repeats": repeats, "times": t, "fastest": fastest,
-            "samples": samples, "memory": mem, "max_error": max(errors.values()),
+            "cpu": cpu, "samples": samples, "memory": mem, "max_error": max(errors.values()),
             "time_ratio": t["materialised mlp"] / t["itdsl mlp"],
             "fastest_ratio": fastest["materialised mlp"] / fastest["itdsl mlp"],
+            "cpu_ratio": cpu["materialised mlp"] / cpu["itdsl mlp"],
             "memory_ratio": mem["itdsl mlp"] / mem["materialised mlp"]}
 
 
 def sweep(ns: tuple[int, ...], repeats: int) -> dict:
     """Median step time of each kind (and of the materialised mlp where it fits) at each n:
-    `{"times": {n: {method: s}}, ...}`."""
+    `{"times": {n: {method: s}}, "cpu": (the same in CPU seconds), ...}`."""
     blocks = {k: block(k) for k in KINDS}
-    out, samples = {}, {}
+    out, cpu, samples = {}, {}, {}
     for n in ns:
         fits = materialised_bytes(n) <= MATERIALISED_LIMIT
         if fits:
             check_agreement(blocks["mlp"], *inputs(n))
         samples[n] = step_times(steps(n, blocks, fits), repeats)
-        out[n] = {m: statistics.median(s) for m, s in samples[n].items()}
+        out[n], cpu[n] = _medians(samples[n]["wall"]), _medians(samples[n]["cpu"])
         print(f"n = {n}: " + ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in out[n].items()),
               flush=True)
-    return {"machine": machine(), "repeats": repeats, "times": out, "samples": samples}
+    return {"machine": machine(), "repeats": repeats, "times": out, "cpu": cpu,
+            "samples": samples}
 
 
 def profile(kind: str, n: int) -> None:
@@ -292,35 +303,46 @@ def machine() -> str:
             f"torch {torch.__version__}, {THREADS} threads")
 
 
+def _table(rows: dict[int, dict[str, float]], methods: list[str]) -> list[str]:
+    out = ["| n | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for n, row in rows.items():
+        out.append(f"| {n} | " + " | ".join(_ms(row[m]) if m in row else "—" for m in methods)
+                   + " |")
+    return out
+
+
 def write_markdown(bar_result: dict | None, table: dict | None) -> str:
     lines = ["# ITNet block: training-step speed", "",
              f"`ITNetBlock({DIM})`, B = {BATCH}, positions in [0, 1]^{COORDS}, keys {KEYS}, "
              f"kernel MLP {2 * (COORDS + KEYS)} -> {HIDDEN} -> {DIM}, rank {RANK}, "
              f"{SAMPLES} samples; float32; a step is forward, mean(out²), backward. Medians of "
-             "interleaved steps on a shared machine: ratios are more telling than times.", ""]
+             "interleaved steps on a shared machine: ratios are more telling than times. CPU "
+             "time: the seconds of all the process's threads during a step (without the waits "
+             "for a core held by another process, with the spinning and yielding of threads "
+             "that wait for each other).", ""]
     if bar_result:
-        t, m, f = bar_result["times"], bar_result["memory"], bar_result["fastest"]
-        lines += [f"## n = {bar_result['n']}: itdsl against the materialised block", "",
-                  f"{bar_result['machine']}; medians of {bar_result['repeats']} steps.", "",
-                  "| method | step time (median) | fastest step | peak memory of the step |",
-                  "|---|---|---|---|",
-                  *(f"| {k} | {_ms(t[k])} | {_ms(f[k])} | {m[k] / 2**20:.1f} MiB |"
+        r = bar_result
+        t, f, m, cpu = r["times"], r["fastest"], r["memory"], r.get("cpu", {})
+        lines += [f"## n = {r['n']}: itdsl against the materialised block", "",
+                  f"{r['machine']}; medians of {r['repeats']} steps.", "",
+                  "| method | step time (median) | fastest step | CPU time (median) "
+                  "| peak memory of the step |", "|---|---|---|---|---|",
+                  *(f"| {k} | {_ms(t[k])} | {_ms(f[k])} | "
+                    f"{_ms(cpu[k]) if k in cpu else '—'} | {m[k] / 2**20:.1f} MiB |"
                     for k in t), "",
-                  f"Time: the materialised block takes {bar_result['time_ratio']:.2f}× "
-                  f"itdsl's (target ≥ 5×; fastest steps: {bar_result['fastest_ratio']:.2f}×). "
-                  "Memory: itdsl uses "
-                  f"{bar_result['memory_ratio']:.3f} of the materialised block's "
-                  f"(target ≤ 0.1). Largest disagreement: {bar_result['max_error']:.1e} "
+                  f"Time: the materialised block takes {r['time_ratio']:.2f}× itdsl's (target "
+                  f"≥ 5×; fastest steps: {r['fastest_ratio']:.2f}×"
+                  + (f"; CPU time: {r['cpu_ratio']:.2f}×" if "cpu_ratio" in r else "")
+                  + f"). Memory: itdsl uses {r['memory_ratio']:.3f} of the materialised "
+                  f"block's (target ≤ 0.1). Largest disagreement: {r['max_error']:.1e} "
                   "(max |Δ| / max |ref|, forward and every param's gradient).", ""]
     if table:
         methods = [f"itdsl {k}" for k in KINDS] + ["materialised mlp"]
         lines += ["## Step time against n", "",
                   f"{table['machine']}; medians of {table['repeats']} steps.", "",
-                  "| n | " + " | ".join(methods) + " |",
-                  "|---" * (len(methods) + 1) + "|"]
-        for n, row in table["times"].items():
-            lines.append(f"| {n} | " + " | ".join(_ms(row[m]) if m in row else "—"
-                                                  for m in methods) + " |")
+                  *_table(table["times"], methods)]
+        if "cpu" in table:
+            lines += ["", "CPU time of the same steps:", "", *_table(table["cpu"], methods)]
         if any(len(row) < len(methods) for row in table["times"].values()):
             lines += ["", f"— : not run (the materialised step would need over "
                           f"{MATERIALISED_LIMIT >> 30} GiB)."]
@@ -378,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     saved.write_text(json.dumps(results, indent=1))
     table = results.get("sweep")
     if table:  # (JSON keys are strings)
-        table["times"] = {int(n): row for n, row in table["times"].items()}
+        for key in ("times", "cpu"):
+            if key in table:
+                table[key] = {int(n): row for n, row in table[key].items()}
         plot(table["times"], RESULTS / f"{stem}.png")
     text = write_markdown(results.get("bar"), table)
     (RESULTS / f"{stem}.md").write_text(text)
