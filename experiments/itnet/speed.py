@@ -26,8 +26,9 @@ warm-up step freed and the measured one reuses from going uncounted.
 
 Before anything is timed, the materialised block is checked against the compiled one —
 forward and the gradient of every param, max |Δ| / max |reference| ≤ 1e-5 — at every n where
-it runs; `Disagreement` is raised otherwise. Results go to experiments/itnet/results/speed.md
-and speed.png.
+it runs; `Disagreement` is raised otherwise. Results go to experiments/itnet/results/: speed.md,
+speed.png (log-log, step time against n) and speed.json (every step's time; rerunning one
+experiment with --only keeps the other's results).
 """
 
 from __future__ import annotations
