@@ -17,10 +17,10 @@ from itdsl.domains import KINDS, RULES, rules_on
 from itdsl.frontend import ir, load_source, parse
 from itdsl.frontend.ast import DomainKind
 from itdsl.frontend.printer import format_ir_operator, print_program
+from itdsl.runtime import sampling
 from itdsl.runtime.binding import bind
 from itdsl.runtime.plan_eval import evaluate_plan
 from itdsl.runtime.reference import ReferenceOperator
-from itdsl.runtime import sampling
 from itdsl.runtime.sampling import side_points
 from itdsl.symbolic.build import build_plan
 

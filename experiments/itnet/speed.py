@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from itdsl.nn import ITNetBlock
 
 DIM, COORDS, KEYS, HIDDEN, RANK, SAMPLES, BATCH = 32, 2, 8, 32, 8, 32, 1
+LAYERS = 2  # the kernel MLP's hidden layers (itdsl.nn's default)
 KINDS = ("mlp", "lowrank", "montecarlo")
 BAR_N, QUICK_BAR_N = 1024, 512
 NS, QUICK_NS = (128, 256, 512, 1024, 2048), (128, 256, 512)
@@ -63,8 +64,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The block's parameters that the materialised version reads, by `named_parameters()` name;
 # a block with any other set is refused rather than half-used.
+# (besides the kernel MLP's layers, mix.op.phi.<i>.weight and .bias)
 PARAMS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-          "mix.op.phi.0.weight", "mix.op.phi.0.bias", "mix.op.phi.2.weight", "mix.op.phi.2.bias",
           "mix.keys.weight", "mix.keys.bias", "mix.values.weight", "mix.values.bias",
           "mix.out.weight", "mix.out.bias",
           "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias")
@@ -77,7 +78,7 @@ class Disagreement(AssertionError):
 def block(kind: str, seed: int = 0) -> ITNetBlock:
     torch.manual_seed(seed)
     return ITNetBlock(DIM, kind=kind, coords=COORDS, keys=KEYS, hidden=HIDDEN, rank=RANK,
-                      samples=SAMPLES)
+                      samples=SAMPLES, layers=LAYERS)
 
 
 def inputs(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +93,8 @@ def inputs(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def block_params(blk: ITNetBlock) -> dict[str, torch.Tensor]:
     """The block's own parameter tensors, by name (the same tensors: gradients land in both)."""
     params = dict(blk.named_parameters())
-    if blk.mix.kind != "mlp" or set(params) != set(PARAMS):
+    others = {k for k in params if not k.startswith("mix.op.phi.")}
+    if blk.mix.kind != "mlp" or others != set(PARAMS):
         raise Disagreement(f"the materialised block is the kind 'mlp' with params {PARAMS}; "
                            f"got the kind {blk.mix.kind!r} with {sorted(params)}")
     return params
@@ -109,8 +111,11 @@ def materialised(p: dict[str, torch.Tensor], x: torch.Tensor, pos: torch.Tensor)
     P = pos.expand(B, n, pos.shape[-1])
     pair = torch.cat([P[:, :, None].expand(-1, -1, n, -1), P[:, None].expand(-1, n, -1, -1),
                       a[:, :, None].expand(-1, -1, n, -1), a[:, None].expand(-1, n, -1, -1)], -1)
-    hidden = F.gelu(F.linear(pair, p["mix.op.phi.0.weight"], p["mix.op.phi.0.bias"]))
-    K = F.linear(hidden, p["mix.op.phi.2.weight"], p["mix.op.phi.2.bias"])  # [B, x, y, C]
+    layers = sorted({int(k.split(".")[3]) for k in p if k.startswith("mix.op.phi.")})
+    K = pair
+    for j, i in enumerate(layers):  # Linear, then GELU and Linear for each further layer
+        K = F.linear(K if j == 0 else F.gelu(K), p[f"mix.op.phi.{i}.weight"],
+                     p[f"mix.op.phi.{i}.bias"])  # finally [B, x, y, C]
     g = (K * (v / n)[:, None]).sum(2)
     x = x + F.linear(g, p["mix.out.weight"], p["mix.out.bias"])
     h = F.layer_norm(x, (dim,), p["norm2.weight"], p["norm2.bias"])
@@ -121,7 +126,7 @@ def materialised(p: dict[str, torch.Tensor], x: torch.Tensor, pos: torch.Tensor)
 def materialised_bytes(n: int) -> int:
     """About the materialised step's peak: the pair tensor, the MLP's pre-activation, hidden
     layer and output and the product with v (kept for the backward), and their gradients."""
-    return 2 * 4 * BATCH * n * n * (2 * (COORDS + KEYS) + 2 * HIDDEN + 2 * DIM)
+    return 2 * 4 * BATCH * n * n * (2 * (COORDS + KEYS) + 2 * LAYERS * HIDDEN + 2 * DIM)
 
 
 def loss(out: torch.Tensor) -> torch.Tensor:
@@ -315,7 +320,8 @@ def _table(rows: dict[int, dict[str, float]], methods: list[str]) -> list[str]:
 def write_markdown(bar_result: dict | None, table: dict | None) -> str:
     lines = ["# ITNet block: training-step speed", "",
              f"`ITNetBlock({DIM})`, B = {BATCH}, positions in [0, 1]^{COORDS}, keys {KEYS}, "
-             f"kernel MLP {2 * (COORDS + KEYS)} -> {HIDDEN} -> {DIM}, rank {RANK}, "
+             f"kernel MLP {2 * (COORDS + KEYS)} -> {' -> '.join([str(HIDDEN)] * LAYERS)} -> "
+             f"{DIM}, rank {RANK}, "
              f"{SAMPLES} samples; float32; a step is forward, mean(out²), backward. Medians of "
              "interleaved steps on a shared machine: ratios are more telling than times. CPU "
              "time: the seconds of all the process's threads during a step (without the waits "
