@@ -7,7 +7,7 @@ v(y) dμ(y), with K a learnable function of the two positions and of the two tok
 | "softmax" | ∫ e^{s(x,y)} v(y) w(y) / ∫ e^{s(x,y)} w(y), s = φ(x, y, a(x), a(y)) ∈ R | dense |
 | "causal" | "softmax" with the bracket [y₀ ≤ x₀] (time is the first coordinate) | dense |
 | "lowrank" | ∫ ⟨A(x, a(x)), B(y, a(y))⟩ v(y) w(y) dy, A and B MLPs to R^r | lowrank (O(n·r)) |
-| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) (`importance`) | dense on the points drawn (O(n·S)) |
+| "montecarlo" | "mlp" by S draws of y per call, ∝ w(y)·(‖v(y)‖ + ε) | dense, on the draws |
 
 The positions are points in R^D (pixels, patches, time steps scaled to [0, 1]); `w` is a
 weight per token: the mean over a sequence's valid tokens (1/len, 0 on padding) for the
@@ -86,8 +86,9 @@ class Mix(nn.Module):
     `h [B, n, dim]`, positions `pos [B or 1, n, coords]` and token weights `w [B, n]` (None:
     every token, the mean) gives `[B, n, dim]`. The values have `width` channels (default
     `dim`), each with its own kernel; the kernel MLPs have `layers` hidden layers of
-    `hidden` units; `importance` is how "montecarlo" draws (see `IMPORTANCE`). `target`: as `itdsl.compile_source` (None: the tensors'
-    device; "reference": every pair materialised in torch)."""
+    `hidden` units; `importance` is how "montecarlo" draws (see `IMPORTANCE`: its kernels
+    run on the points drawn, O(n·S)). `target`: as `itdsl.compile_source` (None: the
+    tensors' device; "reference": every pair materialised in torch)."""
 
     def __init__(self, dim: int, kind: str = "mlp", coords: int = 2, keys: int = 8,
                  hidden: int = 32, rank: int = 8, samples: int = 32, width: int | None = None,

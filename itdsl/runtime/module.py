@@ -24,9 +24,9 @@ from torch import nn
 
 from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend.printer import format_ir_operator
+from ..settings import small_pairs
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
-from ..settings import small_pairs
 from ..symbolic.strategies import Call, get
 from .binding import RESERVED_KEYWORDS, Facts, bind, check_call
 from .cache import canonical, kernel_key
