@@ -177,3 +177,24 @@ def test_encoders():
         itnn.Mix(4, layers=0)
     with pytest.raises(InputError, match="positions should be"):
         _mix("lowrank")(torch.randn(1, 5, 4, dtype=D), torch.rand(1, 5, 3, dtype=D))
+
+
+def test_series_windows_and_their_padding():
+    """A token of `series(x, lengths, window=3)` is its step and its two neighbours (zero
+    outside the series and past its length); what lies past a length changes no token."""
+    x = torch.arange(1.0, 13.0).reshape(2, 6, 1)
+    tokens, pos, mask = itnn.series(x, torch.tensor([6, 4]), window=3)
+    assert tokens.shape == (2, 6, 3) and pos.shape == (1, 6, 1)
+    assert tokens[0, 0].tolist() == [0, 1, 2] and tokens[0, 5].tolist() == [5, 6, 0]
+    assert tokens[1, 3].tolist() == [9, 10, 0]  # step 4 of the second series is padding
+    noisy = x.clone()
+    noisy[1, 4:] = 1e3
+    torch.testing.assert_close(itnn.series(noisy, torch.tensor([6, 4]), window=3)[0][mask],
+                               tokens[mask])
+    many = torch.randn(2, 5, 2)
+    t5 = itnn.series(many, window=5)[0]
+    padded = F.pad(many, (0, 0, 2, 2))
+    for t in range(5):  # channel-major: each channel's 5 steps
+        torch.testing.assert_close(t5[:, t], padded[:, t:t + 5].transpose(1, 2).reshape(2, 10))
+    with pytest.raises(InputError, match="odd number"):
+        itnn.series(x, window=4)

@@ -98,6 +98,7 @@ class Mix(nn.Module):
         from ..api import compile_source
         width = width or dim
         self.kind, self.coords, self.causal = kind, coords, causal or kind == "causal"
+        self.hidden, self.layers, self.rank, self.samples = hidden, layers, rank, samples
         self.normalised = kind in ("softmax", "causal")  # a ratio: w masks, need not sum to 1
         self.source = mix_source(kind, coords, keys, width, hidden, rank, samples, causal,
                                  layers=layers, importance=importance)

@@ -87,13 +87,21 @@ def patches(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor
     return t.transpose(1, 2), _grid(H // size, W // size, images)
 
 
-def series(x: torch.Tensor, lengths: torch.Tensor | None = None
+def series(x: torch.Tensor, lengths: torch.Tensor | None = None, window: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Every time step a token: `[B, T, C]` -> the values, the time t/(T − 1) in [0, 1] as a
-    1-D position `[1, T, 1]`, and (with `lengths`) the mask of the valid steps `[B, T]`."""
+    """Every time step a token: `[B, T, C]` -> the values of the `window` steps centred on it
+    (an odd number; zeros before the start and past the end or the length) `[B, T, C·window]`,
+    the time t/(T − 1) in [0, 1] as a 1-D position `[1, T, 1]`, and (with `lengths`) the
+    mask of the valid steps `[B, T]`."""
     B, T, C = x.shape
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise InputError(f"a series token's window is an odd number of steps, not {window!r}")
     t = torch.linspace(0, 1, T, dtype=x.dtype, device=x.device)[None, :, None]
-    if lengths is None:
-        return x, t, None
-    mask = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    if window > 1:  # (padding zeroed first: what lies past a length never reaches a token)
+        v = x if mask is None else x * mask[..., None].to(x.dtype)
+        v = F.pad(v, (0, 0, window // 2, window // 2))
+        x = v.unfold(1, window, 1).reshape(B, T, C * window)
     return x, t, mask
