@@ -198,3 +198,13 @@ def test_series_windows_and_their_padding():
         torch.testing.assert_close(t5[:, t], padded[:, t:t + 5].transpose(1, 2).reshape(2, 10))
     with pytest.raises(InputError, match="odd number"):
         itnn.series(x, window=4)
+
+
+def test_pixel_windows():
+    img = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    tokens, pos = itnn.pixels(img, window=3)
+    assert tokens.shape == (1, 16, 9) and pos.shape == (1, 16, 2)
+    assert tokens[0, 0].tolist() == [0, 0, 0, 0, 1, 2, 0, 5, 6]  # the corner: zeros outside
+    assert tokens[0, 5].tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
+    with pytest.raises(InputError, match="odd number"):
+        itnn.pixels(img, window=2)

@@ -69,11 +69,21 @@ def _grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return torch.cartesian_prod(ys, xs)[None]
 
 
-def pixels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every pixel a token: `[B, C, H, W]` -> its C values `[B, H·W, C]` at its centre in
-    [0, 1]² `[1, H·W, 2]`."""
+def pixels(images: torch.Tensor, window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pixel a token: `[B, C, H, W]` -> the C values of the `window` × `window` pixels
+    centred on it (an odd number; zeros outside the image) `[B, H·W, C·window²]`, at its
+    centre in [0, 1]² `[1, H·W, 2]`."""
     B, C, H, W = images.shape
-    return images.flatten(2).transpose(1, 2), _grid(H, W, images)
+    _odd(window, "an image token's window")
+    if window == 1:
+        return images.flatten(2).transpose(1, 2), _grid(H, W, images)
+    t = F.unfold(images, window, padding=window // 2)  # [B, C·window², H·W]
+    return t.transpose(1, 2), _grid(H, W, images)
+
+
+def _odd(window: int, what: str) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise InputError(f"{what} is an odd number of steps, not {window!r}")
 
 
 def patches(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +104,7 @@ def series(x: torch.Tensor, lengths: torch.Tensor | None = None, window: int = 1
     the time t/(T − 1) in [0, 1] as a 1-D position `[1, T, 1]`, and (with `lengths`) the
     mask of the valid steps `[B, T]`."""
     B, T, C = x.shape
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise InputError(f"a series token's window is an odd number of steps, not {window!r}")
+    _odd(window, "a series token's window")
     t = torch.linspace(0, 1, T, dtype=x.dtype, device=x.device)[None, :, None]
     mask = None
     if lengths is not None:
