@@ -13,18 +13,16 @@ time, one per core by default); the timings run afterwards, alone.
 from __future__ import annotations
 
 import argparse
-import csv
-import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from itdsl import inn
 
+from ..common import run_jobs, write_csv
 from . import data as datasets
 from . import models, prune, train
 
@@ -152,13 +150,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
@@ -180,16 +171,11 @@ def main() -> None:
     todo = [(m, d, seed, rates, 1 if args.quick else EPOCHS[d], args.threads)
             for d in reversed(list(datasets.DATASETS)) for m in reversed(list(models.MODELS))
             for seed in seeds]
-    with ProcessPoolExecutor(max_workers=args.jobs,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {pool.submit(seed_rows, *job): job for job in todo}
-        for done in as_completed(running):
-            m, d, seed = running[done][:3]
-            r, c, state, secs = done.result()
-            rows += r
-            checks += c
-            states[m, d, seed] = state
-            print(f"{m}/{d}/seed {seed}: {secs:.0f} s", flush=True)
+    for (m, d, seed, *_), (r, c, state, secs) in run_jobs(seed_rows, todo, args.jobs):
+        rows += r
+        checks += c
+        states[m, d, seed] = state
+        print(f"{m}/{d}/seed {seed}: {secs:.0f} s", flush=True)
     # the timings in this process alone, after every job (the trained model of the first seed)
     torch.set_num_threads(args.threads)
     for d, load in datasets.DATASETS.items():
@@ -205,9 +191,9 @@ def main() -> None:
     checks.sort(key=order)
     wall = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(args.out / "results.csv", rows)
-    _write_csv(args.out / "checks.csv", checks)
-    _write_csv(args.out / "timing.csv", timing)
+    write_csv(args.out / "results.csv", rows)
+    write_csv(args.out / "checks.csv", checks)
+    write_csv(args.out / "timing.csv", timing)
     md = table(rows, checks, timing, rates, seeds, wall, args.jobs)
     (args.out / "table.md").write_text(md)
     plot(rows, args.out / "pruning.png")

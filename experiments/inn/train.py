@@ -8,29 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .. import common
 from .data import Split
 
 BATCH = 64
 LR = 3e-3
 
 
-class Shuffled:
+class Shuffled(common.Shuffled):
     """The training split in batches of `BATCH`, in a new order on every pass, drawn from a
     generator seeded with `seed`."""
 
     def __init__(self, data: Split, seed: int):
-        self.data = data
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-len(self.data.y_train) // BATCH)
-
-    def __iter__(self):
-        n = len(self.data.y_train)
-        order = torch.randperm(n, generator=self.g)
-        for i in range(0, n, BATCH):
-            idx = order[i:i + BATCH]
-            yield self.data.x_train[idx], self.data.y_train[idx]
+        super().__init__((data.x_train, data.y_train), BATCH, seed)
 
 
 def train(model: nn.Module, data: Split, epochs: int, seed: int, desc: str = "") -> nn.Module:

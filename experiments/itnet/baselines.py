@@ -102,7 +102,7 @@ class Transformer(nn.Module):
     plus a learned positional embedding, a key padding mask from the lengths, a final LayerNorm,
     the mean over the valid tokens and a linear head."""
 
-    def __init__(self, in_shape: tuple[int, ...], classes: int, width: int = 32, heads: int = 4,
+    def __init__(self, in_shape: tuple[int, ...], classes: int, width: int = 32, heads: int = 2,
                  layers: int = 2, dropout: float = 0.1):
         super().__init__()
         self.width = width  # the knob `make` searches
@@ -159,7 +159,8 @@ class GRU(nn.Module):
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "transformer": Transformer,
                                       "gru": GRU}
-WIDTH_STEP = {"transformer": 4}  # the Transformer's width is a multiple of its 4 heads
+WIDTH_STEP = {"transformer": 2}  # the Transformer's width is a multiple of its 2 heads (a step
+# of 4 left budgets of 17–18k between two widths 29 % apart, out of the ±10 % of `make`)
 
 
 def count_params(model: nn.Module) -> int:
