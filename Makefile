@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench inn lint fuzz
+.PHONY: setup demo test bench inn itnet lint fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: setup
 inn: setup
 	$(BIN)/python -m pip install --quiet -e ".[inn]"  # scikit-learn, mlxtend, torch-pruning, …
 	$(BIN)/python -m experiments.inn.run $(if $(QUICK),--quick)
+
+# ITNet against plain-torch baselines of the same size on six small data sets
+# (experiments/itnet/): results under experiments/itnet/results/; QUICK=1 for a smoke run
+itnet: setup
+	$(BIN)/python -m pip install --quiet -e ".[itnet]"  # scikit-learn, mnist1d, sktime, …
+	$(BIN)/python -m experiments.itnet.run $(if $(QUICK),--quick)
 
 # The differential fuzzer (tests/fuzzing/): N programs through the torch paths, TVM of them
 # through the TVM kernels too; failing programs go to tests/fuzz_corpus/new/.

@@ -16,6 +16,8 @@ content scores about 0 however few samples there are.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 
@@ -54,12 +56,14 @@ def _explained(K: torch.Tensor, groups: torch.Tensor) -> float:
     return 1.0 - (resid.square().sum() / (N - k)).item() / (Kc.square().sum() / (N - 1)).item()
 
 
-def probe(mix, h: torch.Tensor, pos: torch.Tensor, near: float = 0.1) -> dict[str, float]:
-    """The four probes of the docstring on the mixer `mix` at tokens `h`, positions `pos`."""
+def probe(mix, h: torch.Tensor, pos: torch.Tensor, near: float = 0.1,
+          axes: int | None = None) -> dict[str, float]:
+    """The four probes of the docstring on the mixer `mix` at tokens `h`, positions `pos`;
+    offsets and distances are those of the first `axes` coordinates of `pos` (None: all; the
+    positions themselves where Fourier features follow them)."""
     with torch.no_grad():
-        K = kernel(mix, h.double(), pos.double()) if h.dtype != torch.float64 else \
-            kernel(mix, h, pos)
-        P = pos[0].double()  # (the probes read positions shared by the batch)
+        K = kernel(mix, h, pos).double()
+        P = pos[0, :, :axes].double()  # (the probes read positions shared by the batch)
         n = P.shape[0]
         d = P[:, None, :] - P[None, :, :]  # [n, n, D]
         step = torch.cdist(P, P).masked_fill(torch.eye(n, dtype=torch.bool), torch.inf).min()
@@ -75,3 +79,44 @@ def probe(mix, h: torch.Tensor, pos: torch.Tensor, near: float = 0.1) -> dict[st
         return {"stationarity": _explained(K, offset_id.reshape(n, n)),
                 "position share": _explained(K, pair_id),
                 "locality": locality, "future mass": future}
+
+
+def trained_probes(task_names: list[str], seed: int, quick: bool, examples: int = 256
+                   ) -> list[dict]:
+    """ITNet ("mlp" kernel) trained on each task as `experiments.itnet.run` trains it, then the
+    probes of its first mixer on held-out examples."""
+    from . import models, run, train
+    from .montecarlo import first_mixer_inputs
+    rows = []
+    for name in task_names:
+        task, config = run.load(name, quick), run.CONFIGS[name]
+        if quick:
+            config = replace(config, recipe=replace(config.recipe, epochs=run.QUICK_EPOCHS))
+        torch.manual_seed(seed)
+        model = models.build("itnet", task, config)
+        hist = train.fit(model, task, config.recipe, seed, desc=f"probes {name}")
+        lengths = None if task.len_test is None else task.len_test[:examples]
+        mix, (h, pos, _) = first_mixer_inputs(model, task.x_test[:examples], lengths)
+        axes = 2 if task.kind == "image" else 1
+        rows.append({"task": name, "accuracy": hist.accuracy[-1], **probe(mix, h, pos, axes=axes)})
+    return rows
+
+
+def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["mnist1d", "mnist1d_shuffled"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = trained_probes(args.tasks, args.seed, args.quick)
+    print("| task | test accuracy | stationarity | position share | locality | future mass |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {100 * r['accuracy']:.1f} % | {r['stationarity']:.2f} | "
+              f"{r['position share']:.2f} | {r['locality']:.2f} | {r['future mass']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
