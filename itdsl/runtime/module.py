@@ -303,7 +303,7 @@ def pairs(plan: Plan, bound) -> int:
 def _small(plan: Plan, bound) -> bool:
     """Whether this call runs materialised in torch (`settings.small_pairs`); never inside
     torch.compile, which traces the custom ops as they are."""
-    return pairs(plan, bound) <= small_pairs() and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and pairs(plan, bound) <= small_pairs()
 
 
 def _drawn_only(plan: Plan, kwargs: dict, sides: list[str], weights: list[torch.Tensor]
