@@ -36,21 +36,21 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS: dict[str, Config] = {
     # 8×8 images, every pixel a token (its 3×3 neighbourhood): 64 tokens in [0, 1]²
     "digits": Config("pixels", dim=32, depth=2, octaves=3, window=3,
-                     recipe=Recipe(epochs=20, batch=64, lr=1e-2)),
+                     recipe=Recipe(epochs=10, batch=64, lr=1e-2)),
     # 28×28 images as 4×4 patches: 49 tokens of 16 pixels
     "mnist": Config("patches", dim=32, depth=2, octaves=3,
-                    recipe=Recipe(epochs=15, batch=64, lr=1e-2)),
+                    recipe=Recipe(epochs=8, batch=64, lr=1e-2)),
     # 40 steps of 1 channel at t ∈ [0, 1], each token a window of 5 steps
     "mnist1d": Config("series", dim=32, depth=2, octaves=6, window=5,
-                      recipe=Recipe(epochs=30, batch=64, lr=1e-2)),
+                      recipe=Recipe(epochs=12, batch=64, lr=1e-2)),
     "mnist1d_shuffled": Config("series", dim=32, depth=2, octaves=6, window=5,
-                               recipe=Recipe(epochs=30, batch=64, lr=1e-2)),
+                               recipe=Recipe(epochs=12, batch=64, lr=1e-2)),
     # 150 steps of 1 channel; 50 training series
     "gunpoint": Config("series", dim=32, depth=2, octaves=8, window=5,
-                       recipe=Recipe(epochs=60, batch=10, lr=1e-2)),
+                       recipe=Recipe(epochs=40, batch=10, lr=1e-2)),
     # 7–29 steps of 12 channels, the padding masked
     "japanese_vowels": Config("series", dim=32, depth=2, octaves=5, window=3,
-                              recipe=Recipe(epochs=60, batch=32, lr=1e-2)),
+                              recipe=Recipe(epochs=30, batch=32, lr=1e-2)),
 }
 QUICK_EPOCHS, QUICK_TRAIN, QUICK_TEST = 2, 256, 256
 
