@@ -1,7 +1,8 @@
 """Lowering: Plans -> TVM. The only package that imports TVM (lazily, on first compile).
 
 `pair_groups` cuts a program's pair steps into kernels (steps of one kind over the
-same sides that can run together); `compile_pair` builds one kernel for a target.
+same two sides that can run together: on the CPU in one sweep whichever side each sum is
+per point of); `compile_pair` builds one kernel for a target.
 Per-point, per-call and total steps are not compiled: the runtime computes them with
 torch (they are O(n) work, and torch's GEMMs do the MLP layers best).
 """
@@ -32,15 +33,26 @@ def schedule_kernel(group_spec, dtype: str, target: str):
     from .pair import build_pair_func
     from .schedule import schedule_cpu, schedule_cuda
     func, stages, scalar_only = build_pair_func(group_spec, dtype, fast_exp=(target == "cpu"))
-    if target == "cpu":
-        return schedule_cpu(func, group_spec, stages, scalar_only).mod
-    return schedule_cuda(func, group_spec, stages).mod
+    if target == "cuda":
+        return schedule_cuda(func, group_spec, stages).mod
+    mod = schedule_cpu(func, group_spec, stages, scalar_only).mod
+    if group_spec.fused:  # see compile_module
+        mod = mod.with_attr(NO_CSE, True)
+    return mod
+
+
+# TVM's common-subexpression elimination (TIR) breaks some fused kernels ("variable cse_v33
+# has been used before definition": brackets and min/max of a pair's values summed per row
+# and per column); LLVM eliminates common subexpressions itself
+NO_CSE = "itdsl_no_cse"
 
 
 def compile_module(mod, target: str, arch: str = "sm_80"):
     import tvm
     try:
-        return tvm.compile(mod, target=cpu_target() if target == "cpu" else cuda_target(arch))
+        with tvm.transform.PassContext(config={"tirx.disable_cse_tir": bool(
+                mod.attrs is not None and NO_CSE in mod.attrs)}):
+            return tvm.compile(mod, target=cpu_target() if target == "cpu" else cuda_target(arch))
     except Exception as e:
         first = (str(e).strip().splitlines() or ["(no message)"])[0][:300]
         raise LoweringError(f"TVM could not compile a kernel for {target}: "
@@ -51,13 +63,16 @@ def kernel_codes(plan, kind: str, arch: str = "sm_80", tir_target: str = "cpu",
                  dtype: str = "float32"):
     """(title, code) of every kernel of a Plan: CUDA C ("cuda") or TVM script ("tir")."""
     for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
-        for group in pair_groups(prog, shift_names(plan)):
-            target = "cuda" if kind == "cuda" else tir_target
+        target = "cuda" if kind == "cuda" else tir_target
+        for group in pair_groups(prog, shift_names(plan), target):
             spec = spec_of(group, target)
             mod = schedule_kernel(spec, dtype, target)
             names = ", ".join(st.name for st in group.steps)
+            cols = ", ".join(st.name for st in spec.col_steps)
             title = (f"{plan.op.name}: {phase} kernel for {names} ({group.kind} over "
-                     f"{group.over}, per point of {group.side})")
+                     f"{group.over}, per point of {group.side}"
+                     + (f"; {cols} over {group.side}, per point of {group.over}" if cols else "")
+                     + ")")
             if kind == "tir":
                 yield title, mod.script()
                 continue

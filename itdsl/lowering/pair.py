@@ -59,9 +59,15 @@ class PairBuilder:
     def __init__(self, spec: PairSpec, dtype: str, fast_exp: bool):
         self.spec, self.dtype, self.fast_exp = spec, dtype, fast_exp
         self.B = te.var("B")
-        self.nt, self.mt = te.var("nt"), te.var("mt")
+        self.mt = te.var("mt")
         self.m_valid = te.var("m_valid")
-        self.NP = self.nt * spec.tile_rows
+        if spec.fused:  # rows in parts of tiles (`row_parts`); padded rows are masked
+            self.parts, self.tiles = te.var("parts"), te.var("tiles")
+            self.n_valid = te.var("n_valid")
+            self.NP = self.parts * self.tiles * spec.tile_rows
+        else:
+            self.nt = te.var("nt")
+            self.NP = self.nt * spec.tile_rows
         self.MP = self.mt * spec.tile_cols
         self.arrays: dict[Node, te.Tensor] = {}
         self.stages: list[te.Tensor] = []  # in creation (topological) order
@@ -431,14 +437,6 @@ class PairBuilder:
                 self._stage(n)
             else:  # (a short dot, staged to round it, is written out)
                 self._materialise(n)
-        offs, vals = [], []
-        off = 0
-        for st, w in zip(spec.steps, spec.widths):
-            offs.append(off)
-            vals.append((self.val(st.expr), st.expr.shape,
-                         self.val(st.mask) if st.mask is not None else None))
-            off += w
-        width = off
         zero = self.c(0.0)
         low = self.c(-math.inf)  # a max over no term is -inf (the runtime reads it as 0)
         init = zero if spec.kind == "sum" else low
@@ -446,19 +444,18 @@ class PairBuilder:
         # live term comes out as -inf, which the runtime reads as "no shift"
         reduce = te.sum if spec.kind == "sum" else te.comm_reducer(
             lambda a, b: te.max(a, b), lambda t: tirx.const(-math.inf, t), name="max_or_ninf")
+        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else self.arrays[ls.node]
+                  for ls in spec.leaves]
+        if spec.fused:
+            return arrays + self._fused_outputs() + [self.parts, self.tiles, self.mt,
+                                                     self.m_valid, self.n_valid]
+        channels, width = self._channels(spec.steps)
 
         def summand(b, i, j, c):
-            out = None
-            for (f, shape, mask), lo, w in reversed(list(zip(vals, offs, spec.widths))):
-                ch = (c - lo,) if shape else ()
-                v = f(b, i, j, ch)
-                if mask is not None:
-                    v = tirx.Select(mask(b, i, j, ()) != zero, v, low)
-                out = v if out is None else tirx.Select(c < lo + w, v, out)
-            return tirx.Select(j < self.m_valid, out, init)
+            return tirx.Select(j < self.m_valid, channels(b, i, j, c), init)
 
         if spec.matrix:  # one step, a matrix per row: O[b, i, r, c]
-            f = vals[0][0]
+            f = self.val(spec.steps[0].expr)
             R, Cw = spec.steps[0].shape
             j = te.reduce_axis((0, self.MP), name="j")
             O = self.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
@@ -477,9 +474,85 @@ class PairBuilder:
             j = te.reduce_axis((0, self.MP), name="j")
             O = self.compute((self.B, self.NP, width), lambda b, i, c: reduce(
                 summand(b, i, j, c), axis=j), name="O")
-        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else self.arrays[ls.node]
-                  for ls in spec.leaves]
         return arrays + [O, self.nt, self.mt, self.m_valid]
+
+    def _channels(self, steps):
+        """The steps' summands with their channels concatenated: (f(b, i, j, c), width); a
+        max step's term is -inf where its mask is 0."""
+        zero, low = self.c(0.0), self.c(-math.inf)
+        parts, off = [], 0
+        for st in steps:
+            w = _flat(st.shape)
+            parts.append((self.val(st.expr), st.expr.shape,
+                          self.val(st.mask) if st.mask is not None else None, off, w))
+            off += w
+
+        def f(b, i, j, c):
+            out = None
+            for g, shape, mask, lo, w in reversed(parts):
+                v = g(b, i, j, (c - lo,) if shape else ())
+                if mask is not None:
+                    v = tirx.Select(mask(b, i, j, ()) != zero, v, low)
+                out = v if out is None else tirx.Select(c < lo + w, v, out)
+            return out
+        return f, off
+
+    def _fused_outputs(self) -> list:
+        """The outputs of a fused kernel (`PairSpec.outputs`, laid out as `Output.shape`
+        says), all sums over one sweep: per row over the valid columns, per column over
+        the valid rows of each part of the rows."""
+        spec, TI = self.spec, self.spec.tile_rows
+
+        def row(p, t, ii):
+            return (p * self.tiles + t) * TI + ii
+        lead = (self.B, self.parts, self.tiles, TI)
+        outs = []
+        for out in spec.outputs:
+            f = self.val(out.step.expr)
+            ch = tuple(out.step.shape)
+            if out.kind == "col":
+                shape = ((self.B, self.parts, *ch, self.MP) if out.lanes > 1 else
+                         (self.B, self.parts, self.MP, *ch))
+                outs.append(self.compute(shape, _per_column(self, f, row, len(ch), out.lanes),
+                                         name=out.name))
+            elif out.lanes == 1:
+                outs.append(self.compute((*lead, *ch), _per_row(self, f, row), name=out.name))
+            else:
+                outs.append(self.compute((*lead, *ch, out.lanes),
+                                         _per_lane(self, f, row, out.lanes), name=out.name))
+        return outs
+
+# The bodies of a fused kernel's outputs (te.compute takes no closures with default
+# arguments, and the reduction axes must be made inside the body). `f(b, i, j, ch)` is the
+# summand; `row(p, t, ii)` the row of part p, tile t, row ii.
+def _per_row(pb: PairBuilder, f, row):
+    def body(b, p, t, ii, *ch):
+        j = te.reduce_axis((0, pb.MP), name="j")
+        return te.sum(tirx.Select(j < pb.m_valid, f(b, row(p, t, ii), j, ch), pb.c(0.0)),
+                      axis=j)
+    return body
+
+
+def _per_lane(pb: PairBuilder, f, row, L: int):
+    def body(b, p, t, ii, *ch_lane):
+        *ch, lane = ch_lane
+        k = te.reduce_axis((0, pb.mt * (pb.spec.tile_cols // L)), name="k")
+        j = k * L + lane
+        return te.sum(tirx.Select(j < pb.m_valid, f(b, row(p, t, ii), j, tuple(ch)),
+                                  pb.c(0.0)), axis=k)
+    return body
+
+
+def _per_column(pb: PairBuilder, f, row, nch: int, lanes: int):
+    def body(b, p, *rest):
+        ch, j = (rest[:-1], rest[-1]) if lanes > 1 else (rest[1:], rest[0])
+        kt = te.reduce_axis((0, pb.tiles), name="kt")
+        ki = te.reduce_axis((0, pb.spec.tile_rows), name="ki")
+        i = row(p, kt, ki)
+        return te.sum(tirx.Select(i < pb.n_valid, f(b, i, j, tuple(ch)), pb.c(0.0)),
+                      axis=[kt, ki])
+    return body
+
 
 def _add_all(terms: list):
     out = terms[0]

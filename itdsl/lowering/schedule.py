@@ -26,6 +26,8 @@ MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
 
 def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
     """`scalar_only`: blocks that call a function TVM cannot vectorise (left scalar)."""
+    if spec.fused:
+        return _schedule_fused_cpu(func, spec, stages, scalar_only)
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     main = "P" if spec.lanes > 1 else "O"  # the block that sweeps the columns
     O = sch.get_sblock(main)
@@ -52,15 +54,24 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
     sch.reverse_compute_at(acc, io)
     width = spec.lanes if spec.lanes > 1 else spec.out_shape[-1]
     if width > 1 and main not in scalar_only:
-        if width > 64:
-            _, c = sch.split(c, [None, 16])
-        sch.vectorize(c)
+        _vectorize_channels(sch, c, width)
     for stage in reversed(stages):
         sch.compute_at(sch.get_sblock(stage.name), jo)
+    _schedule_stages(sch, stages, scalar_only, 3)
+    fused = sch.fuse(b, io)
+    sch.parallel(fused)
+    sch.decompose_reduction(O, jo)
+    if spec.lanes > 1:  # the sum of the lanes, per tile of rows
+        sch.reverse_compute_at(sch.get_sblock("O"), fused)
+    return sch
+
+
+def _schedule_stages(sch, stages, scalar_only, outer: int) -> None:
+    """The loops of the stages computed at a tile of columns: after the `outer` loops down
+    to the column tile, the stage's own: row, column[, channel][, reduction]."""
     for stage in stages:
-        # loops: b, io, jo, then the stage's own: row, column[, channel][, reduction]
         blk = sch.get_sblock(stage.name)
-        own = _loops(sch, blk)[3:]
+        own = _loops(sch, blk)[outer:]
         if stage.channel:  # vectorise over the channels (contiguous), the reduction outside
             if stage.reduction:
                 # a matrix product per pair: PAIR_BLOCK pairs share each row of the matrix
@@ -76,11 +87,87 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
                 own = [own[0], own[2], own[1]]
         if stage.name not in scalar_only:
             sch.vectorize(own[-1])
-    fused = sch.fuse(b, io)
-    sch.parallel(fused)
-    sch.decompose_reduction(O, jo)
-    if spec.lanes > 1:  # the sum of the lanes, per tile of rows
-        sch.reverse_compute_at(sch.get_sblock("O"), fused)
+
+
+def _vectorize_channels(sch, loop, width: int) -> None:
+    """Vectorise a loop over `width` output channels (in vectors of 16 beyond 64)."""
+    if width > 64:
+        _, loop = sch.split(loop, [None, 16])
+    sch.vectorize(loop)
+
+
+def _schedule_fused_cpu(func, spec, stages, scalar_only):
+    """A fused kernel (`PairSpec.outputs`): every output's loops are put in the order
+    (batch, part, tile of rows, tile of columns, ...) and these four loops merged, so that
+    one sweep computes the stages of a (tile of rows, tile of columns) once, for every
+    output. Per row, the accumulators of a tile of rows stay in local buffers (as in
+    `schedule_cpu`); per column, the TI rows of the tile add their terms into the part's
+    partial sums of the column, which the part alone writes: the parts run in parallel,
+    each over its tiles in order. Outputs of `lanes` > 1 vectorise over the columns."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    TJ = spec.tile_cols
+    sweeps = [(out.name, out.kind != "col") for out in spec.outputs]  # (block, per row)
+    for out in spec.outputs:
+        name = out.name
+        loops = _loops(sch, sch.get_sblock(name))
+        vector = None
+        if out.kind == "col":
+            b, p, *rest, kt, ki = loops
+            if out.lanes > 1:  # [b, p, (c,) j]: consecutive columns in the lanes
+                *ch, j = rest
+                jo, jv, jl = sch.split(j, [None, TJ // out.lanes, out.lanes])
+                sch.reorder(b, p, kt, jo, *ch, jv, ki, jl)
+                vector = jl
+            else:  # [b, p, j, c]
+                j, *ch = rest
+                jo, ji = sch.split(j, [None, TJ])
+                sch.reorder(b, p, kt, jo, ji, ki, *ch)
+                vector = ch[-1] if ch else None
+            sch.unroll(ki)
+        elif out.kind == "matrix":  # as in `schedule_cpu`
+            b, p, t, ii, r, c, j = loops
+            jo, ji = sch.split(j, [None, TJ])
+            ro, ri = sch.split(r, [None, MATRIX_ROWS]) if out.step.shape[0] % MATRIX_ROWS == 0 \
+                else (r, None)
+            sch.reorder(b, p, t, jo, ii, ro, ji, *([ri] if ri is not None else []), c)
+            if ri is not None:
+                sch.unroll(ri)
+            vector = c
+        elif out.lanes > 1:  # [b, p, t, ii, (c,) lane], reduced over k: column k·L + lane
+            b, p, t, ii, *ch, lane, k = loops
+            jo, ji = sch.split(k, [None, TJ // out.lanes])
+            sch.reorder(b, p, t, jo, ji, ii, *ch, lane)
+            sch.unroll(ii)
+            for c in ch:
+                sch.unroll(c)
+            vector = lane
+        else:  # [b, p, t, ii, c]
+            b, p, t, ii, *ch, j = loops
+            jo, ji = sch.split(j, [None, TJ])
+            sch.reorder(b, p, t, jo, ji, ii, *ch)
+            sch.unroll(ii)
+            vector = ch[-1] if ch else None
+        if vector is not None and name not in scalar_only:
+            if out.lanes > 1:
+                sch.vectorize(vector)
+            elif out.width > 1:
+                _vectorize_channels(sch, vector, out.step.shape[-1])
+    for depth in range(4):  # one sweep: batch, part, tile of rows, tile of columns
+        loops = [_loops(sch, sch.get_sblock(name))[depth] for name, _ in sweeps]
+        if len(loops) > 1:
+            sch.merge(*loops)
+    for name, per_row in sweeps:
+        if per_row:
+            acc = sch.cache_write(sch.get_sblock(name), 0, "local")
+            sch.reverse_compute_at(acc, _loops(sch, sch.get_sblock(name))[2])
+    jo = _loops(sch, sch.get_sblock(sweeps[0][0]))[3]
+    for stage in reversed(stages):
+        sch.compute_at(sch.get_sblock(stage.name), jo)
+    _schedule_stages(sch, stages, scalar_only, 4)
+    sch.parallel(sch.fuse(*_loops(sch, sch.get_sblock(sweeps[0][0]))[:2]))
+    for name, per_row in sweeps:  # (after `parallel`, which wants whole reduction blocks)
+        blk = sch.get_sblock(name)
+        sch.decompose_reduction(blk, _loops(sch, blk)[2 if per_row else 1])
     return sch
 
 

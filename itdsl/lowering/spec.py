@@ -23,6 +23,13 @@ TILE_COLS = 64  # columns per tile: the stages of a tile are TILE_ROWS x TILE_CO
 CUDA_THREADS = 64  # GPU: rows per block, one per thread
 INLINE_REDUCTION = 4  # dot products this short are written out inline, not staged
 LANES = 8  # AVX2: float32 lanes of a vector
+# Targets whose kernels fuse pair sums over the same two sides into one sweep, whichever
+# side each sum is per point of (see `pair_groups`). CUDA kernels keep one orientation and
+# one output per kernel: per-column sums there would need atomics or block reductions.
+FUSED_TARGETS = frozenset({"cpu"})
+# A fused kernel's per-column sums are accumulated in one partial buffer per part of the
+# rows (`row_parts`): at least this many parts, so that the parts balance over the threads
+PARTS = 16
 # How deeply each elementwise function nests let-bound values around its argument in a
 # pair kernel (its entry's `let_depth` in `itdsl.functions`: a clamp, the fast exp's n and
 # r, a series). TVM's code generator simplifies every let value with the earlier ones
@@ -54,9 +61,37 @@ class LeafSpec:
     #                           W's rows, which are then contiguous)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One output of a fused kernel, the sums of one step. Per row ("row", "matrix") they
+    come as [B, parts, tiles, TI, *shape], or [B, parts, tiles, TI, *shape, lanes] where
+    `lanes` > 1; per column ("col") as partial sums per part of the rows, [B, parts,
+    columns, *shape] (see `row_parts`), or [B, parts, *shape, columns] where `lanes` > 1.
+    `lanes` > 1 (fewer than LANES channels: a scalar, a 3-D coordinate gradient) vectorises
+    over the columns instead of the channels: a row's sums are kept in `lanes` interleaved
+    partial sums (column k·lanes + l in lane l), which the caller adds up; a column's sums
+    are stored with consecutive columns contiguous."""
+
+    name: str
+    step: Step
+    kind: str  # "row" | "matrix" | "col"
+    width: int
+    lanes: int
+
+    def shape(self, batch: int, parts: int, tiles: int, rows: int, cols: int) -> tuple:
+        """The array's shape for `parts` x `tiles` tiles of `rows` rows and `cols` columns."""
+        ch = tuple(self.step.shape)
+        if self.kind != "col":
+            return (batch, parts, tiles, rows, *ch, *((self.lanes,) if self.lanes > 1 else ()))
+        return (batch, parts, *ch, cols) if self.lanes > 1 else (batch, parts, cols, *ch)
+
+
 @dataclass
 class PairSpec:
-    """A pair kernel: O[b, i, c] = reduce over j of the steps' summands, channels concatenated."""
+    """A pair kernel: O[b, i, c] = reduce over j of the steps' summands, channels concatenated.
+
+    A *fused* kernel (`fused`, the CPU's) computes several steps in one sweep over the
+    pairs, whichever side each is per point of, one output each (`outputs`)."""
 
     kind: str  # "sum" | "max"
     row_side: str
@@ -72,6 +107,29 @@ class PairSpec:
     @property
     def out_width(self) -> int:
         return sum(self.widths)
+
+    @property
+    def col_steps(self) -> list[Step]:
+        """The steps summed per column (per point of the column side)."""
+        return [st for st in self.steps if st.side == self.col_side]
+
+    @property
+    def outputs(self) -> list[Output]:
+        """A fused kernel's outputs, one per step, in argument order (see `Output`)."""
+        out = []
+        for k, st in enumerate(self.steps):
+            w = _flat(st.shape)
+            kind = ("col" if st.side == self.col_side else
+                    "matrix" if len(st.shape) == 2 else "row")
+            out.append(Output(f"{kind[0].upper()}{k}", st, kind, w,
+                              LANES if kind != "matrix" and w < LANES else 1))
+        return out
+
+    @property
+    def fused(self) -> bool:
+        """Sums per column, or several steps one of which is a matrix (see `Output`)."""
+        return bool(self.col_steps) or (len(self.steps) > 1
+                                        and any(len(st.shape) == 2 for st in self.steps))
 
     @property
     def matrix(self) -> bool:
@@ -105,9 +163,18 @@ def shift_names(plan) -> frozenset[str]:
     return frozenset(st.name for st in plan.forward.steps if st.kind is StepKind.MAX)
 
 
-def pair_groups(prog: Program, shifts: frozenset[str] = frozenset()) -> list[Group]:
-    """Group pair steps: same kind and sides, and every input ready where the group runs.
-    `shifts`: the Plan's max steps (see `shift_names`)."""
+def pair_groups(prog: Program, shifts: frozenset[str] = frozenset(),
+                target: str = "cpu") -> list[Group]:
+    """Group pair steps into kernels; every input of a step must be ready where its group
+    runs (at its first step). `shifts`: the Plan's max steps (see `shift_names`).
+
+    On the targets of FUSED_TARGETS, every sum over the same two sides joins one kernel
+    where its inputs allow, whichever side it is per point of: a backward's sums per x and
+    per y of the same pair values (the terms of a Gaussian, an MLP's hidden layers) are
+    computed once per pair, in one sweep. Elsewhere, consecutive steps of one kind and the
+    same sides share a kernel, and a matrix result (a param gradient) gets its own."""
+    if target in FUSED_TARGETS:
+        return _fused_groups(prog, shifts)
     groups: list[Group] = []
     open_group: Group | None = None
     produced_since: set[str] = set()
@@ -131,6 +198,52 @@ def pair_groups(prog: Program, shifts: frozenset[str] = frozenset()) -> list[Gro
     return groups
 
 
+def _fused_groups(prog: Program, shifts: frozenset[str]) -> list[Group]:
+    """Each pair step joins the first open kernel of its kind over its two sides that it
+    can (none of its inputs produced since that kernel's first step; a matrix only per
+    row, a max only of its own orientation), else opens one. A sum kernel's rows are the
+    side of its matrices, else the side whose sums have the most channels (fewest partial
+    sums per column)."""
+    rows = _row_sides(prog)
+    groups: list[Group] = []
+    since: list[set[str]] = []  # per group: the steps produced since it opened
+    for st in prog.steps:
+        if st.kind in (StepKind.SUM, StepKind.MAX):
+            matrix = len(st.shape) == 2
+            for g, produced in zip(groups, since):
+                if (g.kind == st.kind and {g.side, g.over} == {st.side, st.over}
+                        and (st.kind is StepKind.SUM or g.side == st.side)
+                        and not (matrix and g.side != st.side)
+                        and not (_refs(st) & produced)):
+                    g.steps.append(st)
+                    break
+            else:
+                side = st.side
+                if st.kind is StepKind.SUM and not matrix:
+                    side = rows[frozenset((st.side, st.over))]
+                over = st.over if side == st.side else st.side
+                groups.append(Group(st.kind, side, over, [st], shifts))
+                since.append(set())
+        for produced in since:
+            produced.add(st.name)
+    return groups
+
+
+def _row_sides(prog: Program) -> dict[frozenset, str]:
+    """For each pair of sides summed over: the side a fused kernel's rows range over."""
+    width: dict[frozenset, dict[str, int]] = {}
+    first: dict[frozenset, str] = {}
+    for st in prog.steps:
+        if st.kind is not StepKind.SUM:
+            continue
+        key = frozenset((st.side, st.over))
+        first.setdefault(key, st.side)
+        w = width.setdefault(key, {})
+        # a matrix can only be a per-row result: its side wins
+        w[st.side] = w.get(st.side, 0) + (10**9 if len(st.shape) == 2 else _flat(st.shape))
+    return {key: max(w, key=lambda s: (w[s], s == first[key])) for key, w in width.items()}
+
+
 def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     """The kernel of a group: tiles of rows (threads of a block on a GPU) by columns, and
     its array arguments in a fixed order."""
@@ -139,14 +252,19 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     rows = TILE_ROWS if target == "cpu" else CUDA_THREADS
     spec = PairSpec(kind=group.kind, row_side=group.side, col_side=group.over,
                     steps=group.steps, widths=widths, tile_rows=rows, tile_cols=cols)
-    if target == "cpu" and sum(widths) == 1 and len(group.steps[0].shape) < 2:
+    if target == "cpu" and not spec.fused and sum(widths) == 1 and len(group.steps[0].shape) < 2:
         spec.lanes = LANES
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
-    staged = staged_nodes(roots, _shifted(group, roots) | _let_fenced(roots, group))
+    fenced = _shifted(group, roots) | _let_fenced(roots, group)
+    if spec.fused:
+        fenced |= _summands(spec)
+    staged = staged_nodes(roots, fenced)
     in_stage: set[Node] = set()
     for n in staged:
         in_stage.update(toposort(list(n.args)))
+    if spec.fused:  # outputs vectorised over the columns read them contiguous too
+        in_stage.update(toposort([o.step.expr for o in spec.outputs if o.lanes > 1]))
     seen: set[Node] = set()
     for n in toposort(roots):
         if n.op not in P.LEAVES or n.op == "const" or n in seen:
@@ -166,6 +284,29 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     spec.leaves.extend(_tables(roots))
     spec.staged = staged
     return spec
+
+
+def _summands(spec: PairSpec) -> set[Node]:
+    """The summands of a fused kernel that several of its steps sum (per row and per column:
+    dh(x) and dh(y) of an MLP's first layer are one node): a stage, computed once per pair."""
+    seen: set[Node] = set()
+    shared: set[Node] = set()
+    for st in spec.steps:
+        (shared if st.expr in seen else seen).add(st.expr)
+    return {n for n in shared if len(n.deps) == 2 and n.op not in P.LEAVES}
+
+
+def row_parts(spec: PairSpec, nt: int, batch: int) -> tuple[int, int]:
+    """(parts, tiles per part) of a fused kernel's rows, for `nt` tiles of rows and `batch`
+    (flattened) batch entries; the rows are padded to parts x tiles x tile_rows. The parts
+    run in parallel; each sweeps its tiles in order and adds the per-column sums of its
+    rows into a buffer of its own, [batch, parts, m, channels], which is summed over the
+    parts afterwards. Without per-column sums every tile is a part."""
+    if not spec.col_steps:
+        return max(1, nt), 1
+    parts = max(1, min(nt, -(-PARTS // max(1, batch))))
+    tiles = max(1, -(-nt // parts))
+    return max(1, -(-nt // tiles)), tiles
 
 
 def _tables(roots: list[Node]) -> list[LeafSpec]:

@@ -36,6 +36,7 @@ def kernel_key(spec, dtype: str, target: str) -> str:
     text = "\n".join([
         f"kind={spec.kind};rows={spec.row_side};cols={spec.col_side}",
         f"tiles={spec.tile_rows}x{spec.tile_cols};widths={spec.widths}",
+        "sides=" + ",".join(str(st.side) for st in spec.steps),
         canonical(roots),
         "staged:" + canonical(spec.staged),
         "leaves:" + ";".join(f"{leaf.role}/{leaf.soa}/{leaf.transposed}/{leaf.shape}"

@@ -25,18 +25,37 @@ from .plan_eval import PlanEvaluator, _ts
 
 class KernelSet:
     """The compiled kernels of one Plan for one target and dtype: (spec, function) per group,
-    for the forward and the backward program."""
+    for the forward and the backward program (`groups`), and for the steps some gradients
+    alone need (`for_steps`)."""
 
     def __init__(self, plan: Plan, dtype: torch.dtype, target: str, loader):
-        from ..lowering.spec import pair_groups, shift_names, spec_of
-        self.plan, self.dtype, self.target = plan, dtype, target
+        self.plan, self.dtype, self.target, self.loader = plan, dtype, target, loader
         self.groups: dict[str, list] = {}
+        self._subsets: dict[tuple[str, frozenset[str]], list] = {}
         for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
-            entries = []
-            for g in pair_groups(prog, shift_names(plan)):
-                spec = spec_of(g, target)
-                entries.append((spec, loader(spec, str(dtype).replace("torch.", ""), target)))
-            self.groups[phase] = entries
+            self.groups[phase] = self._build(prog)
+
+    def _build(self, prog: Program) -> list:
+        from ..lowering.spec import pair_groups, shift_names, spec_of
+        dtype = str(self.dtype).replace("torch.", "")
+        return [(spec, self.loader(spec, dtype, self.target))
+                for spec in (spec_of(g, self.target)
+                             for g in pair_groups(prog, shift_names(self.plan), self.target))]
+
+    def for_steps(self, phase: str, only: set[str] | None) -> list:
+        """The kernels of a program's steps `only` (None: all), grouped among themselves
+        and built on first use: a fused kernel computes all its steps, so one built for
+        every gradient would do the work of those not asked for."""
+        prog = self.plan.forward if phase == "forward" else self.plan.backward
+        pairs = frozenset(st.name for st in prog.steps
+                          if st.kind in (StepKind.SUM, StepKind.MAX))
+        if only is None or pairs <= set(only):
+            return self.groups[phase]
+        key = (phase, pairs & frozenset(only))
+        if key not in self._subsets:
+            self._subsets[key] = self._build(
+                Program([st for st in prog.steps if st.name in only], prog.outputs))
+        return self._subsets[key]
 
 
 class CompiledEvaluator(PlanEvaluator):
@@ -50,7 +69,7 @@ class CompiledEvaluator(PlanEvaluator):
     def run_program(self, prog: Program, phase: str, only: set[str] | None = None) -> None:
         """Run a program's steps in order, each kernel when the first step it computes is
         reached; with `only`, just those steps (and the kernels that compute them)."""
-        groups = self.kernels.groups[phase]
+        groups = self.kernels.for_steps(phase, only)
         group_of = {st.name: k for k, (spec, _) in enumerate(groups) for st in spec.steps}
         if only is not None:  # a kernel computes all its steps: each needs its inputs
             ran = {group_of[n] for n in only if n in group_of}
@@ -94,12 +113,18 @@ class CompiledEvaluator(PlanEvaluator):
         TI, TJ = spec.tile_rows, spec.tile_cols
         n, m = self.sides[spec.row_side].n, self.sides[spec.col_side].n
         nt, mt = -(-n // TI), -(-m // TJ)
-        args = []
         bf = max(1, math.prod(self.bound.batch))
+        if spec.fused:
+            from ..lowering.spec import row_parts
+            parts, tiles = row_parts(spec, nt, bf)
+            np_ = parts * tiles * TI
+        else:
+            np_ = nt * TI
+        args = []
         for leaf in spec.leaves:
             if leaf.role == "row":
                 v = self.side_value(leaf.node, spec.row_side)
-                v = torch.nn.functional.pad(v, (0, 0, 0, nt * TI - n))
+                v = torch.nn.functional.pad(v, (0, 0, 0, np_ - n))
             elif leaf.role == "col":
                 v = self.side_value(leaf.node, spec.col_side)
                 v = torch.nn.functional.pad(v, (0, 0, 0, mt * TJ - m))
@@ -116,16 +141,51 @@ class CompiledEvaluator(PlanEvaluator):
             if v.dim() == 3 and v.shape[0] != bf:
                 v = v.expand(bf, *v.shape[1:])
             args.append(v.to(self.dtype).contiguous())
+        if spec.fused:
+            self._run_fused(spec, fn, args, (n, m, bf, parts, tiles, mt))
+            return
         out = torch.empty(bf, nt * TI, *spec.out_shape, dtype=self.dtype, device=self.device)
         fn(*args, out, nt, mt, m)
         out = out[:, :n]
         if spec.matrix:  # per-point matrices (a param gradient): batch summed
-            st = spec.steps[0]
-            self.special.add(st.name)
-            self.env[st.name] = out.sum(0)
+            self._store_matrix(spec.steps[0], out)
             return
+        self._store(spec.steps, out, n)
+
+    def _run_fused(self, spec, fn, args, sizes) -> None:
+        """A fused kernel (`lowering.spec.PairSpec.outputs`, shaped as `Output.shape`
+        says): the per-row outputs are [bf, rows padded, ...]; the per-column sums come as
+        partial sums per part of the rows, added here in the parts' order."""
+        n, m, bf, parts, tiles, mt = sizes
+        TI, TJ = spec.tile_rows, spec.tile_cols
+        outs = [torch.empty(o.shape(bf, parts, tiles, TI, mt * TJ), dtype=self.dtype,
+                            device=self.device) for o in spec.outputs]
+        fn(*args, *outs, parts, tiles, mt, m, n)
+        for o, out in zip(spec.outputs, outs):
+            if o.kind == "col":
+                out = out.sum(1)
+                if o.lanes > 1:
+                    out = out.movedim(-1, 1)
+                self._store([o.step], out[:, :m].reshape(bf, m, -1), m)
+                continue
+            if o.lanes > 1:  # the lanes' partial sums, added in order
+                out = out.sum(-1)
+            out = out.reshape(bf, parts * tiles * TI, *out.shape[4:])[:, :n]
+            if o.kind == "matrix":
+                self._store_matrix(o.step, out)
+            else:
+                self._store([o.step], out.reshape(bf, n, -1), n)
+
+    def _store_matrix(self, st, out: torch.Tensor) -> None:
+        """Per-point matrices (a param gradient) [bf, n, r, c]: batch summed."""
+        self.special.add(st.name)
+        self.env[st.name] = out.sum(0)
+
+    def _store(self, steps, out: torch.Tensor, n: int) -> None:
+        """The steps' results from their concatenated channels `out` [bf, n, channels]."""
         lo = 0
-        for st, w in zip(spec.steps, spec.widths):
+        for st in steps:
+            w = math.prod(_ts(st.shape))
             part = out[..., lo:lo + w]
             lo += w
             ts = _ts(st.shape)
