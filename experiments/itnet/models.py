@@ -47,7 +47,8 @@ def fourier(pos: torch.Tensor, spacing: torch.Tensor, octaves: int) -> torch.Ten
     (a causal mixer reads time from the first)."""
     if octaves == 0:
         return pos
-    periods = spacing[:, None] * 2.0 ** torch.arange(1, octaves + 1, dtype=pos.dtype)
+    periods = spacing[:, None] * 2.0 ** torch.arange(1, octaves + 1, dtype=pos.dtype,
+                                                     device=pos.device)
     a = 2 * torch.pi * pos[..., None] / periods  # [..., c, octaves]
     return torch.cat([pos, a.sin().flatten(-2), a.cos().flatten(-2)], -1)
 
