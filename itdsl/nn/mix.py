@@ -51,22 +51,22 @@ def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank:
         kind, causal = "softmax", True
     pair = 2 * (coords + keys)
     bracket = "[y[0] <= x[0]] * " if causal else ""
-    lines = ["operator mix {", f"    domain P = points({coords})", f"    input  a : P -> R^{keys}",
-             f"    input  v : P -> R^{width}", "    input  w : P -> R"]
-    if kind == "montecarlo":  # the points integrated over as a domain Q of their own (the
-        # same tensors): then the kernels run on the S points drawn only (a domain that the
-        # output also ranges over would be run over whole, at weight 0 where not drawn)
-        lines = ["operator mix {", f"    domain P = points({coords})",
-                 f"    domain Q = points({coords})", f"    input  ax : P -> R^{keys}",
-                 f"    input  a : Q -> R^{keys}", f"    input  v : Q -> R^{width}",
-                 "    input  w : Q -> R",
-                 f"    param  phi : mlp({pair} -> {hid} -> {width}, act = {act})",
-                 f"    output g(x: P) = integral(y: Q) {bracket}phi(x, y, ax(x), a(y)) * v(y) * "
-                 f"w(y) with montecarlo({samples}{IMPORTANCE[importance]})"]
-    elif kind == "mlp":
+    # the Monte Carlo kind integrates over the points as a domain Q of their own (the same
+    # tensors): then the kernels run on the S points drawn only (a domain that the output
+    # also ranges over would be run over whole, at weight 0 where not drawn)
+    mc = kind == "montecarlo"
+    Y, ax = ("Q", "ax") if mc else ("P", "a")
+    lines = ["operator mix {", f"    domain P = points({coords})"]
+    if mc:
+        lines += [f"    domain Q = points({coords})", f"    input  ax : P -> R^{keys}"]
+    lines += [f"    input  a : {Y} -> R^{keys}", f"    input  v : {Y} -> R^{width}",
+              f"    input  w : {Y} -> R"]
+    if kind in ("mlp", "montecarlo"):
         lines.append(f"    param  phi : mlp({pair} -> {hid} -> {width}, act = {act})")
-        lines.append(f"    output g(x: P) = integral(y: P) {bracket}phi(x, y, a(x), a(y)) * v(y)"
-                     " with weights(w)")
+        rule = (f"* w(y) with montecarlo({samples}{IMPORTANCE[importance]})" if mc
+                else "with weights(w)")
+        lines.append(f"    output g(x: P) = integral(y: {Y}) {bracket}phi(x, y, {ax}(x), a(y)) "
+                     f"* v(y) {rule}")
     elif kind == "softmax":
         lines.append(f"    param  phi : mlp({pair} -> {hid} -> 1, act = {act})")
         k = bracket + "exp(phi(x, y, a(x), a(y)))"
