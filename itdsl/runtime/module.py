@@ -114,6 +114,7 @@ class OpDef:
         self.mc_sides = [s for s, sp in plan.spaces.items()
                          if any(f.quad is not None and f.quad.rule.entry.sampled
                                 for f in sp.factors)]
+        self.mc_domains = [_own_domain(plan, s) for s in self.mc_sides]
         self.name = op_name(plan, target)
         self._register()
 
@@ -306,17 +307,23 @@ def _small(plan: Plan, bound) -> bool:
     return not torch.compiler.is_compiling() and pairs(plan, bound) <= small_pairs()
 
 
-def _drawn_only(plan: Plan, kwargs: dict, sides: list[str], weights: list[torch.Tensor]
+def _own_domain(plan: Plan, side: str) -> str | None:
+    """The domain of a side that is one domain no other side ranges over (its Monte Carlo
+    draws can then be gathered, `sampling.compact`), else None."""
+    (factor, *more) = plan.spaces[side].factors
+    alone = not more and all(f.domain != factor.domain for s, sp in plan.spaces.items()
+                             if s != side for f in sp.factors)
+    return factor.domain if alone else None
+
+
+def _drawn_only(op, kwargs: dict, domains: list[str | None], weights: list[torch.Tensor]
                 ) -> tuple[dict, list[torch.Tensor]]:
     """The call reduced to the points its Monte Carlo sides drew (`sampling.compact`), for
-    each side over one points domain that no other side ranges over; the others as they are
-    (their kernels then run over every point, most at weight 0)."""
+    each side over a domain of its own (`_own_domain`); the others as they are (their
+    kernels then run over every point, most at weight 0)."""
     out = []
-    for side, w in zip(sides, weights):
-        (factor, *more) = plan.spaces[side].factors
-        alone = not more and all(f.domain != factor.domain for s, sp in plan.spaces.items()
-                                 if s != side for f in sp.factors)
-        done = compact(plan.op, factor.domain, kwargs, w) if alone else None
+    for domain, w in zip(domains, weights):
+        done = compact(op, domain, kwargs, w) if domain is not None else None
         if done is not None:
             kwargs, w = done
         out.append(w)
@@ -443,7 +450,7 @@ class CompiledOperator(nn.Module):
             with torch.no_grad():
                 ev = PlanEvaluator(self.plan, named, bound, generator)
             weights = [ev.sides[s].weights for s in opdef.mc_sides]
-            kwargs, weights = _drawn_only(self.plan, kwargs, opdef.mc_sides, weights)
+            kwargs, weights = _drawn_only(self.ir, kwargs, opdef.mc_domains, weights)
             weights = [w.contiguous() for w in weights]
         params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
         tensors = []
