@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -30,6 +31,17 @@ class Shuffled:
         for i in range(0, self.n, self.batch):
             idx = order[i:i + self.batch]
             yield tuple(None if t is None else t[idx] for t in self.tensors)
+
+
+def add_job_arguments(parser, results: Path) -> None:
+    """A harness's `--threads`, `--jobs` (for `run_jobs`) and `--out` options."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per job (1: on a shared machine, 2 OpenMP threads "
+                             "ran up to 100× slower than 1)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="jobs at a time, each in a process of its own (default: one per "
+                             "core; 0: in this process)")
+    parser.add_argument("--out", type=Path, default=results)
 
 
 def run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int) -> Iterator[tuple[tuple, object]]:

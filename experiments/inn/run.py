@@ -13,7 +13,6 @@ time, one per core by default); the timings run afterwards, alone.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from itdsl import inn
 
-from ..common import run_jobs, write_csv
+from ..common import add_job_arguments, run_jobs, write_csv
 from . import data as datasets
 from . import models, prune, train
 
@@ -154,13 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 seed, rates 0/0.3/0.5/0.8, 1 epoch")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per job (1: on a shared machine, 2 OpenMP threads ran "
-                        "up to 100× slower than 1)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="seeds × models × data sets run this many at a time, each in a "
-                        "process of its own (default: one per core)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    add_job_arguments(p, RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [0, 1, 2]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import time
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import run_jobs, write_csv
+from ..common import add_job_arguments, run_jobs, write_csv
 from . import baselines, data, train
 from .models import MODELS, Config, build
 from .train import Recipe
@@ -235,12 +234,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: seed 0, {QUICK_EPOCHS} epochs, the first {QUICK_TRAIN} "
                         f"training and {QUICK_TEST} test examples")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per job (1: the machine is shared)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="jobs at a time, each in a process of its own (default: one per core; "
-                        "0: in this process)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    add_job_arguments(p, RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     configs = {}
