@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/conv2d.py
+	$(BIN)/python benchmarks/distributed.py
 
 # INN resampling against L1 structured pruning without fine-tuning (experiments/inn/):
 # results under experiments/inn/results/; QUICK=1 for a smoke run
