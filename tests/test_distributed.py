@@ -67,6 +67,11 @@ operator gauss {
     input  b : Y -> R^3
     output u(x: X) = integral(y: Y) exp(-sqnorm(x - y)) * b(y)
 }
+operator nodes {
+    domain X = points(1)
+    domain G = grid(0, 1)
+    output u(x: X) = integral(g: G) sin(x[0] * g) with gauss(4)
+}
 operator lattice {
     domain P = index(2)
     domain X = points(1)
@@ -78,7 +83,7 @@ operator lattice {
 
 def test_refusals_name_the_domain_and_say_what_to_do():
     prog = itdsl.compile_source(PROGRAM, target="reference")
-    with pytest.raises(UnsupportedError, match="(?s)ranges over `T`.*domain of its own"):
+    with pytest.raises(UnsupportedError, match="(?s)ranges over `T`.*domain of their own"):
         itdist.shard(prog["self_attention"], over="T")
     with pytest.raises(InputError, match="no domain `Z`"):
         itdist.shard(prog["gauss"], over="Z")
@@ -88,6 +93,8 @@ def test_refusals_name_the_domain_and_say_what_to_do():
         itdist.shard(prog["gauss"], over="S")
     with pytest.raises(UnsupportedError, match="2 axes"):
         itdist.shard(prog["lattice"], over="P")
+    with pytest.raises(UnsupportedError, match="gauss.*nodes are its own"):
+        itdist.shard(prog["nodes"], over="G")
     with pytest.raises(InputError, match="operator module"):
         itdist.shard(torch.nn.Linear(2, 2), over="Y")
 

@@ -25,7 +25,8 @@ not scaled by the world size) and hands each rank its slice. So:
 
 What is refused: sharding a domain the output ranges over (each rank would need the whole
 output's domain; a recurrence across slices would need the state carried between ranks), a
-domain of several axes, and a stencil.
+domain of several axes, a stencil, and a domain integrated only by rules with nodes of their
+own (`gauss(n)`, `midpoint(n)`).
 """
 
 from __future__ import annotations
@@ -90,9 +91,14 @@ def _check_shardable(code: ir.Operator, over: str) -> None:
         raise UnsupportedError(f"`{over}` has {d.naxes} axes; itdsl shards a domain of one axis",
                                hint="declare the axis to split as a domain of its own")
     integrals = [n for n in ir.walk(code.output.body) if isinstance(n, ir.Integral)]
-    if not any(b.domain == over for n in integrals for b in n.vars):
+    rules = [q.rule for n in integrals for b, q in zip(n.vars, n.quads) if b.domain == over]
+    if not rules:
         raise InputError(f"no integral of `{code.name}` ranges over `{over}`; shard the domain "
                          "an integral sums over")
+    if all(r.entry.own_nodes for r in rules):
+        raise UnsupportedError(f"the integrals of `{code.name}` over `{over}` use "
+                               f"`{rules[0].entry.name}`, whose nodes are its own, not points "
+                               "a rank could hold a slice of")
 
 
 def _sampled(code: ir.Operator) -> bool:
