@@ -63,9 +63,14 @@ operator gauss {
     domain X = points(2)
     domain Y = points(2)
     domain L = index(2)
-    domain S = stencil(3)
     input  b : Y -> R^3
     output u(x: X) = integral(y: Y) exp(-sqnorm(x - y)) * b(y)
+}
+operator blur {
+    domain P = index
+    domain S = stencil(3)
+    input  f : P -> R
+    output u(p: P) = integral(s: S) f(p + s)
 }
 operator nodes {
     domain X = points(1)
@@ -90,7 +95,7 @@ def test_refusals_name_the_domain_and_say_what_to_do():
     with pytest.raises(InputError, match="no integral of `gauss` ranges over `L`"):
         itdist.shard(prog["gauss"], over="L")
     with pytest.raises(UnsupportedError, match="stencil"):
-        itdist.shard(prog["gauss"], over="S")
+        itdist.shard(prog["blur"], over="S")
     with pytest.raises(UnsupportedError, match="2 axes"):
         itdist.shard(prog["lattice"], over="P")
     with pytest.raises(UnsupportedError, match="gauss.*nodes are its own"):

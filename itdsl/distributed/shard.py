@@ -76,6 +76,11 @@ def _check_shardable(code: ir.Operator, over: str) -> None:
         raise InputError(f"operator `{code.name}` has no domain `{over}`; its domains are "
                          + ", ".join(f"`{n}`" for n in names), hint=did_you_mean(over, names))
     d = code.domain(over)
+    integrals = [n for n in ir.walk(code.output.body) if isinstance(n, ir.Integral)]
+    rules = [q.rule for n in integrals for b, q in zip(n.vars, n.quads) if b.domain == over]
+    if not rules:
+        raise InputError(f"no integral of `{code.name}` ranges over `{over}`; shard the domain "
+                         "an integral sums over")
     if over in code.output.domains:
         raise UnsupportedError(
             f"the output `{code.output.name}` of `{code.name}` ranges over `{over}`, the domain "
@@ -90,11 +95,6 @@ def _check_shardable(code: ir.Operator, over: str) -> None:
     if d.naxes != 1:
         raise UnsupportedError(f"`{over}` has {d.naxes} axes; itdsl shards a domain of one axis",
                                hint="declare the axis to split as a domain of its own")
-    integrals = [n for n in ir.walk(code.output.body) if isinstance(n, ir.Integral)]
-    rules = [q.rule for n in integrals for b, q in zip(n.vars, n.quads) if b.domain == over]
-    if not rules:
-        raise InputError(f"no integral of `{code.name}` ranges over `{over}`; shard the domain "
-                         "an integral sums over")
     if all(r.entry.own_nodes for r in rules):
         raise UnsupportedError(f"the integrals of `{code.name}` over `{over}` use "
                                f"`{rules[0].entry.name}`, whose nodes are its own, not points "
