@@ -1,4 +1,4 @@
-"""The `itdsl` command line: check, explain, compile.
+"""The `itdsl` command line: check, explain, compile, cache.
 
 Errors in a user's program are printed as `file:line:col: error: ...` with the
 source line and a caret; the exit status is 1. No Python traceback is ever
@@ -8,6 +8,7 @@ shown for them; an internal failure says so and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -97,6 +98,43 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def cmd_cache(args) -> int:
+    from .cache import disk
+    where = disk.cache_dir()
+    if args.action == "clear":
+        libs = sum(p.suffix == ".so" for p in disk.contents()["kernels"])
+        removed = disk.clear()
+        total = sum(b for _, b in removed.values())
+        print(f"{where}: removed {libs} compiled kernels, {removed['plans'][0]} Plans and "
+              f"{removed['partial'][0]} unfinished writes ({_size(total)})")
+        return 0
+    entries = disk.contents()
+    print(f"cache: {where}" + ("" if where.is_dir() else " (not made yet)"))
+    print("  set by " + ("$ITDSL_CACHE_DIR" if "ITDSL_CACHE_DIR" in os.environ
+                         else "the default ($XDG_CACHE_HOME/itdsl or ~/.cache/itdsl)"))
+    libs = [p for p in entries["kernels"] if p.suffix == ".so"]
+    rows = [("compiled kernels", len(libs), entries["kernels"]),
+            ("analysed operators (Plans)", len(entries["plans"]), entries["plans"]),
+            ("unfinished writes", len(entries["partial"]), entries["partial"])]
+    total = 0
+    for what, count, paths in rows:
+        size = sum(p.stat().st_size for p in paths if p.exists())
+        total += size
+        print(f"  {what:<28} {count:>6}   {_size(size):>10}")
+    print(f"  {'total':<28} {'':>6}   {_size(total):>10}")
+    print(f"  entries are keyed by the code that made them ({disk.versions()}); "
+          "`itdsl cache clear` removes them all")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="itdsl", description="A compiler for integral operators.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -116,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op", metavar="NAME", help="only this operator (tir, cuda)")
     p.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("cache", help="the compile cache: where it is, what it holds; clear it")
+    p.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
+    p.set_defaults(func=cmd_cache)
     return ap
 
 

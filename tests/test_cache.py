@@ -178,3 +178,27 @@ def test_plan_key_covers_the_ir_classes():
     from itdsl.cache.disk import sources
     names = {(p.parent.name, p.name) for p in sources("symbolic")}
     assert ("frontend", "ir.py") in names and ("frontend", "ast.py") in names
+
+
+def test_cache_info_counts_the_entries_and_clear_removes_only_itdsl_files(tmp_path, monkeypatch,
+                                                                          capsys):
+    from itdsl import cli
+    monkeypatch.setenv("ITDSL_CACHE_DIR", str(tmp_path))
+    for key in ("k1", "k2"):  # entries where the caches write them (their layout is disk's)
+        for f in disk.kernel_files(key):
+            f.write_bytes(b"x" * 1000)
+    disk.plan_file("p1").parent.mkdir()
+    disk.plan_file("p1").write_bytes(b"y" * 500)
+    disk.private_temp(disk.plan_file("p2"))  # a write that was interrupted
+    (tmp_path / "notes.txt").write_text("not itdsl's")  # a shared directory
+    assert cli.main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "$ITDSL_CACHE_DIR" in out
+    counts = {" ".join(line.split()[:-3]): line.split()[-3] for line in out.splitlines()
+              if line.strip().endswith(("B", "KiB"))}
+    assert counts["compiled kernels"] == "2" and counts["analysed operators (Plans)"] == "1"
+    assert counts["unfinished writes"] == "1", out
+    assert cli.main(["cache", "clear"]) == 0
+    assert "removed 2 compiled kernels, 1 Plans and 1 unfinished writes (4.4 KiB)" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["notes.txt"]

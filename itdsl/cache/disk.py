@@ -39,6 +39,47 @@ def cache_dir() -> Path:
     return path
 
 
+# ---- the entries: where each kind lives (the one place that knows the layout) -----------------
+
+
+def kernel_files(key: str) -> tuple[Path, Path]:
+    """A compiled kernel's shared library and its checksum."""
+    d = cache_dir()
+    return d / f"{key}.so", d / f"{key}.sha256"
+
+
+def plan_file(key: str) -> Path:
+    """A pickled Plan."""
+    return cache_dir() / "plans" / f"{key}.pkl"
+
+
+def contents() -> dict[str, list[Path]]:
+    """The cache's files by kind: "kernels" (libraries and checksums), "plans", and
+    "partial" (temporary files of writes in progress or interrupted)."""
+    d = cache_dir()
+    if not d.is_dir():
+        return {"kernels": [], "plans": [], "partial": []}
+    hidden = [p for p in (*d.glob(".*"), *d.glob("plans/.*")) if p.is_file()]
+    return {"kernels": sorted([*d.glob("*.so"), *d.glob("*.sha256")]),
+            "plans": sorted(d.glob("plans/*.pkl")), "partial": sorted(hidden)}
+
+
+def clear() -> dict[str, tuple[int, int]]:
+    """Remove every entry of the cache: {kind: (files, bytes)} removed. Files that are not
+    itdsl's are left alone (the directory may be shared)."""
+    out = {}
+    for kind, paths in contents().items():
+        size = 0
+        for p in paths:
+            try:
+                size += p.stat().st_size
+            except OSError:
+                continue
+        remove(*paths)
+        out[kind] = (len(paths), size)
+    return out
+
+
 # ---- the code an entry was made by --------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import hashlib
 import pickle
 
 from ..symbolic.plan import Plan
-from .disk import atomic_write_bytes, cache_dir, remove, sources, versions
+from .disk import atomic_write_bytes, plan_file, remove, sources, versions
 
 
 def plan_key(ir_text: str, strategy: str | None) -> str:
@@ -29,7 +29,7 @@ def plan_key(ir_text: str, strategy: str | None) -> str:
 
 def load_plan(key: str) -> Plan | None:
     """A cached Plan, or None (an unreadable entry is removed)."""
-    path = cache_dir() / "plans" / f"{key}.pkl"
+    path = plan_file(key)
     if not path.exists():
         return None
     try:
@@ -44,10 +44,10 @@ def load_plan(key: str) -> Plan | None:
 
 
 def store_plan(key: str, plan: Plan) -> None:
-    d = cache_dir() / "plans"
-    d.mkdir(parents=True, exist_ok=True)
+    path = plan_file(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # a Plan that does not pickle is analysed again next time, not an error
         return
-    atomic_write_bytes(d / f"{key}.pkl", data)
+    atomic_write_bytes(path, data)

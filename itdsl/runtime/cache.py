@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..cache.disk import atomic_write_bytes, cache_dir, digest, private_temp, remove, versions
+from ..cache.disk import atomic_write_bytes, digest, kernel_files, private_temp, remove, versions
 from ..symbolic.pexpr import Node, toposort
 
 
@@ -69,8 +69,7 @@ def _load_tvm_runtime() -> None:
 
 def load(key: str):
     """The cached kernel function for `key`, or None (a bad entry is removed)."""
-    d = cache_dir()
-    lib, check = d / f"{key}.so", d / f"{key}.sha256"
+    lib, check = kernel_files(key)
     if not (lib.exists() and check.exists()):
         return None
     _load_tvm_runtime()
@@ -86,9 +85,8 @@ def load(key: str):
 
 def store(key: str, executable) -> None:
     """Export a compiled TVM executable under `key` (atomically)."""
-    d = cache_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    lib = d / f"{key}.so"
+    lib, check = kernel_files(key)
+    lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = private_temp(lib, suffix=".so")  # export_library picks the format by the suffix
     try:
         executable.export_library(str(tmp))
@@ -96,4 +94,4 @@ def store(key: str, executable) -> None:
         os.replace(tmp, lib)
     finally:
         remove(tmp)  # gone already after the replace
-    atomic_write_bytes(d / f"{key}.sha256", checksum.encode())
+    atomic_write_bytes(check, checksum.encode())
