@@ -16,11 +16,11 @@ from .errors import (
                      ParseError,
                      UnsupportedError,
 )
-from .settings import set_memory_budget, set_small_pairs, tune_malloc
+from .settings import set_memory_budget, set_progress, set_small_pairs, tune_malloc
 
 __version__ = "0.1.0"
 
 __all__ = ["compile_file", "compile_source", "Program", "ItdslError", "ItdslErrors",
            "ParseError", "CheckError", "AnalysisError", "LoweringError", "InputError",
-           "UnsupportedError", "set_memory_budget", "set_small_pairs", "tune_malloc",
-           "__version__"]
+           "UnsupportedError", "set_memory_budget", "set_progress", "set_small_pairs",
+           "tune_malloc", "__version__"]

@@ -51,6 +51,27 @@ def set_small_pairs(n: int | None) -> None:
     _small_pairs = None if n is None else _count(n, "the small-call pair count")
 
 
+_progress: bool | None = None
+
+
+def progress() -> bool:
+    """Whether a compile that takes more than a second prints a progress line on stderr:
+    `itdsl.set_progress`, else $ITDSL_PROGRESS ("0" silences it), else on."""
+    if _progress is not None:
+        return _progress
+    return os.environ.get("ITDSL_PROGRESS", "1").strip().lower() not in ("0", "false", "no",
+                                                                          "off")
+
+
+def set_progress(on: bool | None) -> None:
+    """Print (True) or not (False) a progress line on compiles that take more than a
+    second; None restores the default ($ITDSL_PROGRESS, else on)."""
+    global _progress
+    if on is not None and not isinstance(on, bool):
+        raise InputError(f"set_progress takes True, False or None, not {on!r}")
+    _progress = on
+
+
 def _count(v: int | str, what: str) -> int:
     try:
         n = int(str(v).strip())

@@ -202,3 +202,32 @@ def test_cache_info_counts_the_entries_and_clear_removes_only_itdsl_files(tmp_pa
     assert "removed 2 compiled kernels, 1 Plans and 1 unfinished writes (4.4 KiB)" in \
         capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["notes.txt"]
+
+
+def test_a_compile_longer_than_a_second_prints_a_progress_line(monkeypatch):
+    import io
+    import time
+
+    from itdsl.runtime import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.05)
+
+    def run(seconds: float, n: int = 3) -> str:
+        out = io.StringIO()
+        with progress.Progress("`op` (cpu, float32)", n, stream=out) as bar:
+            for _ in range(n):
+                time.sleep(seconds)
+                bar.step()
+        return out.getvalue()
+
+    assert run(0) == ""  # a warm cache: nothing
+    lines = run(0.04).splitlines()  # (a log, not a terminal: a line at the start and the end)
+    assert lines[0].startswith("itdsl: compiling `op` (cpu, float32): ") and len(lines) == 2
+    assert lines[-1].startswith("itdsl: compiling `op` (cpu, float32): 3 of 3 kernels, ")
+    itdsl.set_progress(False)
+    try:
+        assert run(0.04) == ""
+    finally:
+        itdsl.set_progress(None)
+    with pytest.raises(itdsl.InputError, match="True, False or None"):
+        itdsl.set_progress("yes")

@@ -21,6 +21,7 @@ import torch
 
 from ..symbolic.plan import X_SIDE, Plan, Program, StepKind
 from .plan_eval import PlanEvaluator, _ts
+from .progress import Progress
 
 
 class KernelSet:
@@ -32,15 +33,33 @@ class KernelSet:
         self.plan, self.dtype, self.target, self.loader = plan, dtype, target, loader
         self.groups: dict[str, list] = {}
         self._subsets: dict[tuple[str, frozenset[str]], list] = {}
-        for phase, prog in (("forward", plan.forward), ("backward", plan.backward)):
-            self.groups[phase] = self._build(prog)
+        specs = {phase: self._specs(prog)
+                 for phase, prog in (("forward", plan.forward), ("backward", plan.backward))}
+        with self._progress(sum(map(len, specs.values()))) as bar:
+            for phase, ss in specs.items():
+                self.groups[phase] = self._load(ss, bar)
+
+    def _progress(self, total: int) -> Progress:
+        dtype = str(self.dtype).replace("torch.", "")
+        return Progress(f"`{self.plan.op.name}` ({self.target}, {dtype})", total)
+
+    def _specs(self, prog: Program) -> list:
+        from ..lowering.spec import pair_groups, shift_names, spec_of
+        return [spec_of(g, self.target)
+                for g in pair_groups(prog, shift_names(self.plan), self.target)]
+
+    def _load(self, specs: list, bar: Progress) -> list:
+        dtype = str(self.dtype).replace("torch.", "")
+        out = []
+        for spec in specs:
+            out.append((spec, self.loader(spec, dtype, self.target)))
+            bar.step()
+        return out
 
     def _build(self, prog: Program) -> list:
-        from ..lowering.spec import pair_groups, shift_names, spec_of
-        dtype = str(self.dtype).replace("torch.", "")
-        return [(spec, self.loader(spec, dtype, self.target))
-                for spec in (spec_of(g, self.target)
-                             for g in pair_groups(prog, shift_names(self.plan), self.target))]
+        specs = self._specs(prog)
+        with self._progress(len(specs)) as bar:
+            return self._load(specs, bar)
 
     def for_steps(self, phase: str, only: set[str] | None) -> list:
         """The kernels of a program's steps `only` (None: all), grouped among themselves
