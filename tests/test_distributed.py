@@ -100,8 +100,49 @@ def test_refusals_name_the_domain_and_say_what_to_do():
         itdist.shard(prog["lattice"], over="P")
     with pytest.raises(UnsupportedError, match="gauss.*nodes are its own"):
         itdist.shard(prog["nodes"], over="G")
+    with pytest.raises(UnsupportedError, match="(?s)output.s domain `I` is a index.*points\\(1\\)"):
+        itdist.shard(itdsl.compile_source(CAUSAL, target="reference")["causal"], over="J")
+    with pytest.raises(InputError, match="sharded over `Y` already"):
+        itdist.shard(itdist.shard(prog["gauss"], over="Y"), over="Y")
     with pytest.raises(InputError, match="operator module"):
         itdist.shard(torch.nn.Linear(2, 2), over="Y")
+
+
+def test_the_ring_is_chosen_where_blocks_add_up_and_refused_with_the_reason_elsewhere():
+    prog = itdsl.compile_source(PROGRAM + RATIO, target="reference")
+    assert itdist.shard(prog["gauss"], over="Y").ring
+    assert not itdist.shard(prog["gauss"], over="Y", ring=False).ring
+    assert not itdist.shard(prog["ratio"], over="Y").ring  # the all-gather instead
+    with pytest.raises(UnsupportedError, match="(?s)not a single integral.*gathers"):
+        itdist.shard(prog["ratio"], over="Y", ring=True)
+    with pytest.raises(UnsupportedError, match="positions depend on the slices"):
+        itdist.shard(prog["keys"], over="J", ring=True)
+
+
+CAUSAL = """
+operator causal {
+    domain I = index
+    domain J = index
+    input  q : I -> R^4
+    input  k : J -> R^4
+    output o(i: I) = integral(j: J) exp(dot(q(i), k(j))) * [j <= i]
+}
+"""
+
+RATIO = """
+operator ratio {
+    domain X = points(2)
+    domain Y = points(2)
+    input  b : Y -> R^3
+    output u(x: X) = integral(y: Y) exp(-sqnorm(x - y)) * b(y) / integral(y: Y) exp(-sqnorm(x - y))
+}
+operator keys {
+    domain I = index
+    domain J = index
+    input  v : J -> R
+    output u(i: I) = integral(j: J) v(j)
+}
+"""
 
 
 def test_a_call_without_a_process_group_says_how_to_start_one():

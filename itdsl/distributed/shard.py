@@ -31,8 +31,6 @@ own (`gauss(n)`, `midpoint(n)`).
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,7 +42,10 @@ from ..frontend import ir
 _OK, _SIZE, _GIVEN, _GRAD, _SHAPES = range(5)
 
 
-def _operator_ir(op: nn.Module) -> ir.Operator:
+def _operator_ir(op: nn.Module, over: str) -> ir.Operator:
+    if isinstance(op, ShardedOperator) and op.over == over:
+        raise InputError(f"this operator is sharded over `{over}` already",
+                         hint="shard the operator itself once")
     code = getattr(op, "ir", None)
     if not isinstance(code, ir.Operator):
         raise InputError(f"itdsl.distributed.shard takes an itdsl operator module (`prog[name]` "
@@ -99,6 +100,50 @@ def _check_shardable(code: ir.Operator, over: str) -> None:
         raise UnsupportedError(f"the integrals of `{code.name}` over `{over}` use "
                                f"`{rules[0].entry.name}`, whose nodes are its own, not points "
                                "a rank could hold a slice of")
+    for b in code.output.vars:
+        od = code.domain(b.domain)
+        if od.kind.entry.given or not _reads_position(code, b):
+            continue
+        raise UnsupportedError(
+            f"the output's domain `{b.domain}` is a {od.kind.entry.name}: each rank's output "
+            f"points would start at its own first point, while `{code.name}` reads where they "
+            f"are (`{b.var}` in arithmetic, a comparison, or a read of a field of another "
+            "domain): the ranks' positions would not be the global ones",
+            hint=f"declare `{b.domain}` as points(1) and pass each rank's global positions "
+                 "as its coordinates")
+
+
+def _reads_position(code: ir.Operator, b: ir.Bind) -> bool:
+    """Whether the body uses output variable `b` other than in plain reads of fields on its
+    own domain (its coordinate, arithmetic on it, a read of another domain's field)."""
+    for n in ir.walk(code.output.body):
+        if isinstance(n, ir.Coord) and n.var == b.var:
+            return True
+        if isinstance(n, ir.FieldAt):
+            doms = code.input(n.field).domains
+            for dom, at in zip(doms, n.at):
+                if b.var in at.vars and (at.var != b.var or dom != b.domain):
+                    return True
+    return False
+
+
+RING_RULES = ("sum", "weights", "mean")  # per-point weights a block knows (mean: rescaled)
+
+
+def _ring_refusal(code: ir.Operator, over: str) -> str | None:
+    """Why the ring cannot compute this operator (None: it can). The ring adds up the
+    integrals over Y's blocks, so the output must be one integral over Y whose weights a
+    block knows on its own, over scattered points (no global position to know)."""
+    body, d = code.output.body, code.domain(over)
+    if d.kind.entry.name != "points":
+        return (f"`{over}` is a {d.kind.entry.name}: its points' positions depend on the "
+                "slices before it")
+    if not (isinstance(body, ir.Integral) and len(body.vars) == 1):
+        return "the output is not a single integral over it (a ratio, or more than a sum)"
+    rule = body.quads[0].rule.entry.name
+    if rule not in RING_RULES:
+        return f"its rule `{rule}` does not add up over blocks"
+    return None
 
 
 def _sampled(code: ir.Operator) -> bool:
@@ -147,29 +192,156 @@ class _Gather(torch.autograd.Function):
         return (None, None, None, *out)
 
 
+def _pass_on(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Send `tensors` to the next rank of the ring and receive the previous rank's (equal
+    shapes on every rank: padded)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    to = dist.get_global_rank(group or dist.group.WORLD, (rank + 1) % world)
+    frm = dist.get_global_rank(group or dist.group.WORLD, (rank - 1) % world)
+    got = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), to, group) for t in tensors] + \
+          [dist.P2POp(dist.irecv, g, frm, group) for g in got]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return got
+
+
+class _Ring(torch.autograd.Function):
+    """The integral over Y as the sum of the integrals over its blocks, the blocks passed
+    from rank to rank (as ring attention does): a rank holds its own block and the one in
+    flight, O(|Y|/W). The backward passes each block round again with its gradient
+    accumulating, recomputing the block's integral, and brings the gradient home."""
+
+    @staticmethod
+    def forward(ctx, sop, sizes, names, dims, n_y, others, consts, n_params, *flat):
+        group = sop.group
+        ys, rest = list(flat[:n_y]), list(flat[n_y:])
+        xs = rest[:len(rest) - n_params]  # (the params are inputs for their gradients)
+        ctx.sop, ctx.sizes, ctx.names, ctx.dims, ctx.n_y = sop, sizes, names, dims, n_y
+        ctx.others, ctx.consts, ctx.n_params = others, consts, n_params
+        ctx.save_for_backward(*ys, *xs)
+        m = max(sizes)
+        padded = [_pad(t, dim, m) for t, dim in zip(ys, dims)]
+        world, rank = len(sizes), dist.get_rank(group)
+        acc = None
+        with torch.no_grad():
+            for step in range(world):
+                owner = (rank - step) % world
+                part = sop._block(names, padded, sizes[owner], sum(sizes),
+                                  {**consts, **dict(zip(others, xs))})
+                if part is not None:
+                    acc = part if acc is None else acc + part
+                if step < world - 1:
+                    padded = _pass_on(padded, group)
+        if acc is None:  # every block empty, or no output point here: the call as it is
+            acc = sop._block(names, ys, 0, sum(sizes), {**consts, **dict(zip(others, xs))},
+                             empty=True)
+        return acc
+
+    @staticmethod
+    def backward(ctx, dout):
+        sop, sizes, dims, group = ctx.sop, ctx.sizes, ctx.dims, ctx.sop.group
+        saved = ctx.saved_tensors
+        ys, xs = list(saved[:ctx.n_y]), list(saved[ctx.n_y:])
+        params = [p for p in sop.op.parameters()][:ctx.n_params]
+        world, rank, m = len(sizes), dist.get_rank(group), max(sizes)
+        need = ctx.needs_input_grad[8:]
+        need_y, need_x = need[:ctx.n_y], need[ctx.n_y:len(need) - ctx.n_params]
+        need_p = need[len(need) - ctx.n_params:]
+        blocks = [_pad(t, dim, m) for t, dim in zip(ys, dims)]
+        grads = [torch.zeros_like(b) for b in blocks]
+        gx = [torch.zeros_like(x) if w else None for x, w in zip(xs, need_x)]
+        gp = [torch.zeros_like(p) if w else None for p, w in zip(params, need_p)]
+        for step in range(world):
+            owner = (rank - step) % world
+            n = sizes[owner]
+            if n and dout.numel():
+                with torch.enable_grad():
+                    yl = [b.narrow(dim, 0, n).detach().requires_grad_(w)
+                          for b, dim, w in zip(blocks, dims, need_y)]
+                    xl = [x.detach().requires_grad_(w) for x, w in zip(xs, need_x)]
+                    part = sop._block(ctx.names, yl, n, sum(sizes),
+                                      {**ctx.consts, **dict(zip(ctx.others, xl))})
+                    wrt = [t for t, w in zip(yl, need_y) if w] + \
+                          [t for t, w in zip(xl, need_x) if w] + \
+                          [p for p, w in zip(params, need_p) if w]
+                    got = list(torch.autograd.grad(part, wrt, dout, allow_unused=True)) \
+                        if wrt else []
+                for k, w in enumerate(need_y):
+                    if w:
+                        g = got.pop(0)
+                        if g is not None:
+                            grads[k].narrow(dims[k], 0, n).add_(g)
+                for acc, w in zip([*gx, *gp], [*need_x, *need_p]):
+                    if w:
+                        g = got.pop(0)
+                        if g is not None:
+                            acc.add_(g)
+            if world > 1:  # the block on to the next rank, its gradient with it; after the
+                # last block, the gradient alone goes home (the next rank owns it)
+                moved = _pass_on((blocks if step < world - 1 else []) + grads, group)
+                if step < world - 1:
+                    blocks, grads = moved[:len(blocks)], moved[len(blocks):]
+                else:
+                    grads = moved
+        gy = [g.narrow(dim, 0, sizes[rank]) if w else None
+              for g, dim, w in zip(grads, dims, need_y)]
+        return (None,) * 8 + (*gy, *gx, *gp)
+
+
+def _pad(t: torch.Tensor, dim: int, m: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to `m` entries."""
+    if t.shape[dim] >= m:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = m - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
 def _fingerprint(items: list[tuple[torch.Tensor, int]]) -> int:
     """The shapes (the sharded axis left out) and dtypes of the gathered tensors, as an int63:
     every rank must pass the same."""
     text = ";".join(f"{t.dtype}:{[s if a != t.dim() + dim else -1 for a, s in enumerate(t.shape)]}"
                     for t, dim in items)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    h = 0
+    for c in text.encode():  # (plain arithmetic: torch.compile traces no hashlib)
+        h = (h * 1000003 + c) % (1 << 61)
+    return h
 
 
 class ShardedOperator(nn.Module):
     """An itdsl operator whose domain `over` is split across the ranks of `group`; see
     `shard`. Its params are the operator's (`self.op`), one copy per rank."""
 
-    def __init__(self, op: nn.Module, over: str, group=None):
+    def __init__(self, op: nn.Module, over: str, group=None, ring: bool | None = None):
         super().__init__()
-        code = _operator_ir(op)
+        code = _operator_ir(op, over)
         _check_shardable(code, over)
         self.op, self.over, self.group = op, over, group
         self.ir = code
         self._layout = _layout(code, over)
         self._sampled = _sampled(code)
+        why = _ring_refusal(code, over)
+        if ring and why:
+            raise UnsupportedError(f"the ring cannot shard `{over}` of `{code.name}`: {why}",
+                                   hint="ring=None (the default) gathers the slices instead")
+        self.ring = why is None if ring is None else bool(ring)
 
     def extra_repr(self) -> str:
-        return f"over={self.over}"
+        return f"over={self.over}, {'ring' if self.ring else 'all-gather'}"
+
+    def _block(self, names: list[str], ys: list[torch.Tensor], n: int, total: int, call: dict,
+               empty: bool = False) -> torch.Tensor | None:
+        """The integral over one block of Y (the first `n` points of the padded tensors `ys`,
+        the arguments `names`), at this rank's output points (`call`: the other arguments);
+        None for an empty block unless `empty`."""
+        if n == 0 and not empty:
+            return None
+        dims = dict(self._layout)
+        out = self.op(**call, **{g: t.narrow(dims[g], 0, n) for g, t in zip(names, ys)})
+        if self.ir.output.body.quads[0].rule.entry.name == "mean" and n:
+            out = out * (n / total)  # the block's mean, as its share of the global mean
+        return out
 
     def _device(self) -> torch.device:
         if dist.get_backend(self.group) == "nccl":
@@ -186,7 +358,9 @@ class ShardedOperator(nn.Module):
                 continue
             t = kwargs[name]
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"`{name}` is a tensor, got {type(t).__name__}")
+                what = (f"the coordinates [..., n, D] of this rank's slice of `{name}`"
+                        if name == self.over else f"this rank's slice of the field `{name}`")
+                raise InputError(f"`{name}` is {what}, a tensor; got {type(t).__name__}")
             if t.dim() < -dim:
                 raise InputError(f"`{name}` has {t.dim()} dims; it needs at least {-dim} "
                                  f"(its axis on `{self.over}` is dim {dim})")
@@ -208,7 +382,23 @@ class ShardedOperator(nn.Module):
                              hint="every tensor on the sharded domain holds the same slice")
         return next(iter(sizes.values())), given
 
-    def _exchange(self, kwargs: dict) -> tuple[list[int], list[str], list[bool]]:
+    def _bind_local(self, kwargs: dict) -> None:
+        """This rank's call checked as a call of the operator on its own slice (shapes,
+        dtypes, the params' dtype), so that a bad one fails here, on every rank, and not
+        after the exchange on this rank alone."""
+        from dataclasses import replace
+
+        from ..runtime.binding import Facts, bind
+        params = list(self.op.parameters())
+        # (an empty slice is fine here: the integral runs over every rank's)
+        facts = replace(Facts.of(self.ir), rules=())
+        bound = bind(self.ir, kwargs, params[0].dtype if params else None, facts)
+        for p in params:
+            if p.dtype != bound.dtype:
+                raise InputError(f"the params are {p.dtype} but the inputs are {bound.dtype}",
+                                 hint=f"call `.to({bound.dtype})` on the module")
+
+    def _exchange(self, kwargs: dict, args: tuple = ()) -> tuple[list[int], list[str], list[bool]]:
         """Every rank's slice size, the gathered names, and whether each needs a gradient
         anywhere; one all-gather. An error on one rank is raised on every rank (so none waits
         in a collective the failing one never reaches)."""
@@ -216,6 +406,10 @@ class ShardedOperator(nn.Module):
         row = torch.zeros(5, dtype=torch.int64)
         error = None
         try:
+            if args:
+                raise InputError("call a sharded operator with keyword arguments, as the "
+                                 "operator itself", hint=f"e.g. `sop({self.over}=...)`")
+            self._bind_local(kwargs)
             n, given = self._local(kwargs)
             items = [(kwargs[g], dict(self._layout)[g]) for g in given]
             row[_OK], row[_SIZE] = 1, n
@@ -261,14 +455,11 @@ class ShardedOperator(nn.Module):
         return torch.Generator(device=device).manual_seed(int(seed.item()))
 
     def forward(self, *args, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
-        if args:
-            raise InputError("call a sharded operator with keyword arguments, as the operator "
-                             "itself", hint=f"e.g. `sop({self.over}=...)`")
         if not (dist.is_available() and dist.is_initialized()):
             raise InputError("torch.distributed is not initialised",
                              hint='call torch.distributed.init_process_group("gloo") first '
                                   "(torchrun sets the rank and world size in the environment)")
-        sizes, given, need = self._exchange(kwargs)
+        sizes, given, need = self._exchange(kwargs, args)
         dims = [dict(self._layout)[g] for g in given]
         tensors = []
         for name, want in zip(given, need):
@@ -276,6 +467,14 @@ class ShardedOperator(nn.Module):
             if want and not t.requires_grad:  # (another rank needs this gradient: take part)
                 t = t.detach().requires_grad_()
             tensors.append(t)
+        if self.ring:
+            others = [k for k, v in kwargs.items()
+                      if k not in given and isinstance(v, torch.Tensor)]
+            consts = {k: v for k, v in kwargs.items()
+                      if k not in given and k not in others and k != self.over}
+            params = list(self.op.parameters())
+            return _Ring.apply(self, sizes, given, dims, len(tensors), others, consts,
+                               len(params), *tensors, *(kwargs[k] for k in others), *params)
         call = dict(kwargs)
         call.update(zip(given, _Gather.apply(self.group, sizes, dims, *tensors)))
         if self.over in kwargs and not isinstance(kwargs[self.over], torch.Tensor):
@@ -292,7 +491,7 @@ def draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
 
 
-def shard(op: nn.Module, over: str, group=None) -> ShardedOperator:
+def shard(op: nn.Module, over: str, group=None, ring: bool | None = None) -> ShardedOperator:
     """The operator `op` (an itdsl operator module) with its domain `over` split across the
     ranks of `group` (torch.distributed's default group unless given).
 
@@ -303,9 +502,13 @@ def shard(op: nn.Module, over: str, group=None) -> ShardedOperator:
     losses, the gradients of every tensor are exact (a slice of `over` gets the contributions
     of every rank's outputs), and each rank's param gradients are its share of the total's:
     `all_reduce_grads` sums them (DDP averages them). Every rank must make the same calls, and
-    call backward through them, in the same order — as with any collective. The cost, and why
-    the slices are gathered: see this module's docstring."""
-    return ShardedOperator(op, over, group)
+    call backward through them, in the same order — as with any collective.
+
+    How (see this module's docstring): `ring=None` passes Y's blocks from rank to rank where
+    the output is one integral over a points domain with `sum`, `mean` or `weights` (O(|Y|/W)
+    memory per rank), and all-gathers the slices otherwise (exact for every operator, O(|Y|)
+    per rank); True insists on the ring (an error says why it cannot), False gathers."""
+    return ShardedOperator(op, over, group, ring)
 
 
 def all_reduce_grads(module: nn.Module, group=None, average: bool = False) -> None:
