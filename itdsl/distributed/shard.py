@@ -392,7 +392,20 @@ class ShardedOperator(nn.Module):
         params = list(self.op.parameters())
         # (an empty slice is fine here: the integral runs over every rank's)
         facts = replace(Facts.of(self.ir), rules=())
-        bound = bind(self.ir, kwargs, params[0].dtype if params else None, facts)
+        # and a slice may hold fewer points than the whole domain needs (a grid's 2): those
+        # are checked as the domain's least, shapes and dtypes unchanged otherwise
+        least = self.ir.domain(self.over).kind.entry.min_size
+        kw = dict(kwargs)
+        for name, dim in self._layout:
+            t = kw.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= -dim and t.shape[dim] < least:
+                shape = list(t.shape)
+                shape[dim] = least
+                kw[name] = t.new_zeros(shape)
+        n = kw.get(self.over)
+        if isinstance(n, int) and not isinstance(n, bool) and n < least:
+            kw[self.over] = least
+        bound = bind(self.ir, kw, params[0].dtype if params else None, facts)
         for p in params:
             if p.dtype != bound.dtype:
                 raise InputError(f"the params are {p.dtype} but the inputs are {bound.dtype}",
