@@ -1,10 +1,16 @@
 """`shard`: an operator whose integration domain is split across the ranks of a process group.
 
 What we chose, and why. A rank owns a contiguous slice of the sharded domain Y (its points,
-the fields on it) and its own output points. Each call all-gathers Y's slices, padded to the
-largest (gloo cannot gather unequal sizes), and runs the operator on the rank's output points
-against the whole of Y; the backward all-reduces the gradients of the gathered tensors (a sum,
-not scaled by the world size) and hands each rank its slice. So:
+the fields on it) and its own output points. Two exact ways to compute:
+
+- the ring (`_Ring`), where the output is one integral over a points domain with sum, mean or
+  weights: Y's blocks pass from rank to rank and their integrals add up, O(|Y|/W) memory per
+  rank; the backward passes the blocks round again with their gradients (recomputing each
+  block's integral) and brings each gradient home;
+- the all-gather (`_Gather`), for every other operator: Y's slices gathered, padded to the
+  largest (gloo cannot gather unequal sizes), the operator run on the rank's output points
+  against the whole of Y; the backward all-reduces the gradients of the gathered tensors (a
+  sum, not scaled by the world size) and hands each rank its slice. So:
 
 - every quadrature is the global one (a `mean` divides by the global size, `trapezoid` and
   `simpson` weight the global ends, a grid's points are where they are on the whole grid,
@@ -17,11 +23,9 @@ not scaled by the world size) and hands each rank its slice. So:
   points of Y;
 - the pairs are split: rank r evaluates |X_r| × |Y| of them, 1/W of the work when the output
   points are split evenly;
-- memory: O(|Y|) per rank for the gathered coordinates and fields (and their gradients), not
-  O(|Y|/W) as a ring that passes Y's blocks from rank to rank would give. A ring recombines
-  partial integrals, which only a sum (or a softmax ratio, by its max and denominator) of
-  integrals over Y allows; the gather is exact for every operator the language accepts. No
-  pair tensor is formed on any path but the reference's.
+- memory: O(|Y|) per rank for the gathered coordinates and fields (and their gradients); the
+  gather is exact for every operator the language accepts, where the ring needs partial
+  integrals that add up. No pair tensor is formed on any path but the reference's.
 
 What is refused: sharding a domain the output ranges over (each rank would need the whole
 output's domain; a recurrence across slices would need the state carried between ranks), a
@@ -167,11 +171,7 @@ class _Gather(torch.autograd.Function):
             if m == 0:  # (every slice empty: nothing to exchange)
                 outs.append(t.detach().clone())
                 continue
-            if t.shape[dim] < m:
-                pad = list(t.shape)
-                pad[dim] = m - t.shape[dim]
-                t = torch.cat([t, t.new_zeros(pad)], dim)
-            t = t.contiguous()
+            t = _pad(t, dim, m)
             bufs = [torch.empty_like(t) for _ in sizes]
             dist.all_gather(bufs, t, group=group)
             outs.append(torch.cat([b.narrow(dim, 0, n) for b, n in zip(bufs, sizes)], dim))
@@ -320,6 +320,7 @@ class ShardedOperator(nn.Module):
         self.op, self.over, self.group = op, over, group
         self.ir = code
         self._layout = _layout(code, over)
+        self._dims = dict(self._layout)  # argument -> its axis on `over`
         self._sampled = _sampled(code)
         why = _ring_refusal(code, over)
         if ring and why:
@@ -337,7 +338,7 @@ class ShardedOperator(nn.Module):
         None for an empty block unless `empty`."""
         if n == 0 and not empty:
             return None
-        dims = dict(self._layout)
+        dims = self._dims
         out = self.op(**call, **{g: t.narrow(dims[g], 0, n) for g, t in zip(names, ys)})
         if self.ir.output.body.quads[0].rule.entry.name == "mean" and n:
             out = out * (n / total)  # the block's mean, as its share of the global mean
@@ -368,7 +369,7 @@ class ShardedOperator(nn.Module):
         n = kwargs.get(self.over)
         if isinstance(n, int) and not isinstance(n, bool):
             sizes[self.over] = n
-        elif n is not None and self.over not in dict(self._layout):
+        elif n is not None and self.over not in self._dims:
             raise InputError(f"`{self.over}` is given by its size, an int; got "
                              f"{type(n).__name__}")
         if not sizes:
@@ -398,10 +399,8 @@ class ShardedOperator(nn.Module):
         kw = dict(kwargs)
         for name, dim in self._layout:
             t = kw.get(name)
-            if isinstance(t, torch.Tensor) and t.dim() >= -dim and t.shape[dim] < least:
-                shape = list(t.shape)
-                shape[dim] = least
-                kw[name] = t.new_zeros(shape)
+            if isinstance(t, torch.Tensor) and t.dim() >= -dim:
+                kw[name] = _pad(t, dim, least)
         n = kw.get(self.over)
         if isinstance(n, int) and not isinstance(n, bool) and n < least:
             kw[self.over] = least
@@ -424,7 +423,7 @@ class ShardedOperator(nn.Module):
                                  "operator itself", hint=f"e.g. `sop({self.over}=...)`")
             self._bind_local(kwargs)
             n, given = self._local(kwargs)
-            items = [(kwargs[g], dict(self._layout)[g]) for g in given]
+            items = [(kwargs[g], self._dims[g]) for g in given]
             row[_OK], row[_SIZE] = 1, n
             row[_GIVEN] = sum(1 << k for k, (name, _) in enumerate(self._layout)
                               if name in given)
@@ -473,7 +472,7 @@ class ShardedOperator(nn.Module):
                              hint='call torch.distributed.init_process_group("gloo") first '
                                   "(torchrun sets the rank and world size in the environment)")
         sizes, given, need = self._exchange(kwargs, args)
-        dims = [dict(self._layout)[g] for g in given]
+        dims = [self._dims[g] for g in given]
         tensors = []
         for name, want in zip(given, need):
             t = kwargs[name]
