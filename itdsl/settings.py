@@ -9,7 +9,6 @@ from .errors import InputError
 
 DEFAULT_BUDGET = "256M"
 _budget: int | None = None
-DEFAULT_SMALL_PAIRS = 2**15
 _small_pairs: int | None = None
 
 
@@ -31,22 +30,22 @@ def set_memory_budget(nbytes: int | str | None) -> None:
     _budget = None if nbytes is None else parse_bytes(nbytes, "the memory budget")
 
 
-def small_pairs() -> int:
+def small_pairs() -> int | None:
     """The most pairs (batch entries × the points of every side, e.g. B·n·m) a call may
     have and still run materialised in torch by the Plan evaluator instead of the compiled
-    kernels: below it a kernel's fixed cost (the custom op, padding, thread launch) and its
-    per-pair scalar code lose to a few batched torch ops (measured on 2 cores: the crossover
-    of a Gaussian sum and of an MLP kernel, forward and backward, lies between 2^14 and 2^16
-    pairs). `itdsl.set_small_pairs`, else $ITDSL_SMALL_PAIRS, else 2^15; 0 always compiles."""
+    kernels, where the user fixed it: `itdsl.set_small_pairs`, else $ITDSL_SMALL_PAIRS
+    (0: always the kernels). None: each operator's cost model decides (its crossover for
+    forward and for training calls, which `explain` states; `symbolic.costmodel`)."""
     if _small_pairs is not None:
         return _small_pairs
-    return _count(os.environ.get("ITDSL_SMALL_PAIRS", str(DEFAULT_SMALL_PAIRS)),
-                  "$ITDSL_SMALL_PAIRS")
+    env = os.environ.get("ITDSL_SMALL_PAIRS", "").strip()
+    return _count(env, "$ITDSL_SMALL_PAIRS") if env else None
 
 
 def set_small_pairs(n: int | None) -> None:
-    """Calls with at most `n` pairs run materialised in torch (see `small_pairs`); 0 sends
-    every call to the compiled kernels, None restores the default."""
+    """Calls with at most `n` pairs run materialised in torch, larger ones in the kernels
+    (see `small_pairs`); 0 sends every call to the compiled kernels; None restores the
+    default ($ITDSL_SMALL_PAIRS, else the cost model of each operator)."""
     global _small_pairs
     _small_pairs = None if n is None else _count(n, "the small-call pair count")
 

@@ -7,7 +7,8 @@ import torch
 
 import itdsl
 from itdsl.errors import InputError
-from itdsl.settings import DEFAULT_SMALL_PAIRS, small_pairs
+from itdsl.settings import small_pairs
+from itdsl.symbolic.costmodel import PairWork, crossover, pair_work
 
 GAUSS = """
 operator gauss {
@@ -36,7 +37,7 @@ def _torch_gauss(x, y, b, s):
 
 
 def test_small_call_runs_materialised_and_agrees(small):
-    assert small_pairs() == DEFAULT_SMALL_PAIRS
+    assert small_pairs() is None  # the cost model decides
     torch.manual_seed(0)
     op = itdsl.compile_source(GAUSS, target="cpu")["gauss"].double()
     x = torch.randn(30, 2, dtype=torch.float64, requires_grad=True)
@@ -87,5 +88,81 @@ def test_bad_settings_are_clear_errors(bad, small):
 
 
 def test_explain_states_the_crossover(small):
-    text = itdsl.compile_source(GAUSS, target="cpu").explain("gauss")
-    assert f"at most {DEFAULT_SMALL_PAIRS:,} pairs" in text
+    prog = itdsl.compile_source(GAUSS, target="cpu")
+    work = pair_work(prog["gauss"].plan)
+    text = prog.explain("gauss")
+    for train in (False, True):
+        c = crossover(work, train, 4, itdsl.settings.memory_budget())
+        assert f"{'training' if train else 'forward'} ≤ {c.pairs:,}" in text
+    itdsl.set_small_pairs(1234)
+    assert "at most 1,234 pairs" in prog.explain("gauss")
+
+
+def test_pair_work_counts_the_pair_nodes(small):
+    """exp(-sqnorm(x - y) / (2 s²)) · b(y), b ∈ R^3: the pair-level values are x − y (2),
+    its square (2), their sum, the quotient, exp and the product with b (3), or fewer where
+    the Plan shares them; no linear layers."""
+    work = pair_work(itdsl.compile_source(GAUSS, target="cpu")["gauss"].plan)
+    assert work.gemm == 0
+    assert 5 <= work.values <= 12
+    assert work.ops_forward >= work.values - 3 and work.ops_backward > work.ops_forward
+    mlp = """operator m {
+        domain P = points(1)
+        input  v : P -> R^4
+        param  phi : mlp(2 -> 16 -> 16 -> 4, act = gelu)
+        output g(x: P) = integral(y: P) phi(x, y) * v(y)
+    }"""
+    w = pair_work(itdsl.compile_source(mlp, target="cpu")["m"].plan)
+    assert w.gemm >= 2 * 16 * 16  # the hidden layer, at least, is a GEMM per pair
+    assert w.values >= 16 + 16 + 4
+
+
+def test_crossover_rules():
+    light = PairWork(ops_forward=30, ops_backward=170, values=20, gemm=0)
+    heavy = PairWork(ops_forward=4000, ops_backward=36000, values=300, gemm=4000)
+    budget = 256 << 20
+    for w in (light, heavy):
+        f, t = crossover(w, False, 4, budget), crossover(w, True, 4, budget)
+        assert 0 < f.pairs and 0 < t.pairs
+        # the pair tensors never exceed the budget
+        assert f.pairs * w.values * 4 <= budget and t.pairs * w.values * 4 <= budget
+    # an MLP kernel's GEMMs make torch competitive per pair: a later crossover
+    assert crossover(heavy, True, 4, budget).pairs > crossover(light, True, 4, budget).pairs
+    # a small budget caps it, and says so
+    c = crossover(heavy, True, 4, 1 << 20)
+    assert c.by == "memory" and c.pairs == (1 << 20) // (300 * 4)
+    # float64 halves the cap
+    assert crossover(heavy, True, 8, 1 << 20).pairs == c.pairs // 2
+
+
+def test_training_and_forward_calls_have_their_own_crossover(small):
+    """Gaussian sums: the kernels' backward costs more fixed time than their forward, so a
+    training call stays materialised to more pairs than a forward call."""
+    op = itdsl.compile_source(GAUSS, target="cpu")["gauss"]
+    work = pair_work(op.plan)
+    budget = itdsl.settings.memory_budget()
+    fwd, train = (crossover(work, t, 4, budget).pairs for t in (False, True))
+    assert fwd < train
+    n = int(((fwd + train) / 2) ** 0.5)  # n² pairs between the two crossovers
+    x, y, b = torch.randn(n, 2), torch.randn(n, 2), torch.randn(n, 3)
+    with torch.no_grad():
+        want = op(X=x, Y=y, b=b)
+    assert op.last_run == "kernels"
+    bg = b.clone().requires_grad_(True)
+    got = op(X=x, Y=y, b=bg)
+    assert op.last_run == "materialised"
+    torch.testing.assert_close(got.detach(), want)
+    got.sum().backward()
+    torch.testing.assert_close(bg.grad, torch.exp(-torch.cdist(x, y).square() / (
+        2 * op.s.detach() ** 2)).sum(0)[:, None].expand(n, 3) / n)
+    # a grad-free call of the same tensors under no_grad: the forward rule
+    with torch.no_grad():
+        op(X=x, Y=y, b=bg)
+    assert op.last_run == "kernels"
+    # a smaller budget sends the training call to the kernels too
+    itdsl.set_memory_budget(n * n * work.values * 4 - 1)
+    try:
+        op(X=x, Y=y, b=bg)
+        assert op.last_run == "kernels"
+    finally:
+        itdsl.set_memory_budget(None)

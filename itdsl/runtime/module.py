@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import InputError, LoweringError, UnsupportedError
 from ..frontend.printer import format_ir_operator
-from ..settings import small_pairs
+from ..symbolic.costmodel import PairWork, pair_work, small_limit
 from ..symbolic.pexpr import toposort
 from ..symbolic.plan import X_SIDE, GradKey, GradKind, Plan, param_shapes
 from ..symbolic.strategies import Call, get
@@ -301,10 +301,13 @@ def pairs(plan: Plan, bound) -> int:
     return math.prod(bound.batch) * math.prod(_side_size(plan, s, bound) for s in plan.spaces)
 
 
-def _small(plan: Plan, bound) -> bool:
-    """Whether this call runs materialised in torch (`settings.small_pairs`); never inside
+def _small(plan: Plan, work: PairWork, bound, train: bool) -> bool:
+    """Whether this call runs materialised in torch (`small_limit`); never inside
     torch.compile, which traces the custom ops as they are."""
-    return not torch.compiler.is_compiling() and pairs(plan, bound) <= small_pairs()
+    if torch.compiler.is_compiling():
+        return False
+    limit = small_limit(work, train, bound.dtype.itemsize, bound.device.type)
+    return pairs(plan, bound) <= limit.pairs
 
 
 def _own_domain(plan: Plan, side: str) -> str | None:
@@ -374,6 +377,11 @@ class CompiledOperator(nn.Module):
         self.last_run = None  # what ran the last call: "kernels", "materialised" (a small
         # call, in torch), "empty" or the strategy's name
 
+    @functools.cached_property
+    def pair_work(self) -> PairWork:
+        """The Plan's work per pair, which the small-call cost model reads."""
+        return pair_work(self.plan)
+
     def __deepcopy__(self, memo) -> CompiledOperator:
         """A module with copies of the params; the compiled code (custom ops, kernels, the
         strategy's runner state aside) is per Plan and shared."""
@@ -440,7 +448,10 @@ class CompiledOperator(nn.Module):
         if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             self.last_run = self.strategy
             return self._runner(named, bound, generator)
-        if _small(self.plan, bound):  # too few pairs for the kernels to pay off: torch
+        train = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*kwargs.values(), *named.values())
+            if isinstance(t, torch.Tensor))
+        if _small(self.plan, self.pair_work, bound, train):  # the kernels would not pay off
             self.last_run = "materialised"
             return evaluate_plan(self.plan, named, bound, generator)[0]
         self.last_run = "kernels"

@@ -26,6 +26,28 @@ def _gradient_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _small_call_lines(plan: Plan) -> list[str]:
+    """Which calls the kernels would run but torch runs materialised instead (the Plan
+    evaluator, autograd for the gradients), by the setting or the cost model."""
+    from .costmodel import pair_work, small_limit
+    work = pair_work(plan)
+    how = "itdsl.set_small_pairs, $ITDSL_SMALL_PAIRS; 0: always the kernels"
+    cpu = [small_limit(work, train, 4, "cpu") for train in (False, True)]
+    if cpu[0].by == "setting":
+        return [f"  small calls: a call the kernels would run but with at most {cpu[0].pairs:,} "
+                f"pairs (batch entries × points of every side) runs materialised in torch by "
+                f"the Plan evaluator (set by {how})"]
+    why = {"memory": "the memory budget's cap", "time": "where the costs cross"}
+    parts = [f"{what} ≤ {c.pairs:,} ({why[c.by]})" for what, c in zip(("forward", "training"), cpu)]
+    return [f"  small calls: on the CPU a call the kernels would run runs materialised in "
+            f"torch by the Plan evaluator when its pairs (batch entries × points of every "
+            f"side) are few enough that the kernels' fixed cost does not pay off, by a cost "
+            f"model of this operator's work per pair ({work.ops_forward} operations forward, "
+            f"{work.ops_backward} backward; {work.values} values and {work.gemm} GEMM "
+            f"operations materialised): float32 {', '.join(parts)}; on CUDA ≤ "
+            f"{small_limit(work, False, 4, 'cuda').pairs:,} ({how})"]
+
+
 def explain(plan: Plan, seconds: float | None = None) -> str:
     op, v = plan.op, plan.verdict
     lines = [f"operator {op.name}"]
@@ -51,11 +73,7 @@ def explain(plan: Plan, seconds: float | None = None) -> str:
     if plan.form is not None:
         from ..settings import memory_budget
         lines.append(f"    which runs: {entry.choice(plan.form, memory_budget())}")
-    from ..settings import small_pairs
-    lines.append(f"  small calls: a call the kernels would run but with at most {small_pairs():,} "
-                 "pairs (batch entries × points of every side) runs materialised in torch by "
-                 "the Plan evaluator, where the kernels' fixed cost does not pay off "
-                 "(itdsl.set_small_pairs, $ITDSL_SMALL_PAIRS; 0: always the kernels)")
+    lines += _small_call_lines(plan)
     fwd_b = sum(c for k, c in plan.pair_ops_before.items() if _is_forward(plan, k))
     fwd_a = sum(c for k, c in plan.pair_ops_after.items() if _is_forward(plan, k))
     bwd_b = sum(c for k, c in plan.pair_ops_before.items() if not _is_forward(plan, k))

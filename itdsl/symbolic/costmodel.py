@@ -1,0 +1,112 @@
+"""Which calls run materialised in torch instead of the compiled pair kernels: a cost model
+of the two on the Plan's own counts.
+
+A call of P pairs (batch entries × the points of every side) costs, in the kernels,
+a fixed part (the custom op, padding, thread launch, per-point work; larger for bodies with
+more arithmetic) plus P times the arithmetic per pair at the kernels' rate; materialised, a
+smaller fixed part (the Plan evaluator's Python) plus P times the values it forms per pair
+(memory traffic) and its linear layers at GEMM speed. Below the crossover P* where the two
+meet, torch wins; training (a backward to come) has its own constants. Materialising is
+also capped by the memory budget: the pair tensors autograd keeps must fit in it.
+
+The constants were fitted on a 2-core x86 machine (AVX2) to forward and training times of
+a Gaussian sum (C = 1 and 16) and of MLP kernels (ITNet mixers, 1–2 hidden layers of 16–64
+units, plain and normalised), at 4·10³ to 10⁶ pairs; the crossovers they give are within
+about 2× of the measured ones (`make bench` prints them side by side). A user who knows
+better sets the threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import pexpr as P
+from .plan import Plan, StepKind
+
+# nanoseconds; index 0: a forward call, 1: a training call (forward, then backward)
+_KERNEL_FIXED = (1.0e6, 3.3e6)  # per call
+_KERNEL_FIXED_PER_OP = (1.0e3, 0.4e3)  # per call, per operation per pair (as `_KERNEL_OP`)
+_KERNEL_PAIR = (2.0, 4.0)  # per pair
+_KERNEL_OP = (0.03, 0.0125)  # per pair, per operation (forward; training: forward + backward)
+_TORCH_FIXED = (0.9e6, 1.5e6)  # per call
+_TORCH_PAIR = 3.0  # per pair (broadcasts, the reductions)
+_TORCH_VALUE = 0.6  # per pair, per value the materialised forward forms
+_TORCH_GEMM = 0.008  # per pair, per operation of a linear layer (GEMMs)
+_TORCH_TRAIN = 2.2  # a training call's per-pair cost against a forward call's
+_NEVER = 1 << 62  # "no crossover": the materialised path is never slower per pair
+# CUDA, where the model is not fitted (no GPU was at hand): a fixed count, as on the CPU
+# before the model
+CUDA_SMALL_PAIRS = 2**15
+
+
+@dataclass(frozen=True)
+class PairWork:
+    """What one pair costs: the kernels' arithmetic (forward and backward), and the values
+    and linear-layer operations a materialised forward forms."""
+
+    ops_forward: int
+    ops_backward: int
+    values: int
+    gemm: int
+
+
+def pair_work(plan: Plan) -> PairWork:
+    """The Plan's work per pair: the nodes of its pair steps that depend on both sides."""
+    counts = []
+    for prog in (plan.forward, plan.backward):
+        ops = values = gemm = 0
+        for st in prog.steps:
+            if st.kind not in (StepKind.SUM, StepKind.MAX):
+                continue
+            for n in P.toposort(st.roots):
+                if len(n.deps) <= 1:
+                    continue
+                c = P.node_cost(n)
+                ops += c
+                if n.op not in P.LEAVES:
+                    values += math.prod(n.shape)
+                if n.op == "linear":
+                    gemm += c
+        counts.append((ops, values, gemm))
+    (ops_f, values, gemm), (ops_b, _, _) = counts
+    return PairWork(ops_f, ops_b, values, gemm)
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """The most pairs a call may have and still run materialised, and why."""
+
+    pairs: int
+    # "time" (the crossover of the two costs), "memory" (the budget's cap), "setting" (the
+    # user's), "default" (CUDA's fixed count)
+    by: str
+
+
+def crossover(work: PairWork, train: bool, itemsize: int, budget: int) -> Crossover:
+    """The most pairs at which the materialised evaluation is expected to be no slower
+    than the kernels, for a forward call or a training call (`train`), with values of
+    `itemsize` bytes and `budget` bytes to materialise in."""
+    i = int(train)
+    ops = work.ops_forward + (work.ops_backward if train else 0)
+    kernel_fixed = _KERNEL_FIXED[i] + _KERNEL_FIXED_PER_OP[i] * ops
+    kernel_pair = _KERNEL_PAIR[i] + _KERNEL_OP[i] * ops
+    torch_pair = (_TORCH_PAIR + _TORCH_VALUE * work.values + _TORCH_GEMM * work.gemm) * (
+        _TORCH_TRAIN if train else 1.0)
+    gain = torch_pair - kernel_pair
+    by_time = _NEVER if gain <= 0 else int(max(0.0, kernel_fixed - _TORCH_FIXED[i]) / gain)
+    by_memory = budget // max(1, work.values * itemsize)
+    return Crossover(by_time, "time") if by_time <= by_memory else Crossover(by_memory, "memory")
+
+
+def small_limit(work: PairWork, train: bool, itemsize: int, device: str) -> Crossover:
+    """The most pairs a call may have and still run materialised in torch: the user's
+    (`settings.small_pairs`), else on the CPU the cost model's crossover, else (CUDA, where
+    the model is not fitted) `CUDA_SMALL_PAIRS`."""
+    from ..settings import memory_budget, small_pairs
+    fixed = small_pairs()
+    if fixed is not None:
+        return Crossover(fixed, "setting")
+    if device != "cpu":
+        return Crossover(CUDA_SMALL_PAIRS, "default")
+    return crossover(work, train, itemsize, memory_budget())
