@@ -135,6 +135,11 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench  # torch, and matplotlib for the plot: only for this command
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="itdsl", description="A compiler for integral operators.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -157,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="the compile cache: where it is, what it holds; clear it")
     p.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
     p.set_defaults(func=cmd_cache)
+    p = sub.add_parser("bench", help="time against size for itdsl and its peers: a markdown "
+                       "table and a PNG plot")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    p.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT")
+    p.add_argument("--out", metavar="DIR", default="itdsl-bench",
+                   help="where bench.md and bench.png go (default: itdsl-bench/)")
+    p.add_argument("--no-plot", action="store_true", help="the table only (no matplotlib)")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 
