@@ -20,6 +20,7 @@ import math
 import torch
 
 from ..symbolic.plan import X_SIDE, Plan, Program, StepKind
+from .binding import broadcast
 from .plan_eval import PlanEvaluator, _ts
 from .progress import Progress
 
@@ -33,6 +34,7 @@ class KernelSet:
         self.plan, self.dtype, self.target, self.loader = plan, dtype, target, loader
         self.groups: dict[str, list] = {}
         self._subsets: dict[tuple[str, frozenset[str]], list] = {}
+        self._schedules: dict[tuple, tuple] = {}
         specs = {phase: self._specs(prog)
                  for phase, prog in (("forward", plan.forward), ("backward", plan.backward))}
         with self._progress(sum(map(len, specs.values()))) as bar:
@@ -61,6 +63,24 @@ class KernelSet:
         with self._progress(len(specs)) as bar:
             return self._load(specs, bar)
 
+    def schedule(self, prog: Program, phase: str, only: set[str] | None
+                 ) -> tuple[list, dict[str, int], frozenset[str] | None]:
+        """For running `prog`'s steps `only` (None: all): its kernels, the kernel of each
+        step a kernel computes, and every step to run (a kernel computes all its steps, so
+        each needs its inputs). The same for every call: worked out once."""
+        key = (phase, None if only is None else frozenset(only))
+        got = self._schedules.get(key)
+        if got is None:
+            groups = self.for_steps(phase, only)
+            group_of = {st.name: k for k, (spec, _) in enumerate(groups) for st in spec.steps}
+            steps = None
+            if only is not None:
+                ran = {group_of[n] for n in only if n in group_of}
+                steps = frozenset(prog.depends_on(
+                    set(only) | {st.name for k in ran for st in groups[k][0].steps}))
+            got = self._schedules[key] = (groups, group_of, steps)
+        return got
+
     def for_steps(self, phase: str, only: set[str] | None) -> list:
         """The kernels of a program's steps `only` (None: all), grouped among themselves
         and built on first use: a fused kernel computes all its steps, so one built for
@@ -88,11 +108,7 @@ class CompiledEvaluator(PlanEvaluator):
     def run_program(self, prog: Program, phase: str, only: set[str] | None = None) -> None:
         """Run a program's steps in order, each kernel when the first step it computes is
         reached; with `only`, just those steps (and the kernels that compute them)."""
-        groups = self.kernels.for_steps(phase, only)
-        group_of = {st.name: k for k, (spec, _) in enumerate(groups) for st in spec.steps}
-        if only is not None:  # a kernel computes all its steps: each needs its inputs
-            ran = {group_of[n] for n in only if n in group_of}
-            only = prog.depends_on(set(only) | {st.name for k in ran for st in groups[k][0].steps})
+        groups, group_of, only = self.kernels.schedule(prog, phase, only)
         done: set[int] = set()
         for st in prog.steps:
             if only is not None and st.name not in only:
@@ -111,7 +127,7 @@ class CompiledEvaluator(PlanEvaluator):
         nts = len(_ts(node.shape))
         v = v.squeeze(-nts - 1) if side == X_SIDE else v.squeeze(-nts - 2)  # [*B?, n, *ts]
         n = self.sides[side].n
-        v = v.expand(*torch.broadcast_shapes(v.shape[:-nts - 1], self.bound.batch), n,
+        v = v.expand(*broadcast(v.shape[:-nts - 1], self.bound.batch), n,
                      *v.shape[-nts:])
         return v.reshape(-1, n, math.prod(_ts(node.shape)))
 
@@ -119,7 +135,7 @@ class CompiledEvaluator(PlanEvaluator):
         """The input field `name` as a kernel's table: `[Bf, *axes, C]`, for the full
         (flattened) batch (Bf = 1 without a batch)."""
         f = self.fields[name]  # [*B?, N, C]
-        lead = torch.broadcast_shapes(f.shape[:-2], self.bound.batch)
+        lead = broadcast(f.shape[:-2], self.bound.batch)
         f = f.expand(*lead, *f.shape[-2:])
         axes = self.bound.field_axes(self.plan.op, name)
         bf = max(1, math.prod(lead))

@@ -116,6 +116,11 @@ class OpDef:
                                 for f in sp.factors)]
         self.mc_domains = [_own_domain(plan, s) for s in self.mc_sides]
         self.name = op_name(plan, target)
+        self._facts = Facts.of(op)
+        # the call its module bound just before calling the op (`CompiledOperator.forward`),
+        # per thread: the op's forward reuses it when given the very same tensors
+        self._pending = threading.local()
+        self._needed_steps: dict[tuple, frozenset[str]] = {}
         self._register()
 
     # ---- binding the op's arguments back to a call ------------------------------------------
@@ -152,10 +157,35 @@ class OpDef:
     def bind(self, tensors, params, ints):
         """The call again, from the op's arguments (an operator with no input tensor takes
         its dtype from its params)."""
-        return bind(self.op, self.kwargs(tensors, ints), params[0].dtype if params else None)
+        return bind(self.op, self.kwargs(tensors, ints), params[0].dtype if params else None,
+                    self._facts)
 
-    def evaluator(self, tensors, params, weights, ints) -> CompiledEvaluator:
-        bound = self.bind(tensors, params, ints)
+    def _needed(self, keys: tuple) -> frozenset[str]:
+        """The backward steps the gradients `keys` need (worked out once per set of keys)."""
+        got = self._needed_steps.get(keys)
+        if got is None:
+            got = self._needed_steps[keys] = frozenset(self.plan.backward.needed(keys))
+        return got
+
+    def bound_for(self, bound, tensors, ints) -> None:
+        """Offer the op's next forward on this thread the call `bound` of `tensors`."""
+        self._pending.call = (bound, tensors, list(ints))
+
+    def _bound(self, tensors, params, ints):
+        """The offered call where the op got exactly its tensors (by identity), else the
+        call bound again from the op's arguments."""
+        offered = getattr(self._pending, "call", None)
+        self._pending.call = None
+        if offered is not None and offered[0] is not None:
+            bound, given, gints = offered
+            if (len(given) == len(tensors) and gints == list(ints)
+                    and all(a is b for a, b in zip(given, tensors))):
+                return bound
+        return self.bind(tensors, params, ints)
+
+    def evaluator(self, tensors, params, weights, ints, offered: bool = False
+                  ) -> CompiledEvaluator:
+        bound = (self._bound if offered else self.bind)(tensors, params, ints)
         pdict = dict(zip(self.param_names, params))
         return CompiledEvaluator(self.plan, pdict, bound, self.kernelset(bound.dtype),
                                  weights=dict(zip(self.mc_sides, weights)))
@@ -167,7 +197,7 @@ class OpDef:
         @torch.library.custom_op(name, mutates_args=())
         def forward(tensors: list[torch.Tensor], params: list[torch.Tensor],
                     weights: list[torch.Tensor], ints: list[int]) -> list[torch.Tensor]:
-            ev = self.evaluator(tensors, params, weights, ints)
+            ev = self.evaluator(tensors, params, weights, ints, offered=True)
             ev.run_program(self.plan.forward, "forward")
             out = ev.env["out"]
             if self.plan.out_shape == ():
@@ -193,7 +223,7 @@ class OpDef:
                 ev.env[s] = t
             set_cotangent(self.plan, ev, dout)
             keys = [k for k, want in zip(self.grad_keys, needed) if want]
-            ev.run_program(self.plan.backward, "backward", self.plan.backward.needed(keys))
+            ev.run_program(self.plan.backward, "backward", self._needed(tuple(keys)))
             # a gradient can be the cotangent passed through (`h(x) + ...`), or an input
             # (`weights(w)`): never return an alias of an argument
             return _unaliased(self.collect_grads(ev, tensors, params, set(keys)),
@@ -470,4 +500,13 @@ class CompiledOperator(nn.Module):
             tensors.append(t.contiguous() if t is not None else
                            torch.empty(0, dtype=bound.dtype, device=bound.device))
         ints = opdef.ints(kwargs)
-        return opdef.forward_op(tensors, params, weights, ints)[0]
+        # the op need not bind the call again where it gets the very tensors bound here
+        offer = not weights and not torch.compiler.is_compiling() and all(
+            t is kwargs[name] for name, t in zip(opdef.tensor_names, tensors) if name in kwargs)
+        if offer:
+            opdef.bound_for(bound, tensors, ints)
+        try:
+            return opdef.forward_op(tensors, params, weights, ints)[0]
+        finally:
+            if offer:
+                opdef.bound_for(None, (), ())

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..frontend import ir
 from ..symbolic.pexpr import ELEMENTWISE, Node, toposort
 from ..symbolic.plan import X_SIDE, GradKind, Plan, Program, Step, StepKind
-from .binding import Bound
+from .binding import Bound, broadcast
 from .params import keys_basis
 from .reference import elementwise
 from .sampling import draw, side_points
@@ -253,7 +253,7 @@ class PlanEvaluator:
     # ---- expressions --------------------------------------------------------------------------
     def eval_nodes(self, roots: list[Node], rows: slice | None) -> dict[Node, torch.Tensor]:
         vals: dict[Node, torch.Tensor] = {}
-        for n in toposort(roots):
+        for n in _order(tuple(roots)):
             if n.op != "ref" and self._special(n):
                 continue  # outer products: only inside reductions (`_matrix`)
             vals[n] = self._node(n, [vals.get(a) for a in n.args], rows)
@@ -281,7 +281,7 @@ class PlanEvaluator:
             lo, hi = n.attrs
             return a[0][..., lo:hi]
         if op == "concat":
-            lead = torch.broadcast_shapes(*(t.shape[:-1] for t in a))
+            lead = broadcast(*(t.shape[:-1] for t in a))
             return torch.cat([t.expand(*lead, t.shape[-1]) for t in a], dim=-1)
         if op == "linear":
             col, k, tr = n.attrs
@@ -324,7 +324,7 @@ class PlanEvaluator:
         f = self.fields[name]
         pad = torch.zeros(*f.shape[:-2], 1, f.shape[-1], dtype=f.dtype, device=f.device)
         f = torch.cat([f, pad], dim=-2)  # row N: the padding
-        lead = torch.broadcast_shapes(f.shape[:-2], flat.shape[:-2])
+        lead = broadcast(f.shape[:-2], flat.shape[:-2])
         xy = flat.shape[-2:]
         at = flat.expand(*lead, *xy).reshape(*lead, math.prod(xy), 1).expand(
             *lead, math.prod(xy), f.shape[-1])
@@ -345,7 +345,7 @@ class PlanEvaluator:
             vals = self.eval_nodes([st.expr, *st.index], rows)
             flat, _ = self._flat_index(st.target, [vals[i] for i in st.index])
             v = vals[st.expr]
-            xy = torch.broadcast_shapes(flat.shape[-2:], v.shape[v.dim() - len(ts) - 2:
+            xy = broadcast(flat.shape[-2:], v.shape[v.dim() - len(ts) - 2:
                                                                 v.dim() - len(ts)])
             v = v.expand(*lead, *xy, *ts).reshape(*lead, math.prod(xy), w)
             at = flat.expand(*lead, *xy).reshape(*lead, math.prod(xy), 1).expand(
@@ -381,7 +381,7 @@ class PlanEvaluator:
         if expr.op == "outer":
             col, cols = expr.attrs
             u, v = vals[expr.args[0]], vals[expr.args[1]]
-            lead = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
+            lead = broadcast(u.shape[:-1], v.shape[:-1])
             u, v = u.expand(*lead, u.shape[-1]), v.expand(*lead, v.shape[-1])
             m = self._keep(torch.einsum("...a,...b->...ab", u, v), keep, 2, X, Y)
             return F.pad(m, (col, cols - col - v.shape[-1]))
@@ -451,7 +451,7 @@ class PlanEvaluator:
         ts = v.shape[-nts:]
         lead = v.shape[:-nts - 1]
         if self.expand_batch:
-            lead = torch.broadcast_shapes(lead, self.bound.batch)
+            lead = broadcast(lead, self.bound.batch)
         return v.expand(*lead, n, *ts)
 
     def _matrix_total(self, st: Step) -> torch.Tensor:
@@ -502,6 +502,12 @@ class PlanEvaluator:
     def run(self, prog: Program) -> None:
         for st in prog.steps:
             self.env[st.name] = self.run_step(st)
+
+
+@functools.lru_cache(maxsize=4096)
+def _order(roots: tuple[Node, ...]) -> tuple[Node, ...]:
+    """`toposort(roots)`, once per set of roots (a Plan's are evaluated at every call)."""
+    return tuple(toposort(roots))
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
