@@ -500,3 +500,53 @@ def test_bracket_edges_on_grid_points_decide_pair_by_pair(n):
     for k in ("ref", "dense"):
         torch.testing.assert_close(outs["conv"], outs[k], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grads["conv"], grads[k], rtol=1e-12, atol=1e-12)
+
+
+ALIBI_SDPA = """operator alibi {
+    domain T = index
+    input  q : T -> R^WQ
+    input  k : T -> R^WQ
+    input  v : T -> R^WV
+    param  slope : R = 0.25
+    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 2 - slope * (t - s))MASK
+    output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+}
+"""
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("wq,wv", [(8, 8), (4, 12), (12, 4)])
+def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, causal, wq, wv):
+    """ALiBi's linear bias slope·(s − t) separates into two more columns of the scores'
+    factors, so the score is all GEMM and torch's SDPA runs it (with the factors or the
+    values padded with zero columns to one width, which its fast CPU kernel wants); the
+    output and the gradients of q, k, v and the slope are a plain torch softmax's."""
+    src = (ALIBI_SDPA.replace("WQ", str(wq)).replace("WV", str(wv))
+           .replace("MASK", " * [s <= t]" if causal else ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    assert op._runner.form.sdpa and op._runner.form.rest is None
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(5)
+    n = 23
+    q, k = (torch.randn(2, n, wq, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, n, wv, generator=g, dtype=D, requires_grad=True)
+    out = op(q=q, k=k, v=v)
+    assert calls and calls[0][0] == calls[0][1]  # one width: the fast kernel
+    t = torch.arange(n, dtype=D)
+    slope = op.slope
+    S = q @ k.transpose(1, 2) / 2 - slope * (t[:, None] - t[None, :])
+    if causal:
+        S = S.masked_fill(t[None, :] > t[:, None], -torch.inf)
+    want = torch.softmax(S, -1) @ v
+    torch.testing.assert_close(out, want)
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, slope), g_out)
+    wants = torch.autograd.grad(want, (q, k, v, slope), g_out)
+    for a, b in zip(got, wants, strict=True):
+        torch.testing.assert_close(a, b)

@@ -94,12 +94,14 @@ class SoftmaxForm:
 
     @property
     def sdpa(self) -> bool:
-        """Plain scaled dot-product attention (one dot of the two sides, no mask or the
-        causal [y <= x], nothing else in the score): torch's scaled_dot_product_attention
-        computes it, a library kernel that does this inner work best."""
+        """Scaled dot-product attention: a score that is all GEMM, Σ_t a_t(x)·b_t(y) (q·k,
+        and any position term that separates, such as ALiBi's slope·(y − x), as extra
+        columns of the two factors), no mask or the causal [y <= x]: torch's
+        scaled_dot_product_attention computes it on the factors side by side, a library
+        kernel that does this inner work best."""
         return (self.rest is None and self.live is None and self.causal in (None, "<=")
-                and (self.mask is None or self.causal == "<=") and len(self.terms) == 1
-                and self.terms[0].reduced and all(ps.outside == P.ONE for ps in self.sums))
+                and (self.mask is None or self.causal == "<=")
+                and all(ps.outside == P.ONE for ps in self.sums))
 
 
 
