@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,44 +32,10 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 # ---- the cases ---------------------------------------------------------------------------
 
 
-def gauss_setup(n: int, channels: int):
-    import torch
-
-    import itdsl
-    src = (EXAMPLES / "gauss.it").read_text()
-    if channels != 16:
-        src = src.replace("R^16", "R" if channels == 1 else f"R^{channels}")
-    op = itdsl.compile_source(src, target="cpu")["gauss_smooth"]
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(n, 3, generator=g), torch.rand(n, 3, generator=g)
-    b = torch.randn(n, channels, generator=g)
-    if channels == 1:
-        b = b[:, 0]
-    s = float(op.s.detach())
-
-    def itdsl_fn():
-        with torch.no_grad():
-            return op(X=x, Y=y, b=b)
-
-    def chunked_fn(rows: int = 1024):
-        bb = b if b.dim() == 2 else b[:, None]
-        out = []
-        with torch.no_grad():
-            for i in range(0, n, rows):
-                K = torch.exp(-torch.cdist(x[i:i + rows], y) ** 2 / (2 * s * s))
-                out.append(K @ bb)
-        out = torch.cat(out)
-        return out if b.dim() == 2 else out[:, 0]
-
-    def keops_fn():
-        from pykeops.torch import LazyTensor
-        bb = b if b.dim() == 2 else b[:, None]
-        xi, yj, bj = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :]), LazyTensor(bb[None])
-        K = (-((xi - yj) ** 2).sum(-1) / (2 * s * s)).exp()
-        out = (K * bj).sum(dim=1)
-        return out if b.dim() == 2 else out[:, 0]
-
-    return {"itdsl": itdsl_fn, "torch chunked": chunked_fn, "pykeops": keops_fn}
+def gauss_setup(n: int, channels: int, backward: bool = False):
+    """The Gaussian sum (`itdsl bench`'s case): itdsl, row-chunked torch, pykeops."""
+    from itdsl.bench import gauss_methods
+    return gauss_methods(n, channels, backward)
 
 
 def itnet_setup(n: int):
@@ -100,42 +65,12 @@ def itnet_setup(n: int):
     return {"itdsl": itdsl_fn, "torch materialised": torch_fn}
 
 
-SMALL_MIX = """operator small_mix {
-    domain P = points(1)
-    input  a : P -> R^4
-    input  v : P -> R^4
-    param  phi : mlp(10 -> 64 -> 64 -> 4, act = gelu)
-    output g(x: P) = integral(y: P) phi(x, y, a(x), a(y)) * v(y)
-}
-"""
-
-
 def small_setup(n: int, batch: int):
-    """A training step (forward, backward) of an ITNet-style kernel mlp(10 → 64 → 64 → 4)
-    at a size ITNet models on small data sets run at: itdsl as it decides (its cost model
-    runs such calls materialised in torch), itdsl forced onto its kernels, and the
-    reference (every pair materialised, the executable semantics)."""
-    import torch
-
-    import itdsl
-    ops = {t: itdsl.compile_source(SMALL_MIX, target=t)["small_mix"] for t in ("cpu", "reference")}
-    ops["reference"].load_state_dict(ops["cpu"].state_dict())
-    g = torch.Generator().manual_seed(0)
-    P = torch.rand(n, 1, generator=g)
-    a0, v0 = torch.randn(batch, n, 4, generator=g), torch.randn(batch, n, 4, generator=g)
-
-    def step(op, small=None):
-        a, v = a0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
-        itdsl.set_small_pairs(small)
-        try:
-            out = op(P=P, a=a, v=v)
-        finally:
-            itdsl.set_small_pairs(None)
-        out.square().mean().backward()
-        return out.detach()
-
-    return {"itdsl": lambda: step(ops["cpu"]), "itdsl kernels": lambda: step(ops["cpu"], 0),
-            "itdsl target=reference": lambda: step(ops["reference"])}
+    """A training step of an ITNet-style kernel mlp(10 → 64 → 64 → 4) at a size ITNet models
+    on small data sets run at (`itdsl bench`'s case): itdsl as it decides (its cost model),
+    itdsl forced onto its kernels, and the reference (every pair materialised)."""
+    from itdsl.bench import mix_methods
+    return mix_methods(n, batch)
 
 
 def inn_setup(n: int, batch: int):
@@ -203,24 +138,30 @@ ALIBI = """operator alibi {
     input  k : T -> R^64
     input  v : T -> R^64
     param  slope : R = 0.0625
-    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 8 - slope * (t - s)) * [s <= t]
+    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 8 - slope * BIAS)MASK
     output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
 }
 """
 
 
-def alibi_setup(n: int):
-    """Causal attention with a linear position bias (ALiBi): itdsl's own tiles (the bias per
-    tile); the peer is SDPA with the n×n bias materialised as its float mask."""
+def alibi_setup(n: int, causal: bool, bias: str):
+    """Attention with a position bias: ALiBi's linear slope·(t − s) (its terms separate, so
+    SDPA runs it on two more columns of q and k) or slope·|t − s| (itdsl's own tiled online
+    softmax, the bias per tile); the peer is SDPA with the n×n bias materialised as its
+    float mask."""
     import torch
     import torch.nn.functional as F
 
     import itdsl
-    op = itdsl.compile_source(ALIBI, target="cpu")["alibi"]
+    src = ALIBI.replace("BIAS", bias).replace("MASK", " * [s <= t]" if causal else "")
+    op = itdsl.compile_source(src, target="cpu")["alibi"]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, n, 64, generator=g) for _ in range(3))
     i = torch.arange(n, dtype=torch.float32)
-    bias = (-0.0625 * (i[:, None] - i[None, :])).masked_fill(i[None, :] > i[:, None], -torch.inf)
+    d = i[:, None] - i[None, :]
+    mask = -0.0625 * (d.abs() if "abs" in bias else d)
+    if causal:
+        mask = mask.masked_fill(i[None, :] > i[:, None], -torch.inf)
 
     def itdsl_fn():
         with torch.no_grad():
@@ -228,7 +169,7 @@ def alibi_setup(n: int):
 
     def sdpa_fn():
         with torch.no_grad():
-            return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias)[0]
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
     return {"itdsl": itdsl_fn, "torch sdpa, n×n bias": sdpa_fn}
 
@@ -313,6 +254,8 @@ def cases(quick: bool) -> dict:
     for n in ((2000,) if quick else (10_000, 50_000)):
         for c in (16, 1):
             out[f"gauss n=m={n} C={c}"] = ("gauss", (n, c))
+    n = 2000 if quick else 10_000
+    out[f"gauss fwd+bwd n=m={n} C=16"] = ("gauss", (n, 16, True))
     out[f"itnet_mix fwd+bwd n={512 if quick else 2048}"] = ("itnet", (512 if quick else 2048,))
     out["integral_linear fwd 1024->1024, batch 256"] = ("inn", (1024, 256))
     for n, batch in ((32, 16), (128, 16)):
@@ -323,7 +266,10 @@ def cases(quick: bool) -> dict:
             name = f"{'causal ' if causal else ''}attention {'fwd+bwd' if bwd else 'fwd'} " \
                    f"B·H=4 n={n} d=64"
             out[name] = ("attention", (n, causal, bwd))
-    out[f"ALiBi causal attention fwd B·H=4 n={n} d=64"] = ("alibi", (n,))
+    for causal in (True, False):
+        for bias in ("(t - s)", "abs(t - s)"):
+            name = f"{'causal' if causal else 'non-causal'} ALiBi slope·{bias} fwd B·H=4 n={n} d=64"
+            out[name] = ("alibi", (n, causal, bias))
     out["bump_conv fwd T=4096 batch 32 (1,639 taps: FFT)"] = ("conv", (4096, 32))
     out["bump_conv fwd T=128 batch 256 (51 taps: conv1d)"] = ("conv", (128, 256))
     lengths = (1000, 4000) if quick else (1000, 4000, 16_000, 64_000)
@@ -345,24 +291,7 @@ def build(kind: str, args: tuple) -> dict:
 
 # ---- measurement --------------------------------------------------------------------------------
 
-
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median time per method; the methods take turns, so drifting load hits them alike."""
-    times: dict = {}
-    for method, fn in fns.items():
-        try:
-            fn()  # warm up (compiles, caches)
-            times[method] = []
-        except Exception as e:
-            times[method] = e
-    for _ in range(repeats):
-        for method, fn in fns.items():
-            if isinstance(times[method], Exception):
-                continue
-            t = time.perf_counter()
-            fn()
-            times[method].append(time.perf_counter() - t)
-    return {m: t if isinstance(t, Exception) else statistics.median(t) for m, t in times.items()}
+from itdsl.bench import median_times  # noqa: E402  (the methods take turns; medians)
 
 
 def peak_memory_mb(case: str, method: str, quick: bool) -> float:
@@ -469,6 +398,58 @@ def scaling(seen: dict) -> None:
         print(f"\n{which}: time for 4× T ({steps})")
 
 
+# ---- the targets ---------------------------------------------------------------------------------
+
+
+def _t(seen: dict, case_start: str, method: str = "itdsl") -> float | None:
+    """The median of `method` in the first case whose name starts with `case_start`."""
+    for case, r in seen.items():
+        if case.startswith(case_start) and isinstance(r.get(method), float):
+            return r[method]
+    return None
+
+
+def bars(seen: dict) -> None:
+    """The speed targets, each against the measurement of this run (ratios of medians of
+    interleaved runs; ±30 % noise on a shared machine)."""
+    rows = []
+
+    def bar(what: str, value: float | None, target: str, ok) -> None:
+        if value is None:
+            rows.append(f"| {what} | not measured in this run | {target} | |")
+        else:
+            rows.append(f"| {what} | {value:.2f} | {target} | {'met' if ok(value) else 'missed'} |")
+
+    fwd, both = _t(seen, "gauss n=m=10000 C=16"), _t(seen, "gauss fwd+bwd n=m=10000 C=16")
+    bar("Gaussian sum n = m = 10⁴, C = 16: backward / forward",
+        None if fwd is None or both is None else (both - fwd) / fwd, "≤ 3", lambda v: v <= 3)
+    for peer, target in (("torch chunked", 10), ("pykeops", 15)):
+        p = _t(seen, "gauss fwd+bwd n=m=10000 C=16", peer)
+        bar(f"Gaussian sum forward + backward: {peer} / itdsl",
+            None if p is None or both is None else p / both, f"≥ {target}",
+            lambda v, t=target: v >= t)
+    for causal in ("non-causal", "causal"):
+        for bias, how in (("(t - s)", "SDPA on extra columns"), ("abs(t - s)", "own tiles")):
+            name = f"{causal} ALiBi slope·{bias} fwd"
+            mine, peer = _t(seen, name), _t(seen, name, "torch sdpa, n×n bias")
+            bar(f"{name} ({how}): itdsl / SDPA with the bias as mask",
+                None if mine is None or peer is None else mine / peer, "≤ 1.0",
+                lambda v: v <= 1.0)
+    own, sdpa = (_t(seen, "attention fwd B·H", m) for m in ("itdsl, its own online softmax",
+                                                             "torch sdpa"))
+    bar("plain attention forward, itdsl's own online softmax / SDPA",
+        None if own is None or sdpa is None else own / sdpa, "≤ 1.2", lambda v: v <= 1.2)
+    mine, peer = (_t(seen, "itnet_mix fwd+bwd n=2048", m) for m in ("itdsl", "torch materialised"))
+    bar("itnet_mix forward + backward n = 2,048: materialised torch / itdsl",
+        None if mine is None or peer is None else peer / mine, "≥ 10", lambda v: v >= 10)
+    mine, ref = (_t(seen, "small mlp kernel train step n=32", m)
+                 for m in ("itdsl", "reference"))
+    bar("MLP-kernel training step at n = 32 (batch 16): itdsl / reference",
+        None if mine is None or ref is None else mine / ref, "≤ 1.0", lambda v: v <= 1.0)
+    print("\n| target | measured | bar | |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
 # ---- the table ---------------------------------------------------------------------------------
 
 
@@ -516,6 +497,7 @@ def main() -> None:
             ms = f"{t * 1000:.2f}" if t < 0.01 else f"{t * 1000:.0f}"
             print(f"| {case} | {method} | {ms} ms | {ratio} | {mem} |", flush=True)
     scaling(seen)
+    bars(seen)
     if not a.no_compile:
         print()
         print("| operator | cold compile (empty cache) | warm load (cached, new process) |")

@@ -10,8 +10,9 @@ channels, forward and forward + backward (gradients of the points and the values
 torch in row chunks (so its n×m matrix fits) and pykeops where it is installed; and a
 training step of an ITNet-style kernel MLP at the sizes small models run at, where itdsl's
 cost model chooses between its kernels and a materialised evaluation in torch, against both
-forced and the reference (every pair materialised). Each size's methods take turns, so
-load on the machine hits them alike; the time is the median.
+forced and the reference (every pair materialised); the table names the path itdsl took.
+Each size's methods take turns, so load on the machine hits them alike; the time is the
+median. (With $ITDSL_SMALL_PAIRS set, itdsl follows it instead of its cost model.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .settings import small_pairs, small_pairs_set
 
 GAUSS = """operator gauss {
     domain X = points(3)
@@ -124,18 +126,22 @@ def mix_methods(n: int, batch: int = 16) -> dict:
     P = torch.rand(n, 1, generator=g)
     a0, v0 = torch.randn(batch, n, 4, generator=g), torch.randn(batch, n, 4, generator=g)
 
-    def step(op, small=None):
+    def step(op):
         a, v = a0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
-        itdsl.set_small_pairs(small)
-        try:
-            out = op(P=P, a=a, v=v)
-        finally:
-            itdsl.set_small_pairs(None)
+        out = op(P=P, a=a, v=v)
         out.square().mean().backward()
         return out.detach()
 
-    return {"itdsl": lambda: step(ops["cpu"]), "itdsl kernels": lambda: step(ops["cpu"], 0),
-            "reference": lambda: step(ops["reference"])}
+    def kernels():
+        with small_pairs_set(0):
+            return step(ops["cpu"])
+
+    def chosen():
+        out = step(ops["cpu"])
+        chosen.ran = ops["cpu"].last_run  # what the cost model (or the setting) chose
+        return out
+
+    return {"itdsl": chosen, "itdsl kernels": kernels, "reference": lambda: step(ops["reference"])}
 
 
 def cases(quick: bool) -> list[tuple[str, str, list[int], object]]:
@@ -157,10 +163,13 @@ def run(quick: bool = False, only: str | None = None, progress=print) -> list[di
         if only and only.lower() not in case.lower():
             continue
         for n in sizes:
-            repeats = 3 if quick else (3 if n >= 10_000 else 7)
-            for method, t in median_times(make(n), repeats).items():
+            repeats = 5 if quick else (3 if n >= 10_000 else 9)
+            fns = make(n)
+            for method, t in median_times(fns, repeats).items():
                 err = t if isinstance(t, Exception) else None
-                rows.append({"case": case, "label": label, "n": n, "method": method,
+                ran = getattr(fns[method], "ran", None)
+                rows.append({"case": case, "label": label, "n": n,
+                             "method": f"{method} ({ran})" if ran else method,
                              "s": None if err else t,
                              "error": f"{type(err).__name__}: {err}" if err else ""})
             progress(f"  {case}, {label} = {n:,}: " + ", ".join(
@@ -169,18 +178,23 @@ def run(quick: bool = False, only: str | None = None, progress=print) -> list[di
     return rows
 
 
+def _mine(method: str) -> bool:
+    """itdsl as it decides (the row every ratio is against)."""
+    return method == "itdsl" or method.startswith("itdsl (")
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table: each size's methods with their time against itdsl's."""
     out = ["| case | size | method | time (median) | against itdsl |", "|---|---|---|---|---|"]
     for r in rows:
         base = next(x["s"] for x in rows if x["case"] == r["case"] and x["n"] == r["n"]
-                    and x["method"] == "itdsl")
+                    and _mine(x["method"]))
         if r["s"] is None:
             out.append(f"| {r['case']} | {r['label']} = {r['n']:,} | {r['method']} | "
                        f"failed ({r['error'][:60]}) | |")
             continue
-        if r["method"] == "itdsl" or base is None:
-            ratio = "1.0×" if r["method"] == "itdsl" else ""
+        if _mine(r["method"]) or base is None:
+            ratio = "1.0×" if _mine(r["method"]) else ""
         else:
             q = r["s"] / base
             ratio = f"{q:.2f}× slower" if q >= 1 else f"{1 / q:.2f}× faster"
@@ -191,8 +205,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Time against size, one panel per case, log-log, a line per method."""
+def _series(method: str) -> str:
+    """A method's line in the plot (itdsl's, whichever path it took at each size)."""
+    return "itdsl" if _mine(method) else method
+
+
+def _matplotlib():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -200,15 +218,22 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         raise InputError("`itdsl bench` draws its plot with matplotlib, which is not installed",
                          hint='pip install "itdsl[bench]" (or matplotlib), or pass --no-plot')
+    return plt
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time against size, one panel per case, log-log, a line per method."""
+    plt = _matplotlib()
     cases_ = list(dict.fromkeys(r["case"] for r in rows))
     fig, axes = plt.subplots(1, len(cases_), figsize=(5 * len(cases_), 4), squeeze=False)
     for ax, case in zip(axes[0], cases_):
         mine = [r for r in rows if r["case"] == case]
-        for method in dict.fromkeys(r["method"] for r in mine):
-            pts = [(r["n"], r["s"] * 1e3) for r in mine if r["method"] == method and r["s"]]
+        for method in dict.fromkeys(_series(r["method"]) for r in mine):
+            pts = [(r["n"], r["s"] * 1e3) for r in mine
+                   if _series(r["method"]) == method and r["s"]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method,
-                        linewidth=2.5 if method == "itdsl" else 1.5)
+                        linewidth=2.5 if _mine(method) else 1.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(mine[0]["label"])
@@ -221,17 +246,36 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _out_dir(path: str) -> Path:
+    """The output folder, made if missing; a clear error where it cannot be."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {path}: this is a file, not a folder",
+                         hint="give a folder (it is made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot make this folder ({e.strerror})",
+                         hint="give a folder you can write to") from None
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    print(f"itdsl bench: {threads} threads, torch {torch.__version__}"
-          + ("" if _has_keops() else "; pykeops is not installed (pip install \"itdsl[bench]\" "
-             "adds it as a peer)"))
-    rows = run(args.quick, args.only)
-    if not rows:
+    chosen = [c for c, *_ in cases(args.quick) if not args.only or args.only.lower() in c.lower()]
+    if not chosen:
         raise InputError(f"no benchmark case matches --only {args.only!r}",
                          hint="the cases: " + "; ".join(c for c, *_ in cases(False)))
+    if not args.no_plot:
+        _matplotlib()  # before minutes of measuring
+    out = _out_dir(args.out)
+    threads = torch.get_num_threads()
+    setting = small_pairs()
+    print(f"itdsl bench: {threads} threads, torch {torch.__version__}"
+          + ("" if _has_keops() else "; pykeops is not installed (pip install \"itdsl[bench]\" "
+             "adds it as a peer)")
+          + ("" if setting is None else f"; small calls fixed at {setting:,} pairs by "
+             "$ITDSL_SMALL_PAIRS (not the cost model)"))
+    rows = run(args.quick, args.only)
     text = table(rows)
     (out / "bench.md").write_text(text)
     print()

@@ -1,4 +1,4 @@
-"""The `itdsl` command line: check, explain, compile, cache.
+"""The `itdsl` command line: check, explain, compile, cache, bench.
 
 Errors in a user's program are printed as `file:line:col: error: ...` with the
 source line and a caret; the exit status is 1. No Python traceback is ever

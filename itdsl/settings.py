@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -48,6 +49,18 @@ def set_small_pairs(n: int | None) -> None:
     default ($ITDSL_SMALL_PAIRS, else the cost model of each operator)."""
     global _small_pairs
     _small_pairs = None if n is None else _count(n, "the small-call pair count")
+
+
+@contextlib.contextmanager
+def small_pairs_set(n: int | None):
+    """`set_small_pairs(n)` inside the block; the setting before it restored after."""
+    global _small_pairs
+    saved = _small_pairs
+    set_small_pairs(n)
+    try:
+        yield
+    finally:
+        _small_pairs = saved
 
 
 _progress: bool | None = None

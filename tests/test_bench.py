@@ -33,11 +33,16 @@ def test_gauss_methods_compute_the_same_sum(backward):
 
 
 def test_mix_methods_agree_and_restore_the_setting(cost_model):
-    fns = bench.mix_methods(12, batch=3)
-    outs = {m: fn() for m, fn in fns.items()}
+    itdsl.set_small_pairs(77)  # the user's: kept after the forced-kernels method
+    try:
+        fns = bench.mix_methods(12, batch=3)
+        outs = {m: fn() for m, fn in fns.items()}
+        assert itdsl.settings.small_pairs() == 77
+        assert fns["itdsl"].ran == "kernels"  # 3·12·12 pairs > 77
+    finally:
+        itdsl.set_small_pairs(None)
     for m, out in outs.items():
         torch.testing.assert_close(out, outs["reference"], rtol=1e-4, atol=1e-5, msg=m)
-    assert itdsl.settings.small_pairs() is None
 
 
 def test_table_ratios_are_against_itdsl():
@@ -60,15 +65,21 @@ def test_cli_writes_table_and_plot(tmp_path, capsys, cost_model, monkeypatch):
     assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "bench.md").read_text()
     for n in (8, 16):
-        for method in ("itdsl", "itdsl kernels", "reference"):
+        for method in ("itdsl (materialised)", "itdsl kernels", "reference"):
             assert f"| n = {n} | {method} |" in text
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
-    assert cli.main(["bench", "--only", "no such case", "--out", str(tmp_path)]) == 1
+    assert cli.main(["bench", "--only", "no such case", "--out", str(tmp_path / "o")]) == 1
     assert "no benchmark case matches" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing made for a run that cannot start
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, what in ((afile, "a file, not a folder"), (afile / "sub", "cannot make")):
+        assert cli.main(["bench", "--no-plot", "--only", "mixer", "--out", str(out)]) == 1
+        assert what in capsys.readouterr().err
     # no matplotlib: the plot's error says how to get it (or to skip the plot)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rows = [{"case": "c", "label": "n", "n": 10, "method": "itdsl", "s": 0.002, "error": ""}]

@@ -93,9 +93,14 @@ def test_explain_states_the_crossover(small):
     text = prog.explain("gauss")
     for train in (False, True):
         c = crossover(work, train, 4, itdsl.settings.memory_budget())
-        assert f"{'training' if train else 'forward'} ≤ {c.pairs:,}" in text
+        line = next(ln for ln in text.splitlines()
+                    if ln.strip().startswith("training calls" if train else "forward calls"))
+        assert f"≤ {c.pairs:,} pairs" in line
+    assert "torch.compile: always the kernels" in text
     itdsl.set_small_pairs(1234)
     assert "at most 1,234 pairs" in prog.explain("gauss")
+    itdsl.set_small_pairs(0)
+    assert "small calls: off" in prog.explain("gauss")
 
 
 def test_pair_work_counts_the_pair_nodes(small):
@@ -166,3 +171,74 @@ def test_training_and_forward_calls_have_their_own_crossover(small):
         assert op.last_run == "kernels"
     finally:
         itdsl.set_memory_budget(None)
+
+
+GELU_BODY = """operator ge {
+    domain X = points(1)
+    domain Y = points(1)
+    input  a : X -> R
+    input  b : Y -> R^2
+    output u(x: X) = integral(y: Y) gelu(a(x) + sqnorm(x - y)) * b(y) with sum
+}"""
+
+GELU_MLP = """operator m {
+    domain X = points(1)
+    domain Y = points(1)
+    input  v : Y -> R^2
+    param  phi : mlp(2 -> 8 -> 2, act = gelu)
+    output u(x: X) = integral(y: Y) phi(x, y) * v(y)
+}"""
+
+
+def test_gelu_in_torch_traces_under_torch_compile(small):
+    """gelu's torch form (a Function with torch's fused backward in eager) is the formula
+    as written while torch.compile traces: fullgraph works for the reference target and
+    for strategies that run in torch (ITNet's low-rank mixer), with and without grad, and
+    the Plan evaluator's cached node order is not traced (no lru_cache warning)."""
+    import warnings
+
+    from itdsl.nn.mix import mix_source
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (itdsl.compile_source(GELU_BODY, target="reference")["ge"],
+         dict(X=torch.randn(6, 1, generator=g), Y=torch.randn(5, 1, generator=g),
+              a=torch.randn(6, generator=g), b=torch.randn(5, 2, generator=g)), "a"),
+        (itdsl.compile_source(mix_source("lowrank", 1, 2, 3, 8, rank=4, layers=1),
+                              target="cpu")["mix"],
+         dict(P=torch.rand(6, 1, generator=g), a=torch.randn(6, 2, generator=g),
+              v=torch.randn(6, 3, generator=g), w=torch.rand(6, generator=g)), "v"),
+    ]
+    for op, kw, leaf in cases:
+        torch._dynamo.reset()
+        f = torch.compile(lambda op=op, **k: op(**k), fullgraph=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*lru_cache")  # Dynamo's warning
+            with torch.no_grad():
+                torch.testing.assert_close(f(**kw), op(**kw))
+            x = kw[leaf].clone().requires_grad_(True)
+            out = f(**{**kw, leaf: x})
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        x2 = kw[leaf].clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(op(**{**kw, leaf: x2}).square().sum(), x2)
+        torch.testing.assert_close(gx, want)
+
+
+def test_small_calls_of_gelu_mlps_take_torch_func_transforms(small):
+    """A small call runs in torch, and torch.func's jacrev and grad go through it (gelu's
+    Function has setup_context and a vmap rule), agreeing with the reference."""
+    g = torch.Generator().manual_seed(1)
+    X, Y, v = (torch.randn(4, 1, generator=g), torch.randn(5, 1, generator=g),
+               torch.randn(5, 2, generator=g))
+    op = itdsl.compile_source(GELU_MLP, target="cpu")["m"]
+    ref = itdsl.compile_source(GELU_MLP, target="reference")["m"]
+    ref.load_state_dict(op.state_dict())
+    J = torch.func.jacrev(lambda X: op(X=X, Y=Y, v=v))(X)
+    assert op.last_run == "materialised"
+    torch.testing.assert_close(J, torch.func.jacrev(lambda X: ref(X=X, Y=Y, v=v))(X))
+    params = dict(op.named_parameters())
+
+    def loss(module):
+        return lambda p: torch.func.functional_call(module, p, (), dict(X=X, Y=Y, v=v)).sum()
+    got, want = torch.func.grad(loss(op))(params), torch.func.grad(loss(ref))(params)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k])

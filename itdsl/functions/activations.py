@@ -8,15 +8,17 @@ import math
 from .entry import Elementwise, Opaque
 
 
+def _gelu_written(T, x):
+    return 0.5 * x * (1 + T.erf(x * (1 / math.sqrt(2.0))))
+
+
 def _gelu_fused(T, x):
     """x/2 · (1 + erf(x/√2)) by torch's one fused `gelu`, with the written-out formula's
     special values: the sign of x on a zero (−30 gives −0.0) and +inf at +inf (F.gelu has
     given NaN there in float32 on some vector paths); NaN at −inf and at NaN, as the
-    formula."""
+    formula. No branch on the values (torch.compile, torch.func)."""
     out = T.nn.functional.gelu(x).copysign_(x)
-    if x.numel() and not T.isfinite(x.sum()):  # an inf or NaN somewhere (one cheap pass)
-        out = T.where(x == math.inf, x, out)
-    return out
+    return T.where(x == math.inf, x, out)
 
 
 _GELU_FUNCTION: dict = {}  # the torch module → its autograd Function (made on first use)
@@ -26,13 +28,19 @@ def _gelu_function(T):
     """An autograd Function of the gelu whose backward is torch's one fused
     `gelu_backward` (itself differentiable, so double backward works), not autograd through
     the five ops of the formula: 3–4× less time and memory on the pair tensors of the
-    materialised paths. Its gradient is the formula's, NaN at ±inf as the formula's."""
+    materialised paths. Its gradient is the formula's, NaN at ±inf as the formula's.
+    (`setup_context` and a generated vmap rule: torch.func's transforms take it.)"""
     if T not in _GELU_FUNCTION:
         class Gelu(T.autograd.Function):
+            generate_vmap_rule = True
+
             @staticmethod
-            def forward(ctx, x):
-                ctx.save_for_backward(x)
+            def forward(x):
                 return _gelu_fused(T, x)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.save_for_backward(inputs[0])
 
             @staticmethod
             def backward(ctx, grad):
@@ -44,7 +52,10 @@ def _gelu_function(T):
 
 def _gelu_torch(T, x):
     """The exact (erf) gelu with the written-out formula's values (`_gelu_fused`),
-    differentiated by torch's fused `gelu_backward` (`_gelu_function`)."""
+    differentiated by torch's fused `gelu_backward` (`_gelu_function`). While torch.compile
+    traces, the formula as written: the compiler fuses it, and traces no Function."""
+    if T.compiler.is_compiling():
+        return _gelu_written(T, x)
     if T.is_grad_enabled() and x.requires_grad:
         return _gelu_function(T).apply(x)
     return _gelu_fused(T, x)
@@ -75,7 +86,8 @@ FUNCTIONS = [
         numpy=lambda np, z: np.maximum(z, 0), torch=lambda T, x: T.relu(x),
         tvm=lambda b, x: b.let(x, lambda x: b.tirx.Select(x < b.c(0.0), b.c(0.0), x)),
         let_depth=1, module=lambda nn: nn.ReLU()),
-    # the exact (erf) form, as torch's default; written out in every path (see _gelu_torch)
+    # the exact (erf) form, as torch's default: written out in sympy, numpy and TVM; torch's
+    # fused gelu with the formula's special values in torch (see _gelu_torch)
     Elementwise(
         name="gelu", arity=1,
         opaque=Opaque(formula=lambda S, z: z * (1 + S.erf(z / S.sqrt(2))) / 2),

@@ -253,7 +253,8 @@ class PlanEvaluator:
     # ---- expressions --------------------------------------------------------------------------
     def eval_nodes(self, roots: list[Node], rows: slice | None) -> dict[Node, torch.Tensor]:
         vals: dict[Node, torch.Tensor] = {}
-        for n in _order(tuple(roots)):
+        order = toposort(roots) if torch.compiler.is_compiling() else _order(tuple(roots))
+        for n in order:
             if n.op != "ref" and self._special(n):
                 continue  # outer products: only inside reductions (`_matrix`)
             vals[n] = self._node(n, [vals.get(a) for a in n.args], rows)

@@ -9,11 +9,14 @@ smaller fixed part (the Plan evaluator's Python) plus P times the values it form
 meet, torch wins; training (a backward to come) has its own constants. Materialising is
 also capped by the memory budget: the pair tensors autograd keeps must fit in it.
 
-The constants were fitted on a 2-core x86 machine (AVX2) to forward and training times of
-a Gaussian sum (C = 1 and 16) and of MLP kernels (ITNet mixers, 1–2 hidden layers of 16–64
-units, plain and normalised), at 4·10³ to 10⁶ pairs; the crossovers they give are within
-about 2× of the measured ones (`make bench` prints them side by side). A user who knows
-better sets the threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
+The constants were fitted (least squares of log times) on a 2-core x86 machine to 96
+forward and training calls of a Gaussian sum (C = 1 and 16) and of MLP kernels (ITNet
+mixers, 1–2 hidden layers of 16–64 units, plain and normalised), at 4·10³ to 10⁶ pairs,
+batch 1 and 16. There the path it picks takes on average 1.06× the faster path's time
+(worst 1.8×, where the two are close and the batch shape moves the crossover), against
+1.26× for always the kernels and 1.70× for always torch. `itdsl bench`
+and `make bench` time a training step of an MLP kernel on both paths side by side. A user
+who knows better sets the threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ from . import pexpr as P
 from .plan import Plan, StepKind
 
 # nanoseconds; index 0: a forward call, 1: a training call (forward, then backward)
-_KERNEL_FIXED = (1.0e6, 3.3e6)  # per call
-_KERNEL_FIXED_PER_OP = (1.0e3, 0.4e3)  # per call, per operation per pair (as `_KERNEL_OP`)
-_KERNEL_PAIR = (2.0, 4.0)  # per pair
-_KERNEL_OP = (0.03, 0.0125)  # per pair, per operation (forward; training: forward + backward)
-_TORCH_FIXED = (0.9e6, 1.5e6)  # per call
-_TORCH_PAIR = 3.0  # per pair (broadcasts, the reductions)
-_TORCH_VALUE = 0.6  # per pair, per value the materialised forward forms
-_TORCH_GEMM = 0.008  # per pair, per operation of a linear layer (GEMMs)
-_TORCH_TRAIN = 2.2  # a training call's per-pair cost against a forward call's
+_KERNEL_FIXED = (0.76e6, 2.5e6)  # per call
+_KERNEL_FIXED_PER_OP = (790.0, 190.0)  # per call, per operation per pair (as `_KERNEL_OP`)
+_KERNEL_PAIR = (0.9, 2.8)  # per pair
+_KERNEL_OP = (0.031, 0.0146)  # per pair, per operation (forward; training: forward + backward)
+_TORCH_FIXED = (0.6e6, 1.05e6)  # per call
+_TORCH_PAIR = 3.6  # per pair (broadcasts, the reductions)
+_TORCH_VALUE = 0.63  # per pair, per value the materialised forward forms
+_TORCH_GEMM = 0.0115  # per pair, per operation of a linear layer (GEMMs)
+_TORCH_TRAIN = 2.26  # a training call's per-pair cost against a forward call's
 _NEVER = 1 << 62  # "no crossover": the materialised path is never slower per pair
 # CUDA, where the model is not fitted (no GPU was at hand): a fixed count, as on the CPU
 # before the model

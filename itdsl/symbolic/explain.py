@@ -31,21 +31,35 @@ def _small_call_lines(plan: Plan) -> list[str]:
     evaluator, autograd for the gradients), by the setting or the cost model."""
     from .costmodel import pair_work, small_limit
     work = pair_work(plan)
-    how = "itdsl.set_small_pairs, $ITDSL_SMALL_PAIRS; 0: always the kernels"
-    cpu = [small_limit(work, train, 4, "cpu") for train in (False, True)]
-    if cpu[0].by == "setting":
-        return [f"  small calls: a call the kernels would run but with at most {cpu[0].pairs:,} "
-                f"pairs (batch entries × points of every side) runs materialised in torch by "
-                f"the Plan evaluator (set by {how})"]
-    why = {"memory": "the memory budget's cap", "time": "where the costs cross"}
-    parts = [f"{what} ≤ {c.pairs:,} ({why[c.by]})" for what, c in zip(("forward", "training"), cpu)]
-    return [f"  small calls: on the CPU a call the kernels would run runs materialised in "
-            f"torch by the Plan evaluator when its pairs (batch entries × points of every "
-            f"side) are few enough that the kernels' fixed cost does not pay off, by a cost "
-            f"model of this operator's work per pair ({work.ops_forward} operations forward, "
-            f"{work.ops_backward} backward; {work.values} values and {work.gemm} GEMM "
-            f"operations materialised): float32 {', '.join(parts)}; on CUDA ≤ "
-            f"{small_limit(work, False, 4, 'cuda').pairs:,} ({how})"]
+    how = "itdsl.set_small_pairs or $ITDSL_SMALL_PAIRS sets one count instead; 0 turns them off"
+    where = "" if plan.strategy == "dense" else " (where the strategy hands a call to them)"
+    head = (f"  small calls: a call the tiled kernels would run{where} but with few pairs "
+            "(batch entries × points of every side) runs materialised in torch by the Plan "
+            "evaluator, autograd for its gradients")
+    limits = {(train, size): small_limit(work, train, size, "cpu")
+              for train in (False, True) for size in (4, 8)}
+    fixed = limits[False, 4]
+    if fixed.by == "setting":
+        if fixed.pairs == 0:
+            return ["  small calls: off (itdsl.set_small_pairs or $ITDSL_SMALL_PAIRS is 0): "
+                    "every call the tiled kernels would run runs in them"]
+        return [head, f"    at most {fixed.pairs:,} pairs, set by itdsl.set_small_pairs or "
+                      "$ITDSL_SMALL_PAIRS (0 turns them off)"]
+    why = {"memory": "the memory budget's cap", "time": "where the two costs cross"}
+
+    def at(train: bool) -> str:
+        a, b = limits[train, 4], limits[train, 8]
+        text = f"≤ {a.pairs:,} pairs ({why[a.by]})"
+        return text if a == b else f"{text}; float64 ≤ {b.pairs:,} ({why[b.by]})"
+    return [head,
+            f"    on the CPU, by a cost model of this operator's work per pair "
+            f"({work.ops_forward} operations forward, {work.ops_backward} backward; "
+            f"{work.values} values, {work.gemm} of the operations in GEMMs, materialised):",
+            f"      forward calls (nothing needs a gradient, or under torch.no_grad): {at(False)}",
+            f"      training calls (an input or a param needs a gradient, as params do by "
+            f"default): {at(True)}",
+            f"    on CUDA: ≤ {small_limit(work, False, 4, 'cuda').pairs:,} pairs; under "
+            f"torch.compile: always the kernels ({how})"]
 
 
 def explain(plan: Plan, seconds: float | None = None) -> str:
