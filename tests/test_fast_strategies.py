@@ -550,3 +550,18 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
     wants = torch.autograd.grad(want, (q, k, v, slope), g_out)
     for a, b in zip(got, wants, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_second_derivatives_through_sdpa_are_a_clear_error():
+    """SDPA's CPU backward has no derivative: create_graph=True is refused with an itdsl
+    error (the tiles refuse it the same way)."""
+    src = ALIBI_SDPA.replace("WQ", "4").replace("WV", "4").replace("MASK", "")
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    assert op._runner.form.sdpa
+    q, k, v = (torch.randn(7, 4, dtype=D, requires_grad=True) for _ in range(3))
+    out = op(q=q, k=k, v=v)
+    with pytest.raises(itdsl.UnsupportedError, match="second derivatives") as e:
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert 'target="reference"' in e.value.render()
+    (g,) = torch.autograd.grad(op(q=q, k=k, v=v).sum(), q)  # first derivatives as before
+    assert torch.isfinite(g).all()

@@ -1,5 +1,6 @@
 """attention (`symbolic/strategies/attention.py`): the max step and the sums of a softmax at
-once, by torch's scaled_dot_product_attention for plain q·k attention, else by `_Softmax`, a
+once, by torch's scaled_dot_product_attention where the score is all GEMM (q·k, and position
+terms that separate into more columns of the factors), else by `_Softmax`, a
 tiled online softmax with a flash backward of its own.
 """
 
@@ -39,7 +40,7 @@ runner = AttentionRunner
 
 def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     """The max step and the sums of an attention Plan at once: by torch's
-    scaled_dot_product_attention for plain attention, else by `_Softmax`."""
+    scaled_dot_product_attention where the score is all GEMM, else by `_Softmax`."""
     over = f.sums[0].over
     A, B = factors(ev, f.terms, over)
     insides = [ps.inside for ps in f.sums if ps.inside != P.ONE]
@@ -80,7 +81,7 @@ def _finite(A: torch.Tensor, B: torch.Tensor) -> bool:
 
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
-    """Plain attention by torch's scaled_dot_product_attention (its flash kernel, forward
+    """An all-GEMM score by torch's scaled_dot_product_attention (its flash kernel, forward
     and backward). It returns the normalised Σ exp(s − lse)·v: the Plan's sums are then
     taken relative to the row's log-sum-exp instead of its max, which the ratio does not
     see: the sums of v are the output, the sum of 1 is 1."""
@@ -96,8 +97,22 @@ def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
         A.reshape(1, -1, n, A.shape[-1]), B.reshape(1, -1, m, B.shape[-1]),
         V.reshape(1, -1, m, V.shape[-1]), is_causal=f.causal == "<=", scale=1.0)
     O = O.reshape(*lead, n, V.shape[-1])[..., :Ev]
+    if O.requires_grad and not torch.compiler.is_compiling():
+        O.register_hook(_first_derivatives_only)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
+
+
+def _first_derivatives_only(grad: torch.Tensor) -> None:
+    """SDPA's CPU flash backward has no derivative of its own: a backward that builds a
+    graph for a second derivative (`create_graph=True`) is refused here, clearly, rather
+    than by torch's error deep in the second backward."""
+    if torch.is_grad_enabled():
+        raise UnsupportedError(
+            "second derivatives of attention computed by torch's scaled_dot_product_attention "
+            "are not available (its CPU flash backward has no derivative)",
+            hint='target="reference" differentiates any number of times; or take the first '
+                 "derivative only")
 
 
 def _put_sums(ev: PlanEvaluator, f: SoftmaxForm, acc: torch.Tensor, l: torch.Tensor) -> None:
@@ -173,8 +188,8 @@ class _Softmax(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative
             raise UnsupportedError(
                 "second derivatives through itdsl's tiled online softmax are not implemented",
-                hint="plain q·k attention (torch's SDPA) has them, and so has "
-                     'target="reference"')
+                hint='target="reference" differentiates any number of times; or take the '
+                     "first derivative only")
         ev, f, keys, lead, live = ctx.info
         A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]

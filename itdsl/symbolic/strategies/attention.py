@@ -3,8 +3,8 @@
 Recognised on the IR (every integral a normalised ratio whose kernel is exponentials under
 brackets); on the Plan, the one max step (the shift m) and the sums of exp(s − m)·inside(y)
 under one mask, with s split into a GEMM part Σ_t a_t(x)·b_t(y) and an elementwise rest (a
-position term). The runtime (`itdsl/runtime/strategies/attention.py`) runs plain q·k
-attention by torch's SDPA and anything else by its own tiled online softmax."""
+position term). The runtime (`itdsl/runtime/strategies/attention.py`) runs a score that is
+all GEMM (no rest) by torch's SDPA and anything else by its own tiled online softmax."""
 
 from __future__ import annotations
 
@@ -158,9 +158,12 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
 def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
     if form.sdpa:
         return ["    runs as (torch, no generated kernel):",
-                "      torch's scaled_dot_product_attention (a library flash kernel, forward "
-                "and backward) on a(x), b(y), v(y); the sums are taken relative to the "
-                "row's log-sum-exp"]
+                f"      torch's scaled_dot_product_attention (a library flash kernel, forward "
+                f"and backward) on the score's factors a(x), b(y) (rank "
+                f"{rank(list(form.terms))}) and v(y), the narrower side padded with zero "
+                "columns to one width; the sums are taken relative to the row's log-sum-exp",
+                "      factors with an inf or NaN (checked per call, not under torch.compile) "
+                "go to the tiled online softmax, which gives torch's softmax values"]
     extra = f" + ({show(form.rest)}) per tile" if form.rest is not None else ""
     mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
             "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
