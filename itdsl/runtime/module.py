@@ -404,13 +404,11 @@ class CompiledOperator(nn.Module):
             self.opdef(t)
         self._entry = get(plan.strategy)
         self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
+        # the Plan's work per pair, which the small-call cost model reads (worked out here:
+        # a lazy property's lock is not something torch.compile traces)
+        self.pair_work: PairWork = pair_work(plan)
         self.last_run = None  # what ran the last call: "kernels", "materialised" (a small
         # call, in torch), "empty" or the strategy's name
-
-    @functools.cached_property
-    def pair_work(self) -> PairWork:
-        """The Plan's work per pair, which the small-call cost model reads."""
-        return pair_work(self.plan)
 
     def __deepcopy__(self, memo) -> CompiledOperator:
         """A module with copies of the params; the compiled code (custom ops, kernels, the
