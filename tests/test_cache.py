@@ -231,3 +231,31 @@ def test_a_compile_longer_than_a_second_prints_a_progress_line(monkeypatch):
         itdsl.set_progress(None)
     with pytest.raises(itdsl.InputError, match="True, False or None"):
         itdsl.set_progress("yes")
+
+
+def test_a_progress_line_to_a_closed_stream_never_stops_the_compile(monkeypatch):
+    """stderr gone (a closed pipe: `... 2>&1 | head`): the progress line stops, the work
+    goes on."""
+    import time
+
+    from itdsl.runtime import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.01)
+
+    class Broken:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    done = 0
+    with progress.Progress("`op` (cpu, float32)", 3, stream=Broken()) as bar:
+        for _ in range(3):
+            time.sleep(0.03)
+            bar.step()
+            done += 1
+    assert done == 3

@@ -24,6 +24,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self.shown = False
+        self._dead = False  # the stream failed: nothing more is written
         self._lock = threading.Lock()
         self._timer = threading.Timer(DELAY, self._show) if progress() else None
         tty = getattr(self.stream, "isatty", None)
@@ -39,20 +40,31 @@ class Progress:
         return (f"itdsl: compiling {self.what}: {self.done} of {self.total} kernels, "
                 f"{time.perf_counter() - self.start:.1f} s")
 
+    def _write(self, text: str) -> None:
+        """Write to the stream; a stream that fails (a closed pipe, a full disk) ends the
+        progress line, never the compile."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # (ValueError: a closed file)
+            self.shown = False
+            self.tty = False
+            if self._timer is not None:
+                self._timer.cancel()
+            self._dead = True
+
     def _show(self) -> None:
         with self._lock:
-            if self.done >= self.total:
+            if self.done >= self.total or self._dead:
                 return
             self.shown = True
-            self.stream.write(("\r" + self._line()) if self.tty else self._line() + "\n")
-            self.stream.flush()
+            self._write(("\r" + self._line()) if self.tty else self._line() + "\n")
 
     def step(self) -> None:
         with self._lock:
             self.done += 1
             if self.shown and self.tty:
-                self.stream.write("\r" + self._line())
-                self.stream.flush()
+                self._write("\r" + self._line())
 
     def __exit__(self, *exc) -> None:
         if self._timer is not None:
@@ -60,5 +72,4 @@ class Progress:
         with self._lock:
             if self.shown:
                 end = "" if exc[0] is None else " (stopped by an error)"
-                self.stream.write(("\r" if self.tty else "") + self._line() + end + "\n")
-                self.stream.flush()
+                self._write(("\r" if self.tty else "") + self._line() + end + "\n")
