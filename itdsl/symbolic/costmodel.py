@@ -14,9 +14,11 @@ forward and training calls of a Gaussian sum (C = 1 and 16) and of MLP kernels (
 mixers, 1–2 hidden layers of 16–64 units, plain and normalised), at 4·10³ to 10⁶ pairs,
 batch 1 and 16. There the path it picks takes on average 1.06× the faster path's time
 (worst 1.8×, where the two are close and the batch shape moves the crossover), against
-1.26× for always the kernels and 1.70× for always torch. `itdsl bench`
-and `make bench` time a training step of an MLP kernel on both paths side by side. A user
-who knows better sets the threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
+1.26× for always the kernels and 1.70× for always torch. `python benchmarks/costmodel.py`
+measures such calls again, scores these constants on them and refits them (a later quick run:
+1.03× on average, against 1.25× and 2.29×). `itdsl bench` and `make bench` time a training
+step of an MLP kernel on both paths side by side. A user who knows better sets the
+threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
 """
 
 from __future__ import annotations
