@@ -16,9 +16,29 @@ def _gelu_fused(T, x):
     """x/2 · (1 + erf(x/√2)) by torch's one fused `gelu`, with the written-out formula's
     special values: the sign of x on a zero (−30 gives −0.0) and +inf at +inf (F.gelu has
     given NaN there in float32 on some vector paths); NaN at −inf and at NaN, as the
-    formula. No branch on the values (torch.compile, torch.func)."""
+    formula. No branch on the values (torch.compile, torch.func): the +inf fix-up is left
+    out only where a probe showed F.gelu right there (`_gelu_keeps_inf`)."""
     out = T.nn.functional.gelu(x).copysign_(x)
+    if _gelu_keeps_inf(T, x.dtype, x.device):
+        return out
     return T.where(x == math.inf, x, out)
+
+
+_GELU_INF: dict = {}  # (dtype, device) → whether F.gelu gives +inf at +inf on every lane
+
+
+def _gelu_keeps_inf(T, dtype, device) -> bool:
+    """Whether torch's gelu maps +inf to +inf here, on every lane of its vector loops and
+    their tails (probed once per dtype and device, on vectors of 1 to 80 elements): then no
+    fix-up pass is needed."""
+    key = (dtype, str(device))
+    if key not in _GELU_INF:
+        with T.no_grad():
+            _GELU_INF[key] = all(
+                bool(T.isposinf(T.nn.functional.gelu(
+                    T.full((n,), math.inf, dtype=dtype, device=device))).all())
+                for n in range(1, 81))
+    return _GELU_INF[key]
 
 
 _GELU_FUNCTION: dict = {}  # the torch module → its autograd Function (made on first use)
