@@ -4,19 +4,18 @@
     python benchmarks/costmodel.py --quick      # fewer sizes and operators
 
 Times forward and training calls of a few operators (Gaussian sums, ITNet mixers with MLP
-kernels, plain and normalised) on both paths — the compiled kernels (`set_small_pairs(0)`)
-and the materialised Plan evaluator (every call small) — at 4·10³ to 2.6·10⁵ pairs, batch 1
-and 16; fits the model's constants by least squares of log times; prints them (to paste into
-`costmodel.py`) and how well the model's pick does against always-kernels and always-torch:
+kernels, plain and normalised) on both paths, taking turns — the compiled kernels
+(`set_small_pairs(0)`) and the materialised Plan evaluator (every call small) — at 4·10³ to
+2.6·10⁵ pairs, batch 1 and 16; fits the model's constants by least squares of log times;
+prints them (to paste into `costmodel.py`) and how well the model's pick does against
+always-kernels and always-torch:
 the mean of (time of the path picked) / (time of the faster path) over the calls measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import itdsl
-from itdsl.bench import GAUSS
+from itdsl.bench import GAUSS, median_times
 from itdsl.nn import Mix
 from itdsl.settings import small_pairs_set
 from itdsl.symbolic import costmodel as C
 
 NEVER = 1 << 62
-
-
-def _median(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def gauss(channels: int):
@@ -97,10 +86,14 @@ def measure(quick: bool) -> list[dict]:
         for n, batch in shapes:
             for grad in (False, True):
                 fn = make(n, batch, grad)
-                got = {}
-                for label, setting in (("kernels", 0), ("torch", NEVER)):
-                    with small_pairs_set(setting):
-                        got[label] = _median(fn, 5 if n * n * batch < 300_000 else 3)
+
+                def on(setting, fn=fn):
+                    def call():
+                        with small_pairs_set(setting):
+                            fn()
+                    return call
+                got = median_times({"kernels": on(0), "torch": on(NEVER)},
+                                   5 if n * n * batch < 300_000 else 3)
                 rows.append({"case": name, "work": work, "pairs": n * n * batch, "train": grad,
                              **got})
                 print(f"  {name}, n={n}, batch {batch}, {'training' if grad else 'forward'}: "
@@ -156,7 +149,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print("measuring (float32; kernels and torch take turns per size):")
     rows = measure(args.quick)
     always_k = np.mean([r["kernels"] / min(r["kernels"], r["torch"]) for r in rows])

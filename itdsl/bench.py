@@ -156,12 +156,15 @@ def cases(quick: bool) -> list[tuple[str, str, list[int], object]]:
     ]
 
 
+def selected(quick: bool, only: str | None) -> list:
+    """The cases whose name contains `only` (all without it), as `cases` gives them."""
+    return [c for c in cases(quick) if not only or only.lower() in c[0].lower()]
+
+
 def run(quick: bool = False, only: str | None = None, progress=print) -> list[dict]:
     """Every case and size: rows of (case, size label, n, method, seconds or None, error)."""
     rows = []
-    for case, label, sizes, make in cases(quick):
-        if only and only.lower() not in case.lower():
-            continue
+    for case, label, sizes, make in selected(quick, only):
         for n in sizes:
             repeats = 5 if quick else (3 if n >= 10_000 else 9)
             fns = make(n)
@@ -261,8 +264,7 @@ def _out_dir(path: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    chosen = [c for c, *_ in cases(args.quick) if not args.only or args.only.lower() in c.lower()]
-    if not chosen:
+    if not selected(args.quick, args.only):
         raise InputError(f"no benchmark case matches --only {args.only!r}",
                          hint="the cases: " + "; ".join(c for c, *_ in cases(False)))
     if not args.no_plot:

@@ -57,24 +57,22 @@ class PairWork:
 
 
 def pair_work(plan: Plan) -> PairWork:
-    """The Plan's work per pair: the nodes of its pair steps that depend on both sides."""
-    counts = []
-    for prog in (plan.forward, plan.backward):
-        ops = values = gemm = 0
-        for st in prog.steps:
-            if st.kind not in (StepKind.SUM, StepKind.MAX):
+    """The Plan's work per pair: its own counts of operations per pair (`pair_ops_after`,
+    which `explain` prints too), and the values and GEMM operations of the forward's pair
+    steps (the nodes that depend on both sides), which a materialised forward forms."""
+    forward = {st.name for st in plan.forward.steps}
+    ops_f = sum(c for step, c in plan.pair_ops_after.items() if step in forward)
+    ops_b = sum(c for step, c in plan.pair_ops_after.items() if step not in forward)
+    values = gemm = 0
+    for st in plan.forward.steps:
+        if st.kind not in (StepKind.SUM, StepKind.MAX):
+            continue
+        for n in P.toposort(st.roots):
+            if len(n.deps) <= 1 or n.op in P.LEAVES:
                 continue
-            for n in P.toposort(st.roots):
-                if len(n.deps) <= 1:
-                    continue
-                c = P.node_cost(n)
-                ops += c
-                if n.op not in P.LEAVES:
-                    values += math.prod(n.shape)
-                if n.op == "linear":
-                    gemm += c
-        counts.append((ops, values, gemm))
-    (ops_f, values, gemm), (ops_b, _, _) = counts
+            values += math.prod(n.shape)
+            if n.op == "linear":
+                gemm += P.node_cost(n)
     return PairWork(ops_f, ops_b, values, gemm)
 
 
