@@ -565,3 +565,50 @@ def test_second_derivatives_through_sdpa_are_a_clear_error():
     assert 'target="reference"' in e.value.render()
     (g,) = torch.autograd.grad(op(q=q, k=k, v=v).sum(), q)  # first derivatives as before
     assert torch.isfinite(g).all()
+
+
+GAUSS_ATTENTION = """operator ga {
+    domain I = index
+    domain J = index
+    input  q : I -> R^4
+    input  k : J -> R^4
+    input  v : J -> R
+    input  bias : J -> R
+    kernel a(x: I, y: J) = exp(-sqnorm(q(x) - k(y)) + bias(y))
+    output o(x: I) = integral(y: J) a(x, y) * v(y) / integral(y: J) a(x, y)
+}
+"""
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_scores_too_large_for_sdpas_log_sum_exp_go_to_the_tiles(monkeypatch, huge):
+    """SDPA's backward recomputes probabilities from one stored log-sum-exp per row, rounded
+    to the float spacing at the row max: with a coordinate of 1e30 (scores near -1e60) the
+    log of the sum is lost and its gradients came out m times too large. Such calls go to
+    the own tiles: output and gradients are torch's softmax of the written formula."""
+    op = itdsl.compile_source(GAUSS_ATTENTION, target="cpu")["ga"].double()
+    assert op._runner.form.sdpa
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 4, generator=g, dtype=D)
+    if huge:
+        q[0, 0, 0] = 1e30
+    q.requires_grad_()
+    k = torch.randn(5, 4, generator=g, dtype=D, requires_grad=True)
+    v, bias = (torch.randn(3, 5, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    out = op(q=q, k=k, v=v, bias=bias)
+    assert bool(calls) != huge
+    S = -((q[:, :, None, :] - k[None, None]) ** 2).sum(-1) + bias[:, None, :]
+    want = (torch.softmax(S, -1) @ v[..., None])[..., 0]
+    torch.testing.assert_close(out, want)
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), g_out)
+    wants = torch.autograd.grad(want, (q, k, v, bias), g_out)
+    if huge:  # Σ_y dS·2(q − k) with q = 1e30: 0 in exact arithmetic, rounding of 1e30·eps
+        assert got[0][0, 0, 0].abs() <= 1e30 * 1e-13
+        got[0][0, 0, 0] = wants[0][0, 0, 0]
+    for a, b in zip(got, wants, strict=True):
+        torch.testing.assert_close(a, b)

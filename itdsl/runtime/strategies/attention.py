@@ -50,7 +50,7 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         V = B.new_zeros(*B.shape[:-1], 0)
     A, B, V = broadcast_lead(A, B, V)
     lead = A.shape[:-2]
-    if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _finite(A, B)):
+    if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _sdpa_safe(A, B)):
         return _sdpa(ev, f, A, B, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
@@ -73,11 +73,23 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     _put_sums(ev, f, acc.reshape(*lead, n, -1), l.reshape(*lead, n, 1))
 
 
-def _finite(A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Scores with an inf or NaN factor go to the own tiles, which give torch's softmax
-    values (NaN where it does); SDPA's flash kernel answers otherwise. (Under
-    torch.compile the check, a branch on values, is left out.)"""
-    return bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+def _sdpa_safe(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether SDPA may take these factors (one check, one sync):
+    - every factor finite: scores with an inf or NaN factor go to the own tiles, which give
+      torch's softmax values (NaN where it does); SDPA's flash kernel answers otherwise;
+    - scores small enough for SDPA's backward: it keeps one log-sum-exp per row,
+      max + log(Σ exp(s − max)), whose rounding to the spacing of floats at the row max
+      puts a relative error of eps·|max| on every recomputed probability — at |s| ~ 1e60 the
+      log of the sum is lost entirely and the gradients come out m times too large, where
+      the own tiles keep max and sum apart. Σ_c max|A_c|·max|B_c| bounds every |score|;
+      above SDPA_SCORE_BOUND relative to eps the tiles take the call.
+    (Under torch.compile the check, a branch on values, is left out.)"""
+    A, B = A.flatten(0, -2), B.flatten(0, -2)
+    if A.shape[0] == 0 or B.shape[0] == 0:
+        return True  # (no scores)
+    bound = (A.abs().amax(0) * B.abs().amax(0)).sum()
+    lse = A.dtype if A.dtype == torch.float64 else torch.float32  # (halves: kept in float32)
+    return bool(bound * torch.finfo(lse).eps <= T.SDPA_SCORE_BOUND)
 
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
