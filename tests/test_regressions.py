@@ -145,6 +145,15 @@ CASES = {
             F.softplus(torch.exp(X[:, None, 0] * X[None, :, 0]))
             * torch.tanh(torch.tanh(X[:, None, 1] - X[None, :, 1]))
             * torch.exp(torch.exp(-sqdist(X, X))), b)),
+    "norm_of_a_scalar_minus_a_vector": (  # |u − v|² with u a scalar: broadcast, not expanded
+        """operator a {
+            domain X = points(3)
+            input  b : X -> R
+            output u(x: X) = integral(y: X) exp(-sqnorm(norm(y) - x) / 4) * b(y)
+        }""",
+        lambda dt: dict(X=rnd(6, 3, dtype=dt), b=rnd(6, dtype=dt)),
+        lambda op, X, b: pair_mean(torch.exp(-((X.norm(dim=-1)[None, :, None] - X[:, None, :])
+                                               ** 2).sum(-1) / 4), b)),
 }
 
 

@@ -125,7 +125,8 @@ class _Lower:
         if not (self.rewrite and isinstance(a, ir.Op) and a.fn is ir.Fn.SUB and a.width):
             return P.dot(plain, plain)
         u, v = (self(x) for x in a.args)
-        if not (len(u.deps) == 1 and len(v.deps) == 1 and u.deps != v.deps):
+        if not (len(u.deps) == 1 and len(v.deps) == 1 and u.deps != v.deps
+                and u.shape == v.shape):  # (a scalar minus a vector broadcasts: kept as is)
             return P.dot(plain, plain)
         before = P.cost([P.dot(plain, plain)])
         after = 2 * a.width + 1  # u.v plus two additions per pair
