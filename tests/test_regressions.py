@@ -555,3 +555,38 @@ def test_padding_weights_with_huge_scores(target, strategy, dtype):
     torch.testing.assert_close(out.double(), expected.detach(), rtol=tol, atol=tol)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+_TINY_DENOMINATOR = """
+operator tiny {
+    domain X = points(1)
+    domain Y = points(1)
+    input  b : Y -> R
+    input  w : Y -> R
+    kernel k(x: X, y: Y) = sum(x) * sum(y) + 1
+    output o(x: X) = integral(y: Y) softplus(k(x, y)) * b(y) with weights(w)
+                   / integral(y: Y) softplus(k(x, y)) with weights(w)
+}
+"""
+
+
+@pytest.mark.parametrize("strategy", [None, "dense"])
+def test_a_ratio_with_a_tiny_float32_denominator_has_finite_gradients(strategy):
+    """d(a/c)/dc is −(a/c)·(1/c), as torch's −(a/c)/c: the textbook −a/c² squares a float32
+    denominator of 1e-20 (softplus(−43)) to 0 in the kernels and gave inf gradients where
+    torch's are finite."""
+    X = torch.tensor([[0.47], [0.6], [-80.0]])
+    Y, b, w = torch.tensor([[0.56]]), torch.tensor([1.7]), torch.tensor([0.13])
+    op = itdsl.compile_source(_TINY_DENOMINATOR, target="cpu", strategy=strategy)["tiny"]
+    ins = [t.clone().requires_grad_(True) for t in (X, Y, b, w)]
+    out = op(X=ins[0], Y=ins[1], b=ins[2], w=ins[3])
+    ref = [t.double().requires_grad_(True) for t in (X, Y, b, w)]
+    s = F.softplus(ref[0] @ ref[1].T + 1) * ref[3]
+    want = (s @ ref[2]) / s.sum(1)
+    cot = torch.tensor([1.0, -2.0, 0.5])
+    got = torch.autograd.grad(out, ins, cot)
+    wants = torch.autograd.grad(want, ref, cot.double())
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for a, e in zip(got, wants, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)

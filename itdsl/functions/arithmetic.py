@@ -20,6 +20,16 @@ def _pow_partials(P, args, d) -> list:
             P.where(P.ew("and", P.ew("==", a, P.ZERO), P.ew(">=", b, P.ZERO)), P.ZERO, db)]
 
 
+def _div_partials(P, args, d) -> list:
+    """d(a/c): 1/c, and −(a/c)·(1/c) for the denominator, as torch's −(a/c)/c — sympy's
+    −a/c² squares c first, which underflows to 0 (then 1/0 = inf) for a float32 c below
+    1e-19, where the quotient a/c (the forward's own value) and 1/c stay finite; 1/c of a
+    per-call c (negated) hoists out of the pair loop: the pair pays one multiply."""
+    a, c = args
+    inv = P.div(P.ONE, c)
+    return [inv, P.mul(P.div(a, c), P.neg(inv))]
+
+
 FUNCTIONS = [
     Elementwise(
         name="neg", arity=1, syntax="prefix",
@@ -43,7 +53,7 @@ FUNCTIONS = [
         tvm=lambda b, x, y: x * y),
     Elementwise(
         name="/", arity=2, syntax="infix", member="DIV",
-        sympy=lambda S, a, c: a / c,
+        sympy=lambda S, a, c: a / c, partials=_div_partials,
         numpy=lambda np, a, c: np.divide(a, c), torch=lambda T, a, c: T.div(a, c),
         tvm=lambda b, x, y: x / y),
     # x^0.5 is sqrt(x) in the kernels, NaN at -inf as torch.pow (powf gives inf)
