@@ -433,3 +433,81 @@ class _Reshape(nn.Module):
 def test_a_reshape_that_splits_the_channels_is_refused():
     with pytest.raises(UnsupportedError, match=r"reshapes \[1, 4, 1, 1\] into \[2, 2\]"):
         inn.convert(_Reshape().eval(), torch.randn(1, 2, 6, 6))
+
+
+def _torch_calibrated(plain: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """torch's own BatchNorm calibration of a plain model: statistics reset, momentum=None
+    (a cumulative average), one training-mode pass over the batches, then eval."""
+    plain = copy.deepcopy(plain)
+    for m in plain.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.reset_running_stats()
+            m.momentum = None
+    plain.train()
+    with torch.no_grad():
+        for x in batches:
+            plain(x)
+    return plain.eval()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.6])
+def test_calibrate_measures_the_batchnorm_statistics_at_the_current_sizes(ratio):
+    """`calibrate` gives a resampled net the statistics of its own channels: the outputs of
+    torch's BatchNorm calibration (reset, momentum=None, a training-mode pass) of the same
+    net exported to plain layers, at full size and resampled; export carries them, a
+    state_dict round trip too, and evaluation at other sizes (or after tune_grid) goes back
+    to the sampled full-size statistics."""
+    model = _resnet().train()
+    x = torch.randn(6, 1, 10, 10, generator=_gen())
+    net = inn.convert(model, x).eval()
+    small = net.resample(ratio)
+    g = _gen(4)
+    batches = [torch.randn(8, 1, 10, 10, generator=g) * 2 + 1 for _ in range(3)]
+    want = _torch_calibrated(small.export(), batches)
+    before = small(x)
+    assert small.calibrate([(b, None) for b in batches] + [(x, None)], batches=3) is small
+    assert not small.training
+    with torch.no_grad():
+        got = small(x)
+        torch.testing.assert_close(got, want(x), rtol=1e-4, atol=1e-4)
+        assert (got - before).abs().max() > 1e-2  # (the statistics did change)
+        torch.testing.assert_close(small.export()(x), got, rtol=1e-5, atol=1e-5)
+        again = net.resample(ratio)
+        again.load_state_dict(small.state_dict())
+        torch.testing.assert_close(again(x), got, rtol=0, atol=0)
+        other = small.resample(0.5 if ratio == 1.0 else 1.0)  # other sizes: sampled again
+        torch.testing.assert_close(other(x), net.resample(0.5 if ratio == 1.0 else 1.0)(x))
+        fresh = net.resample(ratio)
+        fresh.load_state_dict(net.resample(ratio).state_dict())  # nothing calibrated
+        torch.testing.assert_close(fresh(x), before)
+    if ratio < 1:
+        small.tune_grid([x], steps=1)
+        assert all(m.calibrated_for is None for m in small.modules()
+                   if isinstance(m, inn.layers.IntegralBatchNorm))
+
+
+def test_calibrate_errors():
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))  # eval mode: BatchNorms fused
+    with pytest.raises(InputError, match="no BatchNorm") as e:
+        net.calibrate([torch.randn(2, 1, 8, 8)])
+    assert "training mode" in e.value.render()
+    net = inn.convert(_resnet().train(), torch.randn(2, 1, 8, 8))
+    with pytest.raises(InputError, match="no batches"):
+        net.calibrate([])
+    with pytest.raises(InputError, match="positive number"):
+        net.calibrate([torch.randn(2, 1, 8, 8)], batches=0)
+
+
+def test_tune_grid_of_a_net_with_batchnorms():
+    """A net converted in training mode keeps BatchNorms whose statistics are sampled at the
+    nodes `tune_grid` trains: their gradient reaches the nodes (F.batch_norm takes none with
+    respect to its running statistics, so such a call is written out), and at the uniform
+    start the outputs are those of the untuned net."""
+    x = torch.randn(6, 1, 10, 10, generator=_gen())
+    small = inn.convert(_resnet().train(), x).eval().resample(0.6)
+    with torch.no_grad():
+        before = small(x)
+    small.tune_grid([x], steps=1, lr=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), before, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in small.gaps.values())

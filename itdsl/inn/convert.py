@@ -150,6 +150,8 @@ class IntegralNet(nn.Module):
             raise InputError("every group is at full size, where the uniform grid is exact",
                              hint="resample first: `net.resample(0.5).tune_grid(loader)`")
         teacher = self.resample({g: n for g, n in self.groups.items()}).eval()
+        for bn in self._batch_norms():  # (measured at the nodes this moves)
+            bn.clear_calibration()
         like = next(self.parameters())
         for g in groups:
             if g not in self.grid.gaps:
@@ -180,6 +182,47 @@ class IntegralNet(nn.Module):
             for p in frozen:
                 p.requires_grad_(True)
         return losses
+
+    def _batch_norms(self) -> list[IntegralBatchNorm]:
+        return [m for m in self.modules() if isinstance(m, IntegralBatchNorm)]
+
+    def calibrate(self, loader, batches: int | None = None) -> IntegralNet:
+        """Measure every BatchNorm's statistics at the current sizes and nodes from
+        `loader`'s inputs (batches `x` or `(x, ...)`; the first `batches` of them, or all):
+        the mean of the batches' means and variances, each layer normalising by its batch's
+        statistics as in training — what torch's BatchNorm accumulates with momentum=None,
+        the calibration of slimmable networks. No weight changes. Evaluation at these sizes
+        then uses them (`export` too) instead of the full-size statistics sampled at the
+        nodes, which a resampled net's channels no longer have; `tune_grid` drops them.
+        Returns the net. Only a net with BatchNorms (converted in training mode) has any."""
+        bns = self._batch_norms()
+        if not bns:
+            raise InputError("this net has no BatchNorm to calibrate: `inn.convert` of a model "
+                             "in eval mode fuses each BatchNorm into its conv",
+                             hint="convert the model in training mode "
+                                  "(`inn.convert(model.train(), x)`) to keep them")
+        if batches is not None and (not isinstance(batches, int) or batches < 1):
+            raise InputError(f"batches is a positive number of batches or None, got {batches!r}")
+        was = self.training
+        for bn in bns:
+            bn._collect = []
+        try:
+            self.eval()
+            with torch.no_grad():
+                for i, batch in enumerate(loader):
+                    if batches is not None and i >= batches:
+                        break
+                    self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            collected = [bn._collect for bn in bns]
+        finally:
+            for bn in bns:
+                bn._collect = None
+            self.train(was)
+        if not all(collected):
+            raise InputError("the loader gave no batches to calibrate on")
+        for bn, stats in zip(bns, collected):
+            bn.calibrated(stats)
+        return self
 
     def export(self) -> fx.GraphModule:
         """A plain torch model at the current sizes: each integral layer an nn.Conv2d or

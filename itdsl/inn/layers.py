@@ -297,7 +297,7 @@ class IntegralBatchNorm(nn.Module):
     the group's nodes. At full size on the uniform grid it is the BatchNorm itself (and
     updates its running statistics); resampled, it normalises by the batch's statistics in
     training (the running ones, kept at full size, untouched) and by the sampled running ones
-    in evaluation."""
+    in evaluation — or by statistics `IntegralNet.calibrate` measured at these nodes."""
 
     def __init__(self, bn: nn.Module, group: str, grid: Grid):
         super().__init__()
@@ -307,13 +307,28 @@ class IntegralBatchNorm(nn.Module):
         self.bias = nn.Parameter(bn.bias.detach().clone()) if bn.affine else None
         self.register_buffer("running_mean", bn.running_mean.detach().clone())
         self.register_buffer("running_var", bn.running_var.detach().clone())
+        # statistics measured by `calibrate` and the nodes they hold for: [size, tuned]
+        # (None until then; in the state_dict once set)
+        for name in _CALIBRATED:
+            self.register_buffer(name, None)
+        self._collect: list | None = None  # the batches' statistics, during `calibrate`
         object.__setattr__(self, "grid", grid)
 
     def _full(self) -> bool:
         return self.grid.sizes[self.group] == self.n and not self.grid.tuned(self.group)
 
+    def _at(self) -> list[int]:
+        return [self.grid.sizes[self.group], int(self.grid.tuned(self.group))]
+
     def affine(self, like: torch.Tensor):
-        """(γ, β, mean, var) at the group's nodes (None where there is none)."""
+        """(γ, β, mean, var) at the group's nodes (None where there is none); mean and var
+        those `calibrate` measured here, if it did."""
+        if self.calibrated_for is not None and self.calibrated_for.tolist() == self._at():
+            w, b, _, _ = self._sampled(like)
+            return w, b, self.calibrated_mean, self.calibrated_var
+        return self._sampled(like)
+
+    def _sampled(self, like: torch.Tensor):
         if self._full():
             return self.weight, self.bias, self.running_mean, self.running_var
         u = self.grid.nodes(self.group, self.n, like)
@@ -323,17 +338,50 @@ class IntegralBatchNorm(nn.Module):
                 sample(self.running_mean, at), sample(self.running_var, at).clamp_min(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b, mean, var = self.affine(x)
-        if self._full():
-            return F.batch_norm(x, mean, var, w, b, self.training, self.momentum or 0.0,
-                                self.eps)
-        if self.training:  # the batch's statistics; the running ones stay those of full size
+        if self._collect is not None:  # calibrating: the batch's statistics, recorded
+            w, b, _, _ = self._sampled(x)
+            reduce = [0] + list(range(2, x.dim()))
+            var, mean = torch.var_mean(x.detach(), reduce, correction=1 if x.numel() >
+                                       x.shape[1] else 0)
+            self._collect.append((mean, var))
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        if self.training:
+            w, b, mean, var = self._sampled(x)
+            if self._full():  # the BatchNorm itself: its running statistics updated
+                return F.batch_norm(x, mean, var, w, b, True, self.momentum or 0.0, self.eps)
+            # the batch's statistics; the running ones stay those of full size
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        w, b, mean, var = self.affine(x)
+        if mean.requires_grad or var.requires_grad:  # sampled at nodes being trained
+            shape = (-1,) + (1,) * (x.dim() - 2)  # (tune_grid): F.batch_norm takes no grad
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            return y if w is None else torch.addcmul(b.view(shape), y, w.view(shape))
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+
+    def calibrated(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the mean of the batches' means and of their (unbiased) variances as the
+        statistics at the current nodes — what a torch BatchNorm with momentum=None, reset,
+        accumulates over the same batches in training mode."""
+        self.calibrated_mean = torch.stack([m for m, _ in batches]).mean(0)
+        self.calibrated_var = torch.stack([v for _, v in batches]).mean(0)
+        self.calibrated_for = torch.tensor(self._at())
+
+    def clear_calibration(self) -> None:
+        for name in _CALIBRATED:
+            setattr(self, name, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the calibrated statistics are buffers only once measured: take them (or their
+        # absence) from the state_dict, then load the rest as usual
+        found = {name: state_dict.pop(prefix + name, None) for name in _CALIBRATED}
+        self.clear_calibration()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name, t in found.items():
+            setattr(self, name, None if t is None else t.detach().clone())
 
     def export(self, dims: int) -> nn.Module:
         """A plain BatchNorm1d/2d at the current size, its parameters and statistics
-        sampled."""
+        sampled (or calibrated)."""
         w, b, mean, var = (None if t is None else t.detach().clone()
                            for t in self.affine(self.running_mean))
         bn = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(
@@ -346,3 +394,6 @@ class IntegralBatchNorm(nn.Module):
                 bn.weight.copy_(w)
                 bn.bias.copy_(b)
         return bn.train(self.training)
+
+
+_CALIBRATED = ("calibrated_mean", "calibrated_var", "calibrated_for")
