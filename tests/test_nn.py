@@ -179,6 +179,23 @@ def test_encoders():
         _mix("lowrank")(torch.randn(1, 5, 4, dtype=D), torch.rand(1, 5, 3, dtype=D))
 
 
+@pytest.mark.parametrize("h,w,message", [
+    ((5, 4), None, "tokens should be"),  # one sequence without its batch axis
+    ((2, 5, 3), None, "tokens should be"),  # the wrong width
+    ((2, 0, 4), None, "no tokens"),
+    ((2, 5, 4), (2, 5, 1), "token weights"),
+    ((2, 5, 4), (2, 4), "token weights"),
+])
+def test_malformed_mixer_inputs_are_clear_errors(h, w, message):
+    mix = _mix("softmax")
+    n = h[1] if len(h) == 3 else h[0]
+    with pytest.raises(InputError, match=message):
+        mix(torch.randn(*h, dtype=D), torch.rand(1, n, 2, dtype=D),
+            None if w is None else torch.ones(*w, dtype=D))
+    with pytest.raises(InputError, match="floating-point"):
+        mix(torch.ones(2, 5, 4, dtype=torch.long), torch.rand(1, 5, 2, dtype=D))
+
+
 def test_series_windows_and_their_padding():
     """A token of `series(x, lengths, window=3)` is its step and its two neighbours (zero
     outside the series and past its length); what lies past a length changes no token."""
@@ -208,3 +225,20 @@ def test_pixel_windows():
     assert tokens[0, 5].tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11]
     with pytest.raises(InputError, match="odd number"):
         itnn.pixels(img, window=2)
+
+
+def test_a_montecarlo_mixer_on_a_fully_masked_sequence_gives_zero():
+    """A sequence whose every token is masked (w = 0) mixes nothing: 0 before the output
+    layer, as the dense kinds give (its importance was 0 everywhere: an error quoting the
+    generated operator); the other sequences are untouched."""
+    mix = _mix("montecarlo", samples=4)
+    h = torch.randn(2, 5, 4, dtype=D, requires_grad=True)
+    pos = torch.rand(1, 5, 2, dtype=D)
+    w = torch.ones(2, 5, dtype=D)
+    w[1] = 0
+    out = mix(h, pos, w, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[1], mix.out.bias.expand(5, -1))
+    alone = mix(h[:1], pos, w[:1], generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(alone).all() and torch.isfinite(out).all()
+    (g,) = torch.autograd.grad(out.sum(), h)
+    assert torch.isfinite(g).all() and g[1].abs().max() == 0

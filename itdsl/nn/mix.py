@@ -26,9 +26,12 @@ KINDS = ("mlp", "softmax", "causal", "lowrank", "montecarlo")
 IMPORTANCE_FLOOR = 1e-3  # so that a token with a zero value can still be drawn
 # how the kind "montecarlo" draws its S points y: ∝ w(y)·(‖v(y)‖ + floor) ("values"), ∝ w(y)
 # (uniformly over the valid tokens: "weights"), or uniformly over all n ("uniform")
-IMPORTANCE = {"values": f", importance = w(y) * (norm(v(y)) + {IMPORTANCE_FLOOR})",
-              "weights": ", importance = w(y)", "uniform": ""}
+# (a masked token keeps an importance of MASKED_WEIGHT, so that a sequence whose every token
+# is masked draws some, each worth w = 0: its output is 0, as the dense kinds give)
 MASKED_WEIGHT = 1e-30  # a masked token's weight in a normalised mixer (see `Mix.forward`)
+IMPORTANCE = {"values": f", importance = (w(y) + {MASKED_WEIGHT}) * (norm(v(y)) + "
+                        f"{IMPORTANCE_FLOOR})",
+              "weights": f", importance = w(y) + {MASKED_WEIGHT}", "uniform": ""}
 
 
 def mix_source(kind: str, coords: int, keys: int, width: int, hidden: int, rank: int = 8,
@@ -109,13 +112,28 @@ class Mix(nn.Module):
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
+        dim = self.keys.in_features
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[-1] != dim \
+                or not h.is_floating_point():
+            got = (f"{list(h.shape)} {str(h.dtype).replace('torch.', '')}"
+                   if isinstance(h, torch.Tensor) else type(h).__name__)
+            raise InputError(f"tokens should be a floating-point tensor [B, n, {dim}], got {got}",
+                             hint="a single sequence is h[None]")
         B, n, _ = h.shape
-        if pos.shape[-1] != self.coords or pos.shape[-2] != n:
+        if n == 0:
+            raise InputError("no tokens to mix (n = 0)", hint="every sequence needs a token; "
+                             "pad short ones and mask the padding with w")
+        if pos.dim() < 2 or pos.shape[-1] != self.coords or pos.shape[-2] != n:
             raise InputError(f"positions should be [B, {n}, {self.coords}] for {n} tokens in "
                              f"R^{self.coords}, got {list(pos.shape)}")
         if w is None:
             w = h.new_full((1, n), 1.0 if self.normalised else 1.0 / n)
         else:
+            if w.dim() not in (1, 2) or w.shape[-1] != n or (w.dim() == 2
+                                                             and w.shape[0] not in (1, B)):
+                raise InputError(f"token weights (the mask) should be [B, n] = [{B}, {n}] (or "
+                                 f"[1, {n}]), got {list(w.shape)}",
+                                 hint="a mask of shape [B, n, 1] is w[..., 0]")
             w = w.to(h.dtype)
             if not self.normalised:  # the mean over the valid tokens
                 w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
