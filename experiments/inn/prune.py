@@ -6,7 +6,8 @@ rule round((1 − r)·n) (at least 2), so that the arms are compared at equal wi
 Two arms do more than resample: "INN, tuned grid" learns the resampled axes' nodes at each
 rate (`tune_grid`, distillation against the full-size net on training images; the weights
 unchanged), and "INN, random widths" is a network trained from scratch with `inn.fit` (full
-width and a random width per group on every step), then resampled."""
+width and a random width per group on every step), then resampled — as it is, or with its
+BatchNorms' statistics calibrated at each size on training batches (`calibrate`)."""
 
 from __future__ import annotations
 
@@ -118,18 +119,42 @@ def tuned_grid(model: nn.Module, data: Split, run: Run) -> Pruner:
     return prune
 
 
+FIT_EPOCHS = 1.5  # the random-width training's epochs, per epoch of the discrete one
+CALIBRATION_BATCHES = 20  # training batches (of 64) that calibrate the BatchNorms per rate
+_fitted: dict = {}
+
+
+def _fitted_net(data: Split, run: Run) -> inn.IntegralNet:
+    """A fresh model converted in training mode (BatchNorms kept as splines) and trained from
+    scratch by `inn.fit` for 1.5× the discrete model's epochs (each step trains the full
+    width and a random one, 50–100 % per group; the discrete training's peak rate and
+    one-cycle schedule, the weight splines' steps scaled to a discrete layer's). Trained once
+    per job, shared by the two arms that resample it."""
+    key = (run, id(data))
+    if key not in _fitted:
+        from .train import LR, Shuffled
+        torch.manual_seed(run.seed)
+        net = inn.convert(run.make().train(), data.x_test[:2], permute=False)
+        inn.fit(net, Shuffled(data, run.seed), epochs=round(FIT_EPOCHS * run.epochs),
+                widths=(0.5, 1.0), lr=LR, seed=run.seed)
+        _fitted[key] = net.eval()
+    return _fitted[key]
+
+
 def random_widths(model: nn.Module, data: Split, run: Run) -> Pruner:
-    """A fresh model converted in training mode (BatchNorms kept as splines) and trained
-    from scratch by `inn.fit` for the discrete model's epochs (widths 50–100 % per step, the
-    discrete training's peak rate and one-cycle schedule, the weight splines' steps scaled
-    to a discrete layer's), then resampled."""
-    from .train import LR, Shuffled
-    torch.manual_seed(run.seed)
-    net = inn.convert(run.make().train(), data.x_test[:2], permute=False)
-    inn.fit(net, Shuffled(data, run.seed), epochs=run.epochs, widths=(0.5, 1.0), lr=LR,
-            seed=run.seed)
-    net.eval()
+    """The net trained with random widths, resampled; evaluated with its BatchNorms'
+    full-size statistics sampled at the nodes."""
+    net = _fitted_net(data, run)
     return lambda rate: net if rate == 0 else net.resample(1 - rate)
+
+
+def random_widths_calibrated(model: nn.Module, data: Split, run: Run) -> Pruner:
+    """The same, with its BatchNorms' statistics measured at each size on CALIBRATION_BATCHES
+    training batches (`calibrate`: no weight changes)."""
+    from .train import Shuffled
+    net = _fitted_net(data, run)
+    batches = [b for b, _ in zip(Shuffled(data, run.seed + 1), range(CALIBRATION_BATCHES))]
+    return lambda rate: net.resample(1 - rate).calibrate(batches)
 
 
 ARMS: dict[str, tuple[str, Arm]] = {
@@ -138,6 +163,7 @@ ARMS: dict[str, tuple[str, Arm]] = {
     "inn_2opt": ("INN, 2-opt permutation", _inn(permute=True)),
     "inn_grid": ("INN, 2-opt + tuned grid", tuned_grid),
     "inn_fit": ("INN trained with random widths", random_widths),
+    "inn_fit_bn": ("INN, random widths + calibrated BN", random_widths_calibrated),
 }
 
 

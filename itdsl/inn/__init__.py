@@ -7,6 +7,7 @@
     plain = small.export()                           # plain nn.Conv2d / nn.Linear layers
     small.tune_grid(loader, steps=200)               # learn the resampled axes' nodes
     inn.fit(inn.convert(model.train(), x), loader)   # train so that every width works
+    net.resample(0.7).calibrate(batches)             # BatchNorm statistics at that size
 """
 
 from .convert import IntegralNet, convert
