@@ -511,3 +511,101 @@ def test_tune_grid_of_a_net_with_batchnorms():
     with torch.no_grad():
         torch.testing.assert_close(small(x), before, rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in small.gaps.values())
+
+
+class _BNMLP(nn.Module):
+    """Linear-BN-ReLU twice, and a BatchNorm on the outputs (a discrete axis)."""
+
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.a, self.bna = nn.Linear(6, 16), nn.BatchNorm1d(16, momentum=momentum)
+        self.b, self.bnb = nn.Linear(16, 10), nn.BatchNorm1d(10, momentum=momentum)
+        self.c, self.bnc = nn.Linear(10, 3), nn.BatchNorm1d(3, momentum=momentum)
+
+    def forward(self, x):
+        x = F.relu(self.bna(self.a(x)))
+        return self.bnc(self.c(F.relu(self.bnb(self.b(x)))))
+
+
+def _bn_mlp(momentum=0.1) -> nn.Module:
+    torch.manual_seed(2)
+    m = _BNMLP(momentum)
+    _randomise_bn(m)
+    return m.train()
+
+
+def test_calibration_holds_for_the_sizes_of_every_group_and_every_batchnorm():
+    """A BatchNorm's input depends on every group before it: statistics measured at one
+    set of sizes are not used at another that differs only in an earlier group; a
+    BatchNorm on a discrete axis (the outputs) is calibrated too; each equals torch's
+    calibration of the exported net."""
+    g = _gen(5)
+    x = torch.randn(7, 6, generator=g)
+    batches = [torch.randn(16, 6, generator=g) for _ in range(3)]
+    net = inn.convert(_bn_mlp(), x).eval()
+    assert set(net.groups) == {"a", "b"}
+    for sizes in ({"a": 8, "b": 5}, {"a": 16, "b": 5}, {"a": 16, "b": 10}):
+        small = net.resample(sizes).calibrate(batches)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), _torch_calibrated(small.export(), batches)(x),
+                                       rtol=1e-4, atol=1e-4)
+    moved = net.resample({"a": 8, "b": 5}).calibrate(batches).resample({"a": 16, "b": 5})
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), net.resample({"a": 16, "b": 5})(x))
+
+
+def test_fit_drops_calibrations_and_keeps_the_sizes():
+    g = _gen(6)
+    data = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(3)]
+    small = inn.convert(_bn_mlp(), data[0][0]).resample(0.5)
+    sizes = small.sizes
+    small.calibrate(data)
+    inn.fit(small, data, epochs=1, lr=1e-3)
+    assert small.sizes == sizes
+    assert all(m.calibrated_for is None for m in small.modules()
+               if isinstance(m, inn.layers.IntegralBatchNorm))
+
+
+def test_batchnorm_momentum_none_is_a_cumulative_average_as_torchs():
+    g = _gen(7)
+    xs = [torch.randn(16, 6, generator=g) for _ in range(3)]
+    model = _bn_mlp(momentum=None)
+    net = inn.convert(copy.deepcopy(model), xs[0])
+    with torch.no_grad():
+        for x in xs:
+            model(x), net(x)
+        model.eval(), net.eval()
+        torch.testing.assert_close(net(xs[0]), model(xs[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_state_dicts_across_dtypes_and_partial_ones():
+    g = _gen(8)
+    x = torch.randn(7, 6, generator=g)
+    net = inn.convert(_bn_mlp(), x).eval()
+    small = net.resample(0.5).calibrate([torch.randn(16, 6, generator=g) for _ in range(2)])
+    state = small.state_dict()
+    wide = net.resample(0.5).double()
+    wide.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x.double()).float(), small(x), rtol=1e-5, atol=1e-5)
+    del state[next(k for k in state if k.endswith("calibrated_var"))]
+    with pytest.raises(RuntimeError, match="calibrated_var"):
+        net.resample(0.5).load_state_dict(state)
+
+
+def test_inputs_of_the_wrong_shape_and_unsupported_batchnorms_are_clear_errors():
+    net = inn.convert(_resnet(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(InputError, match="1 input channels, got 2"):
+        net(torch.randn(2, 2, 8, 8))
+    mlp = inn.convert(_bn_mlp().eval(), torch.randn(2, 6))
+    with pytest.raises(InputError, match="6 input features, got 9"):
+        mlp(torch.randn(2, 9))
+    model = _bn_mlp()
+    model.bna = nn.BatchNorm1d(16, track_running_stats=False)
+    with pytest.raises(UnsupportedError, match="track_running_stats"):
+        inn.convert(model, torch.randn(4, 6))
+    with pytest.raises(InputError, match="got dict"):
+        inn.convert(_bn_mlp(), torch.randn(4, 6)).calibrate([{"x": torch.randn(4, 6)}])
+    with pytest.raises(InputError, match="positive number"):
+        inn.convert(_bn_mlp(), torch.randn(4, 6)).calibrate([torch.randn(4, 6)], batches=True)

@@ -196,6 +196,21 @@ def test_malformed_mixer_inputs_are_clear_errors(h, w, message):
         mix(torch.ones(2, 5, 4, dtype=torch.long), torch.rand(1, 5, 2, dtype=D))
 
 
+def test_malformed_positions_dtypes_and_masks_are_clear_errors():
+    mix = _mix("softmax")
+    h = torch.randn(2, 6, 4, dtype=D)
+    for pos in (torch.rand(1, 1, 6, 2, dtype=D), torch.rand(3, 6, 2, dtype=D)):
+        with pytest.raises(InputError, match="positions should be"):
+            mix(h, pos)  # (were broadcast into extra batch axes)
+    with pytest.raises(InputError, match="positions should be a tensor"):
+        mix(h, [[0.0, 0.0]] * 6)
+    with pytest.raises(InputError, match="tokens of dtype float32 into a mixer of float64"):
+        mix(h.float(), torch.rand(1, 6, 2))
+    mc = _mix("montecarlo", samples=4)
+    with pytest.raises(InputError, match=">= 0"):
+        mc(h, torch.rand(1, 6, 2, dtype=D), -torch.ones(2, 6, dtype=D))
+
+
 def test_series_windows_and_their_padding():
     """A token of `series(x, lengths, window=3)` is its step and its two neighbours (zero
     outside the series and past its length); what lies past a length changes no token."""

@@ -70,6 +70,16 @@ class _Groups:
             self.parent[other] = keep
 
 
+def _inputs(batch, what: str) -> torch.Tensor:
+    """The net's input of a loader's batch: `x`, or the first of `(x, ...)`."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what} reads batches `x` or `(x, ...)` with x a tensor, got "
+                         f"{type(batch).__name__}" + (f" holding {type(x).__name__}"
+                                                       if x is not batch else ""))
+    return x
+
+
 def _where(node: fx.Node, gm: fx.GraphModule) -> str:
     """How an error names a node: its module and its place in the graph."""
     if node.op == "call_module":
@@ -152,6 +162,8 @@ class IntegralNet(nn.Module):
         teacher = self.resample({g: n for g, n in self.groups.items()}).eval()
         for bn in self._batch_norms():  # (measured at the nodes this moves)
             bn.clear_calibration()
+        was = self.training
+        self.eval()  # (the objective is the evaluated net's: BatchNorms by their statistics)
         like = next(self.parameters())
         for g in groups:
             if g not in self.grid.gaps:
@@ -168,7 +180,7 @@ class IntegralNet(nn.Module):
         try:
             while len(losses) < steps:
                 for batch in loader:
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    x = _inputs(batch, "tune_grid")
                     with torch.no_grad():
                         want = teacher(x)
                     loss = torch.nn.functional.mse_loss(self(x), want)
@@ -181,6 +193,7 @@ class IntegralNet(nn.Module):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+            self.train(was)
         return losses
 
     def _batch_norms(self) -> list[IntegralBatchNorm]:
@@ -201,8 +214,16 @@ class IntegralNet(nn.Module):
                              "in eval mode fuses each BatchNorm into its conv",
                              hint="convert the model in training mode "
                                   "(`inn.convert(model.train(), x)`) to keep them")
-        if batches is not None and (not isinstance(batches, int) or batches < 1):
-            raise InputError(f"batches is a positive number of batches or None, got {batches!r}")
+        if batches is not None:
+            try:
+                if isinstance(batches, bool):
+                    raise TypeError
+                batches = operator.index(batches)
+            except TypeError:
+                batches = -1
+            if batches < 1:
+                raise InputError(f"batches is a positive number of batches or None, got "
+                                 f"{batches!r}")
         was = self.training
         for bn in bns:
             bn._collect = []
@@ -212,7 +233,7 @@ class IntegralNet(nn.Module):
                 for i, batch in enumerate(loader):
                     if batches is not None and i >= batches:
                         break
-                    self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    self(_inputs(batch, "calibrate"))
             collected = [bn._collect for bn in bns]
         finally:
             for bn in bns:
@@ -291,6 +312,11 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
             elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 src = node.args[0]
                 chan[node] = need(node, src)
+                if not mod.track_running_stats:
+                    raise UnsupportedError(
+                        f"{_where(node, gm)} keeps no running statistics "
+                        "(track_running_stats=False): nothing to fold, resample or evaluate "
+                        "with", hint="use track_running_stats=True")
                 if train:
                     norms.append(node)
                 elif src in layer_of and len(src.users) == 1:
@@ -379,8 +405,7 @@ def convert(model: nn.Module, example_input: torch.Tensor, permute: bool = True)
             if bn.affine:
                 bn.weight.copy_(stats[:, 2])
                 bn.bias.copy_(stats[:, 3])
-        if g is not None:
-            _set_module(gm, node.target, IntegralBatchNorm(bn, g, grid))
+        _set_module(gm, node.target, IntegralBatchNorm(bn, g, grid))  # (g None: discrete)
     for node, (name, mod, in_g) in layer_of.items():
         w, b = arrays[node]
         if isinstance(mod, nn.Conv2d):

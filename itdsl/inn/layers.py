@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..domains.rules import RULES
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from ..runtime.params import keys_basis
 
 RULE = {r.name: r for r in RULES}
@@ -172,6 +172,13 @@ class IntegralLayer(nn.Module):
     def out_size(self) -> int:
         return self.n_out if self.out_group is None else self.grid.sizes[self.out_group]
 
+    def _check_in(self, got: int, what: str) -> None:
+        """The input's channels are the axis's size now (a discrete axis keeps its own)."""
+        want = self.n_in if self.in_group is None else self.grid.sizes[self.in_group]
+        if got != want:
+            raise InputError(f"this layer takes {want} input {what}, got {got}",
+                             hint="the converted net takes inputs of the trained model's shape")
+
     def _axes(self, like: torch.Tensor, n_in: int | None = None) -> dict:
         """The keyword arguments of the channel axes: sizes, or nodes and weights."""
         n_in = n_in or self.n_in
@@ -227,6 +234,10 @@ class IntegralConv2d(IntegralLayer):
                 self.op.c.copy_(b.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise InputError(f"a converted Conv2d takes [B, C, H, W] inputs, got "
+                             f"{list(x.shape)}")
+        self._check_in(x.shape[1], "channels")
         H, W = x.shape[-2:]
         kw = {"f": x[:, 0] if self.single else x, **self._axes(x, x.shape[1])}
         if not (self.stride == 1 and self.offset == 0):
@@ -266,6 +277,7 @@ class IntegralLinear(IntegralLayer):
                 self.op.c.copy_(b.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_in(x.shape[-1], "features")
         return self._op()(f=x, **self._axes(x, x.shape[-1]))
 
     def export(self, n_in: int) -> nn.Linear:
@@ -292,33 +304,44 @@ def count(ratio: float, n: int) -> int:
 
 
 class IntegralBatchNorm(nn.Module):
-    """A BatchNorm over a group's channel axis in a net that trains: γ, β and the running
-    statistics are 1-D splines over the axis (one coefficient per trained channel), sampled at
-    the group's nodes. At full size on the uniform grid it is the BatchNorm itself (and
-    updates its running statistics); resampled, it normalises by the batch's statistics in
-    training (the running ones, kept at full size, untouched) and by the sampled running ones
-    in evaluation — or by statistics `IntegralNet.calibrate` measured at these nodes."""
+    """A BatchNorm over a channel axis in a net that trains. On a group's axis, γ, β and the
+    running statistics are 1-D splines over the axis (one coefficient per trained channel),
+    sampled at the group's nodes: at full size on the uniform grid it is the BatchNorm itself
+    (and updates its running statistics); resampled, it normalises by the batch's statistics
+    in training (the running ones, kept at full size, untouched) and by the sampled running
+    ones in evaluation. On a discrete axis (`group` None: the net's outputs, or channels an
+    add ties to its input) it is the BatchNorm at every size. In evaluation either uses the
+    statistics `IntegralNet.calibrate` measured, while every group is at the sizes and nodes
+    they were measured at (the input of a BatchNorm depends on every layer before it)."""
 
-    def __init__(self, bn: nn.Module, group: str, grid: Grid):
+    def __init__(self, bn: nn.Module, group: str | None, grid: Grid):
         super().__init__()
+        if not bn.track_running_stats:
+            raise UnsupportedError(
+                "a BatchNorm without running statistics (track_running_stats=False) has "
+                "nothing to resample or evaluate with", hint="use track_running_stats=True")
         self.group, self.n, self.eps, self.momentum = group, bn.num_features, bn.eps, bn.momentum
         self.dims = 4 if isinstance(bn, nn.BatchNorm2d) else 2
         self.weight = nn.Parameter(bn.weight.detach().clone()) if bn.affine else None
         self.bias = nn.Parameter(bn.bias.detach().clone()) if bn.affine else None
         self.register_buffer("running_mean", bn.running_mean.detach().clone())
         self.register_buffer("running_var", bn.running_var.detach().clone())
-        # statistics measured by `calibrate` and the nodes they hold for: [size, tuned]
-        # (None until then; in the state_dict once set)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+        # statistics measured by `calibrate` and the grid they hold for (`_at`): None until
+        # then; in the state_dict once set
         for name in _CALIBRATED:
             self.register_buffer(name, None)
         self._collect: list | None = None  # the batches' statistics, during `calibrate`
         object.__setattr__(self, "grid", grid)
 
     def _full(self) -> bool:
-        return self.grid.sizes[self.group] == self.n and not self.grid.tuned(self.group)
+        return self.group is None or (self.grid.sizes[self.group] == self.n
+                                      and not self.grid.tuned(self.group))
 
     def _at(self) -> list[int]:
-        return [self.grid.sizes[self.group], int(self.grid.tuned(self.group))]
+        """Every group's size and whether its nodes are trained, in the groups' order."""
+        g = self.grid
+        return [v for k in sorted(g.sizes) for v in (g.sizes[k], int(g.tuned(k)))]
 
     def affine(self, like: torch.Tensor):
         """(γ, β, mean, var) at the group's nodes (None where there is none); mean and var
@@ -337,6 +360,14 @@ class IntegralBatchNorm(nn.Module):
                 None if self.bias is None else sample(self.bias, at),
                 sample(self.running_mean, at), sample(self.running_var, at).clamp_min(0))
 
+    def _momentum(self) -> float:
+        """The running statistics' update factor, as torch's BatchNorm: `momentum`, or with
+        momentum=None the cumulative average over the batches so far."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._collect is not None:  # calibrating: the batch's statistics, recorded
             w, b, _, _ = self._sampled(x)
@@ -348,7 +379,7 @@ class IntegralBatchNorm(nn.Module):
         if self.training:
             w, b, mean, var = self._sampled(x)
             if self._full():  # the BatchNorm itself: its running statistics updated
-                return F.batch_norm(x, mean, var, w, b, True, self.momentum or 0.0, self.eps)
+                return F.batch_norm(x, mean, var, w, b, True, self._momentum(), self.eps)
             # the batch's statistics; the running ones stay those of full size
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         w, b, mean, var = self.affine(x)
@@ -364,7 +395,7 @@ class IntegralBatchNorm(nn.Module):
         accumulates over the same batches in training mode."""
         self.calibrated_mean = torch.stack([m for m, _ in batches]).mean(0)
         self.calibrated_var = torch.stack([v for _, v in batches]).mean(0)
-        self.calibrated_for = torch.tensor(self._at())
+        self.calibrated_for = torch.tensor(self._at(), dtype=torch.long)
 
     def clear_calibration(self) -> None:
         for name in _CALIBRATED:
@@ -375,9 +406,17 @@ class IntegralBatchNorm(nn.Module):
         # absence) from the state_dict, then load the rest as usual
         found = {name: state_dict.pop(prefix + name, None) for name in _CALIBRATED}
         self.clear_calibration()
+        # (saved before the count was kept: start it where it is)
+        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for name, t in found.items():
-            setattr(self, name, None if t is None else t.detach().clone())
+        if any(t is None for t in found.values()):  # none, or a partial set: the missing
+            if any(t is not None for t in found.values()):  # keys are reported as missing
+                args[2].extend(prefix + k for k, t in found.items() if t is None)
+            return
+        like = self.running_mean  # (the module's dtype and device, not the file's)
+        self.calibrated_mean = found["calibrated_mean"].detach().to(like).clone()
+        self.calibrated_var = found["calibrated_var"].detach().to(like).clone()
+        self.calibrated_for = found["calibrated_for"].detach().to("cpu", torch.long).clone()
 
     def export(self, dims: int) -> nn.Module:
         """A plain BatchNorm1d/2d at the current size, its parameters and statistics

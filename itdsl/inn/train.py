@@ -42,7 +42,9 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
     every step: "onecycle" (the default) is torch's `OneCycleLR` over the epochs × len(loader)
     steps, peaking at each param group's own lr (again at the same peak in a later call with
     the same optimizer; momentum untouched); None keeps the rates constant; or any torch LR
-    scheduler of the optimizer."""
+    scheduler of the optimizer. The net is left at the sizes it had (a resampled net trains
+    its weight functions at full width and random widths, and stays resampled); statistics
+    `calibrate` measured are dropped, as the weights they were measured for change."""
     lo, hi = widths
     if not 0 < lo <= hi <= 1:
         raise InputError(f"widths are fractions 0 < lo <= hi <= 1, got {widths}")
@@ -64,7 +66,9 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g.get("max_lr", g["lr"]) for g in opt.param_groups],
             total_steps=steps + 1, cycle_momentum=False)
-    full = dict(net.groups)
+    full, sizes = dict(net.groups), net.sizes  # (restored after: a resampled net stays so)
+    for bn in net._batch_norms():  # (statistics measured for the weights this changes)
+        bn.clear_calibration()
     losses: list[float] = []
     net.train()
     bar = None
@@ -92,7 +96,7 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
                     bar.update()
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
-        net.grid.sizes.update(full)
+        net.grid.sizes.update(sizes)
         if bar is not None:
             bar.close()
     return losses

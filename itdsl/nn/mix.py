@@ -113,18 +113,27 @@ class Mix(nn.Module):
     def forward(self, h: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         dim = self.keys.in_features
+        for name, t in (("positions", pos), ("token weights (the mask)", w)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} should be a tensor, got {type(t).__name__}")
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[-1] != dim \
                 or not h.is_floating_point():
             got = (f"{list(h.shape)} {str(h.dtype).replace('torch.', '')}"
                    if isinstance(h, torch.Tensor) else type(h).__name__)
             raise InputError(f"tokens should be a floating-point tensor [B, n, {dim}], got {got}",
                              hint="a single sequence is h[None]")
+        if h.dtype != self.keys.weight.dtype:
+            raise InputError(f"tokens of dtype {str(h.dtype).replace('torch.', '')} into a "
+                             f"mixer of {str(self.keys.weight.dtype).replace('torch.', '')}",
+                             hint="convert one to the other (mix.to(h.dtype) or h.to(...))")
         B, n, _ = h.shape
         if n == 0:
             raise InputError("no tokens to mix (n = 0)", hint="every sequence needs a token; "
                              "pad short ones and mask the padding with w")
-        if pos.dim() < 2 or pos.shape[-1] != self.coords or pos.shape[-2] != n:
-            raise InputError(f"positions should be [B, {n}, {self.coords}] for {n} tokens in "
+        if pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[-1] != self.coords \
+                or pos.shape[-2] != n:
+            raise InputError(f"positions should be [B, {n}, {self.coords}] (or [1, {n}, "
+                             f"{self.coords}]) for {B} sequences of {n} tokens in "
                              f"R^{self.coords}, got {list(pos.shape)}")
         if w is None:
             w = h.new_full((1, n), 1.0 if self.normalised else 1.0 / n)
@@ -134,6 +143,9 @@ class Mix(nn.Module):
                 raise InputError(f"token weights (the mask) should be [B, n] = [{B}, {n}] (or "
                                  f"[1, {n}]), got {list(w.shape)}",
                                  hint="a mask of shape [B, n, 1] is w[..., 0]")
+            if self.kind == "montecarlo" and bool((w < 0).any()):
+                raise InputError("a Monte Carlo mixer's token weights (the mask) are >= 0: "
+                                 "they weigh its draws", hint="mask with 0 and 1")
             w = w.to(h.dtype)
             if not self.normalised:  # the mean over the valid tokens
                 w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
