@@ -126,7 +126,7 @@ def test_property_equals_reference_and_dense(small_tiles, file, name, strategy, 
 @pytest.mark.parametrize("file,name,strategy,kind", OPERATORS, ids=IDS)
 def test_gradcheck(small_tiles, file, name, strategy, kind):
     lib, _, _ = _ops(file, name)
-    kw = _inputs(lib, 11, 9, (2,), torch.Generator().manual_seed(1))
+    kw = _inputs(lib, 9, 5, (2,), torch.Generator().manual_seed(1))  # 2 row tiles
     assert gradcheck_op(lib, kw)
 
 
