@@ -46,7 +46,7 @@ CONFIGS: dict[str, Config] = {
                                recipe=Recipe(epochs=12, batch=64, lr=1e-2)),
     # 150 steps of 1 channel; 50 training series
     "gunpoint": Config("series", dim=32, depth=2, octaves=8, window=5,
-                       recipe=Recipe(epochs=40, batch=10, lr=1e-2)),
+                       recipe=Recipe(epochs=40, batch=10, lr=3e-3)),
     # 7–29 steps of 12 channels, the padding masked
     "japanese_vowels": Config("series", dim=32, depth=2, octaves=5, window=3,
                               recipe=Recipe(epochs=30, batch=32, lr=1e-2)),
