@@ -206,7 +206,8 @@ class IntegralNet(nn.Module):
         statistics as in training — what torch's BatchNorm accumulates with momentum=None,
         the calibration of slimmable networks. No weight changes. Evaluation at these sizes
         then uses them (`export` too) instead of the full-size statistics sampled at the
-        nodes, which a resampled net's channels no longer have; `tune_grid` drops them.
+        nodes, which a resampled net's channels no longer have; `tune_grid` and `inn.fit`
+        drop them.
         Returns the net. Only a net with BatchNorms (converted in training mode) has any."""
         bns = self._batch_norms()
         if not bns:
@@ -215,6 +216,7 @@ class IntegralNet(nn.Module):
                              hint="convert the model in training mode "
                                   "(`inn.convert(model.train(), x)`) to keep them")
         if batches is not None:
+            given = batches
             try:
                 if isinstance(batches, bool):
                     raise TypeError
@@ -223,7 +225,7 @@ class IntegralNet(nn.Module):
                 batches = -1
             if batches < 1:
                 raise InputError(f"batches is a positive number of batches or None, got "
-                                 f"{batches!r}")
+                                 f"{given!r}")
         was = self.training
         for bn in bns:
             bn._collect = []
