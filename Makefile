@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench inn itnet lint fuzz
+.PHONY: setup demo test test-cuda bench inn itnet lint fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# every example operator's CUDA kernels built with nvcc for sm_80 and sm_90 (the default
+# run builds one of each kind)
+test-cuda: setup
+	ITDSL_TEST_CUDA=all $(BIN)/python -m pytest -q tests/test_cuda.py
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"  # pykeops, a peer in the table
