@@ -122,7 +122,7 @@ class Mix(nn.Module):
                    if isinstance(h, torch.Tensor) else type(h).__name__)
             raise InputError(f"tokens should be a floating-point tensor [B, n, {dim}], got {got}",
                              hint="a single sequence is h[None]")
-        if h.dtype != self.keys.weight.dtype:
+        if h.dtype != self.keys.weight.dtype and not torch.is_autocast_enabled(h.device.type):
             raise InputError(f"tokens of dtype {str(h.dtype).replace('torch.', '')} into a "
                              f"mixer of {str(self.keys.weight.dtype).replace('torch.', '')}",
                              hint="convert one to the other (mix.to(h.dtype) or h.to(...))")
