@@ -160,8 +160,7 @@ class IntegralNet(nn.Module):
             raise InputError("every group is at full size, where the uniform grid is exact",
                              hint="resample first: `net.resample(0.5).tune_grid(loader)`")
         teacher = self.resample({g: n for g, n in self.groups.items()}).eval()
-        for bn in self._batch_norms():  # (measured at the nodes this moves)
-            bn.clear_calibration()
+        self._drop_calibrations()  # (measured at the nodes this moves)
         was = self.training
         self.eval()  # (the objective is the evaluated net's: BatchNorms by their statistics)
         like = next(self.parameters())
@@ -199,6 +198,11 @@ class IntegralNet(nn.Module):
     def _batch_norms(self) -> list[IntegralBatchNorm]:
         return [m for m in self.modules() if isinstance(m, IntegralBatchNorm)]
 
+    def _drop_calibrations(self) -> None:
+        """Forget what `calibrate` measured (the nodes or the weights change)."""
+        for bn in self._batch_norms():
+            bn.clear_calibration()
+
     def calibrate(self, loader, batches: int | None = None) -> IntegralNet:
         """Measure every BatchNorm's statistics at the current sizes and nodes from
         `loader`'s inputs (batches `x` or `(x, ...)`; the first `batches` of them, or all):
@@ -216,16 +220,11 @@ class IntegralNet(nn.Module):
                              hint="convert the model in training mode "
                                   "(`inn.convert(model.train(), x)`) to keep them")
         if batches is not None:
-            given = batches
-            try:
-                if isinstance(batches, bool):
-                    raise TypeError
-                batches = operator.index(batches)
-            except TypeError:
-                batches = -1
-            if batches < 1:
+            if isinstance(batches, bool) or not hasattr(batches, "__index__") \
+                    or operator.index(batches) < 1:
                 raise InputError(f"batches is a positive number of batches or None, got "
-                                 f"{given!r}")
+                                 f"{batches!r}")
+            batches = operator.index(batches)
         was = self.training
         for bn in bns:
             bn._collect = []

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..domains.rules import RULES
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..runtime.params import keys_basis
 
 RULE = {r.name: r for r in RULES}
@@ -315,11 +315,7 @@ class IntegralBatchNorm(nn.Module):
     they were measured at (the input of a BatchNorm depends on every layer before it)."""
 
     def __init__(self, bn: nn.Module, group: str | None, grid: Grid):
-        super().__init__()
-        if not bn.track_running_stats:
-            raise UnsupportedError(
-                "a BatchNorm without running statistics (track_running_stats=False) has "
-                "nothing to resample or evaluate with", hint="use track_running_stats=True")
+        super().__init__()  # (`convert` refuses a BatchNorm without running statistics)
         self.group, self.n, self.eps, self.momentum = group, bn.num_features, bn.eps, bn.momentum
         self.dims = 4 if isinstance(bn, nn.BatchNorm2d) else 2
         self.weight = nn.Parameter(bn.weight.detach().clone()) if bn.affine else None

@@ -67,8 +67,7 @@ def fit(net: IntegralNet, loader, epochs: int = 1, widths: tuple[float, float] =
             opt, max_lr=[g.get("max_lr", g["lr"]) for g in opt.param_groups],
             total_steps=steps + 1, cycle_momentum=False)
     full, sizes = dict(net.groups), net.sizes  # (restored after: a resampled net stays so)
-    for bn in net._batch_norms():  # (statistics measured for the weights this changes)
-        bn.clear_calibration()
+    net._drop_calibrations()  # (statistics measured for the weights this changes)
     losses: list[float] = []
     net.train()
     bar = None

@@ -120,11 +120,15 @@ def _first_derivatives_only(grad: torch.Tensor) -> None:
     graph for a second derivative (`create_graph=True`) is refused here, clearly, rather
     than by torch's error deep in the second backward."""
     if torch.is_grad_enabled():
-        raise UnsupportedError(
+        raise _no_second_derivatives(
             "second derivatives of attention computed by torch's scaled_dot_product_attention "
-            "are not available (its CPU flash backward has no derivative)",
-            hint='target="reference" differentiates any number of times; or take the first '
-                 "derivative only")
+            "are not available (its CPU flash backward has no derivative)")
+
+
+def _no_second_derivatives(what: str) -> UnsupportedError:
+    """The error of a backward asked for a graph (`create_graph=True`) it cannot build."""
+    return UnsupportedError(what, hint='target="reference" differentiates any number of '
+                                       "times; or take the first derivative only")
 
 
 def _put_sums(ev: PlanEvaluator, f: SoftmaxForm, acc: torch.Tensor, l: torch.Tensor) -> None:
@@ -198,10 +202,8 @@ class _Softmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dm, dacc, dl):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative
-            raise UnsupportedError(
-                "second derivatives through itdsl's tiled online softmax are not implemented",
-                hint='target="reference" differentiates any number of times; or take the '
-                     "first derivative only")
+            raise _no_second_derivatives(
+                "second derivatives through itdsl's tiled online softmax are not implemented")
         ev, f, keys, lead, live = ctx.info
         A, B, V, m0, l0, *leaves = ctx.saved_tensors
         want = [t.requires_grad for t in leaves]
