@@ -70,6 +70,7 @@ class PairBuilder:
             self.NP = self.nt * spec.tile_rows
         self.MP = self.mt * spec.tile_cols
         self.arrays: dict[Node, te.Tensor] = {}
+        self.transposed: dict[Node, te.Tensor] = {}  # matrix params passed as W.T
         self.stages: list[te.Tensor] = []  # in creation (topological) order
         self.stage_of: dict[Node, te.Tensor] = {}
         self.soa = {}
@@ -87,9 +88,9 @@ class PairBuilder:
                 continue
             else:
                 shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
-            self.arrays[leaf.node] = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
+            A = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
+            (self.transposed if leaf.transposed else self.arrays)[leaf.node] = A
             self.soa[leaf.node] = leaf.soa
-        self.transposed = {leaf.node for leaf in spec.leaves if leaf.transposed}
         # computes whose body calls a function TVM cannot vectorise (see `compute`)
         self.scalar_only: set[str] = set()
         self._scalar_call = False
@@ -394,10 +395,11 @@ class PairBuilder:
             W, a = n.args
             col, k, tr = n.attrs
             av = self.val(a)
-            Wa = self.arrays[W]
+            # W·a vectorises over W's rows (contiguous in W.T), Wᵀ·a over its columns
+            Wt = self.transposed.get(W) if not tr or W not in self.arrays else None
 
-            def Wv(o, c):  # W[o, c] (the array holds W.T when `transposed`)
-                return Wa[c, o] if W in self.transposed else Wa[o, c]
+            def Wv(o, c):  # W[o, c]
+                return Wt[c, o] if Wt is not None else self.arrays[W][o, c]
 
             def term(b, i, j, o, r):  # W[o, col + r] a[r], or W[r, col + o] a[r] (`tr`)
                 w = Wv(r, col + o) if tr else Wv(o, col + r)
@@ -444,7 +446,8 @@ class PairBuilder:
         # live term comes out as -inf, which the runtime reads as "no shift"
         reduce = te.sum if spec.kind == "sum" else te.comm_reducer(
             lambda a, b: te.max(a, b), lambda t: tirx.const(-math.inf, t), name="max_or_ninf")
-        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else self.arrays[ls.node]
+        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else
+                  (self.transposed if ls.transposed else self.arrays)[ls.node]
                   for ls in spec.leaves]
         if spec.fused:
             return arrays + self._fused_outputs() + [self.parts, self.tiles, self.mt,

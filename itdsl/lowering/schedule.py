@@ -21,6 +21,10 @@ def _loops(sch, block):
 
 
 PAIR_BLOCK = 4  # pairs sharing the loads of a matrix row in a per-pair matrix product
+# a per-pair matrix product's output channels are accumulated in blocks of this many, so
+# that PAIR_BLOCK x CHANNEL_BLOCK accumulators stay in registers (4 x 16 floats: 8 AVX2
+# registers, with the matrix row and the broadcast pair values beside them)
+CHANNEL_BLOCK = 16
 MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
 
 
@@ -57,36 +61,65 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
         _vectorize_channels(sch, c, width)
     for stage in reversed(stages):
         sch.compute_at(sch.get_sblock(stage.name), jo)
-    _schedule_stages(sch, stages, scalar_only, 3)
+    later = _schedule_stages(sch, stages, scalar_only, 3)
     fused = sch.fuse(b, io)
     sch.parallel(fused)
+    _decompose_stages(sch, later)
     sch.decompose_reduction(O, jo)
     if spec.lanes > 1:  # the sum of the lanes, per tile of rows
         sch.reverse_compute_at(sch.get_sblock("O"), fused)
     return sch
 
 
-def _schedule_stages(sch, stages, scalar_only, outer: int) -> None:
+def _decompose_stages(sch, later) -> None:
+    """The initialisation of each matrix-product stage's accumulators, split from its
+    reduction (after `parallel`, which wants whole reduction blocks): zeroed in registers."""
+    for blk, red, vec in later:
+        init = sch.decompose_reduction(blk, red)
+        if vec:
+            i0, i1 = _loops(sch, init)[-2:]
+            sch.unroll(i0)
+            sch.vectorize(i1)
+
+
+def _schedule_stages(sch, stages, scalar_only, outer: int) -> list:
     """The loops of the stages computed at a tile of columns: after the `outer` loops down
     to the column tile, the stage's own: row, column[, channel][, reduction]."""
+    later = []
     for stage in stages:
         blk = sch.get_sblock(stage.name)
         own = _loops(sch, blk)[outer:]
         if stage.channel:  # vectorise over the channels (contiguous), the reduction outside
             if stage.reduction:
                 # a matrix product per pair: PAIR_BLOCK pairs share each row of the matrix
-                # loaded into registers (the inner loop is a small GEMM micro-kernel)
+                # loaded into registers, their accumulators (a block of channels of each)
+                # stay in registers over the reduction: a small GEMM micro-kernel
                 row, col, ch, red = own
                 co, ci = sch.split(col, [None, PAIR_BLOCK])
-                sch.reorder(row, co, red, ci, ch)
+                width = sch.get(ch).extent.value
+                block = next((k for k in (CHANNEL_BLOCK, CHANNEL_BLOCK // 2)
+                              if width % k == 0 and width > k), None)
+                cho = None
+                if block is not None:
+                    cho, ch = sch.split(ch, [None, block])
+                sch.reorder(row, co, *([cho] if cho is not None else []), red, ci, ch)
+                acc = sch.cache_write(blk, 0, "local")
+                sch.reverse_compute_at(acc, cho if cho is not None else co)
                 sch.unroll(ci)
-                own = [row, co, red, ci, ch]
+                if stage.name not in scalar_only:
+                    sch.vectorize(ch)
+                    a0, a1 = _loops(sch, acc)[-2:]
+                    sch.unroll(a0)
+                    sch.vectorize(a1)
+                later.append((blk, red, stage.name not in scalar_only))
+                continue
         else:  # a scalar per pair: vectorise over the columns (SoA inputs are contiguous)
             if stage.reduction:
                 sch.reorder(own[0], own[2], own[1])
                 own = [own[0], own[2], own[1]]
         if stage.name not in scalar_only:
             sch.vectorize(own[-1])
+    return later
 
 
 def _vectorize_channels(sch, loop, width: int) -> None:
@@ -163,8 +196,9 @@ def _schedule_fused_cpu(func, spec, stages, scalar_only):
     jo = _loops(sch, sch.get_sblock(sweeps[0][0]))[3]
     for stage in reversed(stages):
         sch.compute_at(sch.get_sblock(stage.name), jo)
-    _schedule_stages(sch, stages, scalar_only, 4)
+    later = _schedule_stages(sch, stages, scalar_only, 4)
     sch.parallel(sch.fuse(*_loops(sch, sch.get_sblock(sweeps[0][0]))[:2]))
+    _decompose_stages(sch, later)
     for name, per_row in sweeps:  # (after `parallel`, which wants whole reduction blocks)
         blk = sch.get_sblock(name)
         sch.decompose_reduction(blk, _loops(sch, blk)[2 if per_row else 1])

@@ -58,7 +58,8 @@ class LeafSpec:
     shape: tuple[int, ...]  # params/consts: the array shape; a table: (its axes,)
     soa: bool = False  # columns only: [b, w, j] instead of [b, j, w]
     transposed: bool = False  # matrix params: passed as W.T (a product W a vectorises over
-    #                           W's rows, which are then contiguous)
+    #                           W's rows, which are then contiguous); a param used both as W
+    #                           and as W.T has one leaf of each
 
 
 @dataclass(frozen=True)
@@ -260,13 +261,23 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     if spec.fused:
         fenced |= _summands(spec)
     staged = staged_nodes(roots, fenced)
-    in_stage: set[Node] = set()
+    # a column leaf is laid out for the stages that read it: those vectorised over the
+    # columns (scalar stages, outputs of `lanes` > 1) want it [b, w, j]; those vectorised
+    # over the channels (elementwise vector stages) want [b, j, w], which wins (a vector
+    # stage read across the columns would gather every channel); a matrix product's
+    # stage reads one channel of a pair at a time, either layout alike
+    across, along = set(), set()
     for n in staged:
-        in_stage.update(toposort(list(n.args)))
-    if spec.fused:  # outputs vectorised over the columns read them contiguous too
-        in_stage.update(toposort([o.step.expr for o in spec.outputs if o.lanes > 1]))
+        if not n.shape:
+            across.update(toposort(list(n.args)))
+        elif n.op != "linear":
+            along.update(toposort(list(n.args)))
+    if spec.fused:
+        across.update(toposort([o.step.expr for o in spec.outputs if o.lanes > 1]))
+    in_stage = across - along
     seen: set[Node] = set()
-    for n in toposort(roots):
+    order = toposort(roots)
+    for n in order:
         if n.op not in P.LEAVES or n.op == "const" or n in seen:
             continue
         seen.add(n)
@@ -276,11 +287,17 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
             role = "col"
         else:
             role = "param" if n.op == "param" else "const"
-        uses = [c for c in toposort(roots) if c.op == "linear" and c.args[0] is n]
-        spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
-                                    soa=role == "col" and n in in_stage,
-                                    transposed=bool(uses)
-                                    and not any(u.attr("transpose") for u in uses)))
+        # a matrix param comes as W.T for the products W·a and as W for the rest (Wᵀ·a and
+        # any other read); one used both ways comes twice, once in each layout
+        reads = [c for c in order if n in c.args]
+        products = [c for c in reads if c.op == "linear" and c.args[0] is n]
+        layouts = [False]
+        if products and any(not u.attr("transpose") for u in products):
+            layouts = [True] if len(products) == len(reads) and not any(
+                u.attr("transpose") for u in products) else [False, True]
+        for t in layouts:
+            spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
+                                        soa=role == "col" and n in in_stage, transposed=t))
     spec.leaves.extend(_tables(roots))
     spec.staged = staged
     return spec
