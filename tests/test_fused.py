@@ -15,6 +15,7 @@ import itdsl
 from itdsl.lowering import spec as lspec
 from itdsl.lowering.spec import pair_groups, shift_names, spec_of
 from itdsl.nn.mix import mix_source
+from itdsl.settings import small_pairs_set
 
 D = torch.float64
 GAUSS = (EXAMPLES / "gauss.it").read_text()
@@ -98,3 +99,74 @@ def test_gradients_asked_for_alone_run_kernels_of_their_steps():
     alone = [[[st.name for st in spec.steps] for spec, _ in specs]
              for (phase, _), specs in ks._subsets.items() if phase == "backward"]
     assert [["db_2"]] in alone
+
+
+ITNET = (EXAMPLES / "itnet_mixer.it").read_text()
+
+
+def _specs(src: str, name: str, phase: str):
+    plan = itdsl.compile_source(src).plan(name)
+    prog = plan.forward if phase == "forward" else plan.backward
+    return [spec_of(g, "cpu") for g in pair_groups(prog, shift_names(plan), "cpu")]
+
+
+def test_column_leaves_are_laid_out_for_the_stages_that_read_them():
+    # the gelu of the first layer (a stage vectorised over its 64 channels) reads the
+    # column side's part h1[y] channel after channel: [b, j, w], not [b, w, j]
+    (fwd,) = _specs(ITNET, "itnet_mix", "forward")
+    cols = [leaf for leaf in fwd.leaves if leaf.role == "col" and leaf.width == 64]
+    assert cols and not any(leaf.soa for leaf in cols)
+    # a dot product of 8 channels is a scalar stage, vectorised over the columns: [b, w, j]
+    src = """operator far {
+        domain P = points(1)
+        input a : P -> R^8
+        input v : P -> R
+        output g(x: P) = integral(y: P) exp(-sqnorm(a(x) - a(y))) * v(y)
+    }"""
+    (spec,) = _specs(src, "far", "forward")
+    assert [leaf.soa for leaf in spec.leaves if leaf.role == "col" and leaf.width == 8] == [True]
+
+
+def test_a_matrix_used_as_w_and_as_its_transpose_comes_in_both_layouts():
+    # the backward multiplies by the second layer's W (to recompute the kernel) and by W.T
+    # (the gradient through it): each product reads the layout it vectorises over
+    (bwd,) = _specs(ITNET, "itnet_mix", "backward")
+    w2 = [leaf.transposed for leaf in bwd.leaves
+          if leaf.role == "param" and leaf.node.name == "phi.2.weight"]
+    assert sorted(w2) == [False, True]
+
+
+def test_gelu_and_its_derivative_share_one_erf_per_pair():
+    (bwd,) = _specs(ITNET, "itnet_mix", "backward")
+    erfs = {n for n in lspec.toposort([st.expr for st in bwd.steps]) if n.op == "erf"}
+    assert len(erfs) == 1 and erfs <= set(bwd.staged)
+
+
+@pytest.mark.parametrize("n", [70, 129])
+def test_itnet_mixer_float32_kernels_against_float64_materialised_torch(n):
+    """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles) against
+    the pair tensor materialised in float64 torch: the output and every gradient."""
+    op = itdsl.compile_file(EXAMPLES / "itnet_mixer.it", target="cpu", strategy="dense")
+    op = op["itnet_mix"]
+    g = torch.Generator().manual_seed(5)
+    P, f0 = torch.rand(2, n, 2, generator=g), torch.randn(2, n, 32, generator=g)
+    with small_pairs_set(0):  # (the kernels, however few the pairs)
+        f = f0.clone().requires_grad_(True)
+        out = op(P=P, f=f)
+        out.square().mean().backward()
+    W0, b0 = op.phi[0].weight.double(), op.phi[0].bias.double()
+    W2, b2 = op.phi[2].weight.double(), op.phi[2].bias.double()
+    ps = [t.detach().requires_grad_(True) for t in (W0, b0, W2, b2)]
+    f64 = f0.double().requires_grad_(True)
+    P64 = P.double()
+    pairs = torch.cat([P64[:, :, None].expand(-1, n, n, 2), P64[:, None].expand(-1, n, n, 2),
+                       f64[:, :, None].expand(-1, n, n, 32),
+                       f64[:, None].expand(-1, n, n, 32)], -1)
+    K = torch.nn.functional.gelu(pairs @ ps[0].T + ps[1]) @ ps[2].T + ps[3]
+    ref = f64 + (K * f64[:, None]).mean(2)
+    ref.square().mean().backward()
+    got = [out, f.grad] + [p.grad for p in op.phi.parameters()]
+    want = [ref, f64.grad] + [p.grad for p in ps]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=0,
+                                   atol=2e-6 * float(b.abs().max()))

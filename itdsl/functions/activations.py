@@ -110,7 +110,7 @@ FUNCTIONS = [
     # fused gelu with the formula's special values in torch (see _gelu_torch)
     Elementwise(
         name="gelu", arity=1,
-        opaque=Opaque(formula=lambda S, z: z * (1 + S.erf(z / S.sqrt(2))) / 2),
+        opaque=Opaque(formula=lambda S, z: z * (1 + S.erf(z / S.sqrt(2))) / 2, expand=True),
         numpy=_gelu_numpy, torch=_gelu_torch,
         tvm=lambda b, x: b.let(x, lambda x: b.c(0.5) * x * (
             b.c(1.0) + b.erf(x * b.c(1 / math.sqrt(2.0))))),

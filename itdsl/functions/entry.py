@@ -11,11 +11,15 @@ class Opaque:
     """A function sympy keeps unevaluated (a `sympy.Function` named after the entry):
     `formula` gives its value at numbers, `derivative` (S, f, *args) -> its derivative
     (f is the function applied to args); without one, the derivative of `formula`. `sign`
-    is "positive" or "nonnegative" where the value has that sign for real arguments."""
+    is "positive" or "nonnegative" where the value has that sign for real arguments;
+    `expand`: see below."""
 
     formula: Callable | None = None
     derivative: Callable | None = None
     sign: str | None = None
+    # pair kernels compute the function from `formula` instead of as one unit, so that a
+    # subexpression its derivative shares (gelu's erf(x/√2)) is computed once per pair
+    expand: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

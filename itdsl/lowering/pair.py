@@ -252,6 +252,8 @@ class PairBuilder:
             return lambda b, i, j, ch: self.c(0.0)
         if op in P.LEAVES:
             return self._leaf_val(n)
+        if op == "linear":  # (its matrix is read in the stage, in the layout it wants)
+            return self.val(self._stage(n))
         args = [self.val(a) for a in n.args]
         if op in P.ELEMENTWISE:
             shapes = [a.shape for a in n.args]

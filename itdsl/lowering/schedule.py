@@ -25,7 +25,7 @@ PAIR_BLOCK = 4  # pairs sharing the loads of a matrix row in a per-pair matrix p
 # that PAIR_BLOCK x CHANNEL_BLOCK accumulators stay in registers (4 x 16 floats: 8 AVX2
 # registers, with the matrix row and the broadcast pair values beside them)
 CHANNEL_BLOCK = 16
-MATRIX_ROWS = 2  # rows of a matrix accumulator updated together
+MATRIX_ROWS = 4  # rows of a matrix accumulator updated together
 
 
 def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
@@ -157,12 +157,19 @@ def _schedule_fused_cpu(func, spec, stages, scalar_only):
                 sch.reorder(b, p, kt, jo, ji, ki, *ch)
                 vector = ch[-1] if ch else None
             sch.unroll(ki)
-        elif out.kind == "matrix":  # as in `schedule_cpu`
+        elif out.kind == "matrix":
+            # a block of MATRIX_ROWS x CHANNEL_BLOCK of the matrix stays in registers while
+            # the columns of the tile stream past
             b, p, t, ii, r, c, j = loops
             jo, ji = sch.split(j, [None, TJ])
             ro, ri = sch.split(r, [None, MATRIX_ROWS]) if out.step.shape[0] % MATRIX_ROWS == 0 \
                 else (r, None)
-            sch.reorder(b, p, t, jo, ii, ro, ji, *([ri] if ri is not None else []), c)
+            width = out.step.shape[1]
+            co = None
+            if width % CHANNEL_BLOCK == 0 and width > CHANNEL_BLOCK:
+                co, c = sch.split(c, [None, CHANNEL_BLOCK])
+            sch.reorder(b, p, t, jo, ii, ro, *([co] if co is not None else []), ji,
+                        *([ri] if ri is not None else []), c)
             if ri is not None:
                 sch.unroll(ri)
             vector = c

@@ -11,10 +11,11 @@ field), whose axis sizes the kernel takes from the array's shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..functions import FUNCTIONS
 from ..symbolic import pexpr as P
+from ..symbolic.derivatives import expand_formulas
 from ..symbolic.pexpr import Node, toposort
 from ..symbolic.plan import Program, Step, StepKind
 
@@ -248,6 +249,7 @@ def _row_sides(prog: Program) -> dict[frozenset, str]:
 def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     """The kernel of a group: tiles of rows (threads of a block on a GPU) by columns, and
     its array arguments in a fixed order."""
+    group = _expanded(group)
     widths = [_flat(s.shape) for s in group.steps]
     cols = TILE_COLS if max(widths) <= 256 else 16
     rows = TILE_ROWS if target == "cpu" else CUDA_THREADS
@@ -301,6 +303,17 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     spec.leaves.extend(_tables(roots))
     spec.staged = staged
     return spec
+
+
+def _expanded(group: Group) -> Group:
+    """The group with the functions whose formula a kernel computes instead (gelu: see
+    `expand_formulas`) written out in every step."""
+    roots = [n for st in group.steps for n in (st.expr, st.mask) if n is not None]
+    new = dict(zip(roots, expand_formulas(roots)))
+    if all(new[n] is n for n in roots):
+        return group
+    steps = [replace(st, expr=new[st.expr], mask=new.get(st.mask)) for st in group.steps]
+    return Group(group.kind, group.side, group.over, steps, group.shifts)
 
 
 def _summands(spec: PairSpec) -> set[Node]:
@@ -371,8 +384,8 @@ def staged_nodes(roots: list[Node], fenced: set[Node] = frozenset()) -> list[Nod
     """The pair values a kernel computes once per (row, column) tile as stages, in
     topological order: channel reductions (dot, sum, MLP layers), the vector argument of
     a matrix product (read once per output channel otherwise), costly scalar values
-    that a vector consumer would otherwise recompute for every channel, and `fenced`
-    values (rounded before use)."""
+    that a vector consumer would otherwise recompute for every channel, costly vector
+    values that several others read, and `fenced` values (rounded before use)."""
     consumers: dict[Node, list[Node]] = {}
     order = toposort(roots)
     for n in order:
@@ -390,6 +403,10 @@ def staged_nodes(roots: list[Node], fenced: set[Node] = frozenset()) -> list[Nod
             pick = n.op not in P.LEAVES and n.op != "bcast"  # read once per output channel
         if not pick and not n.shape and n.op in P.ELEMENTWISE and P.cost([n]) > 2:
             pick = any(c.shape for c in consumers.get(n, ()))
+        if not pick and n.shape and n.op in LET_DEPTH:
+            # a function with a costly form (erf, exp) that several values read (gelu and
+            # its derivative read one erf): once per pair
+            pick = len(consumers.get(n, ())) > 1
         pick = pick or n in fenced
         if pick and n not in chosen:
             chosen.add(n)

@@ -52,6 +52,28 @@ def partials(n: P.Node) -> list[P.Node]:
     return derived() if rule is None else rule(P, n.args, derived)
 
 
+_FORMULAS: dict[str, sp.Expr] = {}
+
+
+def expand_formulas(roots: list[P.Node]) -> list[P.Node]:
+    """`roots` with every function whose entry says `expand` written as its formula (gelu(z)
+    as z/2·(1 + erf(√2·z/2))): the same sympy subexpressions as its derivative's (which
+    sympy derives from that formula), hence the same plan nodes."""
+    memo: dict[P.Node, P.Node] = {}
+    for n in P.toposort(roots):
+        args = tuple(memo[a] for a in n.args)
+        f = FUNCTIONS.get(n.op)
+        if f is not None and f.opaque is not None and f.opaque.expand:
+            if n.op not in _FORMULAS:
+                _FORMULAS[n.op] = sp.sympify(f.opaque.formula(SYM, *A[:f.arity]))
+            memo[n] = to_pexpr(_FORMULAS[n.op], dict(zip(A, args)))
+        elif any(x is not y for x, y in zip(args, n.args)):
+            memo[n] = P.rebuild(n, args)
+        else:
+            memo[n] = n
+    return [memo[r] for r in roots]
+
+
 def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
     """A sympy expression (from DEFINITIONS and their partials) as a plan expression; `env`
     maps symbols to nodes. If `e` is the op's own definition, the op node itself is reused."""
@@ -102,4 +124,5 @@ def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
     raise NotImplementedError(f"no plan expression for {e.func}")  # pragma: no cover
 
 
-__all__ = ["DEFINITIONS", "OPAQUE", "SYM", "partials", "sympy_partials", "to_pexpr"]
+__all__ = ["DEFINITIONS", "OPAQUE", "SYM", "expand_formulas", "partials", "sympy_partials",
+           "to_pexpr"]
