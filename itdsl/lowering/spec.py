@@ -249,7 +249,7 @@ def _row_sides(prog: Program) -> dict[frozenset, str]:
 def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     """The kernel of a group: tiles of rows (threads of a block on a GPU) by columns, and
     its array arguments in a fixed order."""
-    group = _expanded(group)
+    group, expanded = _expanded(group)
     widths = [_flat(s.shape) for s in group.steps]
     cols = TILE_COLS if max(widths) <= 256 else 16
     rows = TILE_ROWS if target == "cpu" else CUDA_THREADS
@@ -259,7 +259,7 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
         spec.lanes = LANES
     roots = [st.expr for st in group.steps] + [st.mask for st in group.steps
                                                if st.mask is not None]
-    fenced = _shifted(group, roots) | _let_fenced(roots, group)
+    fenced = _shifted(group, roots) | _let_fenced(roots, group) | expanded
     if spec.fused:
         fenced |= _summands(spec)
     staged = staged_nodes(roots, fenced)
@@ -305,15 +305,16 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     return spec
 
 
-def _expanded(group: Group) -> Group:
+def _expanded(group: Group) -> tuple[Group, set[Node]]:
     """The group with the functions whose formula a kernel computes instead (gelu: see
-    `expand_formulas`) written out in every step."""
+    `expand_formulas`) written out in every step, and the values so written."""
     roots = [n for st in group.steps for n in (st.expr, st.mask) if n is not None]
-    new = dict(zip(roots, expand_formulas(roots)))
-    if all(new[n] is n for n in roots):
-        return group
+    out, expanded = expand_formulas(roots)
+    if not expanded:
+        return group, expanded
+    new = dict(zip(roots, out))
     steps = [replace(st, expr=new[st.expr], mask=new.get(st.mask)) for st in group.steps]
-    return Group(group.kind, group.side, group.over, steps, group.shifts)
+    return Group(group.kind, group.side, group.over, steps, group.shifts), expanded
 
 
 def _summands(spec: PairSpec) -> set[Node]:

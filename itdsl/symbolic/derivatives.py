@@ -53,25 +53,52 @@ def partials(n: P.Node) -> list[P.Node]:
 
 
 _FORMULAS: dict[str, sp.Expr] = {}
+_LOADS = P.LEAVES | {"linear", "dot", "sum", "read"}  # (a kernel reads them, or stages them)
+_ARITH = frozenset({"+", "-", "*", "neg"})
 
 
-def expand_formulas(roots: list[P.Node]) -> list[P.Node]:
-    """`roots` with every function whose entry says `expand` written as its formula (gelu(z)
-    as z/2·(1 + erf(√2·z/2))): the same sympy subexpressions as its derivative's (which
-    sympy derives from that formula), hence the same plan nodes."""
+def expand_formulas(roots: list[P.Node]) -> tuple[list[P.Node], set[P.Node]]:
+    """`roots` with the functions whose entry says `expand` written as their formula (gelu(z)
+    as z/2·(1 + erf(√2·z/2))) where that pays: where the formula's subexpression that is
+    not z itself (gelu's erf(√2·z/2)) is already in `roots`, as in a derivative sympy took of
+    that formula, so that it becomes one node read twice; and where z is a value read from
+    memory or one operation on such values, since the formula reads z several times and
+    nothing binds it once (a gelu of an unread value, or of another gelu, stays whole: its
+    copies would nest, and the code generator's time grows exponentially with nesting).
+    Returns the new roots and the expanded values (which a kernel computes once each, for
+    the same reason)."""
+    order = P.toposort(roots)
+    present = set(order)
     memo: dict[P.Node, P.Node] = {}
-    for n in P.toposort(roots):
+    expanded: set[P.Node] = set()
+    for n in order:
         args = tuple(memo[a] for a in n.args)
         f = FUNCTIONS.get(n.op)
-        if f is not None and f.opaque is not None and f.opaque.expand:
-            if n.op not in _FORMULAS:
-                _FORMULAS[n.op] = sp.sympify(f.opaque.formula(SYM, *A[:f.arity]))
-            memo[n] = to_pexpr(_FORMULAS[n.op], dict(zip(A, args)))
+        if f is not None and f.opaque is not None and f.opaque.expand and _pays(n, present):
+            memo[n] = to_pexpr(_formula(n.op), dict(zip(A, args)))
+            expanded.add(memo[n])
         elif any(x is not y for x, y in zip(args, n.args)):
             memo[n] = P.rebuild(n, args)
         else:
             memo[n] = n
-    return [memo[r] for r in roots]
+    return [memo[r] for r in roots], expanded
+
+
+def _formula(op: str) -> sp.Expr:
+    if op not in _FORMULAS:
+        f = FUNCTIONS[op]
+        _FORMULAS[op] = sp.sympify(f.opaque.formula(SYM, *A[:f.arity]))
+    return _FORMULAS[op]
+
+
+def _pays(n: P.Node, present: set) -> bool:
+    """Whether expanding `n` shares a subexpression with `present` and reads flat arguments."""
+    if not all(a.op in _LOADS or (a.op in _ARITH and all(b.op in _LOADS for b in a.args))
+               for a in n.args):
+        return False
+    e = to_pexpr(_formula(n.op), dict(zip(A, n.args)))  # (its costly parts: erf, exp, ...)
+    return any(m in present for m in P.toposort([e])
+               if m.op in FUNCTIONS and FUNCTIONS[m.op].let_depth > 0)
 
 
 def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
