@@ -142,7 +142,7 @@ def test_gelu_and_its_derivative_share_one_erf_per_pair():
     assert len(erfs) == 1 and erfs <= set(bwd.staged)
 
 
-@pytest.mark.parametrize("n", [70, 129])
+@pytest.mark.parametrize("n", [129])  # (padded tiles: 2 x 64 + 1 columns forward, 8 x 16 + 1 backward)
 def test_itnet_mixer_float32_kernels_against_float64_materialised_torch(n):
     """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles) against
     the pair tensor materialised in float64 torch: the output and every gradient."""
@@ -169,7 +169,7 @@ def test_itnet_mixer_float32_kernels_against_float64_materialised_torch(n):
     want = [ref, f64.grad] + [p.grad for p in ps]
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b.detach(), rtol=0,
-                                   atol=2e-6 * float(b.abs().max()))
+                                   atol=2e-6 * float(b.detach().abs().max()))
 
 
 def test_gelu_is_written_out_only_where_it_shares_and_its_argument_is_flat():

@@ -87,7 +87,7 @@ def expand_formulas(roots: list[P.Node]) -> tuple[list[P.Node], set[P.Node]]:
 def _formula(op: str) -> sp.Expr:
     if op not in _FORMULAS:
         f = FUNCTIONS[op]
-        _FORMULAS[op] = sp.sympify(f.opaque.formula(SYM, *A[:f.arity]))
+        _FORMULAS[op] = f.opaque.formula(SYM, *A[:f.arity])
     return _FORMULAS[op]
 
 
