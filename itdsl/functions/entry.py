@@ -17,8 +17,9 @@ class Opaque:
     formula: Callable | None = None
     derivative: Callable | None = None
     sign: str | None = None
-    # pair kernels compute the function from `formula` instead of as one unit, so that a
-    # subexpression its derivative shares (gelu's erf(x/√2)) is computed once per pair
+    # pair kernels compute the function from `formula` instead of as one unit where a
+    # subexpression its derivative shares (gelu's erf(x/√2)) is then computed once per pair
+    # (see `itdsl.symbolic.derivatives.expand_formulas`)
     expand: bool = False
 
 

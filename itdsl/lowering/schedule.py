@@ -43,12 +43,16 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
     io, ii = sch.split(i, [None, spec.tile_rows])
     jo, ji = sch.split(j, [None, spec.tile_cols // spec.lanes])
     # vectors: for each column, the TI rows of the tile update their accumulators (which
-    # stay in registers) from one load of the column's values; matrices: the accumulator
-    # of one row and MATRIX_ROWS matrix rows stays put while the columns stream past
+    # stay in registers) from one load of the column's values; matrices: a block of
+    # MATRIX_ROWS x CHANNEL_BLOCK of one row's matrix stays put while the columns stream past
     if r is not None:
         ro, ri = sch.split(r, [None, MATRIX_ROWS]) if spec.out_shape[0] % MATRIX_ROWS == 0 \
             else (r, None)
-        sch.reorder(b, io, jo, ii, ro, ji, *([ri] if ri is not None else []), c)
+        co = None
+        if spec.out_shape[1] % CHANNEL_BLOCK == 0 and spec.out_shape[1] > CHANNEL_BLOCK:
+            co, c = sch.split(c, [None, CHANNEL_BLOCK])
+        sch.reorder(b, io, jo, ii, ro, *([co] if co is not None else []), ji,
+                    *([ri] if ri is not None else []), c)
         if ri is not None:
             sch.unroll(ri)
     else:  # the rows of a tile share each column's loads: a register tile of TI rows
