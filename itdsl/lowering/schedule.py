@@ -48,9 +48,7 @@ def schedule_cpu(func, spec, stages, scalar_only=frozenset()):
     if r is not None:
         ro, ri = sch.split(r, [None, MATRIX_ROWS]) if spec.out_shape[0] % MATRIX_ROWS == 0 \
             else (r, None)
-        co = None
-        if spec.out_shape[1] % CHANNEL_BLOCK == 0 and spec.out_shape[1] > CHANNEL_BLOCK:
-            co, c = sch.split(c, [None, CHANNEL_BLOCK])
+        co, c = _split_channels(sch, c, spec.out_shape[1])
         sch.reorder(b, io, jo, ii, ro, *([co] if co is not None else []), ji,
                     *([ri] if ri is not None else []), c)
         if ri is not None:
@@ -100,12 +98,7 @@ def _schedule_stages(sch, stages, scalar_only, outer: int) -> list:
                 # stay in registers over the reduction: a small GEMM micro-kernel
                 row, col, ch, red = own
                 co, ci = sch.split(col, [None, PAIR_BLOCK])
-                width = sch.get(ch).extent.value
-                block = next((k for k in (CHANNEL_BLOCK, CHANNEL_BLOCK // 2)
-                              if width % k == 0 and width > k), None)
-                cho = None
-                if block is not None:
-                    cho, ch = sch.split(ch, [None, block])
+                cho, ch = _split_channels(sch, ch, sch.get(ch).extent.value)
                 sch.reorder(row, co, *([cho] if cho is not None else []), red, ci, ch)
                 acc = sch.cache_write(blk, 0, "local")
                 sch.reverse_compute_at(acc, cho if cho is not None else co)
@@ -124,6 +117,15 @@ def _schedule_stages(sch, stages, scalar_only, outer: int) -> list:
         if stage.name not in scalar_only:
             sch.vectorize(own[-1])
     return later
+
+
+def _split_channels(sch, loop, width: int):
+    """(outer, inner) loops of `width` channels in blocks of CHANNEL_BLOCK (or half of it)
+    where one divides the width; (None, loop) where none does."""
+    for k in (CHANNEL_BLOCK, CHANNEL_BLOCK // 2):
+        if width % k == 0 and width > k:
+            return tuple(sch.split(loop, [None, k]))
+    return None, loop
 
 
 def _vectorize_channels(sch, loop, width: int) -> None:
@@ -168,10 +170,7 @@ def _schedule_fused_cpu(func, spec, stages, scalar_only):
             jo, ji = sch.split(j, [None, TJ])
             ro, ri = sch.split(r, [None, MATRIX_ROWS]) if out.step.shape[0] % MATRIX_ROWS == 0 \
                 else (r, None)
-            width = out.step.shape[1]
-            co = None
-            if width % CHANNEL_BLOCK == 0 and width > CHANNEL_BLOCK:
-                co, c = sch.split(c, [None, CHANNEL_BLOCK])
+            co, c = _split_channels(sch, c, out.step.shape[1])
             sch.reorder(b, p, t, jo, ii, ro, *([co] if co is not None else []), ji,
                         *([ri] if ri is not None else []), c)
             if ri is not None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 
 from ..functions import FUNCTIONS
 from ..symbolic import pexpr as P
-from ..symbolic.derivatives import expand_formulas
 from ..symbolic.pexpr import Node, toposort
 from ..symbolic.plan import Program, Step, StepKind
 
@@ -39,6 +38,8 @@ PARTS = 16
 # is computed in a stage of its own (a load, which the simplifier does not look through).
 LET_DEPTH = {name: f.let_depth for name, f in FUNCTIONS.items() if f.let_depth}
 LET_NESTING = 3
+# functions a kernel may compute from their formula (see `_expanded`)
+EXPANDED = frozenset(name for name, f in FUNCTIONS.items() if f.opaque and f.opaque.expand)
 
 
 def _flat(shape: tuple[int, ...]) -> int:
@@ -49,15 +50,16 @@ def _flat(shape: tuple[int, ...]) -> int:
 class LeafSpec:
     """One array argument of a pair kernel and the plan leaf it holds.
 
-    Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) when a channel stage reads
-    them, so that stages vectorise over consecutive j, else [b, j, w], so that the
-    accumulation vectorises over the channels w."""
+    Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) when only stages that
+    vectorise over the columns read them (scalar stages), so that these read consecutive
+    j, else [b, j, w], so that vector stages and the accumulation vectorise over the
+    channels w."""
 
     role: str  # "row" | "col" | "param" | "const" | "table"
     node: Node  # (a table: the first read of its field; `node.name` is the field)
     width: int  # channels (rows/cols/tables); for params/consts the flat size
     shape: tuple[int, ...]  # params/consts: the array shape; a table: (its axes,)
-    soa: bool = False  # columns only: [b, w, j] instead of [b, j, w]
+    soa: bool = False  # columns only: [b, w, j] instead of [b, j, w] (see `spec_of`)
     transposed: bool = False  # matrix params: passed as W.T (a product W a vectorises over
     #                           W's rows, which are then contiguous); a param used both as W
     #                           and as W.T has one leaf of each
@@ -309,6 +311,9 @@ def _expanded(group: Group) -> tuple[Group, set[Node]]:
     """The group with the functions whose formula a kernel computes instead (gelu: see
     `expand_formulas`) written out in every step, and the values so written."""
     roots = [n for st in group.steps for n in (st.expr, st.mask) if n is not None]
+    if not any(n.op in EXPANDED for n in toposort(roots)):
+        return group, set()
+    from ..symbolic.derivatives import expand_formulas  # (sympy: only for these kernels)
     out, expanded = expand_formulas(roots)
     if not expanded:
         return group, expanded

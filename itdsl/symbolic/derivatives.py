@@ -62,9 +62,10 @@ def expand_formulas(roots: list[P.Node]) -> tuple[list[P.Node], set[P.Node]]:
     as z/2·(1 + erf(√2·z/2))) where that pays: where the formula's subexpression that is
     not z itself (gelu's erf(√2·z/2)) is already in `roots`, as in a derivative sympy took of
     that formula, so that it becomes one node read twice; and where z is a value read from
-    memory or one operation on such values, since the formula reads z several times and
-    nothing binds it once (a gelu of an unread value, or of another gelu, stays whole: its
-    copies would nest, and the code generator's time grows exponentially with nesting).
+    memory or computed once (a leaf, a matrix product, a dot or a sum; short ones are written
+    out, a few operations) or one operation on such values, since the formula reads z
+    several times and nothing binds it once (a gelu of another gelu stays whole: its copies
+    would nest, and the code generator's time grows exponentially with nesting).
     Returns the new roots and the expanded values (which a kernel computes once each, for
     the same reason)."""
     order = P.toposort(roots)
