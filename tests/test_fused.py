@@ -20,26 +20,37 @@ from itdsl.settings import small_pairs_set
 D = torch.float64
 GAUSS = (EXAMPLES / "gauss.it").read_text()
 MIX = mix_source("mlp", 2, 3, 4, 5)
+ITNET = (EXAMPLES / "itnet_mixer.it").read_text()
 
 
-def _backward_groups(src: str, name: str, target: str):
+def _specs(src: str, name: str, phase: str = "backward", target: str = "cpu"):
+    """The pair kernels of one phase of an operator, as `spec_of` lays them out."""
     plan = itdsl.compile_source(src).plan(name)
-    return [spec_of(g, target) for g in pair_groups(plan.backward, shift_names(plan), target)]
+    prog = plan.forward if phase == "forward" else plan.backward
+    return [spec_of(g, target) for g in pair_groups(prog, shift_names(plan), target)]
+
+
+def _backward_subsets(op) -> list:
+    """The step names of each backward kernel schedule a float64 op ran, per set of
+    gradients asked for."""
+    ks = op.opdef("cpu").kernels[D]
+    return [[[st.name for st in spec.steps] for spec, _ in specs]
+            for (phase, _), specs in ks._subsets.items() if phase == "backward"]
 
 
 def test_sums_per_x_and_per_y_share_one_cpu_kernel():
-    (gauss,) = _backward_groups(GAUSS, "gauss_smooth", "cpu")
+    (gauss,) = _specs(GAUSS, "gauss_smooth")
     assert gauss.fused and {st.side for st in gauss.steps} == {"x", "y0"}
     # the rows are the side with the most channels (db: 16), the columns' sums are few
     assert gauss.row_side == "y0" and [o.kind for o in gauss.outputs].count("col") == 2
-    (mix,) = _backward_groups(MIX, "mix", "cpu")
+    (mix,) = _specs(MIX, "mix")
     kinds = [o.kind for o in mix.outputs]
     assert mix.row_side == "x" and "matrix" in kinds and "col" in kinds
     # the summand of dh(x) and dh(y) (one node) is computed once per pair, in a stage
     dh = [st.expr for st in mix.steps if st.name.startswith("dh")]
     assert len(dh) == 2 and dh[0] is dh[1] and dh[0] in mix.staged
     # CUDA keeps one orientation per kernel and a matrix alone
-    for spec in _backward_groups(MIX, "mix", "cuda"):
+    for spec in _specs(MIX, "mix", target="cuda"):
         assert not spec.fused and len({st.side for st in spec.steps}) == 1
 
 
@@ -95,19 +106,8 @@ def test_gradients_asked_for_alone_run_kernels_of_their_steps():
     op.s.requires_grad_(False)
     out = op(**{k: v.requires_grad_(k == "b") for k, v in inputs.items()})
     out.sum().backward()
-    ks = op.opdef("cpu").kernels[D]
-    alone = [[[st.name for st in spec.steps] for spec, _ in specs]
-             for (phase, _), specs in ks._subsets.items() if phase == "backward"]
-    assert [["db_2"]] in alone
+    assert [["db_2"]] in _backward_subsets(op)
 
-
-ITNET = (EXAMPLES / "itnet_mixer.it").read_text()
-
-
-def _specs(src: str, name: str, phase: str):
-    plan = itdsl.compile_source(src).plan(name)
-    prog = plan.forward if phase == "forward" else plan.backward
-    return [spec_of(g, "cpu") for g in pair_groups(prog, shift_names(plan), "cpu")]
 
 
 def test_column_leaves_are_laid_out_for_the_stages_that_read_them():
@@ -130,24 +130,24 @@ def test_column_leaves_are_laid_out_for_the_stages_that_read_them():
 def test_a_matrix_used_as_w_and_as_its_transpose_comes_in_both_layouts():
     # the backward multiplies by the second layer's W (to recompute the kernel) and by W.T
     # (the gradient through it): each product reads the layout it vectorises over
-    (bwd,) = _specs(ITNET, "itnet_mix", "backward")
+    (bwd,) = _specs(ITNET, "itnet_mix")
     w2 = [leaf.transposed for leaf in bwd.leaves
           if leaf.role == "param" and leaf.node.name == "phi.2.weight"]
     assert sorted(w2) == [False, True]
 
 
 def test_gelu_and_its_derivative_share_one_erf_per_pair():
-    (bwd,) = _specs(ITNET, "itnet_mix", "backward")
+    (bwd,) = _specs(ITNET, "itnet_mix")
     erfs = {n for n in lspec.toposort([st.expr for st in bwd.steps]) if n.op == "erf"}
     assert len(erfs) == 1 and erfs <= set(bwd.staged)
 
 
-@pytest.mark.parametrize("n", [129])  # (padded tiles: 2 x 64 + 1 columns forward, 8 x 16 + 1 backward)
-def test_itnet_mixer_float32_kernels_against_float64_materialised_torch(n):
-    """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles) against
-    the pair tensor materialised in float64 torch: the output and every gradient."""
-    op = itdsl.compile_file(EXAMPLES / "itnet_mixer.it", target="cpu", strategy="dense")
-    op = op["itnet_mix"]
+def test_itnet_mixer_float32_kernels_against_float64_materialised_torch():
+    """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles: 2 x 64 + 1
+    columns forward, 8 x 16 + 1 backward) against the pair tensor materialised in float64
+    torch: the output and every gradient."""
+    n = 129
+    op = itdsl.compile_source(ITNET, target="cpu", strategy="dense")["itnet_mix"]
     g = torch.Generator().manual_seed(5)
     P, f0 = torch.rand(2, n, 2, generator=g), torch.randn(2, n, 32, generator=g)
     with small_pairs_set(0):  # (the kernels, however few the pairs)
@@ -186,7 +186,7 @@ def test_gelu_is_written_out_only_where_it_shares_and_its_argument_is_flat():
     (fwd,) = _specs(src, "g2", "forward")  # no derivative in the forward: gelu stays whole
     fwd_ops = {n.op for n in lspec.toposort([st.expr for st in fwd.steps])}
     assert "gelu" in fwd_ops and "erf" not in fwd_ops
-    for bwd in _specs(src, "g2", "backward"):
+    for bwd in _specs(src, "g2"):
         nodes = lspec.toposort([st.expr for st in bwd.steps])
         gelus = [n for n in nodes if n.op == "gelu"]
         assert gelus and all(g.args[0].op != "dot" for g in gelus)  # the outer one, whole
@@ -212,7 +212,4 @@ def test_a_param_gradient_asked_for_alone_runs_its_matrix_kernel():
         with small_pairs_set(0):
             got.append(torch.autograd.grad(m(P=P, f=f).square().sum(), [m.phi[2].weight])[0])
     torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=1e-12 * float(got[1].abs().max()))
-    ks = op.opdef("cpu").kernels[D]
-    alone = [[[st.name for st in spec.steps] for spec, _ in specs]
-             for (phase, _), specs in ks._subsets.items() if phase == "backward"]
-    assert alone == [[["dphi.2.weight_5"]]]
+    assert _backward_subsets(op) == [[["dphi.2.weight_5"]]]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from util import EXAMPLES, gradcheck_op, grads
 
 import itdsl
+from itdsl.nn.mix import mix_source
 
 torch.manual_seed(0)
 D64 = torch.float64
@@ -266,7 +267,6 @@ def test_itnet_mix_gradcheck():
     # (the example's 6,432 parameters took 16 s of numerical differences)
     op = load("itnet_mixer.it", "itnet_mix").double()
     assert gradcheck_op(op, dict(P=torch.rand(4, 2, dtype=D64), f=rand(4, 32)), params=False)
-    from itdsl.nn.mix import mix_source
     small = itdsl.compile_source(mix_source("mlp", 2, 3, 4, 5), target="reference")["mix"]
     assert gradcheck_op(small.double(), dict(P=torch.rand(5, 2, dtype=D64), a=rand(5, 3),
                                              v=rand(5, 4), w=torch.rand(5, dtype=D64)))

@@ -397,8 +397,9 @@ class PairBuilder:
             W, a = n.args
             col, k, tr = n.attrs
             av = self.val(a)
-            # W·a vectorises over W's rows (contiguous in W.T), Wᵀ·a over its columns
-            Wt = self.transposed.get(W) if not tr or W not in self.arrays else None
+            # W·a vectorises over W's rows, contiguous in W.T (passed wherever a product
+            # W·a reads W: `spec_of`), Wᵀ·a over its columns, contiguous in W
+            Wt = None if tr else self.transposed.get(W)
 
             def Wv(o, c):  # W[o, c]
                 return Wt[c, o] if Wt is not None else self.arrays[W][o, c]

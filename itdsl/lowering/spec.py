@@ -294,11 +294,10 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
         # a matrix param comes as W.T for the products W·a and as W for the rest (Wᵀ·a and
         # any other read); one used both ways comes twice, once in each layout
         reads = [c for c in order if n in c.args]
-        products = [c for c in reads if c.op == "linear" and c.args[0] is n]
-        layouts = [False]
-        if products and any(not u.attr("transpose") for u in products):
-            layouts = [True] if len(products) == len(reads) and not any(
-                u.attr("transpose") for u in products) else [False, True]
+        by_rows = [c for c in reads if c.op == "linear" and c.args[0] is n
+                   and not c.attr("transpose")]
+        layouts = ([False] if len(by_rows) < len(reads) or not by_rows else []) + \
+            ([True] if by_rows else [])
         for t in layouts:
             spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
                                         soa=role == "col" and n in in_stage, transposed=t))

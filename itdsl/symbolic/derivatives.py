@@ -74,10 +74,10 @@ def expand_formulas(roots: list[P.Node]) -> tuple[list[P.Node], set[P.Node]]:
     expanded: set[P.Node] = set()
     for n in order:
         args = tuple(memo[a] for a in n.args)
-        f = FUNCTIONS.get(n.op)
-        if f is not None and f.opaque is not None and f.opaque.expand and _pays(n, present):
-            memo[n] = to_pexpr(_formula(n.op), dict(zip(A, args)))
-            expanded.add(memo[n])
+        e = _expansion(n, present)  # (of flat arguments, which nothing here rewrites)
+        if e is not None:
+            memo[n] = e
+            expanded.add(e)
         elif any(x is not y for x, y in zip(args, n.args)):
             memo[n] = P.rebuild(n, args)
         else:
@@ -92,14 +92,19 @@ def _formula(op: str) -> sp.Expr:
     return _FORMULAS[op]
 
 
-def _pays(n: P.Node, present: set) -> bool:
-    """Whether expanding `n` shares a subexpression with `present` and reads flat arguments."""
+def _expansion(n: P.Node, present: set) -> P.Node | None:
+    """`n` written as its function's formula, if its entry says `expand`, its arguments are
+    flat and a costly part of the formula (erf, exp, ...) is in `present`; else None."""
+    f = FUNCTIONS.get(n.op)
+    if f is None or f.opaque is None or not f.opaque.expand:
+        return None
     if not all(a.op in _LOADS or (a.op in _ARITH and all(b.op in _LOADS for b in a.args))
                for a in n.args):
-        return False
-    e = to_pexpr(_formula(n.op), dict(zip(A, n.args)))  # (its costly parts: erf, exp, ...)
-    return any(m in present for m in P.toposort([e])
-               if m.op in FUNCTIONS and FUNCTIONS[m.op].let_depth > 0)
+        return None
+    e = to_pexpr(_formula(n.op), dict(zip(A, n.args)))
+    shared = any(m in present for m in P.toposort([e])
+                 if m.op in FUNCTIONS and FUNCTIONS[m.op].let_depth > 0)
+    return e if shared else None
 
 
 def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
