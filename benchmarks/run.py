@@ -147,8 +147,8 @@ ALIBI = """operator alibi {
 def alibi_setup(n: int, causal: bool, bias: str):
     """Attention with a position bias: ALiBi's linear slope·(t − s) (its terms separate, so
     SDPA runs it on two more columns of q and k) or slope·|t − s| (itdsl's own tiled online
-    softmax, the bias per tile); the peer is SDPA with the n×n bias materialised as its
-    float mask."""
+    softmax, the bias per tile; under the causal mask |t − s| is t − s, and SDPA runs it as
+    the linear one); the peer is SDPA with the n×n bias materialised as its float mask."""
     import torch
     import torch.nn.functional as F
 
@@ -430,6 +430,8 @@ def bars(seen: dict) -> None:
             lambda v, t=target: v >= t)
     for causal in ("non-causal", "causal"):
         for bias, how in (("(t - s)", "SDPA on extra columns"), ("abs(t - s)", "own tiles")):
+            if causal == "causal" and bias == "abs(t - s)":  # (|t − s| = t − s under the mask)
+                how = "SDPA on extra columns: |t − s| = t − s under the mask"
             name = f"{causal} ALiBi slope·{bias} fwd"
             mine, peer = _t(seen, name), _t(seen, name, "torch sdpa, n×n bias")
             bar(f"{name} ({how}): itdsl / SDPA with the bias as mask",

@@ -127,7 +127,10 @@ def test_property_equals_reference_and_dense(small_tiles, file, name, strategy, 
 def test_gradcheck(small_tiles, file, name, strategy, kind):
     lib, _, _ = _ops(file, name)
     kw = _inputs(lib, 9, 5, (2,), torch.Generator().manual_seed(1))  # 2 row tiles
-    assert gradcheck_op(lib, kw)
+    # (fast mode: random projections of the Jacobian, numerical against analytical; the
+    # full Jacobians of these inputs took 4-16 s each, the tests above compare every
+    # gradient with the reference's elementwise)
+    assert gradcheck_op(lib, kw, fast_mode=True)
 
 
 def test_attention_with_many_tiles_and_extreme_scores(small_tiles):
@@ -310,9 +313,9 @@ def test_attention_relative_position_params_get_gradients(small_tiles):
         input k : T -> R^8
         input v : T -> R^8
         param slope : R = 0.3
-        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 4 - slope * abs(t - s)) * [s <= t]
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 4 - slope * abs(t - s - 3)) * [s <= t]
         output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
-    }"""
+    }"""  # (|t − s − 3| changes sign under the mask: a position term per tile)
     lib = itdsl.compile_source(text, target="cpu")["k"].double()
     ref = itdsl.compile_source(text, target="reference")["k"].double()
     assert lib._runner is not None and lib._runner.form.rest is not None
@@ -547,6 +550,47 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
     torch.testing.assert_close(out, want)
     g_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, slope), g_out)
+    wants = torch.autograd.grad(want, (q, k, v, slope), g_out)
+    for a, b in zip(got, wants, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias,mask,sdpa", [
+    ("abs(t - s)", "[s <= t]", True), ("abs(2 * (s - t)) / 3", "[t >= s]", True),
+    ("relu(t - s) + 5 * relu(s - t)", "[s <= t]", True),
+    ("abs(t - s)", "[s < t]", False),  # (strict: the own tiles, but no position term per tile)
+    ("abs(t - s)", "", False), ("abs(slope * (t - s))", "[s <= t]", False)])
+def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
+    """Under [s <= t], ALiBi's slope·|t − s| is slope·(t − s) (and relu(s − t) is 0): the
+    score separates, so SDPA runs the causal form; without a mask, or where the sign is not
+    fixed by the mask alone (the slope may be negative), the term stays per tile. Output and
+    the gradients of q, k, v and the slope are a plain torch softmax of the formula as
+    written."""
+    src = (ALIBI_SDPA.replace("WQ", "6").replace("WV", "5").replace("slope * (t - s)", "(BIAS)")
+           .replace("BIAS", "slope * " + bias if "slope" not in bias else bias)
+           .replace("MASK", f" * {mask}" if mask else ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    form, strict = op._runner.form, mask == "[s < t]"
+    assert form.sdpa is sdpa and (form.rest is None) is (sdpa or strict)
+    g = torch.Generator().manual_seed(11)
+    n = 19
+    q, k = (torch.randn(2, n, 6, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, n, 5, generator=g, dtype=D, requires_grad=True)
+    out = op(q=q, k=k, v=v)
+    t = torch.arange(n, dtype=D)
+    d, slope = t[:, None] - t[None, :], op.slope
+    pos = {"abs(t - s)": slope * d.abs(), "abs(2 * (s - t)) / 3": slope * (2 * -d).abs() / 3,
+           "relu(t - s) + 5 * relu(s - t)": slope * (d.relu() + 5 * (-d).relu()),
+           "abs(slope * (t - s))": (slope * d).abs()}[bias]
+    S = q @ k.transpose(1, 2) / 2 - pos
+    if mask:
+        S = S.masked_fill(t[None, :] > t[:, None] - int(strict), -torch.inf)
+    rows = slice(1 if strict else 0, None)  # (a strict mask keeps nothing of the first row)
+    want = torch.softmax(S[:, rows], -1) @ v
+    torch.testing.assert_close(out[:, rows], want)
+    assert not strict or out[:, 0].isnan().all()  # 0/0, as torch's softmax gives
+    g_out = torch.randn_like(want)
+    got = torch.autograd.grad(out[:, rows], (q, k, v, slope), g_out)
     wants = torch.autograd.grad(want, (q, k, v, slope), g_out)
     for a, b in zip(got, wants, strict=True):
         torch.testing.assert_close(a, b)

@@ -105,7 +105,8 @@ FUNCTIONS = [
             P.ew("==", P.ew("<=", args[0], P.ZERO), P.ZERO), P.ONE, P.ZERO)],
         numpy=lambda np, z: np.maximum(z, 0), torch=lambda T, x: T.relu(x),
         tvm=lambda b, x: b.let(x, lambda x: b.tirx.Select(x < b.c(0.0), b.c(0.0), x)),
-        let_depth=1, module=lambda nn: nn.ReLU()),
+        let_depth=1, module=lambda nn: nn.ReLU(),
+        signed=lambda P, a, s: a if s > 0 else P.zeros(a.shape)),
     # the exact (erf) form, as torch's default: written out in sympy, numpy and TVM; torch's
     # fused gelu with the formula's special values in torch (see _gelu_torch)
     Elementwise(

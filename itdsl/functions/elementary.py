@@ -24,7 +24,8 @@ FUNCTIONS = [
     Elementwise(
         name="abs", arity=1, sympy=lambda S, x: S.Abs(x), fold=abs,
         numpy=lambda np, x: np.abs(x), torch=lambda T, x: T.abs(x),
-        tvm=lambda b, x: b.let(x, b.te.abs)),
+        tvm=lambda b, x: b.let(x, b.te.abs),
+        signed=lambda P, a, s: a if s > 0 else P.neg(a)),
     Elementwise(
         name="sin", arity=1, sympy=lambda S, x: S.sin(x),
         numpy=lambda np, x: np.sin(x), torch=lambda T, x: T.sin(x),

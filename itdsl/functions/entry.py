@@ -44,6 +44,10 @@ class Elementwise:
     torch: Callable | None = None
     tvm: Callable | None = None
     let_depth: int = 0  # let-bound values the TVM form nests around its argument
+    # (P, a, s) -> the value where the sign of its one argument a is known, s = +1 (a >= 0)
+    # or -1 (a <= 0), as an expression without the function: abs(a) = a or -a (a causal mask
+    # fixes the sign of x - y, and the score then separates: see strategies/forms.py)
+    signed: Callable | None = None
     module: Callable | None = None  # (nn) -> module: allowed as an mlp activation
 
     @property

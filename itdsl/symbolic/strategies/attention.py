@@ -23,6 +23,7 @@ from .forms import (
     Term,
     causal_mask,
     inline,
+    oriented,
     pair_sums,
     rank,
     regular,
@@ -132,7 +133,9 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
                     <= set(P.factors(inline(ps.inside, plan))))):
             return Miss(f"the sum {ps.step} is not exp(s − max) under the max step's mask")
     terms, rest = [], None
-    for sign, u in summands(mx.expr):
+    # (under a causal mask a position term such as slope·|x − y| is linear: it separates)
+    score = oriented(mx.expr, mask, mx.over) if regular(plan, mx.over) else mx.expr
+    for sign, u in summands(score):
         t = separate(u, X_SIDE, mx.over)
         if t is not None and all(len(q.a.shape) <= 1 for q in t):
             terms += [Term(P.mul(P.const(sign), q.a), q.b, q.reduced) for q in t]

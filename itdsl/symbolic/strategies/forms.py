@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...functions import FUNCTIONS
 from .. import pexpr as P
 from ..pexpr import Node
 from ..plan import X_SIDE, Plan, StepKind
@@ -93,6 +94,39 @@ def causal_mask(mask: Node | None, over: str) -> str | None:
     if a.op == "coord" and b.op == "coord" and a.side == over and b.side == X_SIDE:
         return "<=" if mask.op in ("<=", ">=") else "<"
     return None
+
+
+def oriented(e: Node, mask: Node | None, over: str) -> Node:
+    """`e` where the causal mask `[y <= x]` or `[y < x]` holds: each function of a coordinate
+    difference whose sign the mask fixes (x − y ≥ 0, times a constant) written without it,
+    as its table entry's `signed` says (abs(x − y) = x − y, relu(y − x) = 0); the scores
+    then separate. The value of a masked pair does not matter, and coordinates here are
+    constants (so no derivative at x = y changes); `e` itself where nothing applies."""
+    if causal_mask(mask, over) is None:
+        return e
+    a, b = mask.args if mask.op in ("<=", "<") else mask.args[::-1]  # a = y, b = x
+
+    def sign(u: Node) -> int | None:  # +1: u >= 0 under the mask; -1: u <= 0
+        if u.op == "-" and set(u.args) == {a, b}:
+            return 1 if u.args[0] is b else -1
+        if u.op == "neg":
+            s = sign(u.args[0])
+            return None if s is None else -s
+        if u.op in ("*", "/"):
+            k, v = u.args if u.op == "*" and u.args[0].is_const else u.args[::-1]
+            if k.is_const and k.value != 0 and (u.op == "*" or k is u.args[1]):
+                s = sign(v)
+                return None if s is None else s if k.value > 0 else -s
+        return None
+
+    mapping = {}
+    for n in P.toposort([e]):
+        f = FUNCTIONS.get(n.op)
+        if f is not None and f.signed is not None and f.arity == 1:
+            s = sign(n.args[0])
+            if s is not None:
+                mapping[n] = f.signed(P, n.args[0], s)
+    return P.substitute([e], mapping)[0] if mapping else e
 
 
 # ---- separation: K(x, y) = Σ_t a_t(x) · b_t(y) ------------------------------------------------
