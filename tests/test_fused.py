@@ -142,6 +142,28 @@ def test_gelu_and_its_derivative_share_one_erf_per_pair():
     assert len(erfs) == 1 and erfs <= set(bwd.staged)
 
 
+def test_a_deeper_gelu_mlp_computes_each_layer_once_per_pair():
+    """Two hidden gelu layers: the backward writes out both gelus (each shares its erf with
+    its derivative), the outer over the inner as written out, so the sums that read the
+    kernel's value and those that read its derivatives meet on one node per layer. Each
+    matrix product (W2·g1, W4·g2, W4ᵀ·c, W2ᵀ·e) is computed once per pair: before, the
+    outer gelu's formula read the inner gelu whole, and the kernel computed the layers twice
+    (an extra product and two extra erfs per pair)."""
+    src = """operator mix {
+        domain P = points(2)
+        input  a : P -> R^8
+        input  v : P -> R^32
+        input  w : P -> R
+        param  phi : mlp(20 -> 32 -> 32 -> 32, act = gelu)
+        output g(x: P) = integral(y: P) phi(x, y, a(x), a(y)) * v(y) with weights(w)
+    }"""
+    (bwd,) = _specs(src, "mix")
+    nodes = lspec.toposort([st.expr for st in bwd.steps])
+    assert not [n for n in nodes if n.op == "gelu"]
+    assert len([n for n in nodes if n.op == "erf"]) == 2
+    assert len([n for n in nodes if n.op == "linear"]) == 4
+
+
 def test_itnet_mixer_float32_kernels_against_float64_materialised_torch():
     """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles: 2 x 64 + 1
     columns forward, 8 x 16 + 1 backward) against the pair tensor materialised in float64

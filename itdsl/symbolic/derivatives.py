@@ -74,7 +74,9 @@ def expand_formulas(roots: list[P.Node]) -> tuple[list[P.Node], set[P.Node]]:
     expanded: set[P.Node] = set()
     for n in order:
         args = tuple(memo[a] for a in n.args)
-        e = _expansion(n, present)  # (of flat arguments, which nothing here rewrites)
+        # (whether it pays is read from the roots as given; the formula is written over the
+        # arguments as rewritten: a gelu of a product of an expanded gelu reads that one)
+        e = _expansion(n, present, args)
         if e is not None:
             memo[n] = e
             expanded.add(e)
@@ -92,9 +94,10 @@ def _formula(op: str) -> sp.Expr:
     return _FORMULAS[op]
 
 
-def _expansion(n: P.Node, present: set) -> P.Node | None:
-    """`n` written as its function's formula, if its entry says `expand`, its arguments are
-    flat and a costly part of the formula (erf, exp, ...) is in `present`; else None."""
+def _expansion(n: P.Node, present: set, args: tuple[P.Node, ...]) -> P.Node | None:
+    """`n` written as its function's formula over `args` (its arguments, rewritten), if its
+    entry says `expand`, its arguments are flat and a costly part of the formula (erf, exp,
+    ...) over its own arguments is in `present`; else None."""
     f = FUNCTIONS.get(n.op)
     if f is None or f.opaque is None or not f.opaque.expand:
         return None
@@ -104,7 +107,9 @@ def _expansion(n: P.Node, present: set) -> P.Node | None:
     e = to_pexpr(_formula(n.op), dict(zip(A, n.args)))
     shared = any(m in present for m in P.toposort([e])
                  if m.op in FUNCTIONS and FUNCTIONS[m.op].let_depth > 0)
-    return e if shared else None
+    if not shared:
+        return None
+    return e if args == n.args else to_pexpr(_formula(n.op), dict(zip(A, args)))
 
 
 def to_pexpr(e: sp.Expr, env: dict, origin: P.Node | None = None) -> P.Node:
