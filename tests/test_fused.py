@@ -164,6 +164,38 @@ def test_a_deeper_gelu_mlp_computes_each_layer_once_per_pair():
     assert len([n for n in nodes if n.op == "linear"]) == 4
 
 
+@pytest.mark.parametrize("strategy", ["dense"])
+def test_param_gradients_ignore_padded_columns_whose_values_are_infinite(strategy):
+    """A weight gradient sums outer products over the columns; the kernels mask the two
+    factors at the padded columns (not each product), so that the sum is one multiply-add
+    per element. Here every padded column (its coordinate padded with 0) has 1/(x·y) = inf
+    (a pair value, computed in the kernel), and the factors there are inf or NaN: the masked factors must still give 0·0, and the
+    gradients must equal the reference's, finite, at sizes that leave 1 to 15 columns of the
+    last tile padded."""
+    src = """operator inv {
+        domain P = points(1)
+        input  v : P -> R^3
+        param  phi : mlp(3 -> 8 -> 3, act = gelu)
+        output g(x: P) = integral(y: P) phi(x, y, 1 / (x[0] * y[0])) * v(y)
+    }"""
+    op = itdsl.compile_source(src, target="cpu", strategy=strategy)["inv"].double()
+    ref = itdsl.compile_source(src, target="reference")["inv"].double()
+    ref.load_state_dict(op.state_dict())
+    g = torch.Generator().manual_seed(4)
+    for n in (17, 30):
+        P = 0.5 + torch.rand(n, 1, generator=g, dtype=D)
+        v = torch.randn(n, 3, generator=g, dtype=D)
+        with small_pairs_set(0):
+            out = op(P=P, v=v)
+            got = torch.autograd.grad(out.square().sum(), list(op.parameters()))
+        want = ref(P=P, v=v)
+        wants = torch.autograd.grad(want.square().sum(), list(ref.parameters()))
+        torch.testing.assert_close(out, want)
+        for a, b in zip(got, wants, strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b)
+
+
 def test_itnet_mixer_float32_kernels_against_float64_materialised_torch():
     """The float32 kernels (fast erf and exp, blocked matrix products, padded tiles: 2 x 64 + 1
     columns forward, 8 x 16 + 1 backward) against the pair tensor materialised in float64

@@ -70,6 +70,7 @@ class PairBuilder:
             self.NP = self.nt * spec.tile_rows
         self.MP = self.mt * spec.tile_cols
         self.arrays: dict[Node, te.Tensor] = {}
+        self._masked_of: dict[Node, te.Tensor] = {}  # see `masked`
         self.transposed: dict[Node, te.Tensor] = {}  # matrix params passed as W.T
         self.stages: list[te.Tensor] = []  # in creation (topological) order
         self.stage_of: dict[Node, te.Tensor] = {}
@@ -237,6 +238,44 @@ class PairBuilder:
     # ---- values ----------------------------------------------------------------------------------
     # `val(n)(b, i, j, ch)` is node n's value at batch b, row i, column j and channel
     # indices ch (one per axis of its shape).
+
+    def masked(self, n: Node):
+        """`val(n)`, 0 at the padded columns (j ≥ m_valid): a per-row sum's summand. An outer
+        product (or a sum of them: a param gradient's summand) is the product of its two
+        factors masked in stages of their own, [v]·u ⊗ [v]·w: equal to [v]·(u ⊗ w) (0·0 at a
+        padded column, whatever u and w hold there), with a select per factor and pair
+        instead of one per product, so that the accumulation is one multiply-add per element
+        (a select inside it cost a multiply, a mask and an add, and the mask per column)."""
+        zero = self.c(0.0)
+        if n not in self.stage_of and n.op == "+":
+            fa, fb = self.masked(n.args[0]), self.masked(n.args[1])
+            return lambda b, i, j, ch: fa(b, i, j, ch) + fb(b, i, j, ch)
+        if n not in self.stage_of and n.op == "outer":
+            col, _ = n.attrs
+            w = _flat(n.args[1].shape)
+            u, v = self._masked_stage(n.args[0]), self._masked_stage(n.args[1])
+            return lambda b, i, j, ch: tirx.Select(
+                tirx.all(ch[1] >= col, ch[1] < col + w),
+                u(b, i, j, (ch[0],)) * v(b, i, j, (ch[1] - col,)), zero)
+        f = self.val(n)
+        return lambda b, i, j, ch: tirx.Select(j < self.m_valid, f(b, i, j, ch), zero)
+
+    def _masked_stage(self, n: Node):
+        """`val(n)` of a vector, 0 at the padded columns, in a stage (one per node)."""
+        T = self._masked_of.get(n)
+        if T is None:
+            f, zero, name = self.val(n), self.c(0.0), f"s{len(self.stages)}"
+            if n.shape and n.shape[0] > 1:
+                T = self.compute((self.B, self.NP, self.MP, n.shape[0]), lambda b, i, j, c:
+                                 tirx.Select(j < self.m_valid, f(b, i, j, (c,)), zero), name=name)
+            else:  # (a stage of width 1 has no channel loop: see `_pair_stage`)
+                T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: tirx.Select(
+                    j < self.m_valid, f(b, i, j, (0,) if n.shape else ()), zero), name=name)
+            self.stages.append(T)
+            self._masked_of[n] = T
+        if len(T.shape) == 3:
+            return lambda b, i, j, ch: T[b, i, j]
+        return lambda b, i, j, ch: T[(b, i, j, *ch)]
 
     def val(self, n: Node):
         if n in self.stage_of:
@@ -461,11 +500,11 @@ class PairBuilder:
             return tirx.Select(j < self.m_valid, channels(b, i, j, c), init)
 
         if spec.matrix:  # one step, a matrix per row: O[b, i, r, c]
-            f = self.val(spec.steps[0].expr)
+            f = self.masked(spec.steps[0].expr)
             R, Cw = spec.steps[0].shape
             j = te.reduce_axis((0, self.MP), name="j")
             O = self.compute((self.B, self.NP, R, Cw), lambda b, i, r, c: te.sum(
-                tirx.Select(j < self.m_valid, f(b, i, j, (r, c)), zero), axis=j), name="O")
+                f(b, i, j, (r, c)), axis=j), name="O")
         elif spec.lanes > 1:
             # one channel: the columns are reduced in `lanes` interleaved partial results
             # (P), which vectorise, then summed (O)
@@ -514,15 +553,17 @@ class PairBuilder:
         lead = (self.B, self.parts, self.tiles, TI)
         outs = []
         for out in spec.outputs:
-            f = self.val(out.step.expr)
             ch = tuple(out.step.shape)
+            if out.kind != "col" and out.lanes == 1:  # (per row: over the valid columns)
+                outs.append(self.compute((*lead, *ch), _per_row(self, self.masked(
+                    out.step.expr), row), name=out.name))
+                continue
+            f = self.val(out.step.expr)
             if out.kind == "col":
                 shape = ((self.B, self.parts, *ch, self.MP) if out.lanes > 1 else
                          (self.B, self.parts, self.MP, *ch))
                 outs.append(self.compute(shape, _per_column(self, f, row, len(ch), out.lanes),
                                          name=out.name))
-            elif out.lanes == 1:
-                outs.append(self.compute((*lead, *ch), _per_row(self, f, row), name=out.name))
             else:
                 outs.append(self.compute((*lead, *ch, out.lanes),
                                          _per_lane(self, f, row, out.lanes), name=out.name))
@@ -532,10 +573,10 @@ class PairBuilder:
 # arguments, and the reduction axes must be made inside the body). `f(b, i, j, ch)` is the
 # summand; `row(p, t, ii)` the row of part p, tile t, row ii.
 def _per_row(pb: PairBuilder, f, row):
+    """(`f` masked: 0 at the padded columns, see `PairBuilder.masked`)"""
     def body(b, p, t, ii, *ch):
         j = te.reduce_axis((0, pb.MP), name="j")
-        return te.sum(tirx.Select(j < pb.m_valid, f(b, row(p, t, ii), j, ch), pb.c(0.0)),
-                      axis=j)
+        return te.sum(f(b, row(p, t, ii), j, ch), axis=j)
     return body
 
 
