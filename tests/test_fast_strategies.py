@@ -151,7 +151,8 @@ def test_plain_attention_by_sdpa_equals_the_reference(name):
     kw = _inputs(lib, 23, 23 if name == "causal_attention" else 17, (2, 1),
                  torch.Generator().manual_seed(11))
     _check(lib, ref, kw)
-    assert gradcheck_op(lib, _inputs(lib, 6, 6, (2,), torch.Generator().manual_seed(12)))
+    assert gradcheck_op(lib, _inputs(lib, 6, 6, (2,), torch.Generator().manual_seed(12)),
+                        fast_mode=True)
 
 
 def test_attention_float32_matches_sdpa(monkeypatch):
@@ -572,6 +573,8 @@ def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
     op = itdsl.compile_source(src, target="cpu")["alibi"].double()
     form, strict = op._runner.form, mask == "[s < t]"
     assert form.sdpa is sdpa and (form.rest is None) is (sdpa or strict)
+    said = "taken as linear in the positions" in itdsl.compile_source(src).explain("alibi")
+    assert said is (form.rest is None)
     g = torch.Generator().manual_seed(11)
     n = 19
     q, k = (torch.randn(2, n, 6, generator=g, dtype=D, requires_grad=True) for _ in range(2))
@@ -594,6 +597,43 @@ def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
     wants = torch.autograd.grad(want, (q, k, v, slope), g_out)
     for a, b in zip(got, wants, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("pos", ["exp(-abs(t - s))", "exp(s - t)", "sqrt(abs(t - s))",
+                                 "log(1 + relu(t - s))"])
+def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
+    """A causal mask makes |t − s| linear only where the summand then separates into columns
+    that stay in range: exp(−|t − s|) is not taken as exp(s)·exp(−t) (each factor overflows
+    past s ≈ 88 in float32, and 0·inf gave NaN from the 89th row on), and sqrt(|t − s|) stays
+    as written (sqrt(t − s) is NaN at the masked pairs, and the slope's gradient took it in).
+    Output and the gradients of q and the slope, in float32 at n = 120 and float64 at n = 9,
+    against torch's softmax of the formula as written."""
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("slope * (t - s)", f"slope * {pos}").replace("MASK", " * [s <= t]"))
+    for dtype, n in ((torch.float32, 120), (D, 9)):
+        op = itdsl.compile_source(src, target="cpu")["alibi"].to(dtype)
+        assert not op._runner.form.linear and op._runner.form.rest is not None
+        g = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
+        q.requires_grad_(True)
+        out = op(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype))
+        got = torch.autograd.grad(out.sum(), (q, op.slope))
+        t = torch.arange(n, dtype=D)
+        d = t[:, None] - t[None, :]
+        slope = op.slope.detach().double().requires_grad_(True)
+        term = {"exp(-abs(t - s))": (-d.abs()).exp(), "exp(s - t)": (-d).exp(),
+                "sqrt(abs(t - s))": d.abs().sqrt(), "log(1 + relu(t - s))": d.relu().log1p()}[pos]
+        S = (q @ k.T / 2 - slope * term).masked_fill(d < 0, -torch.inf)
+        want = torch.softmax(S, -1) @ v
+        wants = torch.autograd.grad(want.sum(), (q, slope))
+        tol = {} if dtype == D else {"rtol": 1e-4, "atol": 1e-5}
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), want.detach(), **tol)
+        # (the slope's gradient of exp(s − t) in float32 is NaN, in torch too: its factor
+        # exp(s − t) overflows at the masked pairs, times their gradient 0)
+        check = 1 if pos == "exp(s - t)" and dtype == torch.float32 else 2
+        for a, b in zip(got[:check], wants[:check], strict=True):
+            torch.testing.assert_close(a.double(), b, **tol)
 
 
 def test_second_derivatives_through_sdpa_are_a_clear_error():

@@ -92,6 +92,8 @@ class SoftmaxForm:
     causal: str | None
     sums: tuple[PairSum, ...]
     live: Node | None = None  # of y only: 0 at the points out of the max (weight 0)
+    # summands of s that separate only as the causal mask orients them (|x − y| = x − y)
+    linear: tuple[Node, ...] = ()
 
     @property
     def sdpa(self) -> bool:
@@ -132,12 +134,20 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
                 or (live is not None and not set(P.factors(inline(live, plan)))
                     <= set(P.factors(inline(ps.inside, plan))))):
             return Miss(f"the sum {ps.step} is not exp(s − max) under the max step's mask")
-    terms, rest = [], None
-    # (under a causal mask a position term such as slope·|x − y| is linear: it separates)
-    score = oriented(mx.expr, mask, mx.over) if regular(plan, mx.over) else mx.expr
-    for sign, u in summands(score):
-        t = separate(u, X_SIDE, mx.over)
-        if t is not None and all(len(q.a.shape) <= 1 for q in t):
+    terms, rest, linear = [], None, []
+    for sign, u in summands(mx.expr):
+        t = _columns(u, mx.over)
+        if t is None and regular(plan, mx.over):
+            # under a causal mask a position term such as slope·|x − y| is linear: taken so
+            # where it then separates (else the term stays as written, per tile)
+            v = oriented(u, mask, mx.over)
+            if P.is_zero(v):  # (relu(y − x): nothing under the mask)
+                linear.append(u)
+                continue
+            t = None if v is u else _columns(v, mx.over)
+            if t is not None:
+                linear.append(u)
+        if t is not None:
             terms += [Term(P.mul(P.const(sign), q.a), q.b, q.reduced) for q in t]
         else:
             rest = P.mul(P.const(sign), u) if rest is None else P.add(rest, P.mul(P.const(sign), u))
@@ -155,12 +165,28 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
         if st.name not in skipped and any(n.op == "ref" and n.name in skipped
                                           for n in P.toposort([st.expr])):
             return Miss(f"the step {st.name} between the max and the last sum reads them")
-    return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums), live)
+    return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums), live,
+                       tuple(linear))
+
+
+def _columns(u: Node, over: str) -> list[Term] | None:
+    """The GEMM columns of one summand of a score, or None: where it does not separate, or
+    where a column would be an exponential of coordinates (exp(y − x) as exp(−x)·exp(y):
+    each factor overflows past a coordinate of ~88 in float32 where the product does not)."""
+    t = separate(u, X_SIDE, over)
+    if t is None or any(len(q.a.shape) > 1 for q in t):
+        return None
+    for n in P.toposort([f for q in t for f in (q.a, q.b)]):
+        if n.op == "exp" and any(m.op in ("coord", "pos") for m in P.toposort(list(n.args))):
+            return None
+    return t
 
 
 def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
+    taken = [f"      under the causal mask, {show(u)} taken as linear in the positions "
+             f"(its sign fixed by the mask): it separates" for u in form.linear]
     if form.sdpa:
-        return ["    runs as (torch, no generated kernel):",
+        return ["    runs as (torch, no generated kernel):", *taken,
                 f"      torch's scaled_dot_product_attention (a library flash kernel, forward "
                 f"and backward) on the score's factors a(x), b(y) (rank "
                 f"{rank(list(form.terms))}) and v(y), the narrower side padded with zero "
@@ -174,7 +200,7 @@ def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
     if form.live is not None:
         mask += "; the points of weight 0 masked"
 
-    return ["    runs as (torch, no generated kernel):",
+    return ["    runs as (torch, no generated kernel):", *taken,
             f"      scores = a(x)·b(y) by torch GEMM per tile (rank {rank(list(form.terms))})"
             f"{extra}; {mask}",
             "      online softmax over column tiles (running max and sum), Σ exp(s − max)·v "
