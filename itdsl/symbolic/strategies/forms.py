@@ -99,9 +99,11 @@ def causal_mask(mask: Node | None, over: str) -> str | None:
 def oriented(e: Node, mask: Node | None, over: str) -> Node:
     """`e` where the causal mask `[y <= x]` or `[y < x]` holds: each function of a coordinate
     difference whose sign the mask fixes (x − y ≥ 0, times a constant) written without it,
-    as its table entry's `signed` says (abs(x − y) = x − y, relu(y − x) = 0); the scores
-    then separate. The value of a masked pair does not matter, and coordinates here are
-    constants (so no derivative at x = y changes); `e` itself where nothing applies."""
+    as its table entry's `signed` says (abs(x − y) = x − y, relu(y − x) = 0); `e` itself
+    where nothing applies. For a summand of a score that then separates into GEMM columns
+    (`attention._columns`): their values at the masked pairs are never used, and
+    coordinates there are constants (no derivative at x = y changes). Anywhere else the
+    rewritten form may differ at the masked pairs (sqrt(x − y) is NaN there)."""
     if causal_mask(mask, over) is None:
         return e
     a, b = mask.args if mask.op in ("<=", "<") else mask.args[::-1]  # a = y, b = x
