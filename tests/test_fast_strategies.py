@@ -558,7 +558,7 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
 
 @pytest.mark.parametrize("bias,mask,sdpa", [
     ("abs(t - s)", "[s <= t]", True), ("abs(2 * (s - t)) / 3", "[t >= s]", True),
-    ("relu(t - s) + 5 * relu(s - t)", "[s <= t]", True),
+    ("relu(t - s) + 5 * relu(s - t)", "[s <= t]", False),  # (relu(s − t), 0 here, stays)
     ("abs(t - s)", "[s < t]", False),  # (strict: the own tiles, but no position term per tile)
     ("abs(t - s)", "", False), ("abs(slope * (t - s))", "[s <= t]", False)])
 def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
@@ -574,7 +574,7 @@ def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
     form, strict = op._runner.form, mask == "[s < t]"
     assert form.sdpa is sdpa and (form.rest is None) is (sdpa or strict)
     said = "taken as linear in the positions" in itdsl.compile_source(src).explain("alibi")
-    assert said is (form.rest is None)
+    assert said is bool(form.linearised) and said is (mask != "" and "slope *" not in bias)
     g = torch.Generator().manual_seed(11)
     n = 19
     q, k = (torch.randn(2, n, 6, generator=g, dtype=D, requires_grad=True) for _ in range(2))
@@ -583,7 +583,7 @@ def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
     t = torch.arange(n, dtype=D)
     d, slope = t[:, None] - t[None, :], op.slope
     pos = {"abs(t - s)": slope * d.abs(), "abs(2 * (s - t)) / 3": slope * (2 * -d).abs() / 3,
-           "relu(t - s) + 5 * relu(s - t)": slope * (d.relu() + 5 * (-d).relu()),
+           "relu(t - s) + 5 * relu(s - t)": slope * d.relu() + 5 * (-d).relu(),
            "abs(slope * (t - s))": (slope * d).abs()}[bias]
     S = q @ k.transpose(1, 2) / 2 - pos
     if mask:
@@ -600,19 +600,23 @@ def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
 
 
 @pytest.mark.parametrize("pos", ["exp(-abs(t - s))", "exp(s - t)", "sqrt(abs(t - s))",
-                                 "log(1 + relu(t - s))"])
+                                 "log(1 + relu(t - s))", "exp(s * s / 100 - t * t / 100)",
+                                 "abs(t - s) * abs(t - s)", "relu(s - t)"])
 def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
-    """A causal mask makes |t − s| linear only where the summand then separates into columns
-    that stay in range: exp(−|t − s|) is not taken as exp(s)·exp(−t) (each factor overflows
-    past s ≈ 88 in float32, and 0·inf gave NaN from the 89th row on), and sqrt(|t − s|) stays
-    as written (sqrt(t − s) is NaN at the masked pairs, and the slope's gradient took it in).
-    Output and the gradients of q and the slope, in float32 at n = 120 and float64 at n = 9,
-    against torch's softmax of the formula as written."""
+    """A causal mask makes |t − s| linear only in a linear context, where the summand then
+    separates into columns that stay in range: exp(−|t − s|) is not taken as exp(s)·exp(−t)
+    (each factor overflows past s ≈ 88 in float32, and 0·inf gave NaN from the 89th row on;
+    nor exp(s²/100)·exp(−t²/100), whose coordinates hoisting moved into point steps),
+    sqrt(|t − s|) stays as written (sqrt(t − s) is NaN at the masked pairs, and the slope's
+    gradient took it in), |t − s|² is not taken as columns t², ts, s² (float32 rounding of
+    eps·n²), and slope·relu(s − t), 0 under the mask, is not dropped (the slope's gradient is
+    0, not missing). Output and the gradients of q and the slope, in float32 at n = 120 and
+    float64 at n = 9, against torch's softmax of the formula as written."""
     src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
            .replace("slope * (t - s)", f"slope * {pos}").replace("MASK", " * [s <= t]"))
     for dtype, n in ((torch.float32, 120), (D, 9)):
         op = itdsl.compile_source(src, target="cpu")["alibi"].to(dtype)
-        assert not op._runner.form.linear and op._runner.form.rest is not None
+        assert not op._runner.form.linearised and op._runner.form.rest is not None
         g = torch.Generator().manual_seed(2)
         q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
         q.requires_grad_(True)
@@ -622,7 +626,9 @@ def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
         d = t[:, None] - t[None, :]
         slope = op.slope.detach().double().requires_grad_(True)
         term = {"exp(-abs(t - s))": (-d.abs()).exp(), "exp(s - t)": (-d).exp(),
-                "sqrt(abs(t - s))": d.abs().sqrt(), "log(1 + relu(t - s))": d.relu().log1p()}[pos]
+                "sqrt(abs(t - s))": d.abs().sqrt(), "log(1 + relu(t - s))": d.relu().log1p(),
+                "exp(s * s / 100 - t * t / 100)": ((t[None] ** 2 - t[:, None] ** 2) / 100).exp(),
+                "abs(t - s) * abs(t - s)": d.abs() ** 2, "relu(s - t)": (-d).relu()}[pos]
         S = (q @ k.T / 2 - slope * term).masked_fill(d < 0, -torch.inf)
         want = torch.softmax(S, -1) @ v
         wants = torch.autograd.grad(want.sum(), (q, slope))
@@ -631,7 +637,7 @@ def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
         torch.testing.assert_close(out.double(), want.detach(), **tol)
         # (the slope's gradient of exp(s − t) in float32 is NaN, in torch too: its factor
         # exp(s − t) overflows at the masked pairs, times their gradient 0)
-        check = 1 if pos == "exp(s - t)" and dtype == torch.float32 else 2
+        check = 1 if pos.startswith("exp(s") and dtype == torch.float32 else 2
         for a, b in zip(got[:check], wants[:check], strict=True):
             torch.testing.assert_close(a.double(), b, **tol)
 

@@ -169,9 +169,9 @@ def test_param_gradients_ignore_padded_columns_whose_values_are_infinite(strateg
     """A weight gradient sums outer products over the columns; the kernels mask the two
     factors at the padded columns (not each product), so that the sum is one multiply-add
     per element. Here every padded column (its coordinate padded with 0) has 1/(x·y) = inf
-    (a pair value, computed in the kernel), and the factors there are inf or NaN: the masked factors must still give 0·0, and the
-    gradients must equal the reference's, finite, at sizes that leave 1 to 15 columns of the
-    last tile padded."""
+    (a pair value, computed in the kernel), and the factors there are inf or NaN: the masked
+    factors must still give 0·0, and the gradients must equal the reference's, finite, at
+    sizes that leave columns of the last tile padded."""
     src = """operator inv {
         domain P = points(1)
         input  v : P -> R^3

@@ -247,7 +247,7 @@ class PairBuilder:
         instead of one per product, so that the accumulation is one multiply-add per element
         (a select inside it cost a multiply, a mask and an add, and the mask per column)."""
         zero = self.c(0.0)
-        if n not in self.stage_of and n.op == "+":
+        if n not in self.stage_of and n.op == "+" and all(a.shape == n.shape for a in n.args):
             fa, fb = self.masked(n.args[0]), self.masked(n.args[1])
             return lambda b, i, j, ch: fa(b, i, j, ch) + fb(b, i, j, ch)
         if n not in self.stage_of and n.op == "outer":

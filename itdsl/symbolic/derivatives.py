@@ -102,7 +102,7 @@ def _expansion(n: P.Node, present: set, args: tuple[P.Node, ...]) -> P.Node | No
     if f is None or f.opaque is None or not f.opaque.expand:
         return None
     if not all(a.op in _LOADS or (a.op in _ARITH and all(b.op in _LOADS for b in a.args))
-               for a in n.args):
+               for a in (*n.args, *args)):  # (flat as given and as rewritten)
         return None
     e = to_pexpr(_formula(n.op), dict(zip(A, n.args)))
     shared = any(m in present for m in P.toposort([e])

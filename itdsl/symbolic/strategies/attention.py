@@ -93,7 +93,7 @@ class SoftmaxForm:
     sums: tuple[PairSum, ...]
     live: Node | None = None  # of y only: 0 at the points out of the max (weight 0)
     # summands of s that separate only as the causal mask orients them (|x − y| = x − y)
-    linear: tuple[Node, ...] = ()
+    linearised: tuple[Node, ...] = ()
 
     @property
     def sdpa(self) -> bool:
@@ -134,19 +134,16 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
                 or (live is not None and not set(P.factors(inline(live, plan)))
                     <= set(P.factors(inline(ps.inside, plan))))):
             return Miss(f"the sum {ps.step} is not exp(s − max) under the max step's mask")
-    terms, rest, linear = [], None, []
+    terms, rest, linearised = [], None, []
     for sign, u in summands(mx.expr):
-        t = _columns(u, mx.over)
+        t = _columns(u, mx.over, plan)
         if t is None and regular(plan, mx.over):
             # under a causal mask a position term such as slope·|x − y| is linear: taken so
             # where it then separates (else the term stays as written, per tile)
-            v = oriented(u, mask, mx.over)
-            if P.is_zero(v):  # (relu(y − x): nothing under the mask)
-                linear.append(u)
-                continue
-            t = None if v is u else _columns(v, mx.over)
+            v = oriented(u, mask, mx.over, plan)
+            t = None if v is u else _columns(v, mx.over, plan)
             if t is not None:
-                linear.append(u)
+                linearised.append(u)
         if t is not None:
             terms += [Term(P.mul(P.const(sign), q.a), q.b, q.reduced) for q in t]
         else:
@@ -166,17 +163,18 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
                                           for n in P.toposort([st.expr])):
             return Miss(f"the step {st.name} between the max and the last sum reads them")
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums), live,
-                       tuple(linear))
+                       tuple(linearised))
 
 
-def _columns(u: Node, over: str) -> list[Term] | None:
+def _columns(u: Node, over: str, plan: Plan) -> list[Term] | None:
     """The GEMM columns of one summand of a score, or None: where it does not separate, or
-    where a column would be an exponential of coordinates (exp(y − x) as exp(−x)·exp(y):
-    each factor overflows past a coordinate of ~88 in float32 where the product does not)."""
+    where a column would be an exponential of coordinates, directly or through the point
+    steps hoisting made of them (exp(y − x) as exp(−x)·exp(y): each factor overflows past
+    a coordinate of ~88 in float32 where the product does not)."""
     t = separate(u, X_SIDE, over)
     if t is None or any(len(q.a.shape) > 1 for q in t):
         return None
-    for n in P.toposort([f for q in t for f in (q.a, q.b)]):
+    for n in P.toposort([inline(f, plan) for q in t for f in (q.a, q.b)]):
         if n.op == "exp" and any(m.op in ("coord", "pos") for m in P.toposort(list(n.args))):
             return None
     return t
@@ -184,7 +182,7 @@ def _columns(u: Node, over: str) -> list[Term] | None:
 
 def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
     taken = [f"      under the causal mask, {show(u)} taken as linear in the positions "
-             f"(its sign fixed by the mask): it separates" for u in form.linear]
+             f"(its sign fixed by the mask): it separates" for u in form.linearised]
     if form.sdpa:
         return ["    runs as (torch, no generated kernel):", *taken,
                 f"      torch's scaled_dot_product_attention (a library flash kernel, forward "

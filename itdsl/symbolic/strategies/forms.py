@@ -5,6 +5,7 @@ separation of a kernel into Σ_t a_t(x)·b_t(y).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ...functions import FUNCTIONS
@@ -96,14 +97,19 @@ def causal_mask(mask: Node | None, over: str) -> str | None:
     return None
 
 
-def oriented(e: Node, mask: Node | None, over: str) -> Node:
-    """`e` where the causal mask `[y <= x]` or `[y < x]` holds: each function of a coordinate
-    difference whose sign the mask fixes (x − y ≥ 0, times a constant) written without it,
-    as its table entry's `signed` says (abs(x − y) = x − y, relu(y − x) = 0); `e` itself
-    where nothing applies. For a summand of a score that then separates into GEMM columns
-    (`attention._columns`): their values at the masked pairs are never used, and
+def oriented(e: Node, mask: Node | None, over: str, plan: Plan) -> Node:
+    """`e` where the causal mask `[y <= x]` or `[y < x]` holds, with each abs of a
+    coordinate difference whose sign the mask fixes (±c·(x − y), c a finite constant) written
+    as that difference or its negative, and relu of one that is ≥ 0 as itself (the table
+    entry's `signed`); `e` itself where nothing applies. Only in a linear context: under +,
+    −, negation, and products or quotients by factors that read no coordinates (so the
+    result stays linear in the positions: a product of two differences would become
+    columns of magnitude n², whose float32 rounding grows as eps·n²), and never where the
+    rewritten value would be 0 (relu(y − x)): folding it away would drop the params and any
+    NaN of the rest of its product. For a summand of a score that then separates into GEMM
+    columns (`attention._columns`): their values at the masked pairs are never used, and
     coordinates there are constants (no derivative at x = y changes). Anywhere else the
-    rewritten form may differ at the masked pairs (sqrt(x − y) is NaN there)."""
+    rewritten form may differ at the masked pairs."""
     if causal_mask(mask, over) is None:
         return e
     a, b = mask.args if mask.op in ("<=", "<") else mask.args[::-1]  # a = y, b = x
@@ -116,19 +122,31 @@ def oriented(e: Node, mask: Node | None, over: str) -> Node:
             return None if s is None else -s
         if u.op in ("*", "/"):
             k, v = u.args if u.op == "*" and u.args[0].is_const else u.args[::-1]
-            if k.is_const and k.value != 0 and (u.op == "*" or k is u.args[1]):
+            if (k.is_const and math.isfinite(k.value) and k.value != 0
+                    and (u.op == "*" or k is u.args[1])):
                 s = sign(v)
                 return None if s is None else s if k.value > 0 else -s
         return None
 
-    mapping = {}
-    for n in P.toposort([e]):
-        f = FUNCTIONS.get(n.op)
+    def positional(u: Node) -> bool:
+        return any(m.op in ("coord", "pos") for m in P.toposort([inline(u, plan)]))
+
+    def go(u: Node) -> Node:
+        f = FUNCTIONS.get(u.op)
         if f is not None and f.signed is not None and f.arity == 1:
-            s = sign(n.args[0])
-            if s is not None:
-                mapping[n] = f.signed(P, n.args[0], s)
-    return P.substitute([e], mapping)[0] if mapping else e
+            s = sign(u.args[0])
+            v = None if s is None else f.signed(P, u.args[0], s)
+            return u if v is None or P.is_zero(v) else v
+        if u.op in ("+", "-", "neg"):
+            args = tuple(go(x) for x in u.args)
+        elif u.op in ("*", "/") and sum(positional(x) for x in u.args) == 1:
+            args = tuple(go(x) if positional(x) and (u.op == "*" or i == 0) else x
+                         for i, x in enumerate(u.args))
+        else:
+            return u
+        return u if all(x is y for x, y in zip(args, u.args)) else P.rebuild(u, args)
+
+    return go(e)
 
 
 # ---- separation: K(x, y) = Σ_t a_t(x) · b_t(y) ------------------------------------------------
