@@ -562,11 +562,12 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
     ("abs(t - s)", "[s < t]", False),  # (strict: the own tiles, but no position term per tile)
     ("abs(t - s)", "", False), ("abs(slope * (t - s))", "[s <= t]", False)])
 def test_a_causal_mask_makes_an_absolute_position_term_linear(bias, mask, sdpa):
-    """Under [s <= t], ALiBi's slope·|t − s| is slope·(t − s) (and relu(s − t) is 0): the
-    score separates, so SDPA runs the causal form; without a mask, or where the sign is not
-    fixed by the mask alone (the slope may be negative), the term stays per tile. Output and
-    the gradients of q, k, v and the slope are a plain torch softmax of the formula as
-    written."""
+    """Under [s <= t], ALiBi's slope·|t − s| is slope·(t − s) (and relu(t − s) is t − s):
+    the score separates, so SDPA runs the causal form; without a mask, where the sign is not
+    fixed by the mask alone (the slope may be negative), or where the term would become 0
+    (relu(s − t): folding it away would drop what it multiplies), the term stays per tile.
+    Output and the gradients of q, k, v and the slope are a plain torch softmax of the
+    formula as written."""
     src = (ALIBI_SDPA.replace("WQ", "6").replace("WV", "5").replace("slope * (t - s)", "(BIAS)")
            .replace("BIAS", "slope * " + bias if "slope" not in bias else bias)
            .replace("MASK", f" * {mask}" if mask else ""))
