@@ -261,28 +261,16 @@ class PairBuilder:
         return lambda b, i, j, ch: tirx.Select(j < self.m_valid, f(b, i, j, ch), zero)
 
     def _masked_stage(self, n: Node):
-        """`val(n)` of a vector, 0 at the padded columns, in a stage (one per node)."""
-        T = self._masked_of.get(n)
-        if T is None:
-            f, zero, name = self.val(n), self.c(0.0), f"s{len(self.stages)}"
-            if n.shape and n.shape[0] > 1:
-                T = self.compute((self.B, self.NP, self.MP, n.shape[0]), lambda b, i, j, c:
-                                 tirx.Select(j < self.m_valid, f(b, i, j, (c,)), zero), name=name)
-            else:  # (a stage of width 1 has no channel loop: see `_pair_stage`)
-                T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: tirx.Select(
-                    j < self.m_valid, f(b, i, j, (0,) if n.shape else ()), zero), name=name)
-            self.stages.append(T)
-            self._masked_of[n] = T
-        if len(T.shape) == 3:
-            return lambda b, i, j, ch: T[b, i, j]
-        return lambda b, i, j, ch: T[(b, i, j, *ch)]
+        """`val(n)`, 0 at the padded columns, in a stage (one per node)."""
+        if n not in self._masked_of:
+            f, zero = self.val(n), self.c(0.0)
+            self._masked_of[n] = self._new_stage(n, lambda b, i, j, c: tirx.Select(
+                j < self.m_valid, f(b, i, j, (c,) if n.shape else ()), zero))
+        return _read(self._masked_of[n])
 
     def val(self, n: Node):
         if n in self.stage_of:
-            T = self.stage_of[n]
-            if len(T.shape) == 3:  # a scalar, or a vector of width 1
-                return lambda b, i, j, ch: T[b, i, j]
-            return lambda b, i, j, ch: T[(b, i, j, *ch)]
+            return _read(self.stage_of[n])
         op = n.op
         if op == "const":
             v = n.value
@@ -416,9 +404,13 @@ class PairBuilder:
         return f
 
     def _pair_stage(self, n: Node, f) -> None:
-        """A stage holding `f(b, i, j, c)` at every pair and channel of `n`: (b, i, j) for a
-        scalar or a width of 1 (TVM makes no loop of extent 1, and the schedule finds a
-        stage's loops by their number), (b, i, j, c) for a vector."""
+        """The stage of `n`: `f(b, i, j, c)` at every pair and channel (see `_new_stage`)."""
+        self.stage_of[n] = self._new_stage(n, f)
+
+    def _new_stage(self, n: Node, f) -> te.Tensor:
+        """A stage holding `f(b, i, j, c)` at every pair and channel of `n`'s shape: (b, i, j)
+        for a scalar or a width of 1 (TVM makes no loop of extent 1, and the schedule finds
+        a stage's loops by their number), (b, i, j, c) for a vector."""
         width = n.shape[0] if n.shape else 1
         name = f"s{len(self.stages)}"
         if width > 1:
@@ -426,7 +418,7 @@ class PairBuilder:
         else:
             T = self.compute((self.B, self.NP, self.MP), lambda b, i, j: f(b, i, j, 0), name=name)
         self.stages.append(T)
-        self.stage_of[n] = T
+        return T
 
     def _stage(self, n: Node) -> Node:
         """Materialise `n` (a channel reduction) as a stage over (b, i, j[, channel])."""
@@ -572,6 +564,13 @@ class PairBuilder:
 # The bodies of a fused kernel's outputs (te.compute takes no closures with default
 # arguments, and the reduction axes must be made inside the body). `f(b, i, j, ch)` is the
 # summand; `row(p, t, ii)` the row of part p, tile t, row ii.
+def _read(T: te.Tensor):
+    """The value of a stage at (b, i, j, ch): [b, i, j] for a scalar or a width of 1."""
+    if len(T.shape) == 3:
+        return lambda b, i, j, ch: T[b, i, j]
+    return lambda b, i, j, ch: T[(b, i, j, *ch)]
+
+
 def _per_row(pb: PairBuilder, f, row):
     """(`f` masked: 0 at the padded columns, see `PairBuilder.masked`)"""
     def body(b, p, t, ii, *ch):

@@ -26,6 +26,7 @@ from .forms import (
     oriented,
     pair_sums,
     rank,
+    reads_coordinates,
     regular,
     separate,
     summands,
@@ -175,7 +176,7 @@ def _columns(u: Node, over: str, plan: Plan) -> list[Term] | None:
     if t is None or any(len(q.a.shape) > 1 for q in t):
         return None
     for n in P.toposort([inline(f, plan) for q in t for f in (q.a, q.b)]):
-        if n.op == "exp" and any(m.op in ("coord", "pos") for m in P.toposort(list(n.args))):
+        if n.op == "exp" and reads_coordinates(n.args[0], plan):
             return None
     return t
 

@@ -30,6 +30,12 @@ def reads_inputs(e: Node, plan: Plan) -> bool:
 
 
 
+def reads_coordinates(e: Node, plan: Plan) -> bool:
+    """Whether `e` reads coordinates or positions, directly or through the point steps
+    that hoisting made of them."""
+    return any(n.op in ("coord", "pos") for n in P.toposort([inline(e, plan)]))
+
+
 def inline(e: Node, plan: Plan) -> Node:
     """`e` with every ref to a forward point or per-call step replaced by its expression
     (recursively): the kernel as written, before hoisting split it into steps."""
@@ -128,9 +134,6 @@ def oriented(e: Node, mask: Node | None, over: str, plan: Plan) -> Node:
                 return None if s is None else s if k.value > 0 else -s
         return None
 
-    def positional(u: Node) -> bool:
-        return any(m.op in ("coord", "pos") for m in P.toposort([inline(u, plan)]))
-
     def go(u: Node) -> Node:
         f = FUNCTIONS.get(u.op)
         if f is not None and f.signed is not None and f.arity == 1:
@@ -139,8 +142,8 @@ def oriented(e: Node, mask: Node | None, over: str, plan: Plan) -> Node:
             return u if v is None or P.is_zero(v) else v
         if u.op in ("+", "-", "neg"):
             args = tuple(go(x) for x in u.args)
-        elif u.op in ("*", "/") and sum(positional(x) for x in u.args) == 1:
-            args = tuple(go(x) if positional(x) and (u.op == "*" or i == 0) else x
+        elif u.op in ("*", "/") and sum(reads_coordinates(x, plan) for x in u.args) == 1:
+            args = tuple(go(x) if reads_coordinates(x, plan) and (u.op == "*" or i == 0) else x
                          for i, x in enumerate(u.args))
         else:
             return u
