@@ -7,6 +7,8 @@ columns of the last tile empty, with batch dims (`lowering.spec.row_parts`).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from util import EXAMPLES
@@ -127,6 +129,19 @@ def test_column_leaves_are_laid_out_for_the_stages_that_read_them():
     assert [leaf.soa for leaf in spec.leaves if leaf.role == "col" and leaf.width == 8] == [True]
 
 
+def test_a_column_read_across_and_along_the_channels_comes_in_both_layouts():
+    # the Gaussian's backward (rows: y) reads dout(x) in dot(b(y), dout(x)), a scalar stage
+    # vectorised over the columns, and in db(y) = Σ_x k·dout(x), vectorised over its 16
+    # channels: one leaf in each layout on the CPU (read the other way, one of the two
+    # would gather every channel); a GPU block stages its columns once
+    (cpu,) = _specs(GAUSS, "gauss_smooth")
+    assert sorted(leaf.soa for leaf in cpu.leaves if leaf.role == "col" and leaf.width == 16
+                  and leaf.node.op == "ref") == [False, True]
+    for spec in _specs(GAUSS, "gauss_smooth", target="cuda"):
+        refs = [leaf for leaf in spec.leaves if leaf.role == "col" and leaf.node.op == "ref"]
+        assert len(refs) == len({leaf.node for leaf in refs})
+
+
 def test_a_matrix_used_as_w_and_as_its_transpose_comes_in_both_layouts():
     # the backward multiplies by the second layer's W (to recompute the kernel) and by W.T
     # (the gradient through it): each product reads the layout it vectorises over
@@ -194,6 +209,49 @@ def test_param_gradients_ignore_padded_columns_whose_values_are_infinite(strateg
         for a, b in zip(got, wants, strict=True):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_sums_ignore_padded_points_whose_kernel_values_are_infinite(dtype):
+    """A sum of K(x, y)·b(y) is accumulated by one multiply-add per channel: b is 0 at the
+    padded points (the runtime pads with zeros) and only the scalar K is masked, once per
+    pair. Here K = 1/(x·y) is inf at every padded row and column (coordinates padded with
+    0), and b there is 0: unmasked, inf·0 would make every sum NaN. The output and the
+    gradients of b, X and Y (sums per row and per column) must equal the reference's,
+    finite, at sizes that leave rows and columns of the last tiles padded; and an inf in
+    c(x) (a row's factor, not 0 at the padded columns) must give what torch gives (inf in
+    the output: b > 0), not the NaN of inf·0 at a padded column."""
+    src = """operator inv {
+        domain X = points(1)
+        domain Y = points(1)
+        input  b : Y -> R^5
+        input  c : X -> R^5
+        output g(x: X) = integral(y: Y) (1 / (x[0] * y[0])) * b(y) * c(x)
+    }"""
+    op = itdsl.compile_source(src, target="cpu", strategy="dense")["inv"].to(dtype)
+    ref = itdsl.compile_source(src, target="reference")["inv"].double()
+    g = torch.Generator().manual_seed(6)
+    for n, m in ((17, 30), (5, 130), (70, 3)):
+        ins = {"X": 0.5 + torch.rand(n, 1, generator=g, dtype=D),
+               "Y": 0.5 + torch.rand(m, 1, generator=g, dtype=D),
+               "b": 0.1 + torch.rand(m, 5, generator=g, dtype=D),
+               "c": torch.randn(n, 5, generator=g, dtype=D)}
+        ins["c"][n // 2, 1] = math.inf
+        dout = torch.randn(n, 5, generator=g, dtype=D)
+        results = []
+        for mod, dt in ((op, dtype), (ref, D)):
+            xs = {k: v.to(dt).requires_grad_(True) for k, v in ins.items()}
+            with small_pairs_set(0):
+                out = mod(**xs)
+                grads = torch.autograd.grad(out, list(xs.values()), dout.to(dt))
+            results.append([out, *grads])
+        assert results[1][0][n // 2, 1] == math.inf
+        for got, want in zip(*results):
+            assert (torch.isfinite(got) == torch.isfinite(want)).all()
+            tol = 1e-12 if dtype == D else 2e-5
+            scale = float(want[torch.isfinite(want)].abs().max()) if torch.isfinite(want).any() else 1.0
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale,
+                                       equal_nan=True)
 
 
 def test_itnet_mixer_float32_kernels_against_float64_materialised_torch():

@@ -34,6 +34,7 @@ own stages, computed per tile of columns by the schedule, so no buffer is N x M.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -70,11 +71,16 @@ class PairBuilder:
             self.NP = self.nt * spec.tile_rows
         self.MP = self.mt * spec.tile_cols
         self.arrays: dict[Node, te.Tensor] = {}
-        self._masked_of: dict[Node, te.Tensor] = {}  # see `masked`
+        self.leaf_arrays: list[te.Tensor] = []  # one per leaf of `spec.leaves`
+        # a column leaf's arrays by layout (True: [b, w, j]); see `across`
+        self.col_layouts: dict[Node, dict[bool, te.Tensor]] = {}
+        # whether the code being built vectorises over the columns (a scalar stage, an
+        # output of `lanes` > 1), which read a column leaf [b, w, j] where it has that layout
+        self.across = False
+        self._masked_of: dict[tuple[Node, bool], te.Tensor] = {}  # see `masked`
         self.transposed: dict[Node, te.Tensor] = {}  # matrix params passed as W.T
         self.stages: list[te.Tensor] = []  # in creation (topological) order
         self.stage_of: dict[Node, te.Tensor] = {}
-        self.soa = {}
         self.tables: dict[str, tuple[te.Tensor, list]] = {}  # field -> (array, axis sizes)
         for k, leaf in enumerate(spec.leaves):
             if leaf.role == "row":
@@ -86,12 +92,16 @@ class PairBuilder:
                 sizes = [te.var(f"table{k}_n{a}") for a in range(leaf.shape[0])]
                 T = te.placeholder((self.B, *sizes, leaf.width), self.dtype, name=f"table{k}")
                 self.tables[leaf.node.name] = (T, sizes)
+                self.leaf_arrays.append(T)
                 continue
             else:
                 shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
             A = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
-            (self.transposed if leaf.transposed else self.arrays)[leaf.node] = A
-            self.soa[leaf.node] = leaf.soa
+            self.leaf_arrays.append(A)
+            if leaf.role == "col":
+                self.col_layouts.setdefault(leaf.node, {})[leaf.soa] = A
+            else:
+                (self.transposed if leaf.transposed else self.arrays)[leaf.node] = A
         # computes whose body calls a function TVM cannot vectorise (see `compute`)
         self.scalar_only: set[str] = set()
         self._scalar_call = False
@@ -239,34 +249,93 @@ class PairBuilder:
     # `val(n)(b, i, j, ch)` is node n's value at batch b, row i, column j and channel
     # indices ch (one per axis of its shape).
 
-    def masked(self, n: Node):
-        """`val(n)`, 0 at the padded columns (j ≥ m_valid): a per-row sum's summand. An outer
-        product (or a sum of them: a param gradient's summand) is the product of its two
-        factors masked in stages of their own, [v]·u ⊗ [v]·w: equal to [v]·(u ⊗ w) (0·0 at a
-        padded column, whatever u and w hold there), with a select per factor and pair
-        instead of one per product, so that the accumulation is one multiply-add per element
-        (a select inside it cost a multiply, a mask and an add, and the mask per column)."""
+    @contextmanager
+    def reading(self, across: bool):
+        """Build values for code that vectorises over the columns (`across`) or not."""
+        outer, self.across = self.across, across
+        try:
+            yield
+        finally:
+            self.across = outer
+
+    def masked(self, n: Node, by_row: bool = False):
+        """`val(n)`, 0 at the padded columns (j ≥ m_valid), or at the padded rows (i ≥
+        n_valid) `by_row`: a sum's summand per row (per column). Where a select per channel
+        and pair can be spared, it is, so that the accumulation is one multiply-add per
+        element (a select inside it costs a multiply, a mask and an add, and the mask per
+        column):
+        - an outer product (or a sum of them: a param gradient's summand) is the product of
+          its two factors masked in stages of their own, [v]·u ⊗ [v]·w = [v]·(u ⊗ w) (0·0
+          at a padded column, whatever u and w hold there);
+        - a product with a leaf of the padded side is 0 there already (`_zero_padded`)."""
         zero = self.c(0.0)
         if n not in self.stage_of and n.op == "+" and all(a.shape == n.shape for a in n.args):
-            fa, fb = self.masked(n.args[0]), self.masked(n.args[1])
+            fa, fb = self.masked(n.args[0], by_row), self.masked(n.args[1], by_row)
             return lambda b, i, j, ch: fa(b, i, j, ch) + fb(b, i, j, ch)
         if n not in self.stage_of and n.op == "outer":
             col, _ = n.attrs
             w = _flat(n.args[1].shape)
-            u, v = self._masked_stage(n.args[0]), self._masked_stage(n.args[1])
+            u, v = (self._masked_stage(a, by_row) for a in n.args)
             return lambda b, i, j, ch: tirx.Select(
                 tirx.all(ch[1] >= col, ch[1] < col + w),
                 u(b, i, j, (ch[0],)) * v(b, i, j, (ch[1] - col,)), zero)
-        f = self.val(n)
-        return lambda b, i, j, ch: tirx.Select(j < self.m_valid, f(b, i, j, ch), zero)
+        g = self._zero_padded(n, by_row)
+        if g is not None:
+            return g
+        f, valid = self.val(n), self._valid(by_row)
+        return lambda b, i, j, ch: tirx.Select(valid(i, j), f(b, i, j, ch), zero)
 
-    def _masked_stage(self, n: Node):
-        """`val(n)`, 0 at the padded columns, in a stage (one per node)."""
-        if n not in self._masked_of:
-            f, zero = self.val(n), self.c(0.0)
-            self._masked_of[n] = self._new_stage(n, lambda b, i, j, c: tirx.Select(
-                j < self.m_valid, f(b, i, j, (c,) if n.shape else ()), zero))
-        return _read(self._masked_of[n])
+    def _valid(self, by_row: bool):
+        """(i, j) -> whether the pair's column (row, `by_row`) is a point, not padding."""
+        if by_row:
+            return lambda i, j: i < self.n_valid
+        return lambda i, j: j < self.m_valid
+
+    def _zero_padded(self, n: Node, by_row: bool):
+        """`val(n)` written to be exactly 0 at the padded columns (rows, `by_row`) without a
+        select per channel, or None. The runtime pads the leaves of each side with zeros,
+        so a product (through products that are not stages) with such a leaf as one factor
+        is 0 there if every other factor is finite there: leaves of the side, finite
+        constants, and scalars under a select (one per pair, not one per channel: the
+        select of K(x, y) in K(x, y)·b(y), the forward of every kernel sum, is outside the
+        loop over b's channels). At the points, the value is the product as written."""
+        side = self.spec.row_side if by_row else self.spec.col_side
+
+        def padded(m: Node) -> bool:
+            return (m.op in P.LEAVES and m.op != "const" and m.deps == {side}
+                    and m not in self.stage_of)
+
+        def with_leaf(m: Node) -> bool:
+            return padded(m) or (m.op == "*" and m not in self.stage_of
+                                 and any(with_leaf(a) for a in m.args))
+
+        def finite(m: Node):  # val(m), finite at the padding; None where that is not sure
+            if padded(m) or (m.op == "const" and math.isfinite(m.value)):
+                return self.val(m)
+            if with_leaf(m):
+                fs = [finite(a) for a in m.args]
+                if any(f is None for f in fs):
+                    return None
+                shapes = [a.shape for a in m.args]
+                return lambda b, i, j, ch: self.ew(
+                    "*", [f(b, i, j, ch if s else ()) for f, s in zip(fs, shapes)])
+            if not m.shape:  # one select per pair: the vector loop broadcasts its result
+                f, zero = self.val(m), self.c(0.0)
+                return lambda b, i, j, ch: tirx.Select(valid(i, j), f(b, i, j, ()), zero)
+            return None
+        valid = self._valid(by_row)
+        return finite(n) if with_leaf(n) else None
+
+    def _masked_stage(self, n: Node, by_row: bool = False):
+        """`val(n)`, 0 at the padded columns (rows, `by_row`), in a stage (one per node)."""
+        key = (n, by_row)
+        if key not in self._masked_of:
+            with self.reading(across=_flat(n.shape) == 1):
+                f = self.val(n)
+            zero, valid = self.c(0.0), self._valid(by_row)
+            self._masked_of[key] = self._new_stage(n, lambda b, i, j, c: tirx.Select(
+                valid(i, j), f(b, i, j, (c,) if n.shape else ()), zero))
+        return _read(self._masked_of[key])
 
     def val(self, n: Node):
         if n in self.stage_of:
@@ -323,14 +392,17 @@ class PairBuilder:
         raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
 
     def _leaf_val(self, n: Node):
-        A = self.arrays[n]
         spec = self.spec
-        if n.deps == {spec.row_side}:
-            return lambda b, i, j, ch: A[b, i, ch[0] if ch else 0]
-        if n.deps == {spec.col_side}:
-            if self.soa[n]:
+        if n in self.col_layouts:  # the layout the code being built wants, where there is one
+            layouts = self.col_layouts[n]
+            soa = self.across if self.across in layouts else next(iter(layouts))
+            A = layouts[soa]
+            if soa:
                 return lambda b, i, j, ch: A[b, ch[0] if ch else 0, j]
             return lambda b, i, j, ch: A[b, j, ch[0] if ch else 0]
+        A = self.arrays[n]
+        if n.deps == {spec.row_side}:
+            return lambda b, i, j, ch: A[b, i, ch[0] if ch else 0]
         return lambda b, i, j, ch: A[ch if ch else (0,)]
 
     def _read(self, n: Node, args):
@@ -468,11 +540,12 @@ class PairBuilder:
     def build(self) -> list:
         spec = self.spec
         for n in spec.staged:  # in topological order: producers first
-            if n.op == "linear" or (n.op in ("dot", "sum")
-                                    and n.args[0].shape[0] > INLINE_REDUCTION):
-                self._stage(n)
-            else:  # (a short dot, staged to round it, is written out)
-                self._materialise(n)
+            with self.reading(across=_flat(n.shape) == 1):  # (scalar stages: over columns)
+                if n.op == "linear" or (n.op in ("dot", "sum")
+                                        and n.args[0].shape[0] > INLINE_REDUCTION):
+                    self._stage(n)
+                else:  # (a short dot, staged to round it, is written out)
+                    self._materialise(n)
         zero = self.c(0.0)
         low = self.c(-math.inf)  # a max over no term is -inf (the runtime reads it as 0)
         init = zero if spec.kind == "sum" else low
@@ -480,15 +553,18 @@ class PairBuilder:
         # live term comes out as -inf, which the runtime reads as "no shift"
         reduce = te.sum if spec.kind == "sum" else te.comm_reducer(
             lambda a, b: te.max(a, b), lambda t: tirx.const(-math.inf, t), name="max_or_ninf")
-        arrays = [self.tables[ls.node.name][0] if ls.role == "table" else
-                  (self.transposed if ls.transposed else self.arrays)[ls.node]
-                  for ls in spec.leaves]
+        arrays = self.leaf_arrays
         if spec.fused:
             return arrays + self._fused_outputs() + [self.parts, self.tiles, self.mt,
                                                      self.m_valid, self.n_valid]
-        channels, width = self._channels(spec.steps)
+        # a sum's terms are masked where they are made (`masked`), a max's as a whole
+        sums = spec.kind == "sum" and all(st.mask is None for st in spec.steps)
+        with self.reading(across=spec.lanes > 1):
+            channels, width = self._channels(spec.steps, masked=sums)
 
         def summand(b, i, j, c):
+            if sums:
+                return channels(b, i, j, c)
             return tirx.Select(j < self.m_valid, channels(b, i, j, c), init)
 
         if spec.matrix:  # one step, a matrix per row: O[b, i, r, c]
@@ -513,14 +589,15 @@ class PairBuilder:
                 summand(b, i, j, c), axis=j), name="O")
         return arrays + [O, self.nt, self.mt, self.m_valid]
 
-    def _channels(self, steps):
+    def _channels(self, steps, masked: bool = False):
         """The steps' summands with their channels concatenated: (f(b, i, j, c), width); a
-        max step's term is -inf where its mask is 0."""
+        max step's term is -inf where its mask is 0; `masked`: each summand 0 at the padded
+        columns (`masked`)."""
         zero, low = self.c(0.0), self.c(-math.inf)
         parts, off = [], 0
         for st in steps:
             w = _flat(st.shape)
-            parts.append((self.val(st.expr), st.expr.shape,
+            parts.append((self.masked(st.expr) if masked else self.val(st.expr), st.expr.shape,
                           self.val(st.mask) if st.mask is not None else None, off, w))
             off += w
 
@@ -546,20 +623,21 @@ class PairBuilder:
         outs = []
         for out in spec.outputs:
             ch = tuple(out.step.shape)
-            if out.kind != "col" and out.lanes == 1:  # (per row: over the valid columns)
-                outs.append(self.compute((*lead, *ch), _per_row(self, self.masked(
-                    out.step.expr), row), name=out.name))
-                continue
-            f = self.val(out.step.expr)
-            if out.kind == "col":
-                shape = ((self.B, self.parts, *ch, self.MP) if out.lanes > 1 else
-                         (self.B, self.parts, self.MP, *ch))
-                outs.append(self.compute(shape, _per_column(self, f, row, len(ch), out.lanes),
-                                         name=out.name))
-            else:
-                outs.append(self.compute((*lead, *ch, out.lanes),
-                                         _per_lane(self, f, row, out.lanes), name=out.name))
+            with self.reading(across=out.lanes > 1):
+                outs.append(self._fused_output(out, ch, lead, row))
         return outs
+
+    def _fused_output(self, out, ch: tuple, lead: tuple, row) -> te.Tensor:
+        if out.kind != "col" and out.lanes == 1:  # (per row: over the valid columns)
+            return self.compute((*lead, *ch), _per_row(self, self.masked(out.step.expr), row),
+                                name=out.name)
+        if out.kind == "col":  # (over the valid rows of each part)
+            shape = ((self.B, self.parts, *ch, self.MP) if out.lanes > 1 else
+                     (self.B, self.parts, self.MP, *ch))
+            return self.compute(shape, _per_column(self, self.masked(
+                out.step.expr, by_row=True), row, len(ch), out.lanes), name=out.name)
+        return self.compute((*lead, *ch, out.lanes), _per_lane(
+            self, self.masked(out.step.expr), row, out.lanes), name=out.name)
 
 # The bodies of a fused kernel's outputs (te.compute takes no closures with default
 # arguments, and the reduction axes must be made inside the body). `f(b, i, j, ch)` is the
@@ -580,23 +658,21 @@ def _per_row(pb: PairBuilder, f, row):
 
 
 def _per_lane(pb: PairBuilder, f, row, L: int):
+    """(`f` masked: 0 at the padded columns)"""
     def body(b, p, t, ii, *ch_lane):
         *ch, lane = ch_lane
         k = te.reduce_axis((0, pb.mt * (pb.spec.tile_cols // L)), name="k")
-        j = k * L + lane
-        return te.sum(tirx.Select(j < pb.m_valid, f(b, row(p, t, ii), j, tuple(ch)),
-                                  pb.c(0.0)), axis=k)
+        return te.sum(f(b, row(p, t, ii), k * L + lane, tuple(ch)), axis=k)
     return body
 
 
 def _per_column(pb: PairBuilder, f, row, nch: int, lanes: int):
+    """(`f` masked: 0 at the padded rows)"""
     def body(b, p, *rest):
         ch, j = (rest[:-1], rest[-1]) if lanes > 1 else (rest[1:], rest[0])
         kt = te.reduce_axis((0, pb.tiles), name="kt")
         ki = te.reduce_axis((0, pb.spec.tile_rows), name="ki")
-        i = row(p, kt, ki)
-        return te.sum(tirx.Select(i < pb.n_valid, f(b, i, j, tuple(ch)), pb.c(0.0)),
-                      axis=[kt, ki])
+        return te.sum(f(b, row(p, kt, ki), j, tuple(ch)), axis=[kt, ki])
     return body
 
 

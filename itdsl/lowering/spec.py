@@ -50,10 +50,10 @@ def _flat(shape: tuple[int, ...]) -> int:
 class LeafSpec:
     """One array argument of a pair kernel and the plan leaf it holds.
 
-    Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) when only stages that
-    vectorise over the columns read them (scalar stages), so that these read consecutive
-    j, else [b, j, w], so that vector stages and the accumulation vectorise over the
-    channels w."""
+    Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) for the code that
+    vectorises over the columns (scalar stages), so that it reads consecutive j, and [b, j,
+    w] for the code that vectorises over the channels w (vector stages, the accumulation);
+    a column read both ways comes in both layouts, one leaf each."""
 
     role: str  # "row" | "col" | "param" | "const" | "table"
     node: Node  # (a table: the first read of its field; `node.name` is the field)
@@ -265,20 +265,24 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
     if spec.fused:
         fenced |= _summands(spec)
     staged = staged_nodes(roots, fenced)
-    # a column leaf is laid out for the stages that read it: those vectorised over the
-    # columns (scalar stages, outputs of `lanes` > 1) want it [b, w, j]; those vectorised
-    # over the channels (elementwise vector stages) want [b, j, w], which wins (a vector
-    # stage read across the columns would gather every channel); a matrix product's
-    # stage reads one channel of a pair at a time, either layout alike
+    # a column leaf is laid out for the code that reads it: stages and outputs vectorised
+    # over the columns (scalar stages, outputs of `lanes` > 1) want it [b, w, j], those
+    # vectorised over the channels (vector stages and outputs) [b, j, w] (read the other
+    # way, every channel would be gathered); one read both ways comes in both layouts (the
+    # builder reads the one its context wants: `PairBuilder.across`; on the CPU only); a
+    # matrix product's stage reads one channel of a pair at a time, either layout alike
+    staged_set = set(staged)
     across, along = set(), set()
     for n in staged:
-        if not n.shape:
-            across.update(toposort(list(n.args)))
+        if not n.shape or _flat(n.shape) == 1:
+            across |= _reads(n.args, staged_set)
         elif n.op != "linear":
-            along.update(toposort(list(n.args)))
+            along |= _reads(n.args, staged_set)
     if spec.fused:
-        across.update(toposort([o.step.expr for o in spec.outputs if o.lanes > 1]))
-    in_stage = across - along
+        for o in spec.outputs:
+            (across if o.lanes > 1 else along).update(_reads([o.step.expr], staged_set))
+    else:
+        (across if spec.lanes > 1 else along).update(_reads(roots, staged_set))
     seen: set[Node] = set()
     order = toposort(roots)
     for n in order:
@@ -298,12 +302,30 @@ def spec_of(group: Group, target: str = "cpu") -> PairSpec:
                    and not c.attr("transpose")]
         layouts = ([False] if len(by_rows) < len(reads) or not by_rows else []) + \
             ([True] if by_rows else [])
+        soas = [False]
+        if role == "col" and _flat(n.shape) > 1 and n in across:
+            # (on a GPU, where a block stages its columns in shared memory, once)
+            soas = [True] if n not in along else [False, True] if target == "cpu" else [False]
         for t in layouts:
-            spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
-                                        soa=role == "col" and n in in_stage, transposed=t))
+            for soa in soas:
+                spec.leaves.append(LeafSpec(role, n, _flat(n.shape), tuple(n.shape),
+                                            soa=soa, transposed=t))
     spec.leaves.extend(_tables(roots))
     spec.staged = staged
     return spec
+
+
+def _reads(roots, staged: set[Node]) -> set[Node]:
+    """The nodes that code computing `roots` reads itself: down to the stages it reads."""
+    out: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        m = stack.pop()
+        if m not in out:
+            out.add(m)
+            if m not in staged:
+                stack.extend(m.args)
+    return out
 
 
 def _expanded(group: Group) -> tuple[Group, set[Node]]:
