@@ -643,6 +643,107 @@ def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
             torch.testing.assert_close(a.double(), b, **tol)
 
 
+SPLIT = {"abs(t - s)": lambda d: d.abs(), "abs(2 * (s - t)) / 3": lambda d: (2 * d).abs() / 3,
+         "abs(t - s) - (t - s) / 10": lambda d: d.abs() - d / 10}
+
+
+@pytest.mark.parametrize("bias", list(SPLIT))
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+def test_a_position_term_signed_on_each_side_of_the_diagonal_runs_as_two_sdpa_calls(
+        monkeypatch, bias, lead):
+    """No mask, slope·|t − s|: below and on the diagonal it is slope·(t − s), above it
+    slope·(s − t), each separating into columns of q and k. SDPA's flash kernel runs the two
+    parts (causally, and on the reversed points), merged by their log-sum-exps; the backward
+    of each part is the flash backward given the merged output and log-sum-exp. Output and
+    the gradients of q, k, v and the slope against torch's softmax of the formula as written,
+    at 1 point (no part above the diagonal), 2, and more than a tile of rows."""
+    import itdsl.runtime.strategies.attention as A
+    src = (ALIBI_SDPA.replace("WQ", "6").replace("WV", "5")
+           .replace("slope * (t - s)", f"slope * ({bias})").replace("MASK", ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    form = op._runner.form
+    assert form.split_sdpa and not form.sdpa and form.rest is not None
+    assert "twice" in itdsl.compile_source(src).explain("alibi")
+    calls = []
+    split = A._Split.apply
+    monkeypatch.setattr(A._Split, "apply", lambda *a: calls.append(1) or split(*a))
+    monkeypatch.setattr(S, "ROWS", 16)  # (were the own tiles to run: several tiles of rows)
+    g = torch.Generator().manual_seed(12)
+    for n in (1, 2, 40):
+        q, k = (torch.randn(*lead, n, 6, generator=g, dtype=D, requires_grad=True)
+                for _ in range(2))
+        v = torch.randn(*lead, n, 5, generator=g, dtype=D, requires_grad=True)
+        calls.clear()
+        out = op(q=q, k=k, v=v)
+        assert calls
+        t = torch.arange(n, dtype=D)
+        S_ = q @ k.transpose(-1, -2) / 2 - op.slope * SPLIT[bias](t[:, None] - t[None, :])
+        want = torch.softmax(S_, -1) @ v
+        torch.testing.assert_close(out, want)
+        g_out = torch.randn(want.shape, generator=g, dtype=D)
+        got = torch.autograd.grad(out, (q, k, v, op.slope), g_out)
+        wants = torch.autograd.grad(want, (q, k, v, op.slope), g_out)
+        for a, b in zip(got, wants, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", ["slope * relu(t - s) + relu(s - t)", "abs(slope * (t - s))",
+                                  "slope * exp(-abs(t - s))", "slope * abs(t - s) * abs(t - s)"])
+def test_position_terms_not_split_at_the_diagonal(bias):
+    """Split only where each side makes the term linear: relu(t − s) is 0 above the diagonal
+    (never folded away), the sign of slope·(t − s) is unknown, exp and a product of two
+    differences are not linear. These run on the own tiles, the term per tile."""
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("slope * (t - s)", f"({bias})").replace("MASK", ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    assert op._runner.form.split is None and op._runner.form.rest is not None
+    n = 9
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
+    t = torch.arange(n, dtype=D)
+    d = (t[:, None] - t[None, :]).double()
+    slope = op.slope.detach()
+    term = {"slope * relu(t - s) + relu(s - t)": slope * d.relu() + (-d).relu(),
+            "abs(slope * (t - s))": (slope * d).abs(),
+            "slope * exp(-abs(t - s))": slope * (-d.abs()).exp(),
+            "slope * abs(t - s) * abs(t - s)": slope * d.abs() ** 2}[bias]
+    want = torch.softmax(q @ k.T / 2 - term, -1) @ v
+    torch.testing.assert_close(op(q=q, k=k, v=v), want)
+
+
+def test_split_sdpa_float32_inf_and_second_derivatives():
+    """float32: the columns hold slope·t and slope·s, so scores round to about
+    eps·slope·n (the README's caveat for position columns); an inf in q sends the call to
+    the own tiles (torch's NaN rows, not SDPA's answer); a second derivative is refused."""
+    import itdsl.runtime.strategies.attention as A
+    src = (ALIBI_SDPA.replace("WQ", "8").replace("WV", "8")
+           .replace("slope * (t - s)", "slope * abs(t - s)").replace("MASK", ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"]
+    n = 300
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 8, generator=g, dtype=D) for _ in range(3))
+    t = torch.arange(n, dtype=D)
+    want = torch.softmax(q @ k.transpose(1, 2) / 2 - 0.25 * (t[:, None] - t[None, :]).abs(),
+                         -1) @ v
+    out = op(q=q.float(), k=k.float(), v=v.float())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-7 * 0.25 * n)
+    q[0, 3, 0] = torch.inf
+    calls = []
+    split = A._Split.apply
+    A._Split.apply = lambda *a: calls.append(1) or split(*a)
+    try:
+        got = op.double()(q=q, k=k, v=v)
+    finally:
+        A._Split.apply = split
+    assert not calls
+    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    torch.testing.assert_close(got, ref(q=q, k=k, v=v), equal_nan=True)
+    qq = q[:, :5].clone().nan_to_num(posinf=1.0).requires_grad_(True)
+    out = op(q=qq, k=k[:, :5], v=v[:, :5])
+    with pytest.raises(itdsl.UnsupportedError, match="second derivatives"):
+        torch.autograd.grad(out.sum(), qq, create_graph=True)
+
+
 def test_second_derivatives_through_sdpa_are_a_clear_error():
     """SDPA's CPU backward has no derivative: create_graph=True is refused with an itdsl
     error (the tiles refuse it the same way)."""

@@ -52,6 +52,11 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     lead = A.shape[:-2]
     if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _sdpa_safe(A, B)):
         return _sdpa(ev, f, A, B, V, lead)
+    if (f.split_sdpa and T.USE_SDPA and insides and A.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        lo, hi = (broadcast_lead(*factors(ev, t, over), V)[:2] for t in f.split)
+        if all(_sdpa_safe(*ab) for ab in (lo, hi)):
+            return _split_sdpa(ev, f, lo, hi, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):
@@ -113,6 +118,84 @@ def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
         O.register_hook(_first_derivatives_only)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
+
+
+def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, lo, hi, V, lead) -> None:
+    """A score whose position term separates on each side of the diagonal (`split`): the
+    softmax over y <= x and over y > x by SDPA's CPU flash kernel, merged by their
+    log-sum-exps (`_Split`). The Plan's sums are taken relative to the merged log-sum-exp,
+    as in `_sdpa`."""
+    n, Ev = V.shape[-2], V.shape[-1]
+    W = max(Ev, lo[0].shape[-1], hi[0].shape[-1])
+
+    def flat(t):  # [*lead, n, w] -> [1, N, n, W], zero columns added
+        t = t.expand(*lead, *t.shape[-2:]).reshape(1, -1, n, t.shape[-1])
+        return torch.nn.functional.pad(t, (0, W - t.shape[-1]))
+    O = _Split.apply(*(flat(t) for t in (*lo, *hi, V)))
+    O = O[..., :Ev].reshape(*lead, n, Ev)
+    if O.requires_grad:
+        O.register_hook(_first_derivatives_only)
+    ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
+    _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
+
+
+def _upper(t: torch.Tensor, keep: slice) -> torch.Tensor:
+    """The points reversed and cut: with queries reversed from the second (`slice(1, None)`)
+    and keys and values reversed but for the last (`slice(None, -1)`), the causal mask of
+    SDPA keeps exactly y > x (query r is x = n − 2 − r, key c is y = n − 1 − c)."""
+    return t.flip(-2)[..., keep, :].contiguous()
+
+
+def _back(t: torch.Tensor, keep: slice) -> torch.Tensor:
+    """The gradient of `_upper(x, keep)` with respect to x: zero rows put back, unreversed."""
+    pad = (0, 0, 1, 0) if keep.start == 1 else (0, 0, 0, 1)
+    return torch.nn.functional.pad(t, pad).flip(-2)
+
+
+_Q, _KV = slice(1, None), slice(None, -1)
+
+
+class _Split(torch.autograd.Function):
+    """softmax(s)·V with s = A_lo·B_loᵀ on and below the diagonal, A_hi·B_hiᵀ above it: the
+    two parts by SDPA's causal CPU flash kernel (the upper one on reversed points, `_upper`),
+    out = (e^lse_lo·out_lo + e^lse_hi·out_hi) / e^L, L = log(e^lse_lo + e^lse_hi). The
+    backward of each part is the flash backward given the merged out and L: its
+    probabilities e^(s − L) and the rows' D = Σ dO·out are those of the whole softmax."""
+
+    @staticmethod
+    def forward(ctx, A_lo, B_lo, A_hi, B_hi, V):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, True, scale=1.0)
+        n = V.shape[-2]
+        o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
+        if n > 1:
+            o, l = flash(_upper(A_hi, _Q), _upper(B_hi, _KV), _upper(V, _KV), 0.0, True,
+                         scale=1.0)
+            o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
+        L = torch.logaddexp(l_lo, l_hi)
+        out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
+            torch.exp(l_hi - L).unsqueeze(-1), o_hi).contiguous()
+        ctx.save_for_backward(A_lo, B_lo, A_hi, B_hi, V, out, L)
+        return out
+
+    @staticmethod
+    def backward(ctx, dO):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative
+            raise _no_second_derivatives(
+                "second derivatives of attention computed by torch's scaled_dot_product_"
+                "attention are not available")
+        A_lo, B_lo, A_hi, B_hi, V, out, L = ctx.saved_tensors
+        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dO = dO.contiguous()
+        dA_lo, dB_lo, dV = back(dO, A_lo, B_lo, V, out, L, 0.0, True, scale=1.0)
+        dA_hi, dB_hi = torch.zeros_like(A_hi), torch.zeros_like(B_hi)
+        if V.shape[-2] > 1:
+            rev = (_upper(dO, _Q), _upper(A_hi, _Q), _upper(B_hi, _KV), _upper(V, _KV),
+                   _upper(out, _Q), L.flip(-1)[..., 1:].contiguous())
+            da, db, dv = back(*rev, 0.0, True, scale=1.0)
+            dA_hi, dB_hi = _back(da, _Q), _back(db, _KV)
+            dV = dV + _back(dv, _KV)
+        return dA_lo, dB_lo, dA_hi, dB_hi, dV
 
 
 def _first_derivatives_only(grad: torch.Tensor) -> None:

@@ -24,7 +24,9 @@ from .forms import (
     causal_mask,
     inline,
     oriented,
+    oriented_by,
     pair_sums,
+    positions,
     rank,
     reads_coordinates,
     regular,
@@ -95,6 +97,9 @@ class SoftmaxForm:
     live: Node | None = None  # of y only: 0 at the points out of the max (weight 0)
     # summands of s that separate only as the causal mask orients them (|x − y| = x − y)
     linearised: tuple[Node, ...] = ()
+    # no mask, a rest that separates on each side of the diagonal (|x − y| = x − y for y <= x,
+    # y − x above): the GEMM terms of s for y <= x and for y > x (`split_sdpa`)
+    split: tuple[tuple[Term, ...], tuple[Term, ...]] | None = None
 
     @property
     def sdpa(self) -> bool:
@@ -105,6 +110,14 @@ class SoftmaxForm:
         kernel that does this inner work best."""
         return (self.rest is None and self.live is None and self.causal in (None, "<=")
                 and (self.mask is None or self.causal == "<=")
+                and all(ps.outside == P.ONE for ps in self.sums))
+
+    @property
+    def split_sdpa(self) -> bool:
+        """No mask and a position term whose sign each side of the diagonal fixes (ALiBi's
+        slope·|x − y|): SDPA twice, causally on y <= x and on the reversed points for y > x,
+        each an all-GEMM score, merged by their log-sum-exps."""
+        return (self.split is not None and self.mask is None and self.live is None
                 and all(ps.outside == P.ONE for ps in self.sums))
 
 
@@ -152,6 +165,9 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
     if not terms:
         return Miss("no part of the score separates into a(x)·b(y) (a GEMM)")
     causal = causal_mask(mask, mx.over) if regular(plan, mx.over) else None  # else per tile
+    split = None
+    if rest is not None and mask is None and regular(plan, mx.over):
+        split = _split(rest, terms, mx.over, plan)
     if rest is not None and any(n.op == "coord" and plan.op.domain(
             plan.spaces[n.side].domain).kind.entry.given for n in P.toposort([rest])):
         return Miss("the position term reads coordinates of a points domain, which the tiles' "
@@ -164,7 +180,25 @@ def _softmax(plan: Plan, maxes, sums: list[PairSum]) -> SoftmaxForm | Miss:
                                           for n in P.toposort([st.expr])):
             return Miss(f"the step {st.name} between the max and the last sum reads them")
     return SoftmaxForm(mx.name, mx.expr, tuple(terms), rest, mask, causal, tuple(sums), live,
-                       tuple(linearised))
+                       tuple(linearised), split)
+
+
+def _split(rest: Node, terms: list[Term], over: str, plan: Plan):
+    """The GEMM terms of the score below and on the diagonal (y <= x) and above it (y > x),
+    where the rest separates on each side once the side fixes the sign of its position
+    terms (`oriented_by`), else None."""
+    pos = positions(rest, over)
+    if pos is None:
+        return None
+    y, x = pos
+    sides = []
+    for a, b in ((y, x), (x, y)):  # (y <= x; x <= y, of which y > x is used)
+        v = oriented_by(rest, a, b, plan)
+        t = None if v is rest else _columns(v, over, plan)
+        if t is None:
+            return None
+        sides.append(tuple(terms) + tuple(t))
+    return sides[0], sides[1]
 
 
 def _columns(u: Node, over: str, plan: Plan) -> list[Term] | None:
@@ -192,6 +226,22 @@ def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
                 "columns to one width; the sums are taken relative to the row's log-sum-exp",
                 "      factors with an inf or NaN (checked per call, not under torch.compile) "
                 "go to the tiled online softmax, which gives torch's softmax values"]
+    if form.split_sdpa:
+        lo, hi = (rank(list(t)) for t in form.split)
+        return ["    runs as (torch, no generated kernel):",
+                f"      {show(form.rest)} taken as linear on each side of the diagonal (its "
+                "sign fixed there): it separates",
+                f"      torch's flash attention twice (forward and backward): causally for "
+                f"y <= x (rank {lo}) and on the reversed points for y > x (rank {hi}), merged "
+                "by the two log-sum-exps; on the CPU, factors finite and in range (checked per "
+                "call, not under torch.compile)",
+                "      else the tiled online softmax below, with the term per tile",
+                *_tiles(form)]
+    return ["    runs as (torch, no generated kernel):", *taken, *_tiles(form)]
+
+
+def _tiles(form: SoftmaxForm) -> list[str]:
+    """How the tiled online softmax runs a form."""
     extra = f" + ({show(form.rest)}) per tile" if form.rest is not None else ""
     mask = {"<=": "causal [y <= x]: tiles above the diagonal skipped",
             "<": "causal [y < x]: tiles above the diagonal skipped"}.get(
@@ -199,8 +249,7 @@ def runs_as(plan: Plan, form: SoftmaxForm) -> list[str]:
     if form.live is not None:
         mask += "; the points of weight 0 masked"
 
-    return ["    runs as (torch, no generated kernel):", *taken,
-            f"      scores = a(x)·b(y) by torch GEMM per tile (rank {rank(list(form.terms))})"
+    return [f"      scores = a(x)·b(y) by torch GEMM per tile (rank {rank(list(form.terms))})"
             f"{extra}; {mask}",
             "      online softmax over column tiles (running max and sum), Σ exp(s − max)·v "
             "by GEMM; O(n·C) memory",

@@ -119,8 +119,22 @@ def oriented(e: Node, mask: Node | None, over: str, plan: Plan) -> Node:
     if causal_mask(mask, over) is None:
         return e
     a, b = mask.args if mask.op in ("<=", "<") else mask.args[::-1]  # a = y, b = x
+    return oriented_by(e, a, b, plan)
 
-    def sign(u: Node) -> int | None:  # +1: u >= 0 under the mask; -1: u <= 0
+
+def positions(e: Node, over: str) -> tuple[Node, Node] | None:
+    """The scalar coordinates (y, x) that `e` reads of the two sides, where it reads one of
+    each (a position term of an index or a 1-D grid)."""
+    ys = {n for n in P.toposort([e]) if n.op == "coord" and n.side == over and not n.shape}
+    xs = {n for n in P.toposort([e]) if n.op == "coord" and n.side == X_SIDE and not n.shape}
+    return (ys.pop(), xs.pop()) if len(ys) == 1 and len(xs) == 1 else None
+
+
+def oriented_by(e: Node, a: Node, b: Node, plan: Plan) -> Node:
+    """`oriented` where a <= b (a, b the coordinates of the two sides, in either role):
+    with (y, x) below the diagonal, with (x, y) above it."""
+
+    def sign(u: Node) -> int | None:  # +1: u >= 0 where a <= b; -1: u <= 0
         if u.op == "-" and set(u.args) == {a, b}:
             return 1 if u.args[0] is b else -1
         if u.op == "neg":
