@@ -54,9 +54,11 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         return _sdpa(ev, f, A, B, V, lead)
     if (f.split_sdpa and T.USE_SDPA and insides and A.device.type == "cpu"
             and not torch.compiler.is_compiling()):
-        lo, hi = (broadcast_lead(*factors(ev, t, over), V)[:2] for t in f.split)
-        if all(_sdpa_safe(*ab) for ab in (lo, hi)):
-            return _split_sdpa(ev, f, lo, hi, V, lead)
+        # the score's GEMM terms (A, B), then each side's position columns after them
+        sides = [_side_factors(A, B, V, factors(ev, t[len(f.terms):], over), lead)
+                 for t in f.split]
+        if all(_sdpa_safe(*ab) for ab in sides):
+            return _split_sdpa(ev, f, sides, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):
@@ -120,18 +122,33 @@ def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
 
 
-def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, lo, hi, V, lead) -> None:
+def _side_factors(A, B, V, extra, lead) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of one side of the diagonal, [1, N, n, W]: the GEMM terms' columns, the
+    side's position columns, zero columns up to the values' width (SDPA's fast CPU kernel
+    wants one width), each written once."""
+    n, E = A.shape[-2], A.shape[-1]
+    out = []
+    for main, more in zip((A, B), extra):
+        W = max(V.shape[-1], E + more.shape[-1])
+        buf = main.new_zeros(*lead, n, W)
+        buf[..., :E] = main
+        buf[..., E:E + more.shape[-1]] = more
+        out.append(buf.reshape(1, -1, n, W))
+    return out[0], out[1]
+
+
+def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead) -> None:
     """A score whose position term separates on each side of the diagonal (`split`): the
     softmax over y <= x and over y > x by SDPA's CPU flash kernel, merged by their
     log-sum-exps (`_Split`). The Plan's sums are taken relative to the merged log-sum-exp,
     as in `_sdpa`."""
     n, Ev = V.shape[-2], V.shape[-1]
-    W = max(Ev, lo[0].shape[-1], hi[0].shape[-1])
-
-    def flat(t):  # [*lead, n, w] -> [1, N, n, W], zero columns added
-        t = t.expand(*lead, *t.shape[-2:]).reshape(1, -1, n, t.shape[-1])
-        return torch.nn.functional.pad(t, (0, W - t.shape[-1]))
-    O = _Split.apply(*(flat(t) for t in (*lo, *hi, V)))
+    W = max(t.shape[-1] for ab in sides for t in ab)
+    sides = [[torch.nn.functional.pad(t, (0, W - t.shape[-1])) if t.shape[-1] < W else t
+              for t in ab] for ab in sides]
+    Vp = V.new_zeros(*lead, n, W)
+    Vp[..., :Ev] = V
+    O = _Split.apply(*sides[0], *sides[1], Vp.reshape(1, -1, n, W))
     O = O[..., :Ev].reshape(*lead, n, Ev)
     if O.requires_grad:
         O.register_hook(_first_derivatives_only)
@@ -139,20 +156,19 @@ def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, lo, hi, V, lead) -> None:
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
 
 
-def _upper(t: torch.Tensor, keep: slice) -> torch.Tensor:
-    """The points reversed and cut: with queries reversed from the second (`slice(1, None)`)
-    and keys and values reversed but for the last (`slice(None, -1)`), the causal mask of
-    SDPA keeps exactly y > x (query r is x = n − 2 − r, key c is y = n − 1 − c)."""
-    return t.flip(-2)[..., keep, :].contiguous()
+def _upper(t: torch.Tensor, queries: bool) -> torch.Tensor:
+    """The points reversed and cut: with the queries reversed from the second (all but the
+    last point, reversed) and the keys and values reversed but for the last (all but the
+    first), the causal mask of SDPA keeps exactly y > x (query r is x = n − 2 − r, key c is
+    y = n − 1 − c)."""
+    return (t[..., :-1, :] if queries else t[..., 1:, :]).flip(-2)
 
 
-def _back(t: torch.Tensor, keep: slice) -> torch.Tensor:
-    """The gradient of `_upper(x, keep)` with respect to x: zero rows put back, unreversed."""
-    pad = (0, 0, 1, 0) if keep.start == 1 else (0, 0, 0, 1)
-    return torch.nn.functional.pad(t, pad).flip(-2)
-
-
-_Q, _KV = slice(1, None), slice(None, -1)
+def _back(t: torch.Tensor, queries: bool) -> torch.Tensor:
+    """The gradient of `_upper(x, queries)` with respect to x."""
+    out = t.new_zeros(*t.shape[:-2], t.shape[-2] + 1, t.shape[-1])
+    (out[..., :-1, :] if queries else out[..., 1:, :]).copy_(t.flip(-2))
+    return out
 
 
 class _Split(torch.autograd.Function):
@@ -169,8 +185,8 @@ class _Split(torch.autograd.Function):
         n = V.shape[-2]
         o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
         if n > 1:
-            o, l = flash(_upper(A_hi, _Q), _upper(B_hi, _KV), _upper(V, _KV), 0.0, True,
-                         scale=1.0)
+            o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False), 0.0,
+                         True, scale=1.0)
             o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
         L = torch.logaddexp(l_lo, l_hi)
         out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
@@ -190,11 +206,11 @@ class _Split(torch.autograd.Function):
         dA_lo, dB_lo, dV = back(dO, A_lo, B_lo, V, out, L, 0.0, True, scale=1.0)
         dA_hi, dB_hi = torch.zeros_like(A_hi), torch.zeros_like(B_hi)
         if V.shape[-2] > 1:
-            rev = (_upper(dO, _Q), _upper(A_hi, _Q), _upper(B_hi, _KV), _upper(V, _KV),
-                   _upper(out, _Q), L.flip(-1)[..., 1:].contiguous())
+            rev = (_upper(dO, True), _upper(A_hi, True), _upper(B_hi, False),
+                   _upper(V, False), _upper(out, True), L[..., :-1].flip(-1))
             da, db, dv = back(*rev, 0.0, True, scale=1.0)
-            dA_hi, dB_hi = _back(da, _Q), _back(db, _KV)
-            dV = dV + _back(dv, _KV)
+            dA_hi, dB_hi = _back(da, True), _back(db, False)
+            dV[..., 1:, :] += dv.flip(-2)
         return dA_lo, dB_lo, dA_hi, dB_hi, dV
 
 

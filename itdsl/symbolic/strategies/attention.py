@@ -195,7 +195,7 @@ def _split(rest: Node, terms: list[Term], over: str, plan: Plan):
     for a, b in ((y, x), (x, y)):  # (y <= x; x <= y, of which y > x is used)
         v = oriented_by(rest, a, b, plan)
         t = None if v is rest else _columns(v, over, plan)
-        if t is None:
+        if not t:  # (None, or no column: a rest that cancels, left to the tiles)
             return None
         sides.append(tuple(terms) + tuple(t))
     return sides[0], sides[1]
