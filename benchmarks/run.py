@@ -146,9 +146,10 @@ ALIBI = """operator alibi {
 
 def alibi_setup(n: int, causal: bool, bias: str):
     """Attention with a position bias: ALiBi's linear slope·(t − s) (its terms separate, so
-    SDPA runs it on two more columns of q and k) or slope·|t − s| (itdsl's own tiled online
-    softmax, the bias per tile; under the causal mask |t − s| is t − s, and SDPA runs it as
-    the linear one); the peer is SDPA with the n×n bias materialised as its float mask."""
+    SDPA runs it on two more columns of q and k) or slope·|t − s| (SDPA on each side of the
+    diagonal, where it is linear, merged; under the causal mask |t − s| is t − s, and SDPA
+    runs it as the linear one); the peer is SDPA with the n×n bias materialised as its float
+    mask."""
     import torch
     import torch.nn.functional as F
 
@@ -429,7 +430,8 @@ def bars(seen: dict) -> None:
             None if p is None or both is None else p / both, f"≥ {target}",
             lambda v, t=target: v >= t)
     for causal in ("non-causal", "causal"):
-        for bias, how in (("(t - s)", "SDPA on extra columns"), ("abs(t - s)", "own tiles")):
+        for bias, how in (("(t - s)", "SDPA on extra columns"),
+                          ("abs(t - s)", "SDPA twice, s <= t and s > t, merged")):
             if causal == "causal" and bias == "abs(t - s)":  # (|t − s| = t − s under the mask)
                 how = "SDPA on extra columns: |t − s| = t − s under the mask"
             name = f"{causal} ALiBi slope·{bias} fwd"

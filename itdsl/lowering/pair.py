@@ -9,7 +9,9 @@ where j runs over the points of the other side (the columns) and c over the
 concatenated channels of the group's steps. Leaves of the summand become arrays:
 
     row leaves      R_k[b, i, w]       (AoS: a row's channels are contiguous)
-    column leaves   C_k[b, w, j]       (SoA: consecutive j are contiguous, so j vectorises)
+    column leaves   C_k[b, w, j]       (SoA: consecutive j contiguous, for code vectorised
+                    or C_k[b, j, w]     over the columns; AoS for code vectorised over the
+                                       channels; on the CPU a leaf read both ways comes twice)
     params          P_k[...]           their own shape (scalars as (1,))
     per-call values K_k[...]           likewise
     tables          T_k[b, n_1, ..., n_k, w]   a field read at computed points: its whole
@@ -26,9 +28,11 @@ bounds; outside, the read is exactly 0 (zero padding), inside it is the field's 
 
 Sizes are symbolic: rows = nt*TI and columns = mt*TJ for scalar tile counts nt, mt
 passed explicitly (TVM 0.27 miscompiles tiled schedules over free symbolic extents;
-see docs/ARCHITECTURE.md), the caller pads, and columns beyond `m_valid` are masked
-out. Channel reductions inside the summand (dot products, MLP layers) become their
-own stages, computed per tile of columns by the schedule, so no buffer is N x M.
+see docs/ARCHITECTURE.md), the caller pads with zeros, and columns beyond `m_valid` (rows
+beyond `n_valid`) are masked out of every sum (`PairBuilder.masked`, which relies on that
+zero padding of the leaves). Channel reductions inside the summand (dot products, MLP
+layers) become their own stages, computed per tile of columns by the schedule, so no buffer
+is N x M.
 """
 
 from __future__ import annotations
@@ -298,7 +302,9 @@ class PairBuilder:
         is 0 there if every other factor is finite there: leaves of the side, finite
         constants, and scalars under a select (one per pair, not one per channel: the
         select of K(x, y) in K(x, y)·b(y), the forward of every kernel sum, is outside the
-        loop over b's channels). At the points, the value is the product as written."""
+        loop over b's channels). At the points, the value is the product as written (with
+        the select gone, the code generator may fuse its multiply into the accumulation: a
+        rounding of one ulp, not of the product's value)."""
         side = self.spec.row_side if by_row else self.spec.col_side
 
         def padded(m: Node) -> bool:

@@ -53,7 +53,8 @@ class LeafSpec:
     Rows are laid out [b, i, w]. Columns are [b, w, j] (`soa`) for the code that
     vectorises over the columns (scalar stages), so that it reads consecutive j, and [b, j,
     w] for the code that vectorises over the channels w (vector stages, the accumulation);
-    a column read both ways comes in both layouts, one leaf each."""
+    on the CPU a column read both ways comes in both layouts, one leaf each (a GPU block
+    stages its columns in shared memory once)."""
 
     role: str  # "row" | "col" | "param" | "const" | "table"
     node: Node  # (a table: the first read of its field; `node.name` is the field)

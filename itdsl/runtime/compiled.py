@@ -156,6 +156,9 @@ class CompiledEvaluator(PlanEvaluator):
         else:
             np_ = nt * TI
         args = []
+        # rows and columns are padded with zeros: the kernels' sums rely on it at the padded
+        # points (a product with such a leaf is 0 there without a select: lowering/pair.py,
+        # `PairBuilder.masked`)
         for leaf in spec.leaves:
             if leaf.role == "row":
                 v = self.side_value(leaf.node, spec.row_side)
