@@ -744,6 +744,57 @@ def test_split_sdpa_float32_inf_and_second_derivatives():
         torch.autograd.grad(out.sum(), qq, create_graph=True)
 
 
+@pytest.mark.parametrize("mask", [""])
+def test_an_infinite_value_gives_torchs_softmax_values(mask):
+    """SDPA's flash kernel multiplies the probabilities it masks (0) by the values: an inf
+    value would put NaN in the rows of the split's other side. Such calls go to the own
+    tiles: torch's values (inf where the point has weight). (Under a causal mask, where the
+    reference's bracket masks the inf out of the earlier rows, SDPA and the tiles alike
+    still give NaN there: not yet handled.)"""
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("slope * (t - s)", "slope * abs(t - s)").replace("MASK", mask))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    g = torch.Generator().manual_seed(6)
+    n = 30
+    q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
+    v[10, 2] = torch.inf
+    got, want = op(q=q, k=k, v=v), ref(q=q, k=k, v=v)
+    assert not want.isnan().any() and want[:, 2].isinf().sum() == (n if not mask else n - 10)
+    torch.testing.assert_close(got, want)
+
+
+def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
+    """In bfloat16 the output keeps the dtype and differentiates (the log-sum-exps are
+    float32); a position column with batch dims that q, k and v lack (a per-point slope
+    b(s) of a batch of 3) broadcasts the factors to its batch."""
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("slope * (t - s)", "slope * abs(t - s)").replace("MASK", ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"]
+    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    g = torch.Generator().manual_seed(7)
+    n = 20
+    q, k, v = (torch.randn(2, n, w, generator=g, dtype=D) for w in (4, 4, 3))
+    qb = q.bfloat16().requires_grad_(True)
+    out = op.bfloat16()(q=qb, k=k.bfloat16(), v=v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref(q=q, k=k, v=v), rtol=0, atol=0.05)
+    (gq,) = torch.autograd.grad(out.float().sum(), qb)
+    assert gq.dtype == torch.bfloat16 and torch.isfinite(gq).all()
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("    param  slope : R = 0.25", "    input  b : T -> R")
+           .replace("slope * (t - s)", "b(s) * abs(t - s)").replace("MASK", ""))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    assert op._runner.form.split_sdpa
+    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    b = torch.rand(3, n, generator=g, dtype=D, requires_grad=True)
+    got, want = op(q=q[0], k=k[0], v=v[0], b=b), ref(q=q[0], k=k[0], v=v[0], b=b)
+    assert got.shape == (3, n, 3)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), b)[0],
+                               torch.autograd.grad(want.sum(), b)[0])
+
+
 def test_second_derivatives_through_sdpa_are_a_clear_error():
     """SDPA's CPU backward has no derivative: create_graph=True is refused with an itdsl
     error (the tiles refuse it the same way)."""

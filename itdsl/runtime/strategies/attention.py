@@ -54,10 +54,18 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         return _sdpa(ev, f, A, B, V, lead)
     if (f.split_sdpa and T.USE_SDPA and insides and A.device.type == "cpu"
             and not torch.compiler.is_compiling()):
-        # the score's GEMM terms (A, B), then each side's position columns after them
-        sides = [_side_factors(A, B, V, factors(ev, t[len(f.terms):], over), lead)
-                 for t in f.split]
-        if all(_sdpa_safe(*ab) for ab in sides):
+        # the score's GEMM terms (A, B), then each side's position columns after them; the
+        # bound on the scores adds up over the columns (one sync for both sides); values
+        # finite: the flash kernel multiplies the probabilities it masks (0) by the values,
+        # and an inf would make NaN of rows on the other side of the diagonal
+        extras = [factors(ev, t[len(f.terms):], over) for t in f.split]
+        base, ok = _score_bound(A, B), torch.isfinite(V).all()
+        for a, b in extras:
+            ok = ok & _in_range(base + _score_bound(a, b), A.dtype)
+        if bool(ok):
+            lead = torch.broadcast_shapes(lead, *(t.shape[:-2] for ab in extras for t in ab))
+            A, B, V = (t.expand(*lead, *t.shape[-2:]) for t in (A, B, V))
+            sides = [_side_factors(A, B, V, ab, lead) for ab in extras]
             return _split_sdpa(ev, f, sides, V, lead)
     keys, leaves = [], []
     if f.rest is not None:
@@ -91,12 +99,22 @@ def _sdpa_safe(A: torch.Tensor, B: torch.Tensor) -> bool:
       the own tiles keep max and sum apart. Σ_c max|A_c|·max|B_c| bounds every |score|;
       above SDPA_SCORE_BOUND relative to eps the tiles take the call.
     (Under torch.compile the check, a branch on values, is left out.)"""
+    return bool(_in_range(_score_bound(A, B), A.dtype))
+
+
+def _score_bound(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Σ_c max|A_c|·max|B_c|, a bound on every |score| (inf or NaN where a factor is)."""
     A, B = A.flatten(0, -2), B.flatten(0, -2)
     if A.shape[0] == 0 or B.shape[0] == 0:
-        return True  # (no scores)
-    bound = (A.abs().amax(0) * B.abs().amax(0)).sum()
-    lse = A.dtype if A.dtype == torch.float64 else torch.float32  # (halves: kept in float32)
-    return bool(bound * torch.finfo(lse).eps <= T.SDPA_SCORE_BOUND)
+        return A.new_zeros(())  # (no scores)
+    return (A.abs().amax(0) * B.abs().amax(0)).sum()
+
+
+def _in_range(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether scores bounded by `bound` keep SDPA's log-sum-exp exact enough (see
+    `_sdpa_safe`)."""
+    lse = dtype if dtype == torch.float64 else torch.float32  # (halves: kept in float32)
+    return bound * torch.finfo(lse).eps <= T.SDPA_SCORE_BOUND
 
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
@@ -150,8 +168,6 @@ def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead) -> None:
     Vp[..., :Ev] = V
     O = _Split.apply(*sides[0], *sides[1], Vp.reshape(1, -1, n, W))
     O = O[..., :Ev].reshape(*lead, n, Ev)
-    if O.requires_grad:
-        O.register_hook(_first_derivatives_only)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
 
@@ -188,9 +204,9 @@ class _Split(torch.autograd.Function):
             o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False), 0.0,
                          True, scale=1.0)
             o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
-        L = torch.logaddexp(l_lo, l_hi)
+        L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
         out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
-            torch.exp(l_hi - L).unsqueeze(-1), o_hi).contiguous()
+            torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
         ctx.save_for_backward(A_lo, B_lo, A_hi, B_hi, V, out, L)
         return out
 
