@@ -65,8 +65,9 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         if bool(ok):
             lead = torch.broadcast_shapes(lead, *(t.shape[:-2] for ab in extras for t in ab))
             A, B, V = (t.expand(*lead, *t.shape[-2:]) for t in (A, B, V))
-            sides = [_side_factors(A, B, V, ab, lead) for ab in extras]
-            return _split_sdpa(ev, f, sides, V, lead)
+            W = max(V.shape[-1], A.shape[-1] + max(a.shape[-1] for a, _ in extras))
+            sides = [_side_factors(A, B, ab, lead, W) for ab in extras]
+            return _split_sdpa(ev, f, sides, V, lead, W)
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):
@@ -140,14 +141,13 @@ def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
 
 
-def _side_factors(A, B, V, extra, lead) -> tuple[torch.Tensor, torch.Tensor]:
+def _side_factors(A, B, extra, lead, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of one side of the diagonal, [1, N, n, W]: the GEMM terms' columns, the
-    side's position columns, zero columns up to the values' width (SDPA's fast CPU kernel
-    wants one width), each written once."""
+    side's position columns, zero columns up to the width W of both sides and the values
+    (SDPA's fast CPU kernel wants one width), each written once."""
     n, E = A.shape[-2], A.shape[-1]
     out = []
     for main, more in zip((A, B), extra):
-        W = max(V.shape[-1], E + more.shape[-1])
         buf = main.new_zeros(*lead, n, W)
         buf[..., :E] = main
         buf[..., E:E + more.shape[-1]] = more
@@ -155,15 +155,12 @@ def _side_factors(A, B, V, extra, lead) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead) -> None:
+def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead, W: int) -> None:
     """A score whose position term separates on each side of the diagonal (`split`): the
     softmax over y <= x and over y > x by SDPA's CPU flash kernel, merged by their
     log-sum-exps (`_Split`). The Plan's sums are taken relative to the merged log-sum-exp,
     as in `_sdpa`."""
     n, Ev = V.shape[-2], V.shape[-1]
-    W = max(t.shape[-1] for ab in sides for t in ab)
-    sides = [[torch.nn.functional.pad(t, (0, W - t.shape[-1])) if t.shape[-1] < W else t
-              for t in ab] for ab in sides]
     Vp = V.new_zeros(*lead, n, W)
     Vp[..., :Ev] = V
     O = _Split.apply(*sides[0], *sides[1], Vp.reshape(1, -1, n, W))

@@ -125,8 +125,9 @@ def oriented(e: Node, mask: Node | None, over: str, plan: Plan) -> Node:
 def positions(e: Node, over: str) -> tuple[Node, Node] | None:
     """The scalar coordinates (y, x) that `e` reads of the two sides, where it reads one of
     each (a position term of an index or a 1-D grid)."""
-    ys = {n for n in P.toposort([e]) if n.op == "coord" and n.side == over and not n.shape}
-    xs = {n for n in P.toposort([e]) if n.op == "coord" and n.side == X_SIDE and not n.shape}
+    coords = [n for n in P.toposort([e]) if n.op == "coord" and not n.shape]
+    ys = {n for n in coords if n.side == over}
+    xs = {n for n in coords if n.side == X_SIDE}
     return (ys.pop(), xs.pop()) if len(ys) == 1 and len(xs) == 1 else None
 
 
