@@ -744,24 +744,33 @@ def test_split_sdpa_float32_inf_and_second_derivatives():
         torch.autograd.grad(out.sum(), qq, create_graph=True)
 
 
-@pytest.mark.parametrize("mask", [""])
-def test_an_infinite_value_gives_torchs_softmax_values(mask):
-    """SDPA's flash kernel multiplies the probabilities it masks (0) by the values: an inf
-    value would put NaN in the rows of the split's other side. Such calls go to the own
-    tiles: torch's values (inf where the point has weight). (Under a causal mask, where the
-    reference's bracket masks the inf out of the earlier rows, SDPA and the tiles alike
-    still give NaN there: not yet handled.)"""
+@pytest.mark.parametrize("bias", ["slope * abs(t - s)", "slope * (t - s)"])
+@pytest.mark.parametrize("mask", ["", "* [s <= t]"])
+def test_an_infinite_value_gives_torchs_softmax_values(mask, bias):
+    """SDPA's flash kernel and the tiles' GEMMs multiply the probabilities they mask (0) by
+    the values: an inf value would put NaN in the rows of the split's other side, or, under
+    a causal mask, in the rows before its point, where the bracket masks it out. Without a
+    mask such calls go to the own tiles (torch's values: inf where the point has weight),
+    under one to the kernels, which mask per pair: the reference's values and gradients."""
     src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("slope * (t - s)", "slope * abs(t - s)").replace("MASK", mask))
+           .replace("slope * (t - s)", bias).replace("MASK", mask))
     op = itdsl.compile_source(src, target="cpu")["alibi"].double()
     ref = itdsl.compile_source(src, target="reference")["alibi"].double()
     g = torch.Generator().manual_seed(6)
     n = 30
-    q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
-    v[10, 2] = torch.inf
+    q, k, v = (torch.randn(n, w, generator=g, dtype=D, requires_grad=True) for w in (4, 4, 3))
+    with torch.no_grad():
+        v[10, 2] = torch.inf
     got, want = op(q=q, k=k, v=v), ref(q=q, k=k, v=v)
     assert not want.isnan().any() and want[:, 2].isinf().sum() == (n if not mask else n - 10)
     torch.testing.assert_close(got, want)
+    if mask:  # the queries before the inf point: finite gradients (later, v − o = NaN)
+        assert op.last_run == "kernels"
+        cot = torch.randn(got.shape, generator=g, dtype=D)
+        grads = torch.autograd.grad(got, (q, k, v), cot)
+        assert torch.isfinite(grads[0][:10]).all() and torch.isfinite(grads[2]).all()
+        for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), cot), strict=True):
+            torch.testing.assert_close(a, b, equal_nan=True)
 
 
 def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():

@@ -590,3 +590,28 @@ def test_a_ratio_with_a_tiny_float32_denominator_has_finite_gradients():
     for a, e in zip(got, wants, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target, strategy", PATHS)
+def test_float32_constants_beyond_its_range_are_inf_as_torch_rounds_them(target, strategy):
+    """A constant above the largest float32 is ±inf in a float32 call (torch rounds a Python
+    float so), and one just above it, within half an ulp, is the largest float32; TVM refuses
+    such literals, so the kernels must round them first."""
+    big, near = 1e39, 3.4028235e38  # (near: within half an ulp of the largest float32)
+    src = f"""operator big {{
+        domain X = points(1)
+        input  b : X -> R
+        output o(x: X) = integral(y: X) exp(-{big} * (sqnorm(x - y) + 1)) * b(y) + integral(y: X) min(abs(x[0] * y[0]) * {near}, {near}) * 1e-30 * b(y)
+    }}"""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(6, 1, generator=g)
+    b = torch.randn(6, generator=g)
+    x, y = X[:, 0, None], X[None, :, 0]
+    c, n = torch.tensor(big, dtype=torch.float32), torch.tensor(near, dtype=torch.float32)
+    assert math.isinf(c.item()) and math.isfinite(n.item())
+    want = (torch.exp(-c * ((x - y) ** 2 + 1)) * b).mean(-1) + (  # (mean: points' default)
+        torch.minimum((x * y).abs() * n, n) * 1e-30 * b).mean(-1)
+    kw = {} if strategy is None else {"strategy": strategy}
+    op = itdsl.compile_source(src, target=target, **kw)["big"].float()
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(op(X=X, b=b), want)

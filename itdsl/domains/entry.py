@@ -91,6 +91,8 @@ class Rule:
     sampled: bool = False  # drawn at random per call (montecarlo)
     unit: bool = False  # every weight is 1: the summand needs no weight factor
     zeros: bool = False  # some weights may be 0: a softmax shift's max skips those points
+    drops: bool = False  # a point of weight 0 is not in the sum (a point not drawn): its
+    #          terms are masked as by a bracket, so a NaN or inf there reaches nothing
     empty: str | None = None  # why the rule is undefined over no points (None: 0 there)
 
     @property

@@ -72,8 +72,10 @@ RULES = [
          args=(Arg(field="n", kind="count", what="the number of cells", placeholder="n",
                    limit=MAX_NODES, noun="the number of midpoint cells"),)),
     # S indices drawn with replacement, uniformly or ∝ the importance, each weighted
-    # μ_j / (S·p_j), μ the domain's measure (runtime/sampling.py draws them)
+    # μ_j / (S·p_j), μ the domain's measure (runtime/sampling.py draws them); a point not
+    # drawn is not in the sum, as if the integral ran over the S draws only
     Rule(name="montecarlo", kinds=frozenset({"points", "index"}), sampled=True, zeros=True,
+         drops=True,
          empty="no point can be sampled from it",
          args=(Arg(field="samples", kind="count", what="the number of samples", placeholder="S",
                    limit=MAX_SAMPLES),

@@ -50,6 +50,9 @@ from ..symbolic import pexpr as P
 from ..symbolic.pexpr import Node
 from .spec import INLINE_REDUCTION, PairSpec, _flat
 
+_F32_MAX = 3.4028234663852886e38  # the largest float32
+_F32_OVERFLOW = 3.4028235677973366e38  # the largest float32 plus half an ulp: rounds to inf
+
 CUBIC_A = -0.75
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 # the fast exp clamps its argument: exp(89) overflows float32; below -87.6, 2^(n-1) is 0
@@ -115,6 +118,11 @@ class PairBuilder:
     # so a clamp written as selects keeps a NaN (te.min/te.max would drop it), and the fast
     # exp overflows to inf where expf does.
     def c(self, v: float) -> tirx.PrimExpr:
+        if self.dtype == "float32" and math.isfinite(v) and abs(v) > _F32_MAX:
+            # rounded to float32 as torch rounds it: beyond the largest float32 (by more
+            # than half an ulp) it is ±inf (TVM refuses such a float32 literal)
+            v = math.copysign(math.inf, v) if abs(v) >= _F32_OVERFLOW else math.copysign(
+                _F32_MAX, v)
         return tirx.const(v, self.dtype)
 
     def let(self, x, body):

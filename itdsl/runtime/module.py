@@ -42,7 +42,7 @@ from .plan_eval import (
     unflatten_output,
 )
 from .sampling import compact
-from .strategies import runner_for
+from .strategies import Declined, runner_for
 
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, OpDef] = {}  # one entry per distinct compiled operator
@@ -111,10 +111,7 @@ class OpDef:
                 if n.op == "ref"}
         self.saved = sorted(used & fwd_names)
         self.param_names = [n for p in op.params for n in param_shapes(p)]
-        self.mc_sides = [s for s, sp in plan.spaces.items()
-                         if any(f.quad is not None and f.quad.rule.entry.sampled
-                                for f in sp.factors)]
-        self.mc_domains = [_own_domain(plan, s) for s in self.mc_sides]
+        self.mc_sides = sampled_sides(plan)
         self.name = op_name(plan, target)
         self._facts = Facts.of(op)
         # the call its module bound just before calling the op (`CompiledOperator.forward`),
@@ -340,6 +337,12 @@ def _small(plan: Plan, work: PairWork, bound, train: bool) -> bool:
     return pairs(plan, bound) <= limit.pairs
 
 
+def sampled_sides(plan: Plan) -> list[str]:
+    """The sides whose weights are drawn per call (montecarlo)."""
+    return [s for s, sp in plan.spaces.items()
+            if any(f.quad is not None and f.quad.rule.entry.sampled for f in sp.factors)]
+
+
 def _own_domain(plan: Plan, side: str) -> str | None:
     """The domain of a side that is one domain no other side ranges over (its Monte Carlo
     draws can then be gathered, `sampling.compact`), else None."""
@@ -349,18 +352,22 @@ def _own_domain(plan: Plan, side: str) -> str | None:
     return factor.domain if alone else None
 
 
-def _drawn_only(op, kwargs: dict, domains: list[str | None], weights: list[torch.Tensor]
-                ) -> tuple[dict, list[torch.Tensor]]:
-    """The call reduced to the points its Monte Carlo sides drew (`sampling.compact`), for
-    each side over a domain of its own (`_own_domain`); the others as they are (their
-    kernels then run over every point, most at weight 0)."""
-    out = []
-    for domain, w in zip(domains, weights):
-        done = compact(op, domain, kwargs, w) if domain is not None else None
+def _drawn_only(plan: Plan, params: dict, bound, kwargs: dict, generator
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The draws of the call's Monte Carlo sides (once: every path then reads them), and the
+    call reduced to the points drawn (`sampling.compact`) for each side over a domain of its
+    own (`_own_domain`); the others as they are (their sums then run over every point, the
+    points not drawn masked out: their rule `drops` them)."""
+    with torch.no_grad():
+        ev = PlanEvaluator(plan, params, bound, generator)
+    weights = {}
+    for side in sampled_sides(plan):
+        w, domain = ev.sides[side].weights, _own_domain(plan, side)
+        done = compact(plan.op, domain, kwargs, w) if domain is not None else None
         if done is not None:
             kwargs, w = done
-        out.append(w)
-    return kwargs, out
+        weights[side] = w.contiguous()
+    return kwargs, weights
 
 
 def _unaliased(outs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -404,6 +411,7 @@ class CompiledOperator(nn.Module):
             self.opdef(t)
         self._entry = get(plan.strategy)
         self._runner = runner_for(plan)  # the strategy's own algorithm (None: the kernels)
+        self._sampled = bool(sampled_sides(plan))  # montecarlo: draws per call
         # the Plan's work per pair, which the small-call cost model reads (worked out here:
         # a lazy property's lock is not something torch.compile traces)
         self.pair_work: PairWork = pair_work(plan)
@@ -473,24 +481,28 @@ class CompiledOperator(nn.Module):
         if _empty(self.plan, bound):  # no work to tile: the Plan evaluator, differentiated
             self.last_run = "empty"
             return _on_empty(self.plan, named, bound, generator)
+        draws, small = {}, True
+        if self._sampled:  # every path below runs on the points drawn
+            kwargs, draws = _drawn_only(self.plan, named, bound, kwargs, generator)
+            bound = bind(self.ir, kwargs, bound.dtype, self._facts)
         if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
-            self.last_run = self.strategy
-            return self._runner(named, bound, generator)
+            try:
+                out = self._runner(named, bound, generator, weights=draws)
+                self.last_run = self.strategy
+                return out
+            except Declined:  # values its algorithm would spread: the kernels, which mask
+                small = False  # per pair in the backward too (autograd of a materialised
+                # evaluation multiplies a masked 0 by them)
         train = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*kwargs.values(), *named.values())
             if isinstance(t, torch.Tensor))
-        if _small(self.plan, self.pair_work, bound, train):  # the kernels would not pay off
+        if small and _small(self.plan, self.pair_work, bound, train):  # the kernels would
+            # not pay off
             self.last_run = "materialised"
-            return evaluate_plan(self.plan, named, bound, generator)[0]
+            return evaluate_plan(self.plan, named, bound, generator, weights=draws)[0]
         self.last_run = "kernels"
         opdef = self.opdef(target)
-        weights = []
-        if opdef.mc_sides:
-            with torch.no_grad():
-                ev = PlanEvaluator(self.plan, named, bound, generator)
-            weights = [ev.sides[s].weights for s in opdef.mc_sides]
-            kwargs, weights = _drawn_only(self.ir, kwargs, opdef.mc_domains, weights)
-            weights = [w.contiguous() for w in weights]
+        weights = [draws[s] for s in opdef.mc_sides]
         params = [named[n] for n in opdef.param_names]  # the custom op's order, by name
         tensors = []
         for name in opdef.tensor_names:

@@ -521,10 +521,12 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t
 
 
-def evaluate_plan(plan: Plan, params, bound: Bound, generator=None,
-                  chunk: int = 64) -> tuple[torch.Tensor, PlanEvaluator]:
-    """Run the forward program; return the output and the evaluator (for the backward)."""
-    ev = PlanEvaluator(plan, params, bound, generator, chunk)
+def evaluate_plan(plan: Plan, params, bound: Bound, generator=None, chunk: int = 64,
+                  weights: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, PlanEvaluator]:
+    """Run the forward program; return the output and the evaluator (for the backward).
+    `weights`: montecarlo weights drawn beforehand, by side."""
+    ev = PlanEvaluator(plan, params, bound, generator, chunk, weights)
     ev.run(plan.forward)
     out = ev.env["out"]
     if plan.out_shape == ():

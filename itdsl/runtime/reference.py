@@ -328,12 +328,16 @@ def _masks(e: ir.Expr) -> bool:
     return 0 < sum(map(_is_bracket, factors)) < len(factors)
 
 
-def _masked_product(factors: list[ir.Expr], ctx: _Ctx, extra=()) -> torch.Tensor:
-    """The product of `factors` (and `extra` values) where its brackets hold, else 0. A
-    bracket masks the whole product it is a factor of, however parenthesised: even where a
-    factor overflows or is NaN, forward and backward (each factor is masked before the
-    product, so autograd never multiplies a masked-off zero by it)."""
-    c = _product([_eval(f, ctx) for f in factors if _is_bracket(f)]) != 0
+def _masked_product(factors: list[ir.Expr], ctx: _Ctx, extra=(),
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of `factors` (and `extra` values) where its brackets (and `keep`) hold,
+    else 0. A bracket masks the whole product it is a factor of, however parenthesised: even
+    where a factor overflows or is NaN, forward and backward (each factor is masked before
+    the product, so autograd never multiplies a masked-off zero by it)."""
+    brackets = [_eval(f, ctx) for f in factors if _is_bracket(f)]
+    c = _product(brackets) != 0 if brackets else keep
+    if brackets and keep is not None:
+        c = c & keep
     values = [_eval(f, ctx) for f in factors if not _is_bracket(f)] + list(extra)
     zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
     return _product([torch.where(c, v, zero) for v in values])
@@ -410,8 +414,10 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     _check_pairs(e, side.n, ctx)
     with _entered(side, ctx):
         weights = _weights(e, side, ctx)
-        if _masks(e.body):  # the bracket masks the quadrature weight too
-            terms = _masked_product(_factors(e.body), ctx, [weights])
+        # a point a rule drops (montecarlo's not drawn) is masked out as by a bracket
+        drops = weights != 0 if any(q.rule.entry.drops for q in e.quads) else None
+        if _masks(e.body) or drops is not None:  # the bracket masks the weight too
+            terms = _masked_product(_factors(e.body), ctx, [weights], drops)
         else:
             terms = _eval(e.body, ctx) * weights
         # an integrand that does not depend on y still has one term per point of y

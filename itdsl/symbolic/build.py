@@ -253,6 +253,8 @@ class _Forward:
         for b, q in zip(integral.vars, integral.quads):
             if not q.rule.entry.unit:
                 w = P.mul(w, P.weight(side, b.var))
+            if q.rule.entry.drops:  # a point of weight 0 is not in the sum: a bracket
+                w = P.mul(w, P.ew("!=", P.weight(side, b.var), P.ZERO))
         return side, P.mul(w, lower(integral.body))
 
     def add_integral(self, side: str, summand: Node) -> Node:
@@ -278,8 +280,9 @@ class _Forward:
             # there, and its weight 0 times inf is NaN)
             quads = dict(zip(num.names, num.quads))
             live = P.ONE
-            for g in fb:
-                if g.op == "weight" and quads[g.attr("var")].rule.entry.zeros:
+            for g in fb:  # (a rule that drops them masks the summand already)
+                entry = quads[g.attr("var")].rule.entry if g.op == "weight" else None
+                if entry is not None and entry.zeros and not entry.drops:
                     live = P.mul(live, P.ew("!=", g, P.ZERO))
             mask = live
             for g in fb:

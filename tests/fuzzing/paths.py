@@ -100,7 +100,8 @@ EXPANDED_GRADIENTS = {
 # point after the sum (one multiply per point, not per pair), so a NaN or inf factor whose
 # pairs are all masked out gives NaN where torch.where's backward gives 0. So in a program
 # with a bracket, a gradient's entries may be finite where the reference's are NaN and
-# non-finite where they are finite (equal wherever both are finite).
+# non-finite where they are finite (equal wherever both are finite). A point `montecarlo`
+# did not draw is masked out alike (its rule `drops` it).
 MASKED = frozenset(ir.CMP_FNS)
 # A gradient is a derivative simplified symbolically, not autograd's chain: where the
 # reference's gradient is non-finite, a path's must be non-finite too, but NaN and ±inf
@@ -426,7 +427,9 @@ def compare_all(results: dict[str, Result], op: ir.Operator, strategy: str | Non
         if met_non_finite else frozenset()
     bodies = [op.output.body, *(k.body for k in op.kernels)]
     # (the non-finite value may be computed, as x^-2 at 0, and leave no trace in the results)
-    masked = any(isinstance(n, ir.Op) and n.fn in MASKED for b in bodies for n in ir.walk(b))
+    masked = any(isinstance(n, ir.Op) and n.fn in MASKED or isinstance(n, ir.Integral)
+                 and any(q.rule.entry.drops for q in n.quads)
+                 for b in bodies for n in ir.walk(b))
     largest = _largest_input(inputs)
     for path, res in results.items():
         if path in ("ref64", "ref32", "analysis"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...symbolic.plan import Plan
 from . import attention, convolution, lattice_conv, lowrank, matmul, recurrence
-from .common import Runner
+from .common import Declined, Runner
 
 RUNNERS = {
     "attention": attention.runner,
@@ -25,4 +25,4 @@ def runner_for(plan: Plan) -> Runner | None:
     return None if plan.form is None else RUNNERS[plan.strategy](plan)
 
 
-__all__ = ["RUNNERS", "Runner", "runner_for"]
+__all__ = ["RUNNERS", "Declined", "Runner", "runner_for"]

@@ -16,7 +16,7 @@ from ...symbolic import pexpr as P
 from ...symbolic.strategies.attention import SoftmaxForm
 from ..plan_eval import PlanEvaluator, tshape
 from . import tuning as T
-from .common import Runner, broadcast_lead, cat, factors, on, put
+from .common import Declined, Runner, broadcast_lead, cat, factors, on, put
 
 
 class AttentionRunner(Runner):
@@ -50,6 +50,11 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         V = B.new_zeros(*B.shape[:-1], 0)
     A, B, V = broadcast_lead(A, B, V)
     lead = A.shape[:-2]
+    if ((f.mask is not None or f.live is not None) and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(V).all())):
+        # a masked pair's probability is 0 in the GEMMs of SDPA and the tiles, and 0 · inf is
+        # NaN where the definition masks the pair out: the kernels, which mask per pair
+        raise Declined("a value is NaN or infinite under a mask")
     if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _sdpa_safe(A, B)):
         return _sdpa(ev, f, A, B, V, lead)
     if (f.split_sdpa and T.USE_SDPA and insides and A.device.type == "cpu"

@@ -77,6 +77,11 @@ def ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
     return all(n.name in ev.env for n in P.toposort(nodes) if n.op == "ref")
 
 
+class Declined(Exception):  # noqa: N818 (not an error: a decision)
+    """A runner leaves this call to the tiled kernels: its algorithm would give other numbers
+    than the definition for these values (`CompiledOperator.forward` catches it)."""
+
+
 class Runner:
     """Runs a Plan's forward in torch; `run` fills the evaluator's steps. A runner that keeps
     values sampled from the params (a matrix, convolution weights) checks them with
@@ -104,8 +109,10 @@ class Runner:
         return same
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        ev = PlanEvaluator(self.plan, params, bound, generator)
+                 generator: torch.Generator | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The output; `weights`: montecarlo weights drawn beforehand, by side."""
+        ev = PlanEvaluator(self.plan, params, bound, generator, weights=weights)
         ev.expand_batch = False  # a value the same for every batch entry stays one value
         self.run(ev)
         return output(self.plan, ev, bound)

@@ -478,7 +478,10 @@ class LatticeConvRunner(Runner):
         return ev.tile(None, params=params, fields=bound.fields)
 
     def __call__(self, params: dict[str, torch.Tensor], bound: Bound,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if weights:  # (a sampled rule is not a convolution's: the Plan recognises none)
+            return evaluate_plan(self.plan, params, bound, generator, weights=weights)[0]
         if self.finite_only and not torch.compiler.is_compiling() and not all(
                 bool(torch.isfinite(bound.fields[name]).all()) for name in self.finite_only):
             # NaN or inf where a library call would spread it: the Plan evaluator, which
