@@ -804,6 +804,33 @@ def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
                                torch.autograd.grad(want.sum(), b)[0])
 
 
+@pytest.mark.parametrize("bias, mask", [("b(s) * abs(t - s)", ""),
+                                        ("b(s) * (t - s)", "* [s <= t]"),
+                                        ("b(s) * b(t)", "* [b(s) > 0.3]")])
+def test_the_tiles_take_a_position_term_or_mask_with_batch_dims_of_its_own(bias, mask,
+                                                                         monkeypatch):
+    """The tiles (SDPA off) run a call whose position term or mask reads a field of a batch
+    of 3 that q, k and v lack (the output's batch)."""
+    import itdsl.runtime.strategies.tuning as T
+    monkeypatch.setattr(T, "USE_SDPA", False)
+    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+           .replace("    param  slope : R = 0.25", "    input  b : T -> R")
+           .replace("slope * (t - s)", bias).replace("MASK", mask))
+    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    g = torch.Generator().manual_seed(7)
+    n = 20
+    q, k, v = (torch.randn(n, w, generator=g, dtype=D, requires_grad=True) for w in (4, 4, 3))
+    b = torch.rand(3, n, generator=g, dtype=D, requires_grad=True)
+    got, want = op(q=q, k=k, v=v, b=b), ref(q=q, k=k, v=v, b=b)
+    assert op.last_run == "attention" and got.shape == (3, n, 3)
+    torch.testing.assert_close(got, want)
+    cot = torch.randn(got.shape, generator=g, dtype=D)
+    for a, e in zip(torch.autograd.grad(got, (q, k, v, b), cot),
+                    torch.autograd.grad(want, (q, k, v, b), cot), strict=True):
+        torch.testing.assert_close(a, e)
+
+
 def test_second_derivatives_through_sdpa_are_a_clear_error():
     """SDPA's CPU backward has no derivative: create_graph=True is refused with an itdsl
     error (the tiles refuse it the same way)."""

@@ -73,6 +73,10 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
             W = max(V.shape[-1], A.shape[-1] + max(a.shape[-1] for a, _ in extras))
             sides = [_side_factors(A, B, ab, lead, W) for ab in extras]
             return _split_sdpa(ev, f, sides, V, lead, W)
+    full = torch.broadcast_shapes(lead, tuple(ev.bound.batch))
+    if full != lead:  # the position term or the mask reads batch dims the factors lack
+        A, B, V = (t.expand(*full, *t.shape[-2:]) for t in (A, B, V))
+        lead = full
     keys, leaves = [], []
     if f.rest is not None:
         for n in P.toposort([f.rest]):

@@ -77,7 +77,7 @@ def ready(ev: PlanEvaluator, *nodes: P.Node) -> bool:
     return all(n.name in ev.env for n in P.toposort(nodes) if n.op == "ref")
 
 
-class Declined(Exception):  # noqa: N818 (not an error: a decision)
+class Declined(Exception):
     """A runner leaves this call to the tiled kernels: its algorithm would give other numbers
     than the definition for these values (`CompiledOperator.forward` catches it)."""
 
