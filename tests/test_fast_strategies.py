@@ -804,6 +804,37 @@ def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
                                torch.autograd.grad(want.sum(), b)[0])
 
 
+def test_an_infinite_key_at_a_point_not_drawn_leaves_the_query_gradients_finite():
+    """A key of inf at a point montecarlo did not draw: the runner's GEMMs would multiply the
+    masked probability 0 by it in dq; the call goes to the kernels, which mask per pair."""
+    src = """operator att {
+        domain T = index
+        input q : T -> R^4
+        input k : T -> R^4
+        input v : T -> R^3
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)))
+        output o(t: T) = integral(s: T) a(t, s) * v(s) with montecarlo(6) / integral(s: T) a(t, s) with montecarlo(6)
+    }"""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(10, w, generator=g, dtype=D) for w in (4, 4, 3))
+    idx = torch.randint(10, (6,), generator=torch.Generator().manual_seed(7))
+    dead = next(j for j in range(10) if j not in idx.tolist())
+    k[dead, 0] = torch.inf
+    P = torch.softmax(q @ k[idx].T, -1)  # the draws, repeated ones counted
+    grads = []
+    for strategy in (None, "dense"):
+        op = itdsl.compile_source(src, target="cpu", **(
+            {"strategy": strategy} if strategy else {}))["att"].double()
+        ql = q.clone().requires_grad_(True)
+        out = op(q=ql, k=k, v=v, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(out, P @ v[idx])
+        grads.append(torch.autograd.grad(out.sum(), ql)[0])
+    qw = q.clone().requires_grad_(True)
+    want = torch.autograd.grad((torch.softmax(qw @ k[idx].T, -1) @ v[idx]).sum(), qw)[0]
+    for got in grads:
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("bias, mask", [("b(s) * abs(t - s)", ""),
                                         ("b(s) * (t - s)", "* [s <= t]"),
                                         ("b(s) * b(t)", "* [b(s) > 0.3]")])

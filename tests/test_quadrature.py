@@ -318,6 +318,81 @@ def test_a_point_not_drawn_reaches_neither_the_output_nor_the_gradients(name, ta
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=f"gradient of {k}")
 
 
+def test_rows_that_draw_fewer_points_are_padded_with_a_drawn_one():
+    """Each batch row draws its own points; the rows are reduced to k = the most distinct
+    points any row drew, a row with fewer padded at weight 0 — with a point it drew, not one
+    it did not (whose NaN the low-rank GEMM would spread over the row)."""
+    src = """operator mc {
+        domain X = points(2)
+        domain Y = points(2)
+        input  b : Y -> R
+        input  s : Y -> R
+        output o(x: X) = integral(y: Y) (1 + dot(x, y))^2 * b(y) with montecarlo(4, importance = s(y))
+    }"""
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(3, 2, dtype=D, generator=g), torch.randn(10, 2, dtype=D, generator=g)
+    b = torch.randn(2, 10, dtype=D, generator=g)
+    s = torch.full((2, 10), 1e-3, dtype=D)
+    s[0, 7] = 1e6  # row 0 draws point 7 four times (almost surely); row 1 four points
+    b[0, 0] = math.nan  # not drawn by row 0
+    p = s / s.sum(-1, keepdim=True)
+    idx = torch.multinomial(p, 4, replacement=True, generator=torch.Generator().manual_seed(7))
+    assert set(idx[0].tolist()) == {7} and 0 not in idx[0].tolist()
+    K = (1 + X @ Y.T) ** 2  # [3, 10]
+    want = torch.stack([(K[:, idx[r]] * b[r, idx[r]] / (4 * p[r, idx[r]])).sum(-1) / 10
+                        for r in range(2)])  # μ = 1/m on points
+    for target in ("reference", "cpu"):
+        op = itdsl.compile_source(src, target=target)["mc"].double()
+        got = op(X=X, Y=Y, b=b, s=s, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=target)
+
+
+def test_a_montecarlo_ratio_over_its_own_domain_compiles_with_fullgraph():
+    """The runner of a ratio runs on every point under torch.compile (the number of points
+    drawn is data; its tiles' loops need sizes): the same numbers as eagerly."""
+    src = """operator mc {
+        domain X = points(2)
+        domain Y = points(2)
+        input  b : Y -> R^2
+        output o(x: X) = integral(y: Y) exp(-sqnorm(x - y)) * b(y) with montecarlo(5) / integral(y: Y) exp(-sqnorm(x - y)) with montecarlo(5)
+    }"""
+    g = torch.Generator().manual_seed(1)
+    kw = dict(X=torch.randn(4, 2, dtype=D, generator=g), Y=torch.randn(9, 2, dtype=D, generator=g),
+              b=torch.randn(9, 2, dtype=D, generator=g))
+    op = itdsl.compile_source(src, target="cpu")["mc"].double()
+    torch.manual_seed(3)
+    eager = op(**kw)
+    assert op.last_run == "attention"
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    torch.testing.assert_close(torch.compile(op, fullgraph=True)(**kw), eager)
+
+
+def test_a_softmax_ratio_leaves_points_of_weight_zero_out_of_its_sums():
+    """With `weights(w)` padding (w = 0), a NaN value at a padded point reaches no row: the
+    point is not live (docs/language.md), on every path; torch's softmax over the others."""
+    src = """operator att {
+        domain I = index
+        domain J = index
+        input  q : I -> R^4
+        input  k : J -> R^4
+        input  v : J -> R^3
+        input  w : J -> R
+        kernel a(i: I, j: J) = exp(dot(q(i), k(j)) / 2)
+        output o(i: I) = integral(j: J) a(i, j) * v(j) with weights(w) / integral(j: J) a(i, j) with weights(w)
+    }"""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, c, dtype=D, generator=g) for n, c in ((5, 4), (7, 4), (7, 3)))
+    w = torch.ones(7, dtype=D)
+    w[6] = 0
+    v[6, 0] = math.nan
+    want = torch.softmax(q @ k[:6].T / 2, -1) @ v[:6]
+    for target, strategy in (("reference", None), ("cpu", None), ("cpu", "dense")):
+        op = itdsl.compile_source(src, target=target, **(
+            {"strategy": strategy} if strategy else {}))["att"].double()
+        torch.testing.assert_close(op(q=q, k=k, v=v, w=w), want, msg=f"{target} {strategy}")
+
+
 # ---- Monte Carlo over a domain of its own: the kernels run on the points drawn only ----------
 
 TWO = """operator mc {

@@ -352,18 +352,18 @@ def _own_domain(plan: Plan, side: str) -> str | None:
     return factor.domain if alone else None
 
 
-def _drawn_only(plan: Plan, params: dict, bound, kwargs: dict, generator
+def _drawn_only(plan: Plan, params: dict, bound, kwargs: dict, generator, reduce: bool = True
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The draws of the call's Monte Carlo sides (once: every path then reads them), and the
-    call reduced to the points drawn (`sampling.compact`) for each side over a domain of its
-    own (`_own_domain`); the others as they are (their sums then run over every point, the
-    points not drawn masked out: their rule `drops` them)."""
+    """The draws of the call's Monte Carlo sides (once: every path then reads them), and
+    (`reduce`) the call reduced to the points drawn (`sampling.compact`) for each side over a
+    domain of its own (`_own_domain`); the others as they are (their sums then run over every
+    point, the points not drawn masked out: their rule `drops` them)."""
     with torch.no_grad():
         ev = PlanEvaluator(plan, params, bound, generator)
     weights = {}
     for side in sampled_sides(plan):
         w, domain = ev.sides[side].weights, _own_domain(plan, side)
-        done = compact(plan.op, domain, kwargs, w) if domain is not None else None
+        done = compact(plan.op, domain, kwargs, w) if reduce and domain is not None else None
         if done is not None:
             kwargs, w = done
         weights[side] = w.contiguous()
@@ -482,8 +482,10 @@ class CompiledOperator(nn.Module):
             self.last_run = "empty"
             return _on_empty(self.plan, named, bound, generator)
         draws, small = {}, True
-        if self._sampled:  # every path below runs on the points drawn
-            kwargs, draws = _drawn_only(self.plan, named, bound, kwargs, generator)
+        if self._sampled:  # every path below runs on the points drawn (a runner traced by
+            # torch.compile on every point: the number drawn is data, its loops need sizes)
+            reduce = self._runner is None or not torch.compiler.is_compiling()
+            kwargs, draws = _drawn_only(self.plan, named, bound, kwargs, generator, reduce)
             bound = bind(self.ir, kwargs, bound.dtype, self._facts)
         if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             try:

@@ -125,6 +125,9 @@ class _Ctx:
     sides: dict[int, tuple[str, ...]] = field(default_factory=dict)  # axis -> its variables
     overrides: dict[ir.Expr, torch.Tensor] = field(default_factory=dict)
     draws: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # in a softmax ratio (a shared exp, shifted): a point of weight 0 is not live, so out of
+    # the sums too (as the Plan masks it: its exp may overflow, and 0 · inf is NaN)
+    live_only: bool = False
 
 
 @contextmanager
@@ -415,7 +418,8 @@ def _integral(e: ir.Integral, ctx: _Ctx) -> torch.Tensor:
     with _entered(side, ctx):
         weights = _weights(e, side, ctx)
         # a point a rule drops (montecarlo's not drawn) is masked out as by a bracket
-        drops = weights != 0 if any(q.rule.entry.drops for q in e.quads) else None
+        drops = weights != 0 if any(q.rule.entry.drops or ctx.live_only and q.rule.entry.zeros
+                                    for q in e.quads) else None
         if _masks(e.body) or drops is not None:  # the bracket masks the weight too
             terms = _masked_product(_factors(e.body), ctx, [weights], drops)
         else:
@@ -454,9 +458,9 @@ def _ratio(num: ir.Integral, den: ir.Integral, ctx: _Ctx) -> torch.Tensor:
         side = _side(num.vars, num.quads, Y_AXIS, ctx)
         with _entered(side, ctx):
             shifts = _ratio_shift(num, den, side, ctx)
-    saved = ctx.overrides
-    ctx.overrides = {**saved, **shifts}
+    saved, live_only = ctx.overrides, ctx.live_only
+    ctx.overrides, ctx.live_only = {**saved, **shifts}, bool(shifts)
     try:
         return _eval(num, ctx) / _eval(den, ctx)
     finally:
-        ctx.overrides = saved
+        ctx.overrides, ctx.live_only = saved, live_only

@@ -151,8 +151,12 @@ def compact(op: ir.Operator, domain: str, kwargs: dict, weights: torch.Tensor
     m = weights.shape[-1]
     drawn = weights != 0
     k = max(int(drawn.sum(-1).max()), 1) if weights.numel() else 1
-    # the drawn points first in each row, in index order (a stable sort of "not drawn")
+    # the drawn points first in each row, in index order (a stable sort of "not drawn"); a
+    # row with fewer than k is padded with its first drawn point at weight 0 (a point not
+    # drawn may hold a NaN that a strategy's GEMM would spread)
     idx = torch.sort((~drawn).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
+    pad = ~torch.gather(drawn, -1, idx)
+    idx = torch.where(pad, idx[..., :1], idx)
     new = dict(kwargs)
 
     def gather(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -168,4 +172,4 @@ def compact(op: ir.Operator, domain: str, kwargs: dict, weights: torch.Tensor
     for inp in on:
         if inp.name in kwargs:
             new[inp.name] = gather(kwargs[inp.name], -1 if inp.width is None else -2)
-    return new, torch.gather(weights, -1, idx)
+    return new, torch.gather(weights, -1, idx).masked_fill(pad, 0.0)

@@ -51,10 +51,12 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
     A, B, V = broadcast_lead(A, B, V)
     lead = A.shape[:-2]
     if ((f.mask is not None or f.live is not None) and not torch.compiler.is_compiling()
-            and not bool(torch.isfinite(V).all())):
+            and not bool(torch.isfinite(V).all() & torch.isfinite(A).all()
+                         & torch.isfinite(B).all())):
         # a masked pair's probability is 0 in the GEMMs of SDPA and the tiles, and 0 · inf is
-        # NaN where the definition masks the pair out: the kernels, which mask per pair
-        raise Declined("a value is NaN or infinite under a mask")
+        # NaN where the definition masks the pair out (in the values, or in the gradients by
+        # the scores' factors): the kernels, which mask per pair
+        raise Declined("a factor or value is NaN or infinite under a mask")
     if f.sdpa and T.USE_SDPA and insides and (torch.compiler.is_compiling() or _sdpa_safe(A, B)):
         return _sdpa(ev, f, A, B, V, lead)
     if (f.split_sdpa and T.USE_SDPA and insides and A.device.type == "cpu"
