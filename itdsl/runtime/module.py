@@ -481,13 +481,13 @@ class CompiledOperator(nn.Module):
         if _empty(self.plan, bound):  # no work to tile: the Plan evaluator, differentiated
             self.last_run = "empty"
             return _on_empty(self.plan, named, bound, generator)
-        draws, small = {}, True
+        draws, small, full = {}, True, bound  # (the paths are chosen at the full sizes)
         if self._sampled:  # every path below runs on the points drawn (a runner traced by
             # torch.compile on every point: the number drawn is data, its loops need sizes)
             reduce = self._runner is None or not torch.compiler.is_compiling()
             kwargs, draws = _drawn_only(self.plan, named, bound, kwargs, generator, reduce)
             bound = bind(self.ir, kwargs, bound.dtype, self._facts)
-        if self.choice(bound) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
+        if self.choice(full) is None:  # a strategy computed in torch (GEMMs, conv1d, FFT)
             try:
                 out = self._runner(named, bound, generator, weights=draws)
                 self.last_run = self.strategy
@@ -498,7 +498,7 @@ class CompiledOperator(nn.Module):
         train = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*kwargs.values(), *named.values())
             if isinstance(t, torch.Tensor))
-        if small and _small(self.plan, self.pair_work, bound, train):  # the kernels would
+        if small and _small(self.plan, self.pair_work, full, train):  # the kernels would
             # not pay off
             self.last_run = "materialised"
             return evaluate_plan(self.plan, named, bound, generator, weights=draws)[0]
