@@ -862,6 +862,34 @@ def test_the_tiles_take_a_position_term_or_mask_with_batch_dims_of_its_own(bias,
         torch.testing.assert_close(a, e)
 
 
+def test_the_tiles_run_once_where_only_a_term_outside_the_ratio_is_batched(monkeypatch):
+    """g(t) of a batch of 16 added to an attention of unbatched q, k, v: the tiles run the
+    softmax once (the batch of what they read), not once per entry of the call's batch."""
+    import itdsl.runtime.strategies.attention as A
+    import itdsl.runtime.strategies.tuning as T
+    monkeypatch.setattr(T, "USE_SDPA", False)
+    seen, apply = [], A._Softmax.apply
+    monkeypatch.setattr(A._Softmax, "apply", lambda info, *t: seen.append(t[0].shape[0])
+                        or apply(info, *t))
+    src = """operator att {
+        domain T = index
+        input q : T -> R^4
+        input k : T -> R^4
+        input v : T -> R^3
+        input g : T -> R^3
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) + cos(0.1 * (t - s)))
+        output o(t: T) = g(t) + integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, w, generator=gen, dtype=D) for w in (4, 4, 3))
+    gg = torch.randn(16, 12, 3, generator=gen, dtype=D)
+    got = itdsl.compile_source(src, target="cpu")["att"].double()(q=q, k=k, v=v, g=gg)
+    t = torch.arange(12, dtype=D)
+    want = gg + torch.softmax(q @ k.T + torch.cos(0.1 * (t[:, None] - t[None])), -1) @ v
+    assert seen == [1]
+    torch.testing.assert_close(got, want)
+
+
 def test_second_derivatives_through_sdpa_are_a_clear_error():
     """SDPA's CPU backward has no derivative: create_graph=True is refused with an itdsl
     error (the tiles refuse it the same way)."""

@@ -45,8 +45,8 @@ CONFIGS: dict[str, Config] = {
     # the same steps permuted: a window of neighbours means nothing there, a token is a step
     "mnist1d_shuffled": Config("series", dim=32, depth=2, octaves=6, window=1,
                                recipe=Recipe(epochs=12, batch=64, lr=1e-2)),
-    # 150 steps of 1 channel; 50 training series
-    "gunpoint": Config("series", dim=32, depth=2, octaves=8, window=5,
+    # 150 steps of 1 channel; 50 training series; each token a window of 15 steps
+    "gunpoint": Config("series", dim=32, depth=2, octaves=8, window=15,
                        recipe=Recipe(epochs=40, batch=10, lr=3e-3)),
     # 7–29 steps of 12 channels, the padding masked
     "japanese_vowels": Config("series", dim=32, depth=2, octaves=5, window=3,

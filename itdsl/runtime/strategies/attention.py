@@ -75,7 +75,13 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
             W = max(V.shape[-1], A.shape[-1] + max(a.shape[-1] for a, _ in extras))
             sides = [_side_factors(A, B, ab, lead, W) for ab in extras]
             return _split_sdpa(ev, f, sides, V, lead, W)
-    full = torch.broadcast_shapes(lead, tuple(ev.bound.batch))
+    full = lead
+    for e in (f.rest, f.mask):  # their batch dims: their value on one pair
+        if e is not None:
+            full = torch.broadcast_shapes(full, ev.tile(slice(0, 1)).value(e, slice(0, 1))
+                                          .shape[:-3])
+    if f.live is not None:
+        full = torch.broadcast_shapes(full, on(ev, f.live, over).shape[:-2])
     if full != lead:  # the position term or the mask reads batch dims the factors lack
         A, B, V = (t.expand(*full, *t.shape[-2:]) for t in (A, B, V))
         lead = full
