@@ -48,8 +48,8 @@ CONFIGS: dict[str, Config] = {
     # 150 steps of 1 channel; 50 training series; each token a window of 15 steps
     "gunpoint": Config("series", dim=32, depth=2, octaves=8, window=15,
                        recipe=Recipe(epochs=40, batch=10, lr=3e-3)),
-    # 7–29 steps of 12 channels, the padding masked
-    "japanese_vowels": Config("series", dim=32, depth=2, octaves=5, window=3,
+    # 7–29 steps of 12 channels, the padding masked; each token a step
+    "japanese_vowels": Config("series", dim=32, depth=2, octaves=5, window=1,
                               recipe=Recipe(epochs=30, batch=32, lr=1e-2)),
 }
 QUICK_EPOCHS, QUICK_TRAIN, QUICK_TEST = 2, 256, 256
