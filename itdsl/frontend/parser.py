@@ -24,6 +24,7 @@ from . import ast
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB of .it text is far beyond any real operator
 MAX_DEPTH = 128  # nesting of the syntax tree (chains of operators), and of brackets
 MAX_INIT_RANGE = 1e38  # b - a of `uniform(a, b)`: torch refuses a float32 range wider than this
+MAX_INIT = 3.4028234663852886e38  # the largest float32: params are created in float32
 
 DOMAIN_KINDS = {k.value: k for k in ast.DomainKind}
 PARAM_CTORS = ("mlp", "spline")
@@ -478,6 +479,10 @@ class _Builder:
             if fn == "normal" and vals[0] < 0:
                 self.error("the standard deviation of `normal` must be >= 0", argv[0])
                 return None
+            if fn == "normal" and vals[0] > MAX_INIT:
+                self.error(f"the standard deviation {vals[0]:g} of `normal` is beyond the "
+                           "largest float32 (3.4e38): params are created in float32", argv[0])
+                return None
             if fn == "uniform" and not vals[0] <= vals[1]:
                 self.error(f"`uniform(a, b)` needs a <= b, got uniform({_fmt(vals[0])}, "
                            f"{_fmt(vals[1])})", t, f"write `uniform({_fmt(vals[1])}, "
@@ -489,6 +494,12 @@ class _Builder:
                 return None
             return ast.Init(kind=fn, args=tuple(vals), span=span)
         value = self.constant(t)
+        if value is not None and abs(value) > MAX_INIT:
+            self.error(f"the initial value {value:g} is beyond the largest float32 (3.4e38): "
+                       "params are created in float32", t,
+                       "leave it out and set it on the module in float64: "
+                       "`op.double(); op.p.data.fill_(...)`")
+            return None
         return None if value is None else ast.Init(kind="const", args=(value,), span=span)
 
     def kernel_decl(self, t: Tree) -> ast.Decl:
