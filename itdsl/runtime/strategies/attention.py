@@ -76,12 +76,15 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
             sides = [_side_factors(A, B, ab, lead, W) for ab in extras]
             return _split_sdpa(ev, f, sides, V, lead, W)
     full = lead
-    for e in (f.rest, f.mask):  # their batch dims: their value on one pair
-        if e is not None:
-            full = torch.broadcast_shapes(full, ev.tile(slice(0, 1)).value(e, slice(0, 1))
-                                          .shape[:-3])
-    if f.live is not None:
-        full = torch.broadcast_shapes(full, on(ev, f.live, over).shape[:-2])
+    if torch.broadcast_shapes(lead, tuple(ev.bound.batch)) != lead:
+        # the call has batch dims the factors lack: those the softmax reads (the position
+        # term's and the mask's, from their value on one pair; the live points')
+        for e in (f.rest, f.mask):
+            if e is not None:
+                full = torch.broadcast_shapes(
+                    full, ev.tile(slice(0, 1)).value(e, slice(0, 1)).shape[:-3])
+        if f.live is not None:
+            full = torch.broadcast_shapes(full, on(ev, f.live, over).shape[:-2])
     if full != lead:  # the position term or the mask reads batch dims the factors lack
         A, B, V = (t.expand(*full, *t.shape[-2:]) for t in (A, B, V))
         lead = full
