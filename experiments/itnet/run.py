@@ -36,8 +36,8 @@ CONFIGS: dict[str, Config] = {
     # 8×8 images, every pixel a token (its 3×3 neighbourhood): 64 tokens in [0, 1]²
     "digits": Config("pixels", dim=32, depth=2, octaves=3, window=3,
                      recipe=Recipe(epochs=10, batch=64, lr=1e-2)),
-    # 28×28 images as 4×4 patches: 49 tokens of 16 pixels
-    "mnist": Config("patches", dim=32, depth=2, octaves=3,
+    # 28×28 images as 7×7 patches: 16 tokens of 49 pixels
+    "mnist": Config("patches", dim=32, depth=2, octaves=3, patch=7,
                     recipe=Recipe(epochs=8, batch=64, lr=1e-2)),
     # 40 steps of 1 channel at t ∈ [0, 1], each token a window of 5 steps
     "mnist1d": Config("series", dim=32, depth=2, octaves=6, window=5,
