@@ -518,6 +518,18 @@ ALIBI_SDPA = """operator alibi {
 """
 
 
+
+def _alibi(bias: str, mask: str, per_point: bool = False):
+    """(compiled for the CPU, reference) of ALIBI_SDPA with q, k of width 4 and v of 3, the
+    position term `bias` and the factor `mask`; with `per_point`, an input b : T -> R in
+    place of the param slope. Neither cast: the caller picks the dtype."""
+    src = ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
+    if per_point:
+        src = src.replace("    param  slope : R = 0.25", "    input  b : T -> R")
+    src = src.replace("slope * (t - s)", bias).replace("MASK", mask)
+    return (itdsl.compile_source(src, target="cpu")["alibi"],
+            itdsl.compile_source(src, target="reference")["alibi"])
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("wq,wv", [(8, 8), (4, 12), (12, 4)])
 def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, causal, wq, wv):
@@ -613,10 +625,8 @@ def test_position_terms_that_stay_per_tile_under_a_causal_mask(pos):
     eps·n²), and slope·relu(s − t), 0 under the mask, is not dropped (the slope's gradient is
     0, not missing). Output and the gradients of q and the slope, in float32 at n = 120 and
     float64 at n = 9, against torch's softmax of the formula as written."""
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("slope * (t - s)", f"slope * {pos}").replace("MASK", " * [s <= t]"))
     for dtype, n in ((torch.float32, 120), (D, 9)):
-        op = itdsl.compile_source(src, target="cpu")["alibi"].to(dtype)
+        op = _alibi(f"slope * {pos}", " * [s <= t]")[0].to(dtype)
         assert not op._runner.form.linearised and op._runner.form.rest is not None
         g = torch.Generator().manual_seed(2)
         q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
@@ -693,9 +703,7 @@ def test_position_terms_not_split_at_the_diagonal(bias):
     """Split only where each side makes the term linear: relu(t − s) is 0 above the diagonal
     (never folded away), the sign of slope·(t − s) is unknown, exp and a product of two
     differences are not linear. These run on the own tiles, the term per tile."""
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("slope * (t - s)", f"({bias})").replace("MASK", ""))
-    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    op = _alibi(f"({bias})", "")[0].double()
     assert op._runner.form.split is None and op._runner.form.rest is not None
     n = 9
     g = torch.Generator().manual_seed(4)
@@ -752,10 +760,7 @@ def test_an_infinite_value_gives_torchs_softmax_values(mask, bias):
     a causal mask, in the rows before its point, where the bracket masks it out. Without a
     mask such calls go to the own tiles (torch's values: inf where the point has weight),
     under one to the kernels, which mask per pair: the reference's values and gradients."""
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("slope * (t - s)", bias).replace("MASK", mask))
-    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
-    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    op, ref = (m.double() for m in _alibi(bias, mask))
     g = torch.Generator().manual_seed(6)
     n = 30
     q, k, v = (torch.randn(n, w, generator=g, dtype=D, requires_grad=True) for w in (4, 4, 3))
@@ -777,10 +782,8 @@ def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
     """In bfloat16 the output keeps the dtype and differentiates (the log-sum-exps are
     float32); a position column with batch dims that q, k and v lack (a per-point slope
     b(s) of a batch of 3) broadcasts the factors to its batch."""
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("slope * (t - s)", "slope * abs(t - s)").replace("MASK", ""))
-    op = itdsl.compile_source(src, target="cpu")["alibi"]
-    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    op, ref = _alibi("slope * abs(t - s)", "")
+    ref = ref.double()
     g = torch.Generator().manual_seed(7)
     n = 20
     q, k, v = (torch.randn(2, n, w, generator=g, dtype=D) for w in (4, 4, 3))
@@ -790,12 +793,8 @@ def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
     torch.testing.assert_close(out.double(), ref(q=q, k=k, v=v), rtol=0, atol=0.05)
     (gq,) = torch.autograd.grad(out.float().sum(), qb)
     assert gq.dtype == torch.bfloat16 and torch.isfinite(gq).all()
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("    param  slope : R = 0.25", "    input  b : T -> R")
-           .replace("slope * (t - s)", "b(s) * abs(t - s)").replace("MASK", ""))
-    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
+    op, ref = (m.double() for m in _alibi("b(s) * abs(t - s)", "", per_point=True))
     assert op._runner.form.split_sdpa
-    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
     b = torch.rand(3, n, generator=g, dtype=D, requires_grad=True)
     got, want = op(q=q[0], k=k[0], v=v[0], b=b), ref(q=q[0], k=k[0], v=v[0], b=b)
     assert got.shape == (3, n, 3)
@@ -844,11 +843,7 @@ def test_the_tiles_take_a_position_term_or_mask_with_batch_dims_of_its_own(bias,
     of 3 that q, k and v lack (the output's batch)."""
     import itdsl.runtime.strategies.tuning as T
     monkeypatch.setattr(T, "USE_SDPA", False)
-    src = (ALIBI_SDPA.replace("WQ", "4").replace("WV", "3")
-           .replace("    param  slope : R = 0.25", "    input  b : T -> R")
-           .replace("slope * (t - s)", bias).replace("MASK", mask))
-    op = itdsl.compile_source(src, target="cpu")["alibi"].double()
-    ref = itdsl.compile_source(src, target="reference")["alibi"].double()
+    op, ref = (m.double() for m in _alibi(bias, mask, per_point=True))
     g = torch.Generator().manual_seed(7)
     n = 20
     q, k, v = (torch.randn(n, w, generator=g, dtype=D, requires_grad=True) for w in (4, 4, 3))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_plan import check_plan_against_reference
+from test_regressions import _PADDED_ATTENTION
 
 import itdsl
 from itdsl.domains import KINDS, RULES, rules_on
@@ -371,25 +372,15 @@ def test_a_montecarlo_ratio_over_its_own_domain_compiles_with_fullgraph():
 def test_a_softmax_ratio_leaves_points_of_weight_zero_out_of_its_sums():
     """With `weights(w)` padding (w = 0), a NaN value at a padded point reaches no row: the
     point is not live (docs/language.md), on every path; torch's softmax over the others."""
-    src = """operator att {
-        domain I = index
-        domain J = index
-        input  q : I -> R^4
-        input  k : J -> R^4
-        input  v : J -> R^3
-        input  w : J -> R
-        kernel a(i: I, j: J) = exp(dot(q(i), k(j)) / 2)
-        output o(i: I) = integral(j: J) a(i, j) * v(j) with weights(w) / integral(j: J) a(i, j) with weights(w)
-    }"""
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(n, c, dtype=D, generator=g) for n, c in ((5, 4), (7, 4), (7, 3)))
+    q, k, v = (torch.randn(n, 4, dtype=D, generator=g) for n in (5, 7, 7))
     w = torch.ones(7, dtype=D)
     w[6] = 0
     v[6, 0] = math.nan
-    want = torch.softmax(q @ k[:6].T / 2, -1) @ v[:6]
+    want = torch.softmax(q @ k[:6].T, -1) @ v[:6]
     for target, strategy in (("reference", None), ("cpu", None), ("cpu", "dense")):
-        op = itdsl.compile_source(src, target=target, **(
-            {"strategy": strategy} if strategy else {}))["att"].double()
+        op = itdsl.compile_source(_PADDED_ATTENTION, target=target, **(
+            {"strategy": strategy} if strategy else {}))["padded_attention"].double()
         torch.testing.assert_close(op(q=q, k=k, v=v, w=w), want, msg=f"{target} {strategy}")
 
 
