@@ -18,8 +18,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python examples/quickstart.py
 
+# one pytest worker per core (pytest-xdist), at most four: the suite is mostly single-threaded
+# analysis and TVM compiles
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 # every example operator's CUDA kernels built with nvcc for sm_80 and sm_90 (the default
 # run builds one of each kind)

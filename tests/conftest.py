@@ -60,6 +60,17 @@ def pytest_configure(config):
             setattr(module, name, _verifying(fn))
 
 
+def pytest_sessionfinish(session):
+    # a pytest-xdist worker (`make test`) hands its count to the controller
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["verified"] = VERIFIED[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # the controller, as each worker finishes
+    VERIFIED[0] += getattr(node, "workeroutput", {}).get("verified", 0)
+
+
 def pytest_terminal_summary(terminalreporter):
     if VERIFIED[0]:
         terminalreporter.write_line(f"Plan verifier: {VERIFIED[0]} Plans verified")
