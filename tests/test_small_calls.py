@@ -81,6 +81,54 @@ def test_nan_and_inf_as_torch_gives_them(small):
     torch.testing.assert_close(got, _torch_gauss(x, y, b, op.s.detach()), equal_nan=True)
 
 
+MASKED = """
+operator near {
+    domain X = points(2)
+    domain Y = points(2)
+    input  b : Y -> R^3
+    param  s : R = 0.7
+    output u(x: X) = integral(y: Y) [sqnorm(x - y) < 1] * exp(-sqnorm(x - y) / s) * b(y)
+}
+"""
+
+
+def test_gradients_of_masked_terms_with_a_nan_or_inf_factor_are_zero(small):
+    """A point that no x is near has b(y) = (inf, NaN, 1): every term that reads it is masked
+    out, so it reaches no gradient (not s's, whose derivative multiplies b at each pair), as
+    torch gives it for the factors masked before their product (the reference's semantics of
+    a bracket), on the materialised small call as on the kernels."""
+    op = itdsl.compile_source(MASKED, target="cpu")["near"].to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(6, 2, generator=g, dtype=torch.float64)
+    y[5] = 10.0  # far from every x
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    b[5, 0], b[5, 1] = float("inf"), float("nan")
+    dout = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def grads(fn, s):
+        bi = b.clone().requires_grad_()
+        out = fn(bi)
+        return (out.detach(), *torch.autograd.grad(out, (bi, s), dout))
+
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def torch_near(bi):
+        d2 = torch.cdist(x, y).square()[..., None]  # [x, y, 1]
+        keep, zero = d2 < 1, torch.zeros((), dtype=bi.dtype)
+        k = torch.where(keep, torch.exp(-d2 / s), zero)
+        return (k * torch.where(keep, bi[None], zero)).sum(1) / y.shape[0]
+
+    want = grads(torch_near, s)
+    assert all(torch.isfinite(w).all() for w in want)
+    for pairs in (None, 0):  # the cost model's choice (materialised), the kernels
+        itdsl.set_small_pairs(pairs)
+        got = grads(lambda bi: op(X=x, Y=y, b=bi), op.s)
+        assert op.last_run == ("materialised" if pairs is None else "kernels")
+        for gv, wv in zip(got, want):
+            torch.testing.assert_close(gv, wv)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "many", True])
 def test_bad_settings_are_clear_errors(bad, small):
     with pytest.raises(InputError, match="whole number"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..frontend import ir
-from ..symbolic.pexpr import ELEMENTWISE, Node, toposort
+from ..symbolic.pexpr import ELEMENTWISE, Node, is_zero, toposort
 from ..symbolic.plan import X_SIDE, GradKind, Plan, Program, Step, StepKind
 from .binding import Bound, broadcast
 from .params import keys_basis
@@ -253,12 +253,33 @@ class PlanEvaluator:
     # ---- expressions --------------------------------------------------------------------------
     def eval_nodes(self, roots: list[Node], rows: slice | None) -> dict[Node, torch.Tensor]:
         vals: dict[Node, torch.Tensor] = {}
-        order = toposort(roots) if torch.compiler.is_compiling() else _order(tuple(roots))
+        if torch.compiler.is_compiling():  # (dynamo traces through lru_cache wrappers)
+            order, masked = toposort(roots), {}
+        elif torch.is_grad_enabled():  # autograd differentiates these values: mask each factor
+            order, masked = _masked_order(tuple(roots))
+        else:
+            order, masked = _order(tuple(roots)), {}
         for n in order:
             if n.op != "ref" and self._special(n):
                 continue  # outer products: only inside reductions (`_matrix`)
+            factors = masked.get(n)
+            if factors is not None:
+                vals[n] = self._masked_product(vals[n.args[0]], [vals[f] for f in factors])
+                continue
             vals[n] = self._node(n, [vals.get(a) for a in n.args], rows)
         return vals
+
+    @staticmethod
+    def _masked_product(cond: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+        """where(c, a·b·…, 0) as where(c, a, 0)·where(c, b, 0)·…: a masked term's factors are
+        masked before they meet, so autograd never multiplies a masked-off 0 by a NaN or inf
+        factor of that term (the reference masks a bracket's product so too)."""
+        zero = torch.zeros((), dtype=factors[0].dtype, device=factors[0].device)
+        keep = cond != 0
+        out = torch.where(keep, factors[0], zero)
+        for f in factors[1:]:
+            out = out * torch.where(keep, f, zero)
+        return out
 
     def _node(self, n: Node, a: list, rows) -> torch.Tensor:
         op = n.op
@@ -509,6 +530,35 @@ class PlanEvaluator:
 def _order(roots: tuple[Node, ...]) -> tuple[Node, ...]:
     """`toposort(roots)`, once per set of roots (a Plan's are evaluated at every call)."""
     return tuple(toposort(roots))
+
+
+@functools.lru_cache(maxsize=4096)
+def _masked_order(roots: tuple[Node, ...]) -> tuple[tuple[Node, ...], dict[Node, list[Node]]]:
+    """`_order(roots)` for a differentiated evaluation: each where(c, a·b·…, 0) maps to its
+    factors a, b, … (evaluated as `_masked_product`), and the partial products that nothing
+    else reads are left out of the order."""
+    order = _order(roots)
+    uses: dict[Node, int] = {}
+    for n in order:
+        for a in n.args:
+            uses[a] = uses.get(a, 0) + 1
+    masked: dict[Node, list[Node]] = {}
+    skip: set[Node] = set()
+    for n in order:
+        if not (n.op == "where" and is_zero(n.args[2]) and n.args[1].op == "*"):
+            continue
+        factors, stack = [], [(n.args[1], True)]
+        while stack:  # (a factor, whether only the masked product reads it)
+            f, only = stack.pop()
+            if f.op != "*":
+                factors.append(f)
+                continue
+            only = only and uses[f] == 1 and f not in roots
+            if only:
+                skip.add(f)
+            stack.extend((a, only) for a in reversed(f.args))
+        masked[n] = factors
+    return tuple(n for n in order if n not in skip), masked
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
