@@ -36,9 +36,9 @@ CONFIGS: dict[str, Config] = {
     # 8×8 images, every pixel a token (its 3×3 neighbourhood): 64 tokens in [0, 1]²
     "digits": Config("pixels", dim=32, depth=2, octaves=3, window=3,
                      recipe=Recipe(epochs=10, batch=64, lr=1e-2)),
-    # 28×28 images as 7×7 patches: 16 tokens of 49 pixels
+    # 28×28 images as 7×7 patches: 16 tokens of 49 pixels, each with 16 keys
     "mnist": Config("patches", dim=32, depth=2, octaves=3, patch=7,
-                    recipe=Recipe(epochs=8, batch=64, lr=1e-2)),
+                    mix={"kind": "mlp", "keys": 16}, recipe=Recipe(epochs=8, batch=64, lr=1e-2)),
     # 40 steps of 1 channel at t ∈ [0, 1], each token a window of 5 steps
     "mnist1d": Config("series", dim=32, depth=2, octaves=6, window=5,
                       recipe=Recipe(epochs=12, batch=64, lr=1e-2)),
