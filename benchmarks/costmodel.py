@@ -56,7 +56,7 @@ def mix(kind: str, hidden: int, layers: int = 2):
     m = Mix(32, kind=kind, coords=1, hidden=hidden, layers=layers)
 
     def make(n: int, batch: int, grad: bool):
-        pos, h = torch.rand(n, 1), torch.randn(batch, n, 32, requires_grad=grad)
+        pos, h = torch.rand(1, n, 1), torch.randn(batch, n, 32, requires_grad=grad)
 
         def fn():
             if grad:

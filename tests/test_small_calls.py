@@ -179,8 +179,14 @@ def test_crossover_rules():
         assert 0 < f.pairs and 0 < t.pairs
         # the pair tensors never exceed the budget
         assert f.pairs * w.values * 4 <= budget and t.pairs * w.values * 4 <= budget
-    # an MLP kernel's GEMMs make torch competitive per pair: a later crossover
-    assert crossover(heavy, True, 4, budget).pairs > crossover(light, True, 4, budget).pairs
+    # more values formed per pair make the materialised pass dearer: an earlier crossover;
+    # more arithmetic per pair makes the kernels dearer: a later one
+    more_values = PairWork(ops_forward=30, ops_backward=170, values=60, gemm=0)
+    more_ops = PairWork(ops_forward=300, ops_backward=1700, values=20, gemm=0)
+    for train in (False, True):
+        base = crossover(light, train, 4, budget).pairs
+        assert crossover(more_values, train, 4, budget).pairs < base
+        assert crossover(more_ops, train, 4, budget).pairs > base
     # a small budget caps it, and says so
     c = crossover(heavy, True, 4, 1 << 20)
     assert c.by == "memory" and c.pairs == (1 << 20) // (300 * 4)

@@ -9,16 +9,18 @@ smaller fixed part (the Plan evaluator's Python) plus P times the values it form
 meet, torch wins; training (a backward to come) has its own constants. Materialising is
 also capped by the memory budget: the pair tensors autograd keeps must fit in it.
 
-The constants were fitted (least squares of log times) on a 2-core x86 machine to 96
-forward and training calls of a Gaussian sum (C = 1 and 16) and of MLP kernels (ITNet
-mixers, 1–2 hidden layers of 16–64 units, plain and normalised), at 4·10³ to 10⁶ pairs,
-batch 1 and 16. There the path it picks takes on average 1.06× the faster path's time
-(worst 1.8×, where the two are close and the batch shape moves the crossover), against
-1.26× for always the kernels and 1.70× for always torch. `python benchmarks/costmodel.py`
-measures such calls again, scores these constants on them and refits them (a later quick run:
-1.03× on average, against 1.25× and 2.29×). `itdsl bench` and `make bench` time a training
-step of an MLP kernel on both paths side by side. A user who knows better sets the
-threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
+The constants were fitted (least squares of log times, `python benchmarks/costmodel.py`,
+which measures such calls, scores the constants in force on them and refits them) on a
+2-core x86 machine to 76 forward and training calls of a Gaussian sum (C = 1 and 16) and of
+MLP kernels (ITNet mixers, 1–2 hidden layers of 16–64 units, plain and normalised), at
+4·10³ to 2.6·10⁵ pairs, batch 1 and 16. There the path it picks takes on average 1.03× the
+faster path's time (worst 2.0×, where the two are close and the batch shape moves the
+crossover), against 1.20× for always the kernels and 2.0× for always torch; the constants
+before this fit, made before the kernels got faster, scored 1.04× on the same calls but put
+an ITNet mixer's training crossover at 2.3·10⁵ pairs where the two paths cross near 5·10⁴
+(1.24× slower on GunPoint's ITNet steps, 2.25·10⁵ pairs a call). `itdsl bench` and
+`make bench` time a training step of an MLP kernel on both paths side by side. A user who
+knows better sets the threshold directly: `itdsl.set_small_pairs`, $ITDSL_SMALL_PAIRS.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ from . import pexpr as P
 from .plan import Plan, StepKind
 
 # nanoseconds; index 0: a forward call, 1: a training call (forward, then backward)
-_KERNEL_FIXED = (0.76e6, 2.5e6)  # per call
-_KERNEL_FIXED_PER_OP = (790.0, 190.0)  # per call, per operation per pair (as `_KERNEL_OP`)
-_KERNEL_PAIR = (0.9, 2.8)  # per pair
-_KERNEL_OP = (0.031, 0.0146)  # per pair, per operation (forward; training: forward + backward)
-_TORCH_FIXED = (0.6e6, 1.05e6)  # per call
-_TORCH_PAIR = 3.6  # per pair (broadcasts, the reductions)
-_TORCH_VALUE = 0.63  # per pair, per value the materialised forward forms
-_TORCH_GEMM = 0.0115  # per pair, per operation of a linear layer (GEMMs)
-_TORCH_TRAIN = 2.26  # a training call's per-pair cost against a forward call's
+_KERNEL_FIXED = (0.78e6, 2.66e6)  # per call
+_KERNEL_FIXED_PER_OP = (673.0, 165.0)  # per call, per operation per pair (as `_KERNEL_OP`)
+_KERNEL_PAIR = (0.75, 3.47)  # per pair
+_KERNEL_OP = (0.0208, 0.0102)  # per pair, per operation (forward; training: forward + backward)
+_TORCH_FIXED = (0.64e6, 0.98e6)  # per call
+_TORCH_PAIR = 0.0  # per pair (broadcasts, the reductions: fitted to 0, the values cover them)
+_TORCH_VALUE = 0.77  # per pair, per value the materialised forward forms
+_TORCH_GEMM = 0.0136  # per pair, per operation of a linear layer (GEMMs)
+_TORCH_TRAIN = 2.47  # a training call's per-pair cost against a forward call's
 _NEVER = 1 << 62  # "no crossover": the materialised path is never slower per pair
 # CUDA, where the model is not fitted (no GPU was at hand): a fixed count, as on the CPU
 # before the model
