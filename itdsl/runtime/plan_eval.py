@@ -545,7 +545,8 @@ def _masked_order(roots: tuple[Node, ...]) -> tuple[tuple[Node, ...], dict[Node,
     masked: dict[Node, list[Node]] = {}
     skip: set[Node] = set()
     for n in order:
-        if not (n.op == "where" and is_zero(n.args[2]) and n.args[1].op == "*"):
+        if not (n.op == "where" and is_zero(n.args[2]) and n.args[1].op == "*"
+                and n.args[1].shape == n.shape):  # (a wider 0 would widen the product)
             continue
         factors, stack = [], [(n.args[1], True)]
         while stack:  # (a factor, whether only the masked product reads it)
