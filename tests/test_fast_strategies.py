@@ -295,6 +295,25 @@ def test_global_convolution_runs_by_fft():
     _check(lib, ref, kw)
 
 
+def test_fft_convolution_near_the_float32_range():
+    """Taps exp(0.85·d) up to 3e36 on 100 points: every output is finite (up to 1e37), but
+    the FFT's sums of unscaled float32 signals reach past 3.4e38 (NaN before each signal was
+    scaled by a power of 2). Against the float64 reference."""
+    text = """operator grow {
+        domain T = index
+        input  f : T -> R^2
+        param  a : R = 0.85
+        output o(x: T) = integral(y: T) exp(a * (x - y)) * f(y)
+    }"""
+    f = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=D)
+    want = itdsl.compile_source(text, target="reference")["grow"].double()(f=f)
+    op = itdsl.compile_source(text, target="cpu")["grow"]
+    got = op(f=f.float())
+    assert op.last_run == "convolution" and op._runner.form[0].half_width is None  # the FFT
+    assert want.abs().max() > 1e36
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6 * want.abs().max().item())
+
+
 def test_lowrank_memory_is_linear():
     """linear_attention at n = m = 20,000 in float64 would need 3.2 GB for one n×m matrix."""
     lib, _, _ = _ops("linear_attention.it", "linear_attention")

@@ -12,7 +12,7 @@ import torch
 from ...symbolic.strategies.convolution import ConvSum
 from ..plan_eval import PlanEvaluator
 from . import tuning as T
-from .common import SumsRunner, on, put
+from .common import Declined, SumsRunner, on, put
 
 
 def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,11 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
         return torch.cat([neg.flip(0), pos], dim=0)
 
     g = signed(ps.kernel)  # g(-D..D)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(g).all()):
+        # a tap that overflowed (or is NaN) would reach every output through the FFT, and
+        # through conv1d's zero padding (inf · 0), where the definition has it in the sums
+        # of its own pairs only: the kernels, which take each pair on its own
+        raise Declined("a tap of the kernel is NaN or infinite")
     mask = None
     if ps.mask is not None:
         mask = signed(ps.mask) != 0
@@ -52,13 +57,27 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.conv1d(x, g.flip(0).t().unsqueeze(1), padding=D, groups=W)
     else:
         size = n + 2 * D
-        fx = torch.fft.rfft(x, n=size)
-        fg = torch.fft.rfft(g.t(), n=size)  # [W, size//2+1]
-        out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n]
+        # each signal scaled by a power of 2 near its largest magnitude (exact), so the
+        # transforms' sums stay inside the dtype's range wherever the convolution does
+        sx, sg = _pow2_scale(x), _pow2_scale(g.t())  # [N, W, 1], [W, 1]
+        fx = torch.fft.rfft(x / sx, n=size)
+        fg = torch.fft.rfft(g.t() / sg, n=size)  # [W, size//2+1]
+        out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n] * sx * sg
     out = out.transpose(1, 2).reshape(*lead, n, W)
     if mask is not None and f.edges:
         out = _edge_pairs(ev, f, c, D, g, mask, Y, out)
     return out
+
+
+def _pow2_scale(v: torch.Tensor) -> torch.Tensor:
+    """2^e with 2^(e−1) ≤ max |v| < 2^e over the last axis (1 where v is all 0), detached: the
+    convolution is linear, so dividing a signal by it and multiplying the result back changes
+    no bit but the range its FFT's sums reach. A NaN or inf in v gives a NaN or inf scale,
+    spread over the row as the FFT itself spreads it."""
+    m = v.detach().abs().amax(-1, keepdim=True)
+    m = torch.where(m == 0, torch.ones((), dtype=m.dtype, device=m.device), m)
+    _, e = torch.frexp(m)
+    return torch.ldexp(torch.ones_like(m), e)
 
 
 def _edge_pairs(ev: PlanEvaluator, f: ConvSum, c: torch.Tensor, D: int, g: torch.Tensor,
