@@ -57,16 +57,30 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.conv1d(x, g.flip(0).t().unsqueeze(1), padding=D, groups=W)
     else:
         size = n + 2 * D
-        # each signal scaled by a power of 2 near its largest magnitude (exact), so the
-        # transforms' sums stay inside the dtype's range wherever the convolution does
-        sx, sg = _pow2_scale(x), _pow2_scale(g.t())  # [N, W, 1], [W, 1]
-        fx = torch.fft.rfft(x / sx, n=size)
-        fg = torch.fft.rfft(g.t() / sg, n=size)  # [W, size//2+1]
-        out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n] * sx * sg
+        gt = g.t()
+        if _fft_in_range(x, gt, size):
+            out = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(gt, n=size),
+                                  n=size)[..., D:D + n]
+        else:  # each signal scaled by a power of 2 near its largest magnitude (exact), so the
+            # transforms' sums stay inside the dtype's range wherever the convolution does
+            sx, sg = _pow2_scale(x), _pow2_scale(gt)  # [N, W, 1], [W, 1]
+            fx = torch.fft.rfft(x / sx, n=size)
+            fg = torch.fft.rfft(gt / sg, n=size)  # [W, size//2+1]
+            out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n] * sx * sg
     out = out.transpose(1, 2).reshape(*lead, n, W)
     if mask is not None and f.edges:
         out = _edge_pairs(ev, f, c, D, g, mask, Y, out)
     return out
+
+
+def _fft_in_range(x: torch.Tensor, g: torch.Tensor, size: int) -> bool:
+    """Whether the FFT's sums of x and g (each at most size² · max |x| · max |g|) stay well
+    inside the dtype's range, so no scaling is needed: a read of x, no copy. Always False
+    under torch.compile (no branch on values there: the scaled form is the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    bound = x.detach().abs().amax() * g.detach().abs().amax() * float(size) ** 2
+    return bool(bound < torch.finfo(x.dtype).max * 2.0 ** -8)
 
 
 def _pow2_scale(v: torch.Tensor) -> torch.Tensor:
