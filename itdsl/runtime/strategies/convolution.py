@@ -58,15 +58,15 @@ def _conv(ev: PlanEvaluator, f: ConvSum, Y: torch.Tensor) -> torch.Tensor:
     else:
         size = n + 2 * D
         gt = g.t()
-        if _fft_in_range(x, gt, size):
-            out = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(gt, n=size),
-                                  n=size)[..., D:D + n]
-        else:  # each signal scaled by a power of 2 near its largest magnitude (exact), so the
-            # transforms' sums stay inside the dtype's range wherever the convolution does
+        scale = not _fft_in_range(x, gt, size)
+        if scale:  # each signal scaled by a power of 2 near its largest magnitude (exact), so
+            # the transforms' sums stay inside the dtype's range wherever the convolution does
             sx, sg = _pow2_scale(x), _pow2_scale(gt)  # [N, W, 1], [W, 1]
-            fx = torch.fft.rfft(x / sx, n=size)
-            fg = torch.fft.rfft(gt / sg, n=size)  # [W, size//2+1]
-            out = torch.fft.irfft(fx * fg, n=size)[..., D:D + n] * sx * sg
+            x, gt = x / sx, gt / sg
+        fg = torch.fft.rfft(gt, n=size)  # [W, size//2+1]
+        out = torch.fft.irfft(torch.fft.rfft(x, n=size) * fg, n=size)[..., D:D + n]
+        if scale:
+            out = out * sx * sg
     out = out.transpose(1, 2).reshape(*lead, n, W)
     if mask is not None and f.edges:
         out = _edge_pairs(ev, f, c, D, g, mask, Y, out)
