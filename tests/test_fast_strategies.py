@@ -39,7 +39,9 @@ IDS = [o[1] for o in OPERATORS]
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Small tiles, and plain attention by itdsl's own online softmax, not torch's SDPA."""
+    """Small tiles, and plain attention by itdsl's own online softmax (its torch tiles), not
+    torch's SDPA nor the fused kernel (tested on its own below)."""
+    monkeypatch.setattr(S, "USE_FUSED", False)
     monkeypatch.setattr(S, "ROWS", 8)
     monkeypatch.setattr(S, "COLS", 16)
     monkeypatch.setattr(S, "CHUNK", 4)
@@ -164,6 +166,102 @@ def test_attention_float32_matches_sdpa(monkeypatch):
         out = lib[name](q=q, k=k, v=v)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def _softmax_sums(A, B, V, causal, A2=None, B2=None):
+    """(row max, Σ exp(s − max)·V, Σ exp(s − max)) by torch, from the scores as a matrix."""
+    s = A @ B.transpose(1, 2)
+    n, m = s.shape[-2:]
+    i, j = torch.arange(n)[:, None], torch.arange(m)[None]
+    if A2 is not None:
+        s = torch.where(j <= i, s, A2 @ B2.transpose(1, 2))
+    if causal:
+        s = s.masked_fill(j > i - int(causal == "<"), -torch.inf)
+    mx = s.amax(-1) if m else s.new_full((s.shape[0], n), -torch.inf)
+    p = (s - mx.nan_to_num(neginf=0.0)[..., None]).exp()
+    return mx, p @ V, p.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal,split", [(None, False), ("<=", False), ("<", False),
+                                          (None, True)])
+@pytest.mark.parametrize("N,n,m,W,dv", [(2, 100, 100, 64, 64), (1, 300, 517, 7, 3),
+                                        (1, 517, 300, 66, 20), (3, 1, 1, 5, 0),
+                                        (2, 49, 257, 1, 17), (1, 2, 0, 4, 4)])
+def test_the_fused_online_softmax_kernel(dtype, causal, split, N, n, m, W, dv):
+    """The fused kernel (lowering/softmax.py) against torch's softmax sums of the scores as a
+    matrix: row max, Σ exp(s − max)·v and Σ exp(s − max), over sizes that cross its tiles
+    (48 rows, 256 columns) and leave them partly filled, widths not a multiple of its
+    vectors, no values, no columns, rows with every column masked (j < i at i = 0: max
+    -inf, sums 0), and the split score (one pair of factors on and below the diagonal,
+    another above)."""
+    import itdsl.runtime.strategies.attention as A
+    if split and n != m:
+        pytest.skip("a split score is over one domain")
+    g = torch.Generator().manual_seed(n + m + W)
+    A1, A2 = (torch.randn(N, n, W, generator=g, dtype=dtype) / 2 for _ in range(2))
+    B1, B2 = (torch.randn(N, m, W, generator=g, dtype=dtype) / 2 for _ in range(2))
+    V = torch.randn(N, m, dv, generator=g, dtype=dtype)
+    more = (A2, B2) if split else ()
+    got = A._fused(A1, B1, V, causal, *more)
+    want = _softmax_sums(A1, B1, V, causal, *more)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        tol = {}
+        if dtype == torch.float32:  # (sums of up to 517 terms: rounding relative to their size)
+            size = b[b.isfinite()].abs().max() if b.isfinite().any() else 1.0
+            tol = {"rtol": 1e-5, "atol": 1e-6 * float(size)}
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("name", ["attention", "causal_attention"])
+@settings(max_examples=5, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 120), m=st.integers(1, 300), batch=st.sampled_from([(), (2,)]),
+       seed=st.integers(0, 2**16))
+def test_attention_by_the_fused_kernel_equals_the_reference(monkeypatch, name, n, m, batch,
+                                                            seed):
+    """Attention off SDPA on the CPU: the forward by the fused kernel, the backward by the
+    tiles' flash backward from its row maxima; output and gradients are the reference's."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "USE_SDPA", False)
+    calls = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
+    lib, _, ref = _ops("attention.it", name)
+    kw = _inputs(lib, n, n if name == "causal_attention" else m, batch,
+                 torch.Generator().manual_seed(seed), scale=2.0)
+    _check(lib, ref, kw)
+    assert calls
+
+
+def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatch):
+    """An inf in the values, a NaN in a factor, or scores whose bound nears the dtype's range
+    (here 2e38, with float32's largest 3.4e38): the tiles, which give torch's softmax
+    values (NaN where torch's softmax has them; the one-hot row of the huge score)."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "USE_SDPA", False)
+    calls = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
+    lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")["attention"]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(20, 64, generator=g) for _ in range(3))
+    lib(q=q, k=k, v=v)
+    assert calls
+    for bad in ("v", "q", "huge"):
+        qq, kk, vv = q.clone(), k.clone(), v.clone()
+        if bad == "v":
+            vv[3, 1] = torch.inf
+        elif bad == "q":
+            qq[2, 0] = torch.nan
+        else:
+            qq[0, 0], kk[0, 0] = 4e19, 4e19  # q·k / 8 = 2e38
+        calls.clear()
+        out = lib(q=qq, k=kk, v=vv)
+        assert not calls
+        want = torch.softmax(qq.double() @ kk.double().T / 8, -1) @ vv.double()
+        torch.testing.assert_close(out, want.float(), equal_nan=True)
 
 
 TABLE_KINDS = ("attention", "recurrence", "convolution", "lowrank")
@@ -678,14 +776,17 @@ SPLIT = {"abs(t - s)": lambda d: d.abs(), "abs(2 * (s - t)) / 3": lambda d: (2 *
 
 @pytest.mark.parametrize("bias", list(SPLIT))
 @pytest.mark.parametrize("lead", [(), (2, 3)])
+@pytest.mark.parametrize("fused", [True, False])
 def test_a_position_term_signed_on_each_side_of_the_diagonal_runs_as_two_sdpa_calls(
-        monkeypatch, bias, lead):
+        monkeypatch, bias, lead, fused):
     """No mask, slope·|t − s|: below and on the diagonal it is slope·(t − s), above it
-    slope·(s − t), each separating into columns of q and k. SDPA's flash kernel runs the two
-    parts (causally, and on the reversed points), merged by their log-sum-exps; the backward
-    of each part is the flash backward given the merged output and log-sum-exp. Output and
-    the gradients of q, k, v and the slope against torch's softmax of the formula as written,
-    at 1 point (no part above the diagonal), 2, and more than a tile of rows."""
+    slope·(s − t), each separating into columns of q and k. The forward: the fused kernel
+    with each side's factors (`fused`), or SDPA's flash kernel on the two parts (causally,
+    and on the reversed points) merged by their log-sum-exps; the backward of each part is
+    the flash backward given the merged output and log-sum-exp. Output and the gradients of
+    q, k, v and the slope against torch's softmax of the formula as written, at 1 point (no
+    part above the diagonal), 2, and more than a tile of rows (the fused kernel's 48, its
+    columns' 256)."""
     import itdsl.runtime.strategies.attention as A
     src = (ALIBI_SDPA.replace("WQ", "6").replace("WV", "5")
            .replace("slope * (t - s)", f"slope * ({bias})").replace("MASK", ""))
@@ -696,15 +797,18 @@ def test_a_position_term_signed_on_each_side_of_the_diagonal_runs_as_two_sdpa_ca
     calls = []
     split = A._Split.apply
     monkeypatch.setattr(A._Split, "apply", lambda *a: calls.append(1) or split(*a))
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(2) or kernel(*a))
     monkeypatch.setattr(S, "ROWS", 16)  # (were the own tiles to run: several tiles of rows)
+    monkeypatch.setattr(S, "USE_FUSED", fused)
     g = torch.Generator().manual_seed(12)
-    for n in (1, 2, 40):
+    for n in (1, 2, 40, 300):
         q, k = (torch.randn(*lead, n, 6, generator=g, dtype=D, requires_grad=True)
                 for _ in range(2))
         v = torch.randn(*lead, n, 5, generator=g, dtype=D, requires_grad=True)
         calls.clear()
         out = op(q=q, k=k, v=v)
-        assert calls
+        assert calls == ([1, 2] if fused else [1])
         t = torch.arange(n, dtype=D)
         S_ = q @ k.transpose(-1, -2) / 2 - op.slope * SPLIT[bias](t[:, None] - t[None, :])
         want = torch.softmax(S_, -1) @ v

@@ -59,6 +59,24 @@ LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 EXP_LO, EXP_HI = -87.6, 89.0
 
 
+def poly_exp(x: tirx.Var, dtype: str) -> tirx.PrimExpr:
+    """exp(x) for x in [EXP_LO, EXP_HI] (the caller clamps): Cody-Waite range reduction and a
+    degree-6 polynomial (TVM's fast_exp), which vectorises, unlike calls to expf. 2^n is built
+    from its bits as 2^(n-1) times a doubled polynomial, so that n reaches 128 and exp
+    overflows to inf exactly where float32 does; below exp(-87) the result is 0 (never a slow
+    subnormal). float32 only (its bits)."""
+    def c(v: float):
+        return tirx.const(v, dtype)
+    nv, rv = tirx.Var("en", dtype), tirx.Var("er", dtype)
+    p = c(2 * 1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+              5.0000001201e-1, 1.0, 1.0):  # (the last two: 2·(1 + r + r²·...), by Horner)
+        p = p * rv + c(2 * k)
+    half_two_n = tirx.reinterpret(dtype, (nv + c(126.0)).astype("int32") << 23)
+    inner = tirx.Let(rv, x - nv * c(LN2), half_two_n * p)
+    return tirx.Let(nv, te.floor(x * c(LOG2E) + c(0.5)), inner)
+
+
 class PairBuilder:
     """Builds the TE of one pair kernel (see the module docstring)."""
 
@@ -150,22 +168,7 @@ class PairBuilder:
     def exp(self, x):
         if not self.fast_exp:
             return te.exp(x)
-        # Cody-Waite range reduction and a degree-6 polynomial (TVM's fast_exp), which
-        # vectorises, unlike calls to expf. 2^n is built from its bits as 2^(n-1) times a
-        # doubled polynomial, so that n reaches 128 and exp overflows to inf exactly where
-        # float32 does; below exp(-87) the result is 0 (never a slow subnormal).
-        f = self.dtype
-        nv, rv = tirx.Var("en", f), tirx.Var("er", f)
-        p = self.c(2 * 1.9875691500e-4)
-        for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-                  5.0000001201e-1, 1.0, 1.0):  # (the last two: 2·(1 + r + r²·...), by Horner)
-            p = p * rv + self.c(2 * k)
-        half_two_n = tirx.reinterpret(f, (nv + self.c(126.0)).astype("int32") << 23)
-
-        def body(xv):
-            inner = tirx.Let(rv, xv - nv * self.c(LN2), half_two_n * p)
-            return tirx.Let(nv, te.floor(xv * self.c(LOG2E) + self.c(0.5)), inner)
-        return self.let(self.clamp(x, EXP_LO, EXP_HI), body)
+        return self.let(self.clamp(x, EXP_LO, EXP_HI), lambda xv: poly_exp(xv, self.dtype))
 
     def libm(self, name: str, x):
         """`te.<name>(x)`, which the code generator makes a call to the C library's function:

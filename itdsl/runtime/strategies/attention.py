@@ -1,7 +1,10 @@
 """attention (`symbolic/strategies/attention.py`): the max step and the sums of a softmax at
 once, by torch's scaled_dot_product_attention where the score is all GEMM (q·k, and position
 terms that separate into more columns of the factors), else by `_Softmax`, a
-tiled online softmax with a flash backward of its own.
+tiled online softmax with a flash backward of its own. On the CPU, a forward whose score is
+all GEMM under no mask or the causal one (or that separates on each side of the diagonal)
+runs as one fused TVM kernel (`lowering/softmax.py`): scores, running max, exponentials and
+the value product per tile, nothing n×m stored.
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead, W: int) -> No
     n, Ev = V.shape[-2], V.shape[-1]
     Vp = V.new_zeros(*lead, n, W)
     Vp[..., :Ev] = V
-    O = _Split.apply(*sides[0], *sides[1], Vp.reshape(1, -1, n, W))
+    O = _Split.apply(Ev, *sides[0], *sides[1], Vp.reshape(1, -1, n, W))
     O = O[..., :Ev].reshape(*lead, n, Ev)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
@@ -212,18 +215,26 @@ class _Split(torch.autograd.Function):
     probabilities e^(s − L) and the rows' D = Σ dO·out are those of the whole softmax."""
 
     @staticmethod
-    def forward(ctx, A_lo, B_lo, A_hi, B_hi, V):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, True, scale=1.0)
+    def forward(ctx, Ev, A_lo, B_lo, A_hi, B_hi, V):
         n = V.shape[-2]
-        o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
-        if n > 1:
-            o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False), 0.0,
-                         True, scale=1.0)
-            o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
-        L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
-        out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
-            torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
+        if _fusable(A_lo[0], B_lo[0], V[0], A_hi[0], B_hi[0]):
+            # both sides in one pass of the fused kernel, on the Ev columns of the values that
+            # are not padding: out = acc / l, L = M + log l
+            M, acc, lsum = _fused(A_lo[0], B_lo[0], V[0, ..., :Ev], None, A_hi[0], B_hi[0])
+            out = torch.zeros_like(V)
+            torch.div(acc, lsum.unsqueeze(-1), out=out[0, ..., :Ev])
+            L = (M + torch.log(lsum))[None]
+        else:
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, True, scale=1.0)
+            o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
+            if n > 1:
+                o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False), 0.0,
+                             True, scale=1.0)
+                o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
+            L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
+            out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
+                torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
         ctx.save_for_backward(A_lo, B_lo, A_hi, B_hi, V, out, L)
         return out
 
@@ -244,7 +255,7 @@ class _Split(torch.autograd.Function):
             da, db, dv = back(*rev, 0.0, True, scale=1.0)
             dA_hi, dB_hi = _back(da, True), _back(db, False)
             dV[..., 1:, :] += dv.flip(-2)
-        return dA_lo, dB_lo, dA_hi, dB_hi, dV
+        return None, dA_lo, dB_lo, dA_hi, dB_hi, dV
 
 
 def _first_derivatives_only(grad: torch.Tensor) -> None:
@@ -293,40 +304,90 @@ def _row_tiles(n: int, m: int, causal: str | None):
         yield slice(r0, r1), tiles
 
 
+@functools.lru_cache(maxsize=32)
+def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split: bool):
+    """The fused online-softmax kernel (`lowering/softmax.py`): from the kernel cache, else
+    compiled (a fraction of a second) and cached."""
+    import hashlib
+
+    from ...cache.disk import versions
+    from .. import cache
+    from ..module import _ensure_threads
+    _ensure_threads()
+    text = f"online_softmax;{width};{vwidth};{dtype};{causal};{split};cpu;{versions()}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    fn = cache.load(key)
+    if fn is None:
+        from ...lowering import compile_module
+        from ...lowering.softmax import build_online_softmax
+        exe = compile_module(build_online_softmax(width, vwidth, dtype, causal, split), "cpu")
+        cache.store(key, exe)
+        fn = exe["main"]
+    return fn
+
+
+def _fusable(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Whether the fused kernel may take these factors and values (one sync): on the CPU, in
+    float32 or float64, outside torch.compile, every factor and value finite and a bound on
+    the scores (Σ_c max|A_c|·max|B_c|) far from overflow; else the tiles, which give torch's
+    values for NaN and inf."""
+    if (not T.USE_FUSED or A.device.type != "cpu" or torch.compiler.is_compiling()
+            or A.dtype not in (torch.float32, torch.float64)):
+        return False
+    bound = _score_bound(A, B)
+    for a, b in zip(more[::2], more[1::2]):
+        bound = torch.maximum(bound, _score_bound(a, b))
+    return bool((bound <= torch.finfo(A.dtype).max / 4) & torch.isfinite(V).all())
+
+
+def _fused(A, B, V, causal: str | None, A2=None, B2=None):
+    """(row max M [N, n], Σ exp(s − M)·V [N, n, dv], Σ exp(s − M) [N, n]) by the fused kernel,
+    for s = A·Bᵀ (under the causal mask), or with A2, B2: A·Bᵀ for y <= x and A2·B2ᵀ above.
+    M is -inf on a row with every score masked (its sums 0)."""
+    from ...lowering.softmax import tiles
+    N, n, W = A.shape
+    m, dv = B.shape[1], V.shape[-1]
+    R, KC, CW = tiles(str(A.dtype).replace("torch.", ""))
+    npad, mpad, vpad = -(-n // R) * R, -(-max(m, 1) // KC) * KC, -(-max(dv, 1) // CW) * CW
+
+    def rows(t):  # [N, npad, W]
+        out = t.new_zeros(N, npad, W)
+        out[:, :n] = t
+        return out
+
+    def panels(t, width):  # [N, m, w] -> [N, mpad/CW, CW, width], zero-padded
+        out = t.new_zeros(N, mpad, width)
+        out[:, :m, :t.shape[-1]] = t
+        return out.view(N, mpad // CW, CW, width)
+    # the factors' columns as [N, mpad/CW, W, CW], the values' as [N, vpad/CW, mpad, CW]
+    bt = panels(B, W).transpose(2, 3).contiguous()
+    vp = panels(V, vpad).view(N, mpad, vpad // CW, CW).transpose(1, 2).contiguous()
+    a = rows(A)
+    a2, bt2 = (a, bt) if A2 is None else (rows(A2), panels(B2, W).transpose(2, 3).contiguous())
+    M, L = A.new_empty(N, npad), A.new_empty(N, npad)
+    acc = A.new_empty(N, npad, vpad)
+    fn = _fused_kernel(W, vpad, str(A.dtype).replace("torch.", ""), causal, A2 is not None)
+    fn(a, bt, a2, bt2, vp, M, L, acc, m)
+    return M[:, :n], acc[:, :n, :dv], L[:, :n]
+
+
 class _Softmax(torch.autograd.Function):
     """Tiled online softmax: per tile of rows a running max, sum and Σ exp(s − max)·V over
-    the tiles of columns; returns (row max m, Σ exp(s − m)·V, Σ exp(s − m)). The backward
-    recomputes each tile's scores (flash attention) and keeps nothing n×m; m is a constant of
-    the Plan (the ratio does not depend on it), as in the dense backward."""
+    the tiles of columns; returns (row max m, Σ exp(s − m)·V, Σ exp(s − m)): by the fused
+    kernel where `_fusable` says (a score all GEMM, no mask but the causal one), else in
+    torch (`_tiles`). The backward recomputes each tile's scores (flash attention) and keeps
+    nothing n×m; m is a constant of the Plan (the ratio does not depend on it), as in the
+    dense backward."""
 
     @staticmethod
     def forward(ctx, info, A, B, V, *leaves):
         ev, f, keys, lead, live = info
-        N, n, _ = A.shape
-        m_all, l_all = A.new_empty(N, n), A.new_empty(N, n)
-        clean = f.mask is None and f.rest is None and live is None  # every score finite
-        acc_all = A.new_empty(N, n, V.shape[-1])
-        for rows, tiles in _row_tiles(n, B.shape[1], f.causal):
-            m_i = l_i = a_i = None
-            for cols, cross in tiles:
-                S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross, live)
-                m_t = S.amax(-1)
-                m_new = m_t if m_i is None else torch.maximum(m_i, m_t)
-                m_safe = m_new if clean else m_new.nan_to_num(neginf=0.0)  # all masked so far
-                _probs(S, keep, m_safe)
-                if m_i is None:
-                    l_i, a_i = S.sum(-1), torch.bmm(S, V[:, cols])
-                else:
-                    scale = torch.exp(m_i - m_safe)
-                    l_i = torch.addcmul(S.sum(-1), l_i, scale)
-                    a_i.mul_(scale.unsqueeze(-1)).baddbmm_(S, V[:, cols])
-                m_i = m_new
-            if not clean:  # a row whose every live score is -inf has no mass: 0/0, as
-                dead = m_i == -math.inf  # torch's softmax gives (the clamp at -80 lent
-                l_i = l_i.masked_fill(dead, 0.0)  # its terms e^-80 each)
-                a_i.masked_fill_(dead.unsqueeze(-1), 0.0)
-            m_all[:, rows] = m_i.nan_to_num(neginf=0.0)
-            l_all[:, rows], acc_all[:, rows] = l_i, a_i
+        if (f.rest is None and live is None and (f.mask is None or f.causal is not None)
+                and _fusable(A, B, V)):  # the three by one kernel
+            m_all, acc_all, l_all = _fused(A, B, V, f.causal)
+            m_all = m_all.nan_to_num(neginf=0.0)
+        else:
+            m_all, acc_all, l_all = _tiles(ev, f, keys, lead, live, A, B, V, leaves)
         ctx.info = info
         ctx.save_for_backward(A, B, V, m_all, l_all, *leaves)
         return m_all, acc_all, l_all
@@ -376,6 +437,36 @@ class _Softmax(torch.autograd.Function):
                         if g is not None:
                             dleaves[i] += g
         return (None, dA, dB, dV, *dleaves)
+
+
+def _tiles(ev, f: SoftmaxForm, keys, lead, live, A, B, V, leaves):
+    """`_Softmax`'s forward in torch, tile by tile: (row max, Σ exp(s − m)·V, Σ exp(s − m))."""
+    N, n, _ = A.shape
+    m_all, l_all = A.new_empty(N, n), A.new_empty(N, n)
+    clean = f.mask is None and f.rest is None and live is None  # every score finite
+    acc_all = A.new_empty(N, n, V.shape[-1])
+    for rows, tiles in _row_tiles(n, B.shape[1], f.causal):
+        m_i = l_i = a_i = None
+        for cols, cross in tiles:
+            S, keep = _scores(ev, f, keys, leaves, lead, A, B, rows, cols, cross, live)
+            m_t = S.amax(-1)
+            m_new = m_t if m_i is None else torch.maximum(m_i, m_t)
+            m_safe = m_new if clean else m_new.nan_to_num(neginf=0.0)  # all masked so far
+            _probs(S, keep, m_safe)
+            if m_i is None:
+                l_i, a_i = S.sum(-1), torch.bmm(S, V[:, cols])
+            else:
+                scale = torch.exp(m_i - m_safe)
+                l_i = torch.addcmul(S.sum(-1), l_i, scale)
+                a_i.mul_(scale.unsqueeze(-1)).baddbmm_(S, V[:, cols])
+            m_i = m_new
+        if not clean:  # a row whose every live score is -inf has no mass: 0/0, as
+            dead = m_i == -math.inf  # torch's softmax gives (the clamp at -80 lent
+            l_i = l_i.masked_fill(dead, 0.0)  # its terms e^-80 each)
+            a_i.masked_fill_(dead.unsqueeze(-1), 0.0)
+        m_all[:, rows] = m_i.nan_to_num(neginf=0.0)
+        l_all[:, rows], acc_all[:, rows] = l_i, a_i
+    return m_all, acc_all, l_all
 
 
 def _scores(ev, f: SoftmaxForm, keys, leaves, lead, A, B, rows: slice, cols: slice, cross: bool,
