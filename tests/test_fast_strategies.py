@@ -145,9 +145,14 @@ def test_attention_with_many_tiles_and_extreme_scores(small_tiles):
 
 
 @pytest.mark.parametrize("name", ["attention", "causal_attention"])
-def test_plain_attention_by_sdpa_equals_the_reference(name):
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_attention_by_sdpa_equals_the_reference(monkeypatch, name, fused):
     """Plain attention is handed to torch's scaled_dot_product_attention (its sums taken
-    relative to the log-sum-exp): the output and every gradient are the reference's."""
+    relative to the log-sum-exp), or without a mask its forward to the fused kernel and its
+    backward to SDPA's flash backward (`fused`): the output and every gradient are the
+    reference's."""
+    monkeypatch.setattr(S, "USE_FUSED", fused)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     lib, _, ref = _ops("attention.it", name)
     assert lib._runner.form.sdpa
     kw = _inputs(lib, 23, 23 if name == "causal_attention" else 17, (2, 1),
@@ -157,8 +162,11 @@ def test_plain_attention_by_sdpa_equals_the_reference(name):
                         fast_mode=True)
 
 
-def test_attention_float32_matches_sdpa(monkeypatch):
-    monkeypatch.setattr(S, "USE_SDPA", False)  # itdsl's own tiles
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_float32_matches_sdpa(monkeypatch, fused):
+    monkeypatch.setattr(S, "USE_SDPA", False)  # itdsl's own: the fused kernel, or the tiles
+    monkeypatch.setattr(S, "USE_FUSED", fused)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 700, 64, generator=g) for _ in range(3))
@@ -225,6 +233,7 @@ def test_attention_by_the_fused_kernel_equals_the_reference(monkeypatch, name, n
     tiles' flash backward from its row maxima; output and gradients are the reference's."""
     import itdsl.runtime.strategies.attention as A
     monkeypatch.setattr(S, "USE_SDPA", False)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)  # (the kernel at every size)
     calls = []
     kernel = A._fused
     monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
@@ -241,6 +250,7 @@ def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatc
     values (NaN where torch's softmax has them; the one-hot row of the huge score)."""
     import itdsl.runtime.strategies.attention as A
     monkeypatch.setattr(S, "USE_SDPA", False)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     calls = []
     kernel = A._fused
     monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
@@ -649,11 +659,16 @@ def _alibi(bias: str, mask: str, per_point: bool = False):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("wq,wv", [(8, 8), (4, 12), (12, 4)])
-def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, causal, wq, wv):
+@pytest.mark.parametrize("fused", [False, True])
+def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, causal, wq, wv,
+                                                                 fused):
     """ALiBi's linear bias slope·(s − t) separates into two more columns of the scores'
     factors, so the score is all GEMM and torch's SDPA runs it (with the factors or the
-    values padded with zero columns to one width, which its fast CPU kernel wants); the
-    output and the gradients of q, k, v and the slope are a plain torch softmax's."""
+    values padded with zero columns to one width, which its fast CPU kernel wants), or,
+    without the mask (`fused`), the fused kernel the forward (on the factors' wq + 2 columns
+    and the values' wv, no padding) and SDPA's flash backward the gradients; the output and
+    the gradients of q, k, v and the slope are a plain torch softmax's."""
+    import itdsl.runtime.strategies.attention as A
     src = (ALIBI_SDPA.replace("WQ", str(wq)).replace("WV", str(wv))
            .replace("MASK", " * [s <= t]" if causal else ""))
     op = itdsl.compile_source(src, target="cpu")["alibi"].double()
@@ -665,18 +680,26 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
         calls.append((q.shape[-1], v.shape[-1]))
         return sdpa(q, k, v, **kw)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(S, "USE_FUSED", fused)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(
+        ("fused", a[0].shape[-1], a[2].shape[-1])) or kernel(*a))
     g = torch.Generator().manual_seed(5)
     n = 23
     q, k = (torch.randn(2, n, wq, generator=g, dtype=D, requires_grad=True) for _ in range(2))
     v = torch.randn(2, n, wv, generator=g, dtype=D, requires_grad=True)
     out = op(q=q, k=k, v=v)
-    assert calls and calls[0][0] == calls[0][1]  # one width: the fast kernel
+    if fused and not causal:
+        assert calls == [("fused", wq + 2, wv)]
+    else:
+        assert calls and calls[0][0] == calls[0][1]  # one width: the fast kernel
     t = torch.arange(n, dtype=D)
     slope = op.slope
-    S = q @ k.transpose(1, 2) / 2 - slope * (t[:, None] - t[None, :])
+    score = q @ k.transpose(1, 2) / 2 - slope * (t[:, None] - t[None, :])
     if causal:
-        S = S.masked_fill(t[None, :] > t[:, None], -torch.inf)
-    want = torch.softmax(S, -1) @ v
+        score = score.masked_fill(t[None, :] > t[:, None], -torch.inf)
+    want = torch.softmax(score, -1) @ v
     torch.testing.assert_close(out, want)
     g_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, slope), g_out)
@@ -795,12 +818,13 @@ def test_a_position_term_signed_on_each_side_of_the_diagonal_runs_as_two_sdpa_ca
     assert form.split_sdpa and not form.sdpa and form.rest is not None
     assert "twice" in itdsl.compile_source(src).explain("alibi")
     calls = []
-    split = A._Split.apply
-    monkeypatch.setattr(A._Split, "apply", lambda *a: calls.append(1) or split(*a))
+    split = A._Flash.apply
+    monkeypatch.setattr(A._Flash, "apply", lambda *a: calls.append(1) or split(*a))
     kernel = A._fused
     monkeypatch.setattr(A, "_fused", lambda *a: calls.append(2) or kernel(*a))
     monkeypatch.setattr(S, "ROWS", 16)  # (were the own tiles to run: several tiles of rows)
     monkeypatch.setattr(S, "USE_FUSED", fused)
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     g = torch.Generator().manual_seed(12)
     for n in (1, 2, 40, 300):
         q, k = (torch.randn(*lead, n, 6, generator=g, dtype=D, requires_grad=True)
@@ -860,12 +884,12 @@ def test_split_sdpa_float32_inf_and_second_derivatives():
     torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-7 * 0.25 * n)
     q[0, 3, 0] = torch.inf
     calls = []
-    split = A._Split.apply
-    A._Split.apply = lambda *a: calls.append(1) or split(*a)
+    split = A._Flash.apply
+    A._Flash.apply = lambda *a: calls.append(1) or split(*a)
     try:
         got = op.double()(q=q, k=k, v=v)
     finally:
-        A._Split.apply = split
+        A._Flash.apply = split
     assert not calls
     ref = itdsl.compile_source(src, target="reference")["alibi"].double()
     torch.testing.assert_close(got, ref(q=q, k=k, v=v), equal_nan=True)

@@ -75,9 +75,10 @@ def _softmax(ev: PlanEvaluator, f: SoftmaxForm) -> None:
         if bool(ok):
             lead = torch.broadcast_shapes(lead, *(t.shape[:-2] for ab in extras for t in ab))
             A, B, V = (t.expand(*lead, *t.shape[-2:]) for t in (A, B, V))
-            W = max(V.shape[-1], A.shape[-1] + max(a.shape[-1] for a, _ in extras))
+            E = A.shape[-1] + max(a.shape[-1] for a, _ in extras)
+            W = max(V.shape[-1], E)
             sides = [_side_factors(A, B, ab, lead, W) for ab in extras]
-            return _split_sdpa(ev, f, sides, V, lead, W)
+            return _split_sdpa(ev, f, sides, V, lead, W, E)
     full = lead
     if torch.broadcast_shapes(lead, tuple(ev.bound.batch)) != lead:
         # the call has batch dims the factors lack: those the softmax reads (the position
@@ -143,23 +144,31 @@ def _in_range(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _sdpa(ev: PlanEvaluator, f: SoftmaxForm, A, B, V, lead) -> None:
     """An all-GEMM score by torch's scaled_dot_product_attention (its flash kernel, forward
-    and backward). It returns the normalised Σ exp(s − lse)·v: the Plan's sums are then
-    taken relative to the row's log-sum-exp instead of its max, which the ratio does not
-    see: the sums of v are the output, the sum of 1 is 1."""
-    n, m = A.shape[-2], B.shape[-2]
+    and backward; without a mask, where the fused kernel applies, the forward by it and the
+    backward by the flash backward, `_Flash`). It returns the normalised Σ exp(s − lse)·v:
+    the Plan's sums are then taken relative to the row's log-sum-exp instead of its max,
+    which the ratio does not see: the sums of v are the output, the sum of 1 is 1."""
+    n = A.shape[-2]
     # the CPU flash kernel wants one width for the scores' factors and the values (else a
     # path 3–5× slower): zero columns added to the narrower side change no score or value
     E, Ev = A.shape[-1], V.shape[-1]
+    # (the scores' bound is checked, `_sdpa_safe`; values with an inf: SDPA's answer)
+    fused = (f.causal is None and _fused_applies(*(t.reshape(-1, *t.shape[-2:])
+                                                   for t in (A, B, V)))
+             and bool(torch.isfinite(V).all()))
     if E < Ev:
         A, B = (torch.nn.functional.pad(t, (0, Ev - E)) for t in (A, B))
     elif Ev < E:
         V = torch.nn.functional.pad(V, (0, E - Ev))
-    O = torch.nn.functional.scaled_dot_product_attention(
-        A.reshape(1, -1, n, A.shape[-1]), B.reshape(1, -1, m, B.shape[-1]),
-        V.reshape(1, -1, m, V.shape[-1]), is_causal=f.causal == "<=", scale=1.0)
+    A4, B4, V4 = (t.reshape(1, -1, t.shape[-2], t.shape[-1]) for t in (A, B, V))
+    if fused:  # (no mask: the fused kernel forward, SDPA's flash backward)
+        O = _Flash.apply((E, Ev, True), A4, B4, V4)
+    else:
+        O = torch.nn.functional.scaled_dot_product_attention(
+            A4, B4, V4, is_causal=f.causal == "<=", scale=1.0)
+        if O.requires_grad and not torch.compiler.is_compiling():
+            O.register_hook(_first_derivatives_only)
     O = O.reshape(*lead, n, V.shape[-1])[..., :Ev]
-    if O.requires_grad and not torch.compiler.is_compiling():
-        O.register_hook(_first_derivatives_only)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
 
@@ -171,22 +180,27 @@ def _side_factors(A, B, extra, lead, W: int) -> tuple[torch.Tensor, torch.Tensor
     n, E = A.shape[-2], A.shape[-1]
     out = []
     for main, more in zip((A, B), extra):
-        buf = main.new_zeros(*lead, n, W)
+        buf = main.new_empty(*lead, n, W)
         buf[..., :E] = main
         buf[..., E:E + more.shape[-1]] = more
+        buf[..., E + more.shape[-1]:].zero_()
         out.append(buf.reshape(1, -1, n, W))
     return out[0], out[1]
 
 
-def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead, W: int) -> None:
+def _split_sdpa(ev: PlanEvaluator, f: SoftmaxForm, sides, V, lead, W: int, E: int) -> None:
     """A score whose position term separates on each side of the diagonal (`split`): the
-    softmax over y <= x and over y > x by SDPA's CPU flash kernel, merged by their
-    log-sum-exps (`_Split`). The Plan's sums are taken relative to the merged log-sum-exp,
-    as in `_sdpa`."""
+    softmax over y <= x and over y > x by the fused kernel with each side's factors, or by
+    SDPA's CPU flash kernel merged by their log-sum-exps (`_Flash`). The Plan's sums are
+    taken relative to the merged log-sum-exp, as in `_sdpa`. The sides are [1, N, n, W],
+    their first E columns the factors', the rest zero."""
     n, Ev = V.shape[-2], V.shape[-1]
-    Vp = V.new_zeros(*lead, n, W)
+    Vp = V.new_empty(*lead, n, W)
     Vp[..., :Ev] = V
-    O = _Split.apply(Ev, *sides[0], *sides[1], Vp.reshape(1, -1, n, W))
+    Vp[..., Ev:].zero_()
+    A, B = (t[0, ..., :E] for t in sides[0])
+    fused = _fused_applies(A, B, V.reshape(-1, n, Ev))  # (the data: checked by the caller)
+    O = _Flash.apply((E, Ev, fused), *sides[0], Vp.reshape(1, -1, n, W), *sides[1])
     O = O[..., :Ev].reshape(*lead, n, Ev)
     ev.env[f.max_step] = O.new_zeros(*lead, n, 1)  # (read by nothing but the sums)
     _put_sums(ev, f, O, O.new_ones(*lead, n, 1))
@@ -207,35 +221,44 @@ def _back(t: torch.Tensor, queries: bool) -> torch.Tensor:
     return out
 
 
-class _Split(torch.autograd.Function):
-    """softmax(s)·V with s = A_lo·B_loᵀ on and below the diagonal, A_hi·B_hiᵀ above it: the
-    two parts by SDPA's causal CPU flash kernel (the upper one on reversed points, `_upper`),
-    out = (e^lse_lo·out_lo + e^lse_hi·out_hi) / e^L, L = log(e^lse_lo + e^lse_hi). The
-    backward of each part is the flash backward given the merged out and L: its
-    probabilities e^(s − L) and the rows' D = Σ dO·out are those of the whole softmax."""
+class _Flash(torch.autograd.Function):
+    """softmax(s)·V, [1, N, n, W] each, for s = A_lo·B_loᵀ (one pair of factors, no mask) or,
+    with a second pair (`split`), A_lo·B_loᵀ on and below the diagonal and A_hi·B_hiᵀ above
+    it. `how` (E, Ev, fused): the factors' columns that are not padding, the values', and
+    whether the fused kernel runs the forward (the caller checked the data).
+
+    Forward: by the fused kernel (out = acc / l, log-sum-exp L = M + log l);
+    else by SDPA's CPU flash kernel: once, or for a split causally on y <= x and on the
+    reversed points for y > x (`_upper`), out = (e^lse_lo·out_lo + e^lse_hi·out_hi) / e^L,
+    L = log(e^lse_lo + e^lse_hi). Backward: SDPA's CPU flash backward of each part given
+    out and L, whose probabilities e^(s − L) and rows' D = Σ dO·out are the whole softmax's."""
 
     @staticmethod
-    def forward(ctx, Ev, A_lo, B_lo, A_hi, B_hi, V):
-        n = V.shape[-2]
-        if _fusable(A_lo[0], B_lo[0], V[0], A_hi[0], B_hi[0]):
-            # both sides in one pass of the fused kernel, on the Ev columns of the values that
-            # are not padding: out = acc / l, L = M + log l
-            M, acc, lsum = _fused(A_lo[0], B_lo[0], V[0, ..., :Ev], None, A_hi[0], B_hi[0])
-            out = torch.zeros_like(V)
+    def forward(ctx, how, A_lo, B_lo, V, A_hi=None, B_hi=None):
+        (E, Ev, fused), n, split = how, V.shape[-2], A_hi is not None
+        if fused:
+            hi = (A_hi[0, ..., :E], B_hi[0, ..., :E]) if split else ()
+            M, acc, lsum = _fused(A_lo[0, ..., :E], B_lo[0, ..., :E], V[0, ..., :Ev], None, *hi)
+            out = V.new_empty(*A_lo.shape[:-1], V.shape[-1])
+            out[..., Ev:].zero_()
             torch.div(acc, lsum.unsqueeze(-1), out=out[0, ..., :Ev])
             L = (M + torch.log(lsum))[None]
         else:
             flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-            o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, True, scale=1.0)
-            o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
-            if n > 1:
-                o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False), 0.0,
-                             True, scale=1.0)
-                o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
-            L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
-            out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
-                torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
-        ctx.save_for_backward(A_lo, B_lo, A_hi, B_hi, V, out, L)
+            o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, split, scale=1.0)
+            if split:
+                o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
+                if n > 1:
+                    o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False),
+                                 0.0, True, scale=1.0)
+                    o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
+                L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
+                out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
+                    torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
+            else:
+                out, L = o_lo, l_lo
+        ctx.split = split
+        ctx.save_for_backward(A_lo, B_lo, V, out, L, *((A_hi, B_hi) if split else ()))
         return out
 
     @staticmethod
@@ -244,10 +267,13 @@ class _Split(torch.autograd.Function):
             raise _no_second_derivatives(
                 "second derivatives of attention computed by torch's scaled_dot_product_"
                 "attention are not available")
-        A_lo, B_lo, A_hi, B_hi, V, out, L = ctx.saved_tensors
+        A_lo, B_lo, V, out, L, *hi = ctx.saved_tensors
         back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dO = dO.contiguous()
-        dA_lo, dB_lo, dV = back(dO, A_lo, B_lo, V, out, L, 0.0, True, scale=1.0)
+        dA_lo, dB_lo, dV = back(dO, A_lo, B_lo, V, out, L, 0.0, ctx.split, scale=1.0)
+        if not ctx.split:
+            return None, dA_lo, dB_lo, dV, None, None
+        A_hi, B_hi = hi
         dA_hi, dB_hi = torch.zeros_like(A_hi), torch.zeros_like(B_hi)
         if V.shape[-2] > 1:
             rev = (_upper(dO, True), _upper(A_hi, True), _upper(B_hi, False),
@@ -255,7 +281,7 @@ class _Split(torch.autograd.Function):
             da, db, dv = back(*rev, 0.0, True, scale=1.0)
             dA_hi, dB_hi = _back(da, True), _back(db, False)
             dV[..., 1:, :] += dv.flip(-2)
-        return None, dA_lo, dB_lo, dA_hi, dB_hi, dV
+        return None, dA_lo, dB_lo, dV, dA_hi, dB_hi
 
 
 def _first_derivatives_only(grad: torch.Tensor) -> None:
@@ -326,18 +352,35 @@ def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split
     return fn
 
 
-def _fusable(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor, *more: torch.Tensor) -> bool:
-    """Whether the fused kernel may take these factors and values (one sync): on the CPU, in
-    float32 or float64, outside torch.compile, every factor and value finite and a bound on
-    the scores (Σ_c max|A_c|·max|B_c|) far from overflow; else the tiles, which give torch's
-    values for NaN and inf."""
-    if (not T.USE_FUSED or A.device.type != "cpu" or torch.compiler.is_compiling()
-            or A.dtype not in (torch.float32, torch.float64)):
-        return False
-    bound = _score_bound(A, B)
-    for a, b in zip(more[::2], more[1::2]):
-        bound = torch.maximum(bound, _score_bound(a, b))
-    return bool((bound <= torch.finfo(A.dtype).max / 4) & torch.isfinite(V).all())
+def _fused_applies(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> bool:
+    """Whether the fused kernel may take factors A [N, n, W], B [N, m, W] and values V
+    [N, m, dv], their data aside: on the CPU, in float32 or float64, outside torch.compile,
+    from `FUSED_MIN_WORK` on."""
+    (N, n, W), m = A.shape, B.shape[-2]
+    return (T.USE_FUSED and A.device.type == "cpu" and not torch.compiler.is_compiling()
+            and A.dtype in (torch.float32, torch.float64)
+            and N * n * m * (W + V.shape[-1]) >= T.FUSED_MIN_WORK)
+
+
+def _fusable(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> bool:
+    """`_fused_applies`, and the data (one sync): every factor and value finite and a bound
+    on the scores (Σ_c max|A_c|·max|B_c|) far from overflow; else the tiles, which give
+    torch's values for NaN and inf."""
+    return _fused_applies(A, B, V) and bool(
+        (_score_bound(A, B) <= torch.finfo(A.dtype).max / 4) & torch.isfinite(V).all())
+
+
+def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`t` [N, r, c] with zero rows and columns added up to [N, rows, cols] (itself where it
+    is that already, contiguous): only the padding is zeroed."""
+    N, r, c = t.shape
+    if (r, c) == (rows, cols) and t.is_contiguous():
+        return t
+    out = t.new_empty(N, rows, cols)
+    out[:, :r, :c] = t
+    out[:, r:].zero_()
+    out[:, :r, c:].zero_()
+    return out
 
 
 def _fused(A, B, V, causal: str | None, A2=None, B2=None):
@@ -350,20 +393,13 @@ def _fused(A, B, V, causal: str | None, A2=None, B2=None):
     R, KC, CW = tiles(str(A.dtype).replace("torch.", ""))
     npad, mpad, vpad = -(-n // R) * R, -(-max(m, 1) // KC) * KC, -(-max(dv, 1) // CW) * CW
 
-    def rows(t):  # [N, npad, W]
-        out = t.new_zeros(N, npad, W)
-        out[:, :n] = t
-        return out
-
-    def panels(t, width):  # [N, m, w] -> [N, mpad/CW, CW, width], zero-padded
-        out = t.new_zeros(N, mpad, width)
-        out[:, :m, :t.shape[-1]] = t
-        return out.view(N, mpad // CW, CW, width)
     # the factors' columns as [N, mpad/CW, W, CW], the values' as [N, vpad/CW, mpad, CW]
-    bt = panels(B, W).transpose(2, 3).contiguous()
-    vp = panels(V, vpad).view(N, mpad, vpad // CW, CW).transpose(1, 2).contiguous()
-    a = rows(A)
-    a2, bt2 = (a, bt) if A2 is None else (rows(A2), panels(B2, W).transpose(2, 3).contiguous())
+    a = _padded(A, npad, W)
+    bt = _padded(B, mpad, W).view(N, mpad // CW, CW, W).transpose(2, 3).contiguous()
+    vp = _padded(V, mpad, vpad).view(N, mpad, vpad // CW, CW).transpose(1, 2).contiguous()
+    a2, bt2 = (a, bt) if A2 is None else (
+        _padded(A2, npad, W),
+        _padded(B2, mpad, W).view(N, mpad // CW, CW, W).transpose(2, 3).contiguous())
     M, L = A.new_empty(N, npad), A.new_empty(N, npad)
     acc = A.new_empty(N, npad, vpad)
     fn = _fused_kernel(W, vpad, str(A.dtype).replace("torch.", ""), causal, A2 is not None)
