@@ -236,7 +236,7 @@ def test_attention_by_the_fused_kernel_equals_the_reference(monkeypatch, name, n
     monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)  # (the kernel at every size)
     calls = []
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     lib, _, ref = _ops("attention.it", name)
     kw = _inputs(lib, n, n if name == "causal_attention" else m, batch,
                  torch.Generator().manual_seed(seed), scale=2.0)
@@ -253,7 +253,7 @@ def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatc
     monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     calls = []
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")["attention"]
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(20, 64, generator=g) for _ in range(3))
@@ -272,6 +272,138 @@ def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatc
         assert not calls
         want = torch.softmax(qq.double() @ kk.double().T / 8, -1) @ vv.double()
         torch.testing.assert_close(out, want.float(), equal_nan=True)
+
+
+# (a score's elementwise part, its torch form from the offsets d = t − s, the param slope and
+# b, one value per point; its mask)
+PAIR_PARTS = [
+    ("- slope * exp(-abs(t - s) / 4)", "* [abs(t - s) < 16]",
+     lambda d, sl, bt, bs: -sl * (-d.abs() / 4).exp(), lambda d, bt, bs: d.abs() < 16),
+    ("", "* [abs(t - s) < 5]", lambda d, sl, bt, bs: 0 * d, lambda d, bt, bs: d.abs() < 5),
+    ("- slope * abs(t - s) * abs(t - s) * abs(t - s)", "",
+     lambda d, sl, bt, bs: -sl * d.abs() ** 3, None),
+    ("+ log(1 + slope * abs(t - s))", "* [s <= t]",
+     lambda d, sl, bt, bs: (1 + sl * d.abs()).log(), lambda d, bt, bs: d >= 0),
+    ("- b(s) * abs(t - s) + b(t)", "* [b(s) > -1]",
+     lambda d, sl, bt, bs: -bs * d.abs() + bt, lambda d, bt, bs: bs > -1),
+]
+
+
+@pytest.mark.parametrize("rest,mask,term,keep", PAIR_PARTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_position_terms_and_masks_in_the_fused_kernel(monkeypatch, rest, mask, term, keep,
+                                                      dtype):
+    """A score's elementwise part (a position term, a mask; of coordinates, params and
+    per-point inputs) evaluated per pair in the fused kernel: output and the gradients of q,
+    b and the slope (the tiles' flash backward) against torch's softmax of the formula,
+    over more than a tile of rows and columns."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    calls = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kw.get("pair")) or
+                        kernel(*a, **kw))
+    src = f"""operator w {{
+        domain T = index
+        input  q : T -> R^6
+        input  k : T -> R^6
+        input  v : T -> R^3
+        input  b : T -> R
+        param  slope : R = 0.3
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 2 {rest}) {mask}
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }}"""
+    op = itdsl.compile_source(src, target="cpu")["w"].to(dtype)
+    n = 300
+    g = torch.Generator().manual_seed(6)
+    q, k = (torch.randn(2, n, 6, generator=g, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    v = torch.randn(2, n, 3, generator=g, dtype=dtype)
+    b = torch.rand(2, n, generator=g, dtype=dtype, requires_grad=True)
+    out = op(q=q, k=k, v=v, b=b)
+    assert len(calls) == 1 and calls[0] is not None  # the fused kernel, with the part
+    t = torch.arange(n, dtype=dtype)
+    d, bt, bs = t[:, None] - t[None, :], b[:, :, None], b[:, None, :]
+    score = q @ k.transpose(1, 2) / 2 + term(d, op.slope, bt, bs)
+    if keep is not None:
+        score = score.masked_fill(~keep(d, bt, bs), -torch.inf)
+    want = torch.softmax(score, -1) @ v
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out, want, **tol)
+    ins = (q, b, op.slope)
+    got = torch.autograd.grad(out.sum(), ins, allow_unused=True, materialize_grads=True)
+    wants = torch.autograd.grad(want.sum(), ins, allow_unused=True, materialize_grads=True)
+    for x, y in zip(got, wants, strict=True):
+        torch.testing.assert_close(x, y, **({} if dtype == torch.float64 else
+                                            {"rtol": 1e-3, "atol": 1e-4}))
+
+
+def test_points_montecarlo_did_not_draw_stay_out_of_the_fused_kernel(monkeypatch):
+    """montecarlo over the keys: the points not drawn have weight 0 and stay out of the max
+    (`live`, a value per column the kernel reads); output and gradients are the softmax over
+    the draws (repeated draws counted)."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    calls = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kw.get("pair")) or
+                        kernel(*a, **kw))
+    src = """operator att {
+        domain T = index
+        input q : T -> R^4
+        input k : T -> R^4
+        input v : T -> R^3
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)))
+        output o(t: T) = integral(s: T) a(t, s) * v(s) with montecarlo(40) / integral(s: T) a(t, s) with montecarlo(40)
+    }"""
+    n = 300
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
+    idx = torch.randint(n, (40,), generator=torch.Generator().manual_seed(7))
+    op = itdsl.compile_source(src, target="cpu")["att"].double()
+    ql = q.clone().requires_grad_(True)
+    out = op(q=ql, k=k, v=v, generator=torch.Generator().manual_seed(7))
+    assert calls and calls[0] is not None and calls[0].live
+    qw = q.clone().requires_grad_(True)
+    want = torch.softmax(qw @ k[idx].T, -1) @ v[idx]
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), ql)[0],
+                               torch.autograd.grad(want.sum(), qw)[0])
+
+
+def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
+    """log(slope·(t − s)) is NaN below the diagonal: the kernel flags the rows and the call
+    runs on the tiles, which give torch's NaN rows; a term of a vector of pairs (not a
+    scalar function of per-point values) never reaches the kernel."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    src = """operator w {
+        domain T = index
+        input  q : T -> R^4
+        input  k : T -> R^4
+        input  v : T -> R^2
+        param  slope : R = 0.5
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) + log(slope * (s - t)))
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    op = itdsl.compile_source(src, target="cpu")["w"]
+    n = 60
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(n, 4, generator=g) for _ in range(2))
+    v = torch.randn(n, 2, generator=g)
+    calls = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    out = op(q=q, k=k, v=v)
+    assert calls  # tried, flagged
+    t = torch.arange(n, dtype=torch.float32)
+    want = torch.softmax(q @ k.T + (0.5 * (t[None, :] - t[:, None])).log(), -1) @ v
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-4, atol=1e-5)
+    assert torch.isnan(out[1:]).all() and not torch.isnan(out[0]).any()
+    from itdsl.lowering.softmax import PairPart
+    from itdsl.symbolic import pexpr as P
+    x, y = P.coord("x", "t", (2,)), P.coord("y0", "s", (2,))
+    assert PairPart.of(P.dot(x, y), None, "x", "y0", False) is None
 
 
 TABLE_KINDS = ("attention", "recurrence", "convolution", "lowrank")
@@ -683,8 +815,8 @@ def test_separable_position_terms_and_unequal_widths_run_by_sdpa(monkeypatch, ca
     monkeypatch.setattr(S, "USE_FUSED", fused)
     monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(
-        ("fused", a[0].shape[-1], a[2].shape[-1])) or kernel(*a))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(
+        ("fused", a[0].shape[-1], a[2].shape[-1])) or kernel(*a, **kw))
     g = torch.Generator().manual_seed(5)
     n = 23
     q, k = (torch.randn(2, n, wq, generator=g, dtype=D, requires_grad=True) for _ in range(2))
@@ -821,7 +953,7 @@ def test_a_position_term_signed_on_each_side_of_the_diagonal_runs_as_two_sdpa_ca
     split = A._Flash.apply
     monkeypatch.setattr(A._Flash, "apply", lambda *a: calls.append(1) or split(*a))
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a: calls.append(2) or kernel(*a))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(2) or kernel(*a, **kw))
     monkeypatch.setattr(S, "ROWS", 16)  # (were the own tiles to run: several tiles of rows)
     monkeypatch.setattr(S, "USE_FUSED", fused)
     monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)

@@ -77,59 +77,16 @@ def poly_exp(x: tirx.Var, dtype: str) -> tirx.PrimExpr:
     return tirx.Let(nv, te.floor(x * c(LOG2E) + c(0.5)), inner)
 
 
-class PairBuilder:
-    """Builds the TE of one pair kernel (see the module docstring)."""
+class ElementMath:
+    """Constants and elementwise math as TVM expressions, the builder `itdsl.functions`' TVM
+    forms are written against (`ew`); shared by the pair kernels (`PairBuilder`) and the
+    fused online softmax (`lowering/softmax.py`)."""
 
     te, tirx = te, tirx  # for the TVM forms of `itdsl.functions`
 
-    def __init__(self, spec: PairSpec, dtype: str, fast_exp: bool):
-        self.spec, self.dtype, self.fast_exp = spec, dtype, fast_exp
-        self.B = te.var("B")
-        self.mt = te.var("mt")
-        self.m_valid = te.var("m_valid")
-        if spec.fused:  # rows in parts of tiles (`row_parts`); padded rows are masked
-            self.parts, self.tiles = te.var("parts"), te.var("tiles")
-            self.n_valid = te.var("n_valid")
-            self.NP = self.parts * self.tiles * spec.tile_rows
-        else:
-            self.nt = te.var("nt")
-            self.NP = self.nt * spec.tile_rows
-        self.MP = self.mt * spec.tile_cols
-        self.arrays: dict[Node, te.Tensor] = {}
-        self.leaf_arrays: list[te.Tensor] = []  # one per leaf of `spec.leaves`
-        # a column leaf's arrays by layout (True: [b, w, j]); see `across`
-        self.col_layouts: dict[Node, dict[bool, te.Tensor]] = {}
-        # whether the code being built vectorises over the columns (a scalar stage, an
-        # output of `lanes` > 1), which read a column leaf [b, w, j] where it has that layout
-        self.across = False
-        self._masked_of: dict[tuple[Node, bool], te.Tensor] = {}  # see `masked`
-        self.transposed: dict[Node, te.Tensor] = {}  # matrix params passed as W.T
-        self.stages: list[te.Tensor] = []  # in creation (topological) order
-        self.stage_of: dict[Node, te.Tensor] = {}
-        self.tables: dict[str, tuple[te.Tensor, list]] = {}  # field -> (array, axis sizes)
-        for k, leaf in enumerate(spec.leaves):
-            if leaf.role == "row":
-                shape = (self.B, self.NP, leaf.width)
-            elif leaf.role == "col":
-                shape = ((self.B, leaf.width, self.MP) if leaf.soa else
-                         (self.B, self.MP, leaf.width))
-            elif leaf.role == "table":
-                sizes = [te.var(f"table{k}_n{a}") for a in range(leaf.shape[0])]
-                T = te.placeholder((self.B, *sizes, leaf.width), self.dtype, name=f"table{k}")
-                self.tables[leaf.node.name] = (T, sizes)
-                self.leaf_arrays.append(T)
-                continue
-            else:
-                shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
-            A = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
-            self.leaf_arrays.append(A)
-            if leaf.role == "col":
-                self.col_layouts.setdefault(leaf.node, {})[leaf.soa] = A
-            else:
-                (self.transposed if leaf.transposed else self.arrays)[leaf.node] = A
-        # computes whose body calls a function TVM cannot vectorise (see `compute`)
-        self.scalar_only: set[str] = set()
-        self._scalar_call = False
+    def __init__(self, dtype: str, fast_exp: bool):
+        self.dtype, self.fast_exp = dtype, fast_exp
+        self._scalar_call = False  # a function TVM cannot vectorise was called (`libm`)
 
     # ---- constants and elementwise math -------------------------------------------------------
     # Every function here gives NaN and ±inf where torch does: comparisons with NaN are false,
@@ -248,6 +205,59 @@ class PairBuilder:
         if f is None or f.tvm is None:
             raise LoweringError(f"no TVM lowering for `{op}`")  # pragma: no cover
         return f.tvm(self, *a)
+
+
+class PairBuilder(ElementMath):
+    """Builds the TE of one pair kernel (see the module docstring)."""
+
+    def __init__(self, spec: PairSpec, dtype: str, fast_exp: bool):
+        super().__init__(dtype, fast_exp)
+        self.spec = spec
+        self.B = te.var("B")
+        self.mt = te.var("mt")
+        self.m_valid = te.var("m_valid")
+        if spec.fused:  # rows in parts of tiles (`row_parts`); padded rows are masked
+            self.parts, self.tiles = te.var("parts"), te.var("tiles")
+            self.n_valid = te.var("n_valid")
+            self.NP = self.parts * self.tiles * spec.tile_rows
+        else:
+            self.nt = te.var("nt")
+            self.NP = self.nt * spec.tile_rows
+        self.MP = self.mt * spec.tile_cols
+        self.arrays: dict[Node, te.Tensor] = {}
+        self.leaf_arrays: list[te.Tensor] = []  # one per leaf of `spec.leaves`
+        # a column leaf's arrays by layout (True: [b, w, j]); see `across`
+        self.col_layouts: dict[Node, dict[bool, te.Tensor]] = {}
+        # whether the code being built vectorises over the columns (a scalar stage, an
+        # output of `lanes` > 1), which read a column leaf [b, w, j] where it has that layout
+        self.across = False
+        self._masked_of: dict[tuple[Node, bool], te.Tensor] = {}  # see `masked`
+        self.transposed: dict[Node, te.Tensor] = {}  # matrix params passed as W.T
+        self.stages: list[te.Tensor] = []  # in creation (topological) order
+        self.stage_of: dict[Node, te.Tensor] = {}
+        self.tables: dict[str, tuple[te.Tensor, list]] = {}  # field -> (array, axis sizes)
+        for k, leaf in enumerate(spec.leaves):
+            if leaf.role == "row":
+                shape = (self.B, self.NP, leaf.width)
+            elif leaf.role == "col":
+                shape = ((self.B, leaf.width, self.MP) if leaf.soa else
+                         (self.B, self.MP, leaf.width))
+            elif leaf.role == "table":
+                sizes = [te.var(f"table{k}_n{a}") for a in range(leaf.shape[0])]
+                T = te.placeholder((self.B, *sizes, leaf.width), self.dtype, name=f"table{k}")
+                self.tables[leaf.node.name] = (T, sizes)
+                self.leaf_arrays.append(T)
+                continue
+            else:
+                shape = leaf.shape[::-1] if leaf.transposed else (leaf.shape or (1,))
+            A = te.placeholder(shape, self.dtype, name=f"{leaf.role}{k}")
+            self.leaf_arrays.append(A)
+            if leaf.role == "col":
+                self.col_layouts.setdefault(leaf.node, {})[leaf.soa] = A
+            else:
+                (self.transposed if leaf.transposed else self.arrays)[leaf.node] = A
+        # computes whose body calls a function TVM cannot vectorise (see `compute`)
+        self.scalar_only: set[str] = set()
 
     def compute(self, shape, fbody, name: str) -> te.Tensor:
         """te.compute, noting whether the body calls a function TVM cannot vectorise (erf in

@@ -23,6 +23,15 @@ n = 4,096), pads every array to whole tiles (rows to R, columns to KC, V's width
 and passes the number of valid columns `mvalid`: padded columns are masked. Inputs must be
 finite and the scores far from overflow (the runtime checks): the kernel does not
 reproduce torch's NaN propagation.
+
+A score may have an elementwise part besides the GEMM (`PairPart`): a position term added
+to it and a mask (a column is kept where the mask is not 0), both expressions of per-point
+values (of the row's point, of the column's: coordinates, params, per-point steps) that the
+runtime computes and passes as XL `[N, n, kx]` and YL `[N, ky, m]`; the kernel evaluates the
+expression per pair in the score tile's epilogue, with the same TVM forms of the functions
+as the pair kernels (`pair.ElementMath`). Its values are not checked beforehand: the kernel
+flags each row with a kept score that is NaN or +inf (BAD), and the runtime leaves such a
+call to the tiles.
 """
 
 from __future__ import annotations
@@ -30,11 +39,8 @@ from __future__ import annotations
 import math
 import operator
 
-import tvm
-from tvm import tirx
-from tvm.script import tirx as T
-
-from .pair import EXP_LO, poly_exp
+from ..symbolic import pexpr as P
+from ..symbolic.pexpr import Node
 
 RB = 6  # rows of the micro-kernel (with two vectors of columns: 12 accumulators)
 ROWS = 48  # rows per tile (a multiple of RB)
@@ -47,25 +53,76 @@ def tiles(dtype: str) -> tuple[int, int, int]:
     return ROWS, 256, 2 * lanes
 
 
+class PairPart:
+    """The elementwise part of a score: `rest` (added to the GEMM) and `mask` (kept where
+    not 0), expressions whose leaves are the per-point values `x_leaves` (of the row's point,
+    or of neither side) and `y_leaves` (of the column's); with `live`, one more column value
+    after them, 0 at the columns out of the sums."""
+
+    def __init__(self, rest: Node | None, mask: Node | None, x_leaves: tuple[Node, ...],
+                 y_leaves: tuple[Node, ...], live: bool):
+        self.rest, self.mask, self.live = rest, mask, live
+        self.x_leaves, self.y_leaves = x_leaves, y_leaves
+
+    @staticmethod
+    def of(rest: Node | None, mask: Node | None, x_side: str, y_side: str,
+           live: bool) -> PairPart | None:
+        """The part, its leaves the largest subexpressions of one side's points; None where
+        a value of both sides is not a scalar elementwise function of them."""
+        xs: list[Node] = []
+        ys: list[Node] = []
+        done: set[Node] = set()
+
+        def visit(n: Node) -> bool:
+            if n in done or n.op == "const":
+                return True
+            done.add(n)
+            if n.deps <= {x_side} or n.deps <= {y_side}:
+                if n.shape != ():
+                    return False
+                (xs if n.deps <= {x_side} else ys).append(n)
+                return True
+            return (n.op in P.ELEMENTWISE and n.shape == ()
+                    and all(visit(a) for a in n.args))
+        if not all(visit(e) for e in (rest, mask) if e is not None):
+            return None
+        return PairPart(rest, mask, tuple(xs), tuple(ys), live)
+
+    def roots(self) -> list[Node]:
+        return [e for e in (self.rest, self.mask) if e is not None] + [*self.x_leaves,
+                                                                       *self.y_leaves]
+
+
 def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None,
-                         split: bool = False):
+                         split: bool = False, pair: PairPart | None = None):
     """The IRModule of the kernel for factors of `width` columns, values of `vwidth` columns
     (a multiple of the micro-kernel's CW) and the mask (None, "<=": j <= i, "<": j < i).
     With `split` (no mask), the score is A·B for j <= i and A2·B2 for j > i (a position term
     that separates on each side of the diagonal, as |i − j| does); else A2, B2 are not read
-    (pass A and B again)."""
+    (pass A and B again). With `pair`, the score's elementwise part (`PairPart`): the
+    kernel takes XL, YL and BAD after V (else pass one-element arrays)."""
+    import tvm
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from .pair import EXP_LO, ElementMath, poly_exp
     R, KC, CW = tiles(dtype)
-    if vwidth % CW or causal not in (None, "<=", "<") or (split and causal):
+    if (vwidth % CW or causal not in (None, "<=", "<") or (split and causal)
+            or (split and pair is not None)):
         raise ValueError(f"value width {vwidth} (a multiple of {CW}), causal {causal!r}")
     D, DV, dt = width, vwidth, dtype
     shift = 1 if causal == "<" else 0
     neg, zero, lo = (tirx.const(v, dt) for v in (-math.inf, 0.0, EXP_LO))
+    inf, one = tirx.const(math.inf, dt), tirx.const(1.0, dt)
 
     def exp(x):  # x <= 0 or -inf; exp(-inf) = 0 exactly, so a masked entry adds nothing
         if dt != "float32":
             return tirx.exp(x)
         v = tirx.Var("xe", dt)  # clamped to EXP_LO, where the polynomial gives 0
         return tirx.Let(v, tirx.max(x, lo), poly_exp(v, dt))
+
+    def bad_score(x):  # NaN or +inf
+        return tirx.Or(em.isnan(x), x == inf)
 
     def kept(row, col, mvalid):  # a column is in the sum: valid, and on the causal side
         if causal is None:
@@ -78,9 +135,33 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
             xs = [op(xs[k], xs[k + 1]) for k in range(0, len(xs), 2)]
         return xs[0]
 
-    def pick(side, row, col, mvalid, value, old):
-        # the block's new entry: `value` where the column is kept and on the side, -inf
-        # where masked; a split's second side keeps the first side's entries
+    em = ElementMath(dt, dt == "float32")
+    kx, ky = (1, 1) if pair is None else (max(1, len(pair.x_leaves)),
+                                          max(1, len(pair.y_leaves) + pair.live))
+
+    def element(e, XL, YL, b, row, col):  # a pair expression at (row, col)
+        def val(n):  # (a node read twice is built twice: each let-bound variable once)
+            if n.op == "const":
+                return em.c(n.value)
+            if n in pair.x_leaves:
+                return XL[b, row, pair.x_leaves.index(n)]
+            if n in pair.y_leaves:
+                return YL[b, pair.y_leaves.index(n), col]
+            return em.ew(n.op, [val(a) for a in n.args])
+        return val(e)
+
+    def pick(side, row, col, mvalid, value, old, XL=None, YL=None, b=None):
+        # the block's new entry: `value` (plus the position term) where the column is kept
+        # and on the side, -inf where masked; a split's second side keeps the first side's
+        if pair is not None:
+            if pair.rest is not None:
+                value = value + element(pair.rest, XL, YL, b, row, col)
+            keep = kept(row, col, mvalid)
+            if pair.mask is not None:
+                keep = tirx.all(keep, element(pair.mask, XL, YL, b, row, col) != zero)
+            if pair.live:
+                keep = tirx.all(keep, YL[b, len(pair.y_leaves), col] != zero)
+            return tirx.Select(keep, value, neg)
         if side == 0:
             return tirx.Select(kept(row, col, mvalid), value, neg)
         if side == 1:
@@ -94,7 +175,7 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
         return tirx.max(tirx.const(0, "int32"), tirx.min(every, (r0 + R - 1 - shift + KC) // KC))
 
     @T.macro
-    def scores(S, Af, Bf, b, r0, c0, rb, cb, mvalid, side):
+    def scores(S, Af, Bf, b, r0, c0, rb, cb, mvalid, side, XL, YL):
         # one micro-block of the score tile: S[rb·RB + i, cb·CW + j] = A[row]·B[col] where
         # `side` (0: every kept column, 1: col <= row, 2: col > row), else as it was
         cc = T.decl_buffer((RB, CW), dt)
@@ -109,11 +190,12 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
             for j in T.vectorized(CW):
                 S[rb * RB + i, cb * CW + j] = pick(
                     side, r0 + rb * RB + i, c0 + cb * CW + j, mvalid, cc[i, j],
-                    S[rb * RB + i, cb * CW + j])
+                    S[rb * RB + i, cb * CW + j], XL, YL, b)
 
     @T.prim_func
     def online_softmax(a: T.handle, bt: T.handle, a2: T.handle, bt2: T.handle, v: T.handle,
-                       mo: T.handle, lo_: T.handle, acco: T.handle, mvalid: T.int32):
+                       xl: T.handle, yl: T.handle, bad: T.handle, mo: T.handle, lo_: T.handle,
+                       acco: T.handle, mvalid: T.int32):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         N = T.int32()
         n = T.int32()
@@ -123,6 +205,9 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
         A2 = T.match_buffer(a2, (N, n, D), dt)
         Bt2 = T.match_buffer(bt2, (N, mp, D, CW), dt)
         V = T.match_buffer(v, (N, DV // CW, mp * CW, CW), dt)
+        XL = T.match_buffer(xl, (N, n, kx) if pair is not None else (1, 1, 1), dt)
+        YL = T.match_buffer(yl, (N, ky, mp * CW) if pair is not None else (1, 1, 1), dt)
+        BAD = T.match_buffer(bad, (N, n) if pair is not None else (1, 1), dt)
         M = T.match_buffer(mo, (N, n), dt)
         L = T.match_buffer(lo_, (N, n), dt)
         ACC = T.match_buffer(acco, (N, n, DV), dt)
@@ -137,6 +222,8 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
             for r in range(R):
                 mr[r] = neg
                 lr[r] = zero
+                if pair is not None:
+                    BAD[b, r0 + r] = zero
                 for j in T.vectorized(DV):
                     acc[r, j] = zero
             for ct in range(col_tiles(r0, mvalid)):
@@ -144,17 +231,17 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
                 for cb in range(KC // CW):
                     for rb in range(R // RB):
                         if not split:
-                            scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 0)
+                            scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 0, XL, YL)
                         else:
                             # a block wholly on one side of the diagonal from that side's
                             # factors; one across it from both
                             if ct * KC + cb * CW + CW - 1 <= r0 + rb * RB:
-                                scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 0)
+                                scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 0, XL, YL)
                             elif ct * KC + cb * CW > r0 + rb * RB + RB - 1:
-                                scores(S, A2, Bt2, b, r0, ct * KC, rb, cb, mvalid, 0)
+                                scores(S, A2, Bt2, b, r0, ct * KC, rb, cb, mvalid, 0, XL, YL)
                             else:
-                                scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 1)
-                                scores(S, A2, Bt2, b, r0, ct * KC, rb, cb, mvalid, 2)
+                                scores(S, A, Bt, b, r0, ct * KC, rb, cb, mvalid, 1, XL, YL)
+                                scores(S, A2, Bt2, b, r0, ct * KC, rb, cb, mvalid, 2, XL, YL)
                 # per row: the new max, the old terms' factor, the exponentials and their sum
                 for r in range(R):
                     pm = T.decl_buffer((CW,), dt)
@@ -163,7 +250,14 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
                     for c in range(KC // CW):
                         for j in T.vectorized(CW):
                             pm[j] = T.max(pm[j], S[r, c * CW + j])
+                    if pair is not None:  # a kept score NaN or +inf: the row is flagged
+                        for c in range(KC // CW):
+                            for j in T.vectorized(CW):
+                                pm[j] = T.Select(bad_score(S[r, c * CW + j]), inf, pm[j])
                     mt = lanes(pm, tirx.max)
+                    if pair is not None:
+                        if mt == inf:
+                            BAD[b, r0 + r] = one
                     mnew = T.max(mr[r], mt)
                     ms = T.if_then_else(mnew == neg, zero, mnew)  # all masked so far
                     al[r] = exp(mr[r] - ms)
@@ -197,4 +291,8 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
                 for j in T.vectorized(DV):
                     ACC[b, r0 + r, j] = acc[r, j]
 
+    if em._scalar_call:  # (a function TVM cannot vectorise: libm's erf in float64)
+        from ..errors import LoweringError
+        raise LoweringError("the score's elementwise part calls a function that does not "
+                            "vectorise")
     return tvm.IRModule({"main": online_softmax})

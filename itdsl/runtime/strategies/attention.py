@@ -15,7 +15,10 @@ import math
 import torch
 
 from ...errors import UnsupportedError
+from ...lowering import softmax as kernel
+from ...lowering.softmax import PairPart
 from ...symbolic import pexpr as P
+from ...symbolic.plan import X_SIDE
 from ...symbolic.strategies.attention import SoftmaxForm
 from ..plan_eval import PlanEvaluator, tshape
 from . import tuning as T
@@ -330,26 +333,40 @@ def _row_tiles(n: int, m: int, causal: str | None):
         yield slice(r0, r1), tiles
 
 
-@functools.lru_cache(maxsize=32)
-def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split: bool):
+_KERNELS: dict[str, object] = {}  # the fused kernels loaded in this process, by key
+
+
+def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split: bool,
+                  pair=None):
     """The fused online-softmax kernel (`lowering/softmax.py`): from the kernel cache, else
-    compiled (a fraction of a second) and cached."""
+    compiled (a fraction of a second) and cached; None where it cannot be built (a score's
+    elementwise part TVM does not vectorise)."""
     import hashlib
 
     from ...cache.disk import versions
     from .. import cache
-    from ..module import _ensure_threads
-    _ensure_threads()
     text = f"online_softmax;{width};{vwidth};{dtype};{causal};{split};cpu;{versions()}"
+    if pair is not None:
+        text += f";live={pair.live};{len(pair.x_leaves)};" + cache.canonical(pair.roots())
     key = hashlib.sha256(text.encode()).hexdigest()[:32]
-    fn = cache.load(key)
-    if fn is None:
-        from ...lowering import compile_module
-        from ...lowering.softmax import build_online_softmax
-        exe = compile_module(build_online_softmax(width, vwidth, dtype, causal, split), "cpu")
-        cache.store(key, exe)
-        fn = exe["main"]
-    return fn
+    if key not in _KERNELS:
+        from ..module import _ensure_threads
+        _ensure_threads()
+        fn = cache.load(key)
+        if fn is None:
+            from ...errors import LoweringError
+            from ...lowering import compile_module
+            from ...lowering.softmax import build_online_softmax
+            try:
+                mod = build_online_softmax(width, vwidth, dtype, causal, split, pair)
+            except LoweringError:
+                _KERNELS[key] = None
+                return None
+            exe = compile_module(mod, "cpu")
+            cache.store(key, exe)
+            fn = exe["main"]
+        _KERNELS[key] = fn
+    return _KERNELS[key]
 
 
 def _fused_applies(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> bool:
@@ -383,16 +400,22 @@ def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-def _fused(A, B, V, causal: str | None, A2=None, B2=None):
+def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL=None):
     """(row max M [N, n], Σ exp(s − M)·V [N, n, dv], Σ exp(s − M) [N, n]) by the fused kernel,
-    for s = A·Bᵀ (under the causal mask), or with A2, B2: A·Bᵀ for y <= x and A2·B2ᵀ above.
-    M is -inf on a row with every score masked (its sums 0)."""
-    from ...lowering.softmax import tiles
+    for s = A·Bᵀ (under the causal mask), or with A2, B2: A·Bᵀ for y <= x and A2·B2ᵀ above,
+    or with `pair` (`lowering.softmax.PairPart`) plus its position term and under its mask,
+    from the per-point values XL [N, n, kx] and YL [N, ky, m]. M is -inf on a row with
+    every score masked (its sums 0). None where the kernel cannot take the call: it has no
+    kernel for the pair part, or a kept score came out NaN or +inf (the tiles give torch's
+    values there)."""
     N, n, W = A.shape
     m, dv = B.shape[1], V.shape[-1]
-    R, KC, CW = tiles(str(A.dtype).replace("torch.", ""))
+    R, KC, CW = kernel.tiles(str(A.dtype).replace("torch.", ""))
     npad, mpad, vpad = -(-n // R) * R, -(-max(m, 1) // KC) * KC, -(-max(dv, 1) // CW) * CW
-
+    fn = _fused_kernel(W, vpad, str(A.dtype).replace("torch.", ""), causal, A2 is not None,
+                       pair)
+    if fn is None:
+        return None
     # the factors' columns as [N, mpad/CW, W, CW], the values' as [N, vpad/CW, mpad, CW]
     a = _padded(A, npad, W)
     bt = _padded(B, mpad, W).view(N, mpad // CW, CW, W).transpose(2, 3).contiguous()
@@ -400,27 +423,35 @@ def _fused(A, B, V, causal: str | None, A2=None, B2=None):
     a2, bt2 = (a, bt) if A2 is None else (
         _padded(A2, npad, W),
         _padded(B2, mpad, W).view(N, mpad // CW, CW, W).transpose(2, 3).contiguous())
+    if pair is None:
+        xl = yl = bad = A.new_zeros(1, 1, 1)
+        bad = bad[0]
+    else:
+        xl = _padded(XL, npad, XL.shape[-1])
+        yl = _padded(YL.transpose(1, 2), mpad, YL.shape[1]).transpose(1, 2).contiguous()
+        bad = A.new_empty(N, npad)
     M, L = A.new_empty(N, npad), A.new_empty(N, npad)
     acc = A.new_empty(N, npad, vpad)
-    fn = _fused_kernel(W, vpad, str(A.dtype).replace("torch.", ""), causal, A2 is not None)
-    fn(a, bt, a2, bt2, vp, M, L, acc, m)
+    fn(a, bt, a2, bt2, vp, xl, yl, bad, M, L, acc, m)
+    if pair is not None and bool(bad.any()):
+        return None
     return M[:, :n], acc[:, :n, :dv], L[:, :n]
 
 
 class _Softmax(torch.autograd.Function):
     """Tiled online softmax: per tile of rows a running max, sum and Σ exp(s − max)·V over
     the tiles of columns; returns (row max m, Σ exp(s − m)·V, Σ exp(s − m)): by the fused
-    kernel where `_fusable` says (a score all GEMM, no mask but the causal one), else in
-    torch (`_tiles`). The backward recomputes each tile's scores (flash attention) and keeps
+    kernel where `_fusable` says and it takes the score (`_fused_softmax`), else in torch
+    (`_tiles`). The backward recomputes each tile's scores (flash attention) and keeps
     nothing n×m; m is a constant of the Plan (the ratio does not depend on it), as in the
     dense backward."""
 
     @staticmethod
     def forward(ctx, info, A, B, V, *leaves):
         ev, f, keys, lead, live = info
-        if (f.rest is None and live is None and (f.mask is None or f.causal is not None)
-                and _fusable(A, B, V)):  # the three by one kernel
-            m_all, acc_all, l_all = _fused(A, B, V, f.causal)
+        got = _fused_softmax(ev, f, lead, live, A, B, V)
+        if got is not None:  # the three by one kernel
+            m_all, acc_all, l_all = got
             m_all = m_all.nan_to_num(neginf=0.0)
         else:
             m_all, acc_all, l_all = _tiles(ev, f, keys, lead, live, A, B, V, leaves)
@@ -473,6 +504,38 @@ class _Softmax(torch.autograd.Function):
                         if g is not None:
                             dleaves[i] += g
         return (None, dA, dB, dV, *dleaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_part(f: SoftmaxForm, live: bool) -> PairPart | None:
+    """The score's elementwise part for the fused kernel (the causal mask aside, which the
+    kernel applies itself); None where it has none, False where the kernel cannot take it."""
+    mask = f.mask if f.causal is None else None
+    if f.rest is None and mask is None and not live:
+        return None
+    return PairPart.of(f.rest, mask, X_SIDE, f.sums[0].over, live) or False
+
+
+def _fused_softmax(ev, f: SoftmaxForm, lead, live, A, B, V):
+    """`_Softmax`'s forward by the fused kernel, the score's elementwise part (position term,
+    mask, points out of the sums) from its per-point values; None where the kernel does not
+    take the call."""
+    pair = _pair_part(f, live is not None)
+    if pair is False or not _fusable(A, B, V):
+        return None
+    XL = YL = None
+    if pair is not None:
+        N, n, m = A.shape[0], A.shape[1], B.shape[1]
+
+        def side(e, s, size):  # [N, size]
+            return on(ev, e, s)[..., 0].expand(*lead, size).reshape(N, size).to(A.dtype)
+        XL = torch.stack([side(e, X_SIDE, n) for e in pair.x_leaves] or [A.new_zeros(N, n)],
+                         -1)
+        ys = [side(e, f.sums[0].over, m) for e in pair.y_leaves]
+        if live is not None:
+            ys.append(live.reshape(N, m))
+        YL = torch.stack(ys or [A.new_zeros(N, m)], 1)
+    return _fused(A, B, V, f.causal, pair=pair, XL=XL, YL=YL)
 
 
 def _tiles(ev, f: SoftmaxForm, keys, lead, live, A, B, V, leaves):
