@@ -7,6 +7,8 @@ The paths (names used in reports):
 - `strategy64`, `strategy32`: the automatic strategy, when it runs in torch (the module's
   `_runner`); a "dense" strategy compiles kernels, which `tvm64` covers.
 - `tvm64`, `tvm32`: the TVM kernels (`strategy="dense"`), only when asked (they compile).
+- `strategy_fused64`, `strategy_fused32`: attention, when the TVM paths are asked, with the
+  fused online-softmax kernel at every size (it runs from `FUSED_MIN_WORK` pairs on).
 - `analysis`: the symbolic analysis (`Program.plan`) itself, when it raises.
 
 Every path gets the same inputs (fresh leaves, same layouts), the same params (copied from
@@ -249,6 +251,15 @@ def run_paths(text: str, name: str, inputs: Inputs, seed: int, tvm: bool,
         for bits, dtype in (("64", F64), ("32", F32)):
             res["strategy" + bits] = run_module(_like(prog[name], ref, dtype), op, inputs,
                                                 dtype, seed)
+    if tvm and plan.strategy == "attention" and prog[name]._runner is not None:
+        import itdsl.runtime.strategies.tuning as T
+        least, T.FUSED_MIN_WORK = T.FUSED_MIN_WORK, 0
+        try:
+            for bits, dtype in (("64", F64), ("32", F32)):
+                res["strategy_fused" + bits] = run_module(_like(prog[name], ref, dtype), op,
+                                                          inputs, dtype, seed)
+        finally:
+            T.FUSED_MIN_WORK = least
     if tvm:
         dense = itdsl.compile_source(text, target="cpu", strategy="dense")
         for bits, dtype in (("64", F64), ("32", F32)):
