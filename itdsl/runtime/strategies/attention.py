@@ -270,7 +270,9 @@ class _Flash(torch.autograd.Function):
             raise _no_second_derivatives(
                 "second derivatives of attention computed by torch's scaled_dot_product_"
                 "attention are not available")
-        A_lo, B_lo, V, out, L, *hi = ctx.saved_tensors
+        # (contiguous: given a strided view, as of a transposed input, the CPU flash backward
+        # reads it as if it were contiguous and answers wrong gradients, without an error)
+        A_lo, B_lo, V, out, L, *hi = (t.contiguous() for t in ctx.saved_tensors)
         back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dO = dO.contiguous()
         dA_lo, dB_lo, dV = back(dO, A_lo, B_lo, V, out, L, 0.0, ctx.split, scale=1.0)
