@@ -251,14 +251,15 @@ def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatc
     import itdsl.runtime.strategies.attention as A
     monkeypatch.setattr(S, "USE_SDPA", False)
     monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    calls = []
+    calls = []  # the kernel's answers (None: left to the tiles)
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kernel(*a, **kw)) or
+                        calls[-1])
     lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")["attention"]
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(20, 64, generator=g) for _ in range(3))
     lib(q=q, k=k, v=v)
-    assert calls
+    assert calls and calls[0] is not None
     for bad in ("v", "q", "huge"):
         qq, kk, vv = q.clone(), k.clone(), v.clone()
         if bad == "v":
@@ -269,7 +270,7 @@ def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatc
             qq[0, 0], kk[0, 0] = 4e19, 4e19  # q·k / 8 = 2e38
         calls.clear()
         out = lib(q=qq, k=kk, v=vv)
-        assert not calls
+        assert all(c is None for c in calls)
         want = torch.softmax(qq.double() @ kk.double().T / 8, -1) @ vv.double()
         torch.testing.assert_close(out, want.float(), equal_nan=True)
 
@@ -371,6 +372,73 @@ def test_points_montecarlo_did_not_draw_stay_out_of_the_fused_kernel(monkeypatch
                                torch.autograd.grad(want.sum(), qw)[0])
 
 
+@pytest.mark.parametrize("n", [47, 300])
+def test_the_padding_rows_do_not_flag_a_call(monkeypatch, n):
+    """sqrt(t − s) is NaN above the diagonal, which the causal mask drops; the kernel's rows
+    beyond n (padding to whole tiles of 48) keep columns the real rows do not, and their
+    NaN must not send the call to the tiles."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    ran = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    src = """operator w {
+        domain T = index
+        input  q : T -> R^4
+        input  k : T -> R^4
+        input  v : T -> R^2
+        param  slope : R = 0.5
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) - slope * sqrt(t - s)) * [s <= t]
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    op = itdsl.compile_source(src, target="cpu")["w"].double()
+    g = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(n, 4, generator=g, dtype=D) for _ in range(2))
+    v = torch.randn(n, 2, generator=g, dtype=D)
+    out = op(q=q, k=k, v=v)
+    assert ran and ran[0] is not None  # the kernel's answer, not the tiles'
+    t = torch.arange(n, dtype=D)
+    d = t[:, None] - t[None, :]
+    score = (q @ k.T - 0.5 * d.clamp_min(0).sqrt()).masked_fill(d < 0, -torch.inf)
+    torch.testing.assert_close(out, torch.softmax(score, -1) @ v)
+
+
+def test_large_position_terms_keep_their_gradients(monkeypatch):
+    """A position term that makes scores large (exp(|t − s|/2) up to e^75): the backward
+    recomputes the scores in torch against the row max, so one from the kernel (rounded
+    otherwise, by about eps·|score|) would put NaN and inf in the gradients; the kernel
+    flags such rows and the tiles run the call. Float32 against float64 torch."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    ran = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    src = """operator w {
+        domain T = index
+        input  q : T -> R^4
+        input  k : T -> R^4
+        input  v : T -> R^2
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s)) + exp(abs(t - s) / 2)) * [abs(t - s) < 150]
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }"""
+    op = itdsl.compile_source(src, target="cpu")["w"]
+    n = 300
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(n, 4, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    v = torch.randn(n, 2, generator=g, dtype=D, requires_grad=True)
+    qf, kf, vf = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    out = op(q=qf, k=kf, v=vf)
+    assert ran and ran[0] is None  # flagged
+    t = torch.arange(n, dtype=D)
+    d = (t[:, None] - t[None, :]).abs()
+    want = torch.softmax((q @ k.T + (d / 2).exp()).masked_fill(d >= 150, -torch.inf), -1) @ v
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    got = torch.autograd.grad(out.sum(), (qf, kf, vf))
+    wants = torch.autograd.grad(want.sum(), (q, k, v))
+    for x, y in zip(got, wants, strict=True):
+        torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-4)
+
+
 def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
     """log(slope·(t − s)) is NaN below the diagonal: the kernel flags the rows and the call
     runs on the tiles, which give torch's NaN rows; a term of a vector of pairs (not a
@@ -391,9 +459,10 @@ def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randn(n, 4, generator=g) for _ in range(2))
     v = torch.randn(n, 2, generator=g)
-    calls = []
+    calls = []  # the kernel's answers (None: left to the tiles)
     kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kernel(*a, **kw)) or
+                        calls[-1])
     out = op(q=q, k=k, v=v)
     assert calls  # tried, flagged
     t = torch.arange(n, dtype=torch.float32)

@@ -30,8 +30,8 @@ values (of the row's point, of the column's: coordinates, params, per-point step
 runtime computes and passes as XL `[N, n, kx]` and YL `[N, ky, m]`; the kernel evaluates the
 expression per pair in the score tile's epilogue, with the same TVM forms of the functions
 as the pair kernels (`pair.ElementMath`). Its values are not checked beforehand: the kernel
-flags each row with a kept score that is NaN or +inf (BAD), and the runtime leaves such a
-call to the tiles.
+flags each row with a kept score that is NaN or beyond a limit in magnitude (+inf
+included: BAD), and the runtime leaves such a call to the tiles.
 """
 
 from __future__ import annotations
@@ -94,13 +94,15 @@ class PairPart:
 
 
 def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None,
-                         split: bool = False, pair: PairPart | None = None):
+                         split: bool = False, pair: PairPart | None = None,
+                         limit: float = math.inf):
     """The IRModule of the kernel for factors of `width` columns, values of `vwidth` columns
     (a multiple of the micro-kernel's CW) and the mask (None, "<=": j <= i, "<": j < i).
     With `split` (no mask), the score is A·B for j <= i and A2·B2 for j > i (a position term
     that separates on each side of the diagonal, as |i − j| does); else A2, B2 are not read
     (pass A and B again). With `pair`, the score's elementwise part (`PairPart`): the
-    kernel takes XL, YL and BAD after V (else pass one-element arrays)."""
+    kernel takes XL, YL and BAD after V (else pass one-element arrays), and flags a row
+    with a kept score that is NaN or larger in magnitude than `limit`."""
     import tvm
     from tvm import tirx
     from tvm.script import tirx as T
@@ -121,8 +123,10 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
         v = tirx.Var("xe", dt)  # clamped to EXP_LO, where the polynomial gives 0
         return tirx.Let(v, tirx.max(x, lo), poly_exp(v, dt))
 
-    def bad_score(x):  # NaN or +inf
-        return tirx.Or(em.isnan(x), x == inf)
+    big = tirx.const(min(limit, 3.0e38), dt)
+
+    def bad_score(x):  # NaN, or finite (or +inf) and beyond the limit; -inf is masked
+        return tirx.Or(em.isnan(x), tirx.And(x != neg, tirx.Or(x > big, x < -big)))
 
     def kept(row, col, mvalid):  # a column is in the sum: valid, and on the causal side
         if causal is None:

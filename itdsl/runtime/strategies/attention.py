@@ -140,7 +140,8 @@ def _score_bound(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def _in_range(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Whether scores bounded by `bound` keep SDPA's log-sum-exp exact enough (see
-    `_sdpa_safe`)."""
+    `_sdpa_safe`), and a row max from another computation than the backward's scores (the
+    fused kernel's, `_fusable`)."""
     lse = dtype if dtype == torch.float64 else torch.float32  # (halves: kept in float32)
     return bound * torch.finfo(lse).eps <= T.SDPA_SCORE_BOUND
 
@@ -339,7 +340,7 @@ _KERNELS: dict[str, object] = {}  # the fused kernels loaded in this process, by
 
 
 def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split: bool,
-                  pair=None):
+                  pair=None, limit: float = math.inf):
     """The fused online-softmax kernel (`lowering/softmax.py`): from the kernel cache, else
     compiled (a fraction of a second) and cached; None where it cannot be built (a score's
     elementwise part TVM does not vectorise)."""
@@ -349,7 +350,8 @@ def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split
     from .. import cache
     text = f"online_softmax;{width};{vwidth};{dtype};{causal};{split};cpu;{versions()}"
     if pair is not None:
-        text += f";live={pair.live};{len(pair.x_leaves)};" + cache.canonical(pair.roots())
+        text += (f";live={pair.live};{len(pair.x_leaves)};limit={limit!r};"
+                 + cache.canonical(pair.roots()))
     key = hashlib.sha256(text.encode()).hexdigest()[:32]
     if key not in _KERNELS:
         from ..module import _ensure_threads
@@ -360,7 +362,7 @@ def _fused_kernel(width: int, vwidth: int, dtype: str, causal: str | None, split
             from ...lowering import compile_module
             from ...lowering.softmax import build_online_softmax
             try:
-                mod = build_online_softmax(width, vwidth, dtype, causal, split, pair)
+                mod = build_online_softmax(width, vwidth, dtype, causal, split, pair, limit)
             except LoweringError:
                 _KERNELS[key] = None
                 return None
@@ -382,11 +384,12 @@ def _fused_applies(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> bool:
 
 
 def _fusable(A: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> bool:
-    """`_fused_applies`, and the data (one sync): every factor and value finite and a bound
-    on the scores (Σ_c max|A_c|·max|B_c|) far from overflow; else the tiles, which give
-    torch's values for NaN and inf."""
-    return _fused_applies(A, B, V) and bool(
-        (_score_bound(A, B) <= torch.finfo(A.dtype).max / 4) & torch.isfinite(V).all())
+    """The data (one sync): every factor and value finite, and the scores' bound
+    (Σ_c max|A_c|·max|B_c|) in range for a backward that recomputes them in torch against
+    the kernel's row max (`_in_range`: their roundings differ by about eps·|score|, which
+    exp(s − m) multiplies in); else the tiles, which give torch's values for NaN and inf
+    and keep max and scores from one computation."""
+    return bool(_in_range(_score_bound(A, B), A.dtype) & torch.isfinite(V).all())
 
 
 def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -402,21 +405,29 @@ def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL=None):
+def _score_limit(dtype: torch.dtype) -> float:
+    """The magnitude of a score beyond which the fused kernel flags its row (`_in_range`'s
+    bound for a single score)."""
+    return T.SDPA_SCORE_BOUND / torch.finfo(dtype).eps
+
+
+def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL=None,
+           check: bool = False):
     """(row max M [N, n], Σ exp(s − M)·V [N, n, dv], Σ exp(s − M) [N, n]) by the fused kernel,
     for s = A·Bᵀ (under the causal mask), or with A2, B2: A·Bᵀ for y <= x and A2·B2ᵀ above,
     or with `pair` (`lowering.softmax.PairPart`) plus its position term and under its mask,
     from the per-point values XL [N, n, kx] and YL [N, ky, m]. M is -inf on a row with
     every score masked (its sums 0). None where the kernel cannot take the call: it has no
-    kernel for the pair part, or a kept score came out NaN or +inf (the tiles give torch's
-    values there)."""
+    kernel for the pair part, the data are not `_fusable` (checked with `check`, once the
+    kernel is there), or a kept score came out NaN or beyond `_score_limit` (the tiles give
+    torch's values there)."""
     N, n, W = A.shape
     m, dv = B.shape[1], V.shape[-1]
     R, KC, CW = kernel.tiles(str(A.dtype).replace("torch.", ""))
     npad, mpad, vpad = -(-n // R) * R, -(-max(m, 1) // KC) * KC, -(-max(dv, 1) // CW) * CW
     fn = _fused_kernel(W, vpad, str(A.dtype).replace("torch.", ""), causal, A2 is not None,
-                       pair)
-    if fn is None:
+                       pair, _score_limit(A.dtype))
+    if fn is None or check and not _fusable(A, B, V):
         return None
     # the factors' columns as [N, mpad/CW, W, CW], the values' as [N, vpad/CW, mpad, CW]
     a = _padded(A, npad, W)
@@ -435,8 +446,8 @@ def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL
     M, L = A.new_empty(N, npad), A.new_empty(N, npad)
     acc = A.new_empty(N, npad, vpad)
     fn(a, bt, a2, bt2, vp, xl, yl, bad, M, L, acc, m)
-    if pair is not None and bool(bad.any()):
-        return None
+    if pair is not None and bool(bad[:, :n].any()):  # (not the padding rows: some keep
+        return None  # real columns, with values of the zero padding)
     return M[:, :n], acc[:, :n, :dv], L[:, :n]
 
 
@@ -522,8 +533,10 @@ def _fused_softmax(ev, f: SoftmaxForm, lead, live, A, B, V):
     """`_Softmax`'s forward by the fused kernel, the score's elementwise part (position term,
     mask, points out of the sums) from its per-point values; None where the kernel does not
     take the call."""
+    if not _fused_applies(A, B, V):
+        return None
     pair = _pair_part(f, live is not None)
-    if pair is False or not _fusable(A, B, V):
+    if pair is False:
         return None
     XL = YL = None
     if pair is not None:
@@ -537,7 +550,7 @@ def _fused_softmax(ev, f: SoftmaxForm, lead, live, A, B, V):
         if live is not None:
             ys.append(live.reshape(N, m))
         YL = torch.stack(ys or [A.new_zeros(N, m)], 1)
-    return _fused(A, B, V, f.causal, pair=pair, XL=XL, YL=YL)
+    return _fused(A, B, V, f.causal, pair=pair, XL=XL, YL=YL, check=True)
 
 
 def _tiles(ev, f: SoftmaxForm, keys, lead, live, A, B, V, leaves):
