@@ -118,7 +118,7 @@ def attention_setup(n: int, causal: bool, backward: bool):
     def itdsl_fn():
         return run(lambda a, b, c: op(q=a, k=b, v=c))
 
-    def own_fn():  # the tiled online softmax itdsl runs when a score is not plain q·k
+    def own_fn():  # itdsl's own online softmax (at this size the fused kernel), off SDPA
         strategies.USE_SDPA = False
         try:
             return run(lambda a, b, c: op(q=a, k=b, v=c))
@@ -173,6 +173,47 @@ def alibi_setup(n: int, causal: bool, bias: str):
             return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
     return {"itdsl": itdsl_fn, "torch sdpa, n×n bias": sdpa_fn}
+
+
+def window_setup(n: int, score: str):
+    """Attention whose score SDPA cannot take as columns: a window [|t − s| < 256] or a
+    decaying bias 2·exp(−|t − s| / 64); itdsl (the fused kernel), its torch tiles, and SDPA
+    given the n×n mask or bias."""
+    import torch
+    import torch.nn.functional as F
+
+    import itdsl
+    import itdsl.runtime.strategies.tuning as tuning
+    kernel, bias = {
+        "window": ("exp(dot(q(t), k(s)) / 8) * [abs(t - s) < 256]",
+                   lambda d: torch.zeros_like(d).masked_fill(d.abs() >= 256, -torch.inf)),
+        "decay": ("exp(dot(q(t), k(s)) / 8 - 2 * exp(-abs(t - s) / 64))",
+                  lambda d: -2 * (-d.abs() / 64).exp())}[score]
+    src = ALIBI.replace("    param  slope : R = 0.0625\n", "").replace(
+        "    kernel a(t: T, s: T) = exp(dot(q(t), k(s)) / 8 - slope * BIAS)MASK\n",
+        f"    kernel a(t: T, s: T) = {kernel}\n")
+    op = itdsl.compile_source(src, target="cpu")["alibi"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 64, generator=g) for _ in range(3))
+    i = torch.arange(n, dtype=torch.float32)
+    mask = bias(i[:, None] - i[None, :])
+
+    def itdsl_fn():
+        with torch.no_grad():
+            return op(q=q, k=k, v=v)
+
+    def tiles_fn():
+        tuning.USE_FUSED = False
+        try:
+            return itdsl_fn()
+        finally:
+            tuning.USE_FUSED = True
+
+    def sdpa_fn():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+
+    return {"itdsl": itdsl_fn, "itdsl, torch tiles": tiles_fn, "torch sdpa, n×n mask": sdpa_fn}
 
 
 def sequence_setup(which: str, T: int, dense: bool):
@@ -271,6 +312,9 @@ def cases(quick: bool) -> dict:
         for bias in ("(t - s)", "abs(t - s)"):
             name = f"{'causal' if causal else 'non-causal'} ALiBi slope·{bias} fwd B·H=4 n={n} d=64"
             out[name] = ("alibi", (n, causal, bias))
+    out[f"window attention [|t - s| < 256] fwd B·H=4 n={n} d=64"] = ("window", (n, "window"))
+    out[f"decay-bias attention 2·exp(-|t - s|/64) fwd B·H=4 n={n} d=64"] = ("window",
+                                                                          (n, "decay"))
     out["bump_conv fwd T=4096 batch 32 (1,639 taps: FFT)"] = ("conv", (4096, 32))
     out["bump_conv fwd T=128 batch 256 (51 taps: conv1d)"] = ("conv", (128, 256))
     lengths = (1000, 4000) if quick else (1000, 4000, 16_000, 64_000)
@@ -287,7 +331,8 @@ def cases(quick: bool) -> dict:
 def build(kind: str, args: tuple) -> dict:
     return {"gauss": gauss_setup, "itnet": itnet_setup, "inn": inn_setup,
             "attention": attention_setup, "sequence": sequence_setup, "conv": conv_setup,
-            "lowrank": lowrank_setup, "alibi": alibi_setup, "small": small_setup}[kind](*args)
+            "lowrank": lowrank_setup, "alibi": alibi_setup, "small": small_setup,
+            "window": window_setup}[kind](*args)
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -430,10 +475,11 @@ def bars(seen: dict) -> None:
             None if p is None or both is None else p / both, f"≥ {target}",
             lambda v, t=target: v >= t)
     for causal in ("non-causal", "causal"):
-        for bias, how in (("(t - s)", "SDPA on extra columns"),
-                          ("abs(t - s)", "SDPA twice, s <= t and s > t, merged")):
-            if causal == "causal" and bias == "abs(t - s)":  # (|t − s| = t − s under the mask)
-                how = "SDPA on extra columns: |t − s| = t − s under the mask"
+        for bias, how in (("(t - s)", "the fused kernel on extra columns"),
+                          ("abs(t - s)", "the fused kernel, each side's columns")):
+            if causal == "causal":  # (|t − s| = t − s under the mask)
+                how = "SDPA on extra columns" + (": |t − s| = t − s under the mask"
+                                                 if bias == "abs(t - s)" else "")
             name = f"{causal} ALiBi slope·{bias} fwd"
             mine, peer = _t(seen, name), _t(seen, name, "torch sdpa, n×n bias")
             bar(f"{name} ({how}): itdsl / SDPA with the bias as mask",
@@ -441,7 +487,7 @@ def bars(seen: dict) -> None:
                 lambda v: v <= 1.0)
     own, sdpa = (_t(seen, "attention fwd B·H", m) for m in ("itdsl, its own online softmax",
                                                              "torch sdpa"))
-    bar("plain attention forward, itdsl's own online softmax / SDPA",
+    bar("plain attention forward, itdsl's own online softmax (the fused kernel) / SDPA",
         None if own is None or sdpa is None else own / sdpa, "≤ 1.2", lambda v: v <= 1.2)
     mine, peer = (_t(seen, "itnet_mix fwd+bwd n=2048", m) for m in ("itdsl", "torch materialised"))
     bar("itnet_mix forward + backward n = 2,048: materialised torch / itdsl",
