@@ -439,6 +439,49 @@ def test_large_position_terms_keep_their_gradients(monkeypatch):
         torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("mask,width,keep", [
+    ("[abs(t - s) < 40]", 39, lambda d: d.abs() < 40),
+    ("[abs(s - t) <= 40.5]", 40, lambda d: d.abs() <= 40.5),
+    ("[abs(t - s) < 300] * [s <= t + 7]", 299, lambda d: (d.abs() < 300) & (d >= -7)),
+    ("[abs(t - s) < 0.5]", 0, lambda d: d == 0),
+    ("[t - s < 40]", None, lambda d: d < 40),
+])
+def test_a_window_mask_skips_the_tiles_beyond_it(monkeypatch, mask, width, keep):
+    """A window [abs(t − s) < c] on one index domain: the fused kernel reads only the column
+    tiles within c of a row tile (its half-width passed as `band`; none where the mask has
+    no abs window); output and gradients are torch's, at n = 700 (15 row tiles, 3 column
+    tiles, the window crossing their edges)."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    bands = []
+    kernel = A._fused
+    monkeypatch.setattr(A, "_fused", lambda *a, **kw: bands.append(kw.get("band")) or
+                        kernel(*a, **kw))
+    src = f"""operator w {{
+        domain T = index
+        input  q : T -> R^4
+        input  k : T -> R^4
+        input  v : T -> R^2
+        kernel a(t: T, s: T) = exp(dot(q(t), k(s))) * {mask}
+        output o(t: T) = integral(s: T) a(t, s) * v(s) / integral(s: T) a(t, s)
+    }}"""
+    op = itdsl.compile_source(src, target="cpu")["w"].double()
+    n = 700
+    g = torch.Generator().manual_seed(10)
+    q, k = (torch.randn(n, 4, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    v = torch.randn(n, 2, generator=g, dtype=D)
+    out = op(q=q, k=k, v=v)
+    assert bands == [A.NO_BAND if width is None else width]
+    t = torch.arange(n, dtype=D)
+    want = torch.softmax((q @ k.T).masked_fill(~keep(t[:, None] - t[None, :]), -torch.inf),
+                         -1) @ v
+    torch.testing.assert_close(out, want)
+    got = torch.autograd.grad(out.sum(), (q, k))
+    wants = torch.autograd.grad(want.sum(), (q, k))
+    for x, y in zip(got, wants, strict=True):
+        torch.testing.assert_close(x, y)
+
+
 def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
     """log(slope·(t − s)) is NaN below the diagonal: the kernel flags the rows and the call
     runs on the tiles, which give torch's NaN rows; a term of a vector of pairs (not a

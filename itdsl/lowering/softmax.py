@@ -20,8 +20,10 @@ The caller packs B as `[N, m/CW, D, CW]` and V as `[N, DV/CW, m, CW]`, panels of
 each contiguous, as a GEMM library packs its operands (a panel read across rows of the
 plain layout, 16 KB apart, meets itself in a few sets of the L1 cache: up to 1.5× slower at
 n = 4,096), pads every array to whole tiles (rows to R, columns to KC, V's width to CW)
-and passes the number of valid columns `mvalid`: padded columns are masked. Inputs must be
-finite and the scores far from overflow (the runtime checks): the kernel does not
+and passes the number of valid columns `mvalid` (padded columns are masked) and `band`: row i
+reads only the column tiles that hold a column j with |i − j| <= band (a window mask's
+half-width; the others are masked, and skipped; a large number where there is none). Inputs
+must be finite and the scores far from overflow (the runtime checks): the kernel does not
 reproduce torch's NaN propagation.
 
 A score may have an elementwise part besides the GEMM (`PairPart`): a position term added
@@ -172,11 +174,14 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
             return tirx.Select(tirx.all(col < mvalid, col <= row), value, neg)
         return tirx.Select(col <= row, old, tirx.Select(col < mvalid, value, neg))
 
-    def col_tiles(r0, mvalid):  # the column tiles a row tile reads
-        every = (mvalid + KC - 1) // KC
-        if causal is None:
-            return every
-        return tirx.max(tirx.const(0, "int32"), tirx.min(every, (r0 + R - 1 - shift + KC) // KC))
+    def col_tiles(r0, mvalid, band):  # (first, end) of the column tiles a row tile reads:
+        # those holding a column within `band` of one of its rows, and of the causal side
+        zero_i = tirx.const(0, "int32")
+        first = tirx.max(zero_i, tirx.floordiv(r0 - band, KC))
+        end = tirx.min((mvalid + KC - 1) // KC, tirx.floordiv(r0 + R - 1 + band, KC) + 1)
+        if causal is not None:
+            end = tirx.min(end, tirx.floordiv(r0 + R - 1 - shift + KC, KC))
+        return first, tirx.max(first, end)
 
     @T.macro
     def scores(S, Af, Bf, b, r0, c0, rb, cb, mvalid, side, XL, YL):
@@ -199,7 +204,7 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
     @T.prim_func
     def online_softmax(a: T.handle, bt: T.handle, a2: T.handle, bt2: T.handle, v: T.handle,
                        xl: T.handle, yl: T.handle, bad: T.handle, mo: T.handle, lo_: T.handle,
-                       acco: T.handle, mvalid: T.int32):
+                       acco: T.handle, mvalid: T.int32, band: T.int32):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         N = T.int32()
         n = T.int32()
@@ -230,7 +235,7 @@ def build_online_softmax(width: int, vwidth: int, dtype: str, causal: str | None
                     BAD[b, r0 + r] = zero
                 for j in T.vectorized(DV):
                     acc[r, j] = zero
-            for ct in range(col_tiles(r0, mvalid)):
+            for ct in range(col_tiles(r0, mvalid, band)[0], col_tiles(r0, mvalid, band)[1]):
                 # the score tile S = A[rows] · B[cols]ᵀ, masked entries -inf
                 for cb in range(KC // CW):
                     for rb in range(R // RB):

@@ -20,6 +20,7 @@ from ...lowering.softmax import PairPart
 from ...symbolic import pexpr as P
 from ...symbolic.plan import X_SIDE
 from ...symbolic.strategies.attention import SoftmaxForm
+from ...symbolic.strategies.forms import regular
 from ..plan_eval import PlanEvaluator, tshape
 from . import tuning as T
 from .common import Declined, Runner, broadcast_lead, cat, factors, on, put
@@ -411,12 +412,16 @@ def _score_limit(dtype: torch.dtype) -> float:
     return T.SDPA_SCORE_BOUND / torch.finfo(dtype).eps
 
 
+NO_BAND = 2 ** 30  # (a window wider than any call)
+
+
 def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL=None,
-           check: bool = False):
+           check: bool = False, band: int = NO_BAND):
     """(row max M [N, n], Σ exp(s − M)·V [N, n, dv], Σ exp(s − M) [N, n]) by the fused kernel,
     for s = A·Bᵀ (under the causal mask), or with A2, B2: A·Bᵀ for y <= x and A2·B2ᵀ above,
     or with `pair` (`lowering.softmax.PairPart`) plus its position term and under its mask,
-    from the per-point values XL [N, n, kx] and YL [N, ky, m]. M is -inf on a row with
+    from the per-point values XL [N, n, kx] and YL [N, ky, m]; `band`: no column further
+    than it from a row's point is kept (a window mask's, `_band`). M is -inf on a row with
     every score masked (its sums 0). None where the kernel cannot take the call: it has no
     kernel for the pair part, the data are not `_fusable` (checked with `check`, once the
     kernel is there), or a kept score came out NaN or beyond `_score_limit` (the tiles give
@@ -445,7 +450,7 @@ def _fused(A, B, V, causal: str | None, A2=None, B2=None, pair=None, XL=None, YL
         bad = A.new_empty(N, npad)
     M, L = A.new_empty(N, npad), A.new_empty(N, npad)
     acc = A.new_empty(N, npad, vpad)
-    fn(a, bt, a2, bt2, vp, xl, yl, bad, M, L, acc, m)
+    fn(a, bt, a2, bt2, vp, xl, yl, bad, M, L, acc, m, band)
     if pair is not None and bool(bad[:, :n].any()):  # (not the padding rows: some keep
         return None  # real columns, with values of the zero padding)
     return M[:, :n], acc[:, :n, :dv], L[:, :n]
@@ -550,7 +555,33 @@ def _fused_softmax(ev, f: SoftmaxForm, lead, live, A, B, V):
         if live is not None:
             ys.append(live.reshape(N, m))
         YL = torch.stack(ys or [A.new_zeros(N, m)], 1)
-    return _fused(A, B, V, f.causal, pair=pair, XL=XL, YL=YL, check=True)
+    return _fused(A, B, V, f.causal, pair=pair, XL=XL, YL=YL, check=True,
+                  band=_band(ev.plan, f))
+
+
+def _band(plan, f: SoftmaxForm) -> int:
+    """The half-width w of a window in the mask, a factor [abs(t − s) < c] (or <=, or
+    s − t) over the points of one index domain: every kept pair has |i − j| <= w, and the
+    fused kernel skips the column tiles beyond it; NO_BAND where the mask has none."""
+    over = f.sums[0].over
+    if f.mask is None or not regular(plan, over):
+        return NO_BAND
+    dom = plan.op.domain(plan.spaces[over].domain)
+    if dom.kind.value != "index" or dom.naxes != 1:
+        return NO_BAND
+
+    def conj(n):
+        return conj(n.args[0]) + conj(n.args[1]) if n.op == "and" else [n]
+    w = NO_BAND
+    for c in conj(f.mask):
+        if c.op not in ("<", "<=") or c.args[0].op != "abs" or c.args[1].op != "const":
+            continue
+        d, lim = c.args[0].args[0], c.args[1].value
+        if (d.op == "-" and all(a.op == "coord" and a.shape == () for a in d.args)
+                and {a.side for a in d.args} == {X_SIDE, over} and math.isfinite(lim)):
+            k = math.floor(lim)
+            w = min(w, max(-1, k - 1 if c.op == "<" and k == lim else k))
+    return w
 
 
 def _tiles(ev, f: SoftmaxForm, keys, lead, live, A, B, V, leaves):
