@@ -232,9 +232,9 @@ class _Flash(torch.autograd.Function):
     it. `how` (E, Ev, fused): the factors' columns that are not padding, the values', and
     whether the fused kernel runs the forward (the caller checked the data).
 
-    Forward: by the fused kernel (out = acc / l, log-sum-exp L = M + log l);
-    else by SDPA's CPU flash kernel: once, or for a split causally on y <= x and on the
-    reversed points for y > x (`_upper`), out = (e^lse_lo·out_lo + e^lse_hi·out_hi) / e^L,
+    Forward: by the fused kernel (out = acc / l, log-sum-exp L = M + log l); else (a split
+    only) by SDPA's CPU flash kernel causally on y <= x and on the reversed points for
+    y > x (`_upper`), out = (e^lse_lo·out_lo + e^lse_hi·out_hi) / e^L,
     L = log(e^lse_lo + e^lse_hi). Backward: SDPA's CPU flash backward of each part given
     out and L, whose probabilities e^(s − L) and rows' D = Σ dO·out are the whole softmax's."""
 
@@ -248,20 +248,17 @@ class _Flash(torch.autograd.Function):
             out[..., Ev:].zero_()
             torch.div(acc, lsum.unsqueeze(-1), out=out[0, ..., :Ev])
             L = (M + torch.log(lsum))[None]
-        else:
+        else:  # (a split: one pair of factors off the fused kernel is `_sdpa`'s SDPA call)
             flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-            o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, split, scale=1.0)
-            if split:
-                o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
-                if n > 1:
-                    o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False),
-                                 0.0, True, scale=1.0)
-                    o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
-                L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
-                out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
-                    torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
-            else:
-                out, L = o_lo, l_lo
+            o_lo, l_lo = flash(A_lo, B_lo, V, 0.0, True, scale=1.0)
+            o_hi, l_hi = torch.zeros_like(o_lo), torch.full_like(l_lo, -math.inf)
+            if n > 1:
+                o, l = flash(_upper(A_hi, True), _upper(B_hi, False), _upper(V, False),
+                             0.0, True, scale=1.0)
+                o_hi[..., :-1, :], l_hi[..., :-1] = o.flip(-2), l.flip(-1)
+            L = torch.logaddexp(l_lo, l_hi)  # (float32 for halves, as SDPA keeps it)
+            out = (torch.exp(l_lo - L).unsqueeze(-1) * o_lo).addcmul_(
+                torch.exp(l_hi - L).unsqueeze(-1), o_hi).to(V.dtype).contiguous()
         ctx.split = split
         ctx.save_for_backward(A_lo, B_lo, V, out, L, *((A_hi, B_hi) if split else ()))
         return out
