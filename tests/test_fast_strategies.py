@@ -176,6 +176,23 @@ def test_attention_float32_matches_sdpa(monkeypatch, fused):
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
+def _fused_calls(monkeypatch, what=lambda a, kw, out: out) -> list:
+    """The calls of the fused kernel's runner (`_fused`) from here on, each recorded as
+    `what(args, kwargs, answer)` (by default the answer: None where it left the call to the
+    tiles); the kernel at every size (`FUSED_MIN_WORK` 0)."""
+    import itdsl.runtime.strategies.attention as A
+    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
+    calls = []
+    kernel = A._fused
+
+    def spy(*a, **kw):
+        out = kernel(*a, **kw)
+        calls.append(what(a, kw, out))
+        return out
+    monkeypatch.setattr(A, "_fused", spy)
+    return calls
+
+
 def _softmax_sums(A, B, V, causal, A2=None, B2=None):
     """(row max, Σ exp(s − max)·V, Σ exp(s − max)) by torch, from the scores as a matrix."""
     s = A @ B.transpose(1, 2)
@@ -231,30 +248,21 @@ def test_attention_by_the_fused_kernel_equals_the_reference(monkeypatch, name, n
                                                             seed):
     """Attention off SDPA on the CPU: the forward by the fused kernel, the backward by the
     tiles' flash backward from its row maxima; output and gradients are the reference's."""
-    import itdsl.runtime.strategies.attention as A
     monkeypatch.setattr(S, "USE_SDPA", False)
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)  # (the kernel at every size)
-    calls = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    calls = _fused_calls(monkeypatch)
     lib, _, ref = _ops("attention.it", name)
     kw = _inputs(lib, n, n if name == "causal_attention" else m, batch,
                  torch.Generator().manual_seed(seed), scale=2.0)
     _check(lib, ref, kw)
-    assert calls
+    assert calls and all(c is not None for c in calls)  # (the kernel's answers)
 
 
 def test_the_fused_kernel_leaves_nan_inf_and_huge_scores_to_the_tiles(monkeypatch):
     """An inf in the values, a NaN in a factor, or scores whose bound nears the dtype's range
     (here 2e38, with float32's largest 3.4e38): the tiles, which give torch's softmax
     values (NaN where torch's softmax has them; the one-hot row of the huge score)."""
-    import itdsl.runtime.strategies.attention as A
     monkeypatch.setattr(S, "USE_SDPA", False)
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    calls = []  # the kernel's answers (None: left to the tiles)
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kernel(*a, **kw)) or
-                        calls[-1])
+    calls = _fused_calls(monkeypatch)  # the kernel's answers (None: left to the tiles)
     lib = itdsl.compile_file(EXAMPLES / "attention.it", target="cpu")["attention"]
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(20, 64, generator=g) for _ in range(3))
@@ -298,12 +306,7 @@ def test_position_terms_and_masks_in_the_fused_kernel(monkeypatch, rest, mask, t
     per-point inputs) evaluated per pair in the fused kernel: output and the gradients of q,
     b and the slope (the tiles' flash backward) against torch's softmax of the formula,
     over more than a tile of rows and columns."""
-    import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    calls = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kw.get("pair")) or
-                        kernel(*a, **kw))
+    calls = _fused_calls(monkeypatch, lambda a, kw, out: kw.get("pair"))
     src = f"""operator w {{
         domain T = index
         input  q : T -> R^6
@@ -343,12 +346,7 @@ def test_points_montecarlo_did_not_draw_stay_out_of_the_fused_kernel(monkeypatch
     """montecarlo over the keys: the points not drawn have weight 0 and stay out of the max
     (`live`, a value per column the kernel reads); output and gradients are the softmax over
     the draws (repeated draws counted)."""
-    import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    calls = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kw.get("pair")) or
-                        kernel(*a, **kw))
+    calls = _fused_calls(monkeypatch, lambda a, kw, out: kw.get("pair"))
     src = """operator att {
         domain T = index
         input q : T -> R^4
@@ -377,11 +375,7 @@ def test_the_padding_rows_do_not_flag_a_call(monkeypatch, n):
     """sqrt(t − s) is NaN above the diagonal, which the causal mask drops; the kernel's rows
     beyond n (padding to whole tiles of 48) keep columns the real rows do not, and their
     NaN must not send the call to the tiles."""
-    import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    ran = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    ran = _fused_calls(monkeypatch)
     src = """operator w {
         domain T = index
         input  q : T -> R^4
@@ -408,11 +402,7 @@ def test_large_position_terms_keep_their_gradients(monkeypatch):
     recomputes the scores in torch against the row max, so one from the kernel (rounded
     otherwise, by about eps·|score|) would put NaN and inf in the gradients; the kernel
     flags such rows and the tiles run the call. Float32 against float64 torch."""
-    import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    ran = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    ran = _fused_calls(monkeypatch)
     src = """operator w {
         domain T = index
         input  q : T -> R^4
@@ -452,11 +442,7 @@ def test_a_window_mask_skips_the_tiles_beyond_it(monkeypatch, mask, width, keep)
     no abs window); output and gradients are torch's, at n = 700 (15 row tiles, 3 column
     tiles, the window crossing their edges)."""
     import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
-    bands = []
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: bands.append(kw.get("band")) or
-                        kernel(*a, **kw))
+    bands = _fused_calls(monkeypatch, lambda a, kw, out: kw.get("band"))
     src = f"""operator w {{
         domain T = index
         input  q : T -> R^4
@@ -486,8 +472,6 @@ def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
     """log(slope·(t − s)) is NaN below the diagonal: the kernel flags the rows and the call
     runs on the tiles, which give torch's NaN rows; a term of a vector of pairs (not a
     scalar function of per-point values) never reaches the kernel."""
-    import itdsl.runtime.strategies.attention as A
-    monkeypatch.setattr(S, "FUSED_MIN_WORK", 0)
     src = """operator w {
         domain T = index
         input  q : T -> R^4
@@ -502,10 +486,7 @@ def test_a_nan_from_the_position_term_goes_to_the_tiles(monkeypatch):
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randn(n, 4, generator=g) for _ in range(2))
     v = torch.randn(n, 2, generator=g)
-    calls = []  # the kernel's answers (None: left to the tiles)
-    kernel = A._fused
-    monkeypatch.setattr(A, "_fused", lambda *a, **kw: calls.append(kernel(*a, **kw)) or
-                        calls[-1])
+    calls = _fused_calls(monkeypatch)  # the kernel's answers (None: left to the tiles)
     out = op(q=q, k=k, v=v)
     assert calls  # tried, flagged
     t = torch.arange(n, dtype=torch.float32)
