@@ -176,6 +176,17 @@ def test_attention_float32_matches_sdpa(monkeypatch, fused):
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
+# attention over montecarlo draws of the keys (DRAWS of them)
+MC_ATTENTION = """operator att {
+    domain T = index
+    input q : T -> R^4
+    input k : T -> R^4
+    input v : T -> R^3
+    kernel a(t: T, s: T) = exp(dot(q(t), k(s)))
+    output o(t: T) = integral(s: T) a(t, s) * v(s) with montecarlo(DRAWS) / integral(s: T) a(t, s) with montecarlo(DRAWS)
+}"""
+
+
 def _fused_calls(monkeypatch, what=lambda a, kw, out: out) -> list:
     """The calls of the fused kernel's runner (`_fused`) from here on, each recorded as
     `what(args, kwargs, answer)` (by default the answer: None where it left the call to the
@@ -347,14 +358,7 @@ def test_points_montecarlo_did_not_draw_stay_out_of_the_fused_kernel(monkeypatch
     (`live`, a value per column the kernel reads); output and gradients are the softmax over
     the draws (repeated draws counted)."""
     calls = _fused_calls(monkeypatch, lambda a, kw, out: kw.get("pair"))
-    src = """operator att {
-        domain T = index
-        input q : T -> R^4
-        input k : T -> R^4
-        input v : T -> R^3
-        kernel a(t: T, s: T) = exp(dot(q(t), k(s)))
-        output o(t: T) = integral(s: T) a(t, s) * v(s) with montecarlo(40) / integral(s: T) a(t, s) with montecarlo(40)
-    }"""
+    src = MC_ATTENTION.replace("DRAWS", "40")
     n = 300
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(n, w, generator=g, dtype=D) for w in (4, 4, 3))
@@ -1178,14 +1182,7 @@ def test_split_sdpa_in_bfloat16_and_with_a_batched_position_column():
 def test_an_infinite_key_at_a_point_not_drawn_leaves_the_query_gradients_finite():
     """A key of inf at a point montecarlo did not draw: the runner's GEMMs would multiply the
     masked probability 0 by it in dq; the call goes to the kernels, which mask per pair."""
-    src = """operator att {
-        domain T = index
-        input q : T -> R^4
-        input k : T -> R^4
-        input v : T -> R^3
-        kernel a(t: T, s: T) = exp(dot(q(t), k(s)))
-        output o(t: T) = integral(s: T) a(t, s) * v(s) with montecarlo(6) / integral(s: T) a(t, s) with montecarlo(6)
-    }"""
+    src = MC_ATTENTION.replace("DRAWS", "6")
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(10, w, generator=g, dtype=D) for w in (4, 4, 3))
     idx = torch.randint(10, (6,), generator=torch.Generator().manual_seed(7))
